@@ -1,0 +1,147 @@
+"""The three kinds of component plugins provide: Encoder, Fusion and MetaAlgorithm.
+
+Every component class has a unique lowercase ``name``, explicit keyword ``__init__``
+parameters, and a ``search_space`` mapping some of those parameter names to Optuna
+distributions. A class whose space is conditional overrides ``suggest``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+import optuna
+import torch
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from torch import nn
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from autometa.tasks import Task, TrainingPool
+
+MODALITIES = ("tabular", "text", "image", "vector")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What an encoder receives for one modality: per-row shape (and vocabulary for text).
+
+    tabular/vector: float ``[batch, features]``; text: int64 token ids ``[batch, length]``
+    with 0 as padding and ids below ``vocab_size``; image: float ``[batch, C, H, W]``.
+    """
+
+    modality: str
+    shape: tuple[int, ...]
+    vocab_size: int | None = None
+
+    @staticmethod
+    def example(modality: str) -> "InputSpec":
+        """A small spec used to check that a component constructs with its defaults."""
+        return {
+            "tabular": InputSpec("tabular", (6,)),
+            "vector": InputSpec("vector", (8,)),
+            "text": InputSpec("text", (12,), vocab_size=64),
+            "image": InputSpec("image", (1, 28, 28)),
+        }[modality]
+
+
+def suggest_value(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:
+    """Ask ``trial`` for one value of ``distribution`` under ``name`` through the public API."""
+    if isinstance(distribution, FloatDistribution):
+        return trial.suggest_float(
+            name, distribution.low, distribution.high, log=distribution.log, step=distribution.step
+        )
+    if isinstance(distribution, IntDistribution):
+        return trial.suggest_int(
+            name, distribution.low, distribution.high, log=distribution.log, step=distribution.step
+        )
+    if isinstance(distribution, CategoricalDistribution):
+        return trial.suggest_categorical(name, distribution.choices)
+    raise TypeError(f"unsupported distribution {type(distribution).__name__} for {name!r}")
+
+
+class Component:
+    """Behaviour shared by the three kinds: a name and a declared search space."""
+
+    name: ClassVar[str] = ""
+    search_space: ClassVar[Mapping[str, BaseDistribution]] = {}
+
+    @classmethod
+    def suggest(cls, trial: optuna.Trial, prefix: str) -> dict[str, Any]:
+        """Sample keyword arguments for ``__init__``; parameter names are ``prefix + key``."""
+        return {key: suggest_value(trial, prefix + key, dist) for key, dist in cls.search_space.items()}
+
+
+class Encoder(Component, nn.Module):
+    """One modality in, a ``[batch, out_dim]`` embedding out.
+
+    ``__init__(self, spec: InputSpec, *, ...)`` receives the input spec positionally and
+    its hyperparameters as keywords, and must set ``self.out_dim``.
+    """
+
+    modality: ClassVar[str] = ""
+    out_dim: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Fusion(Component, nn.Module):
+    """Per-modality embeddings in, one ``[batch, out_dim]`` representation out.
+
+    ``__init__(self, in_dims: dict[str, int], *, ...)`` gets each modality's embedding size
+    (in the fixed modality order) and must set ``self.out_dim``.
+    """
+
+    out_dim: int
+
+    def forward(self, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Backbone(nn.Module):
+    """encoders ▶ fusion: maps a dict of modality inputs to one embedding per row."""
+
+    def __init__(self, encoders: dict[str, Encoder], fusion: Fusion):
+        super().__init__()
+        self.encoders = nn.ModuleDict(encoders)
+        self.fusion = fusion
+        self.out_dim = fusion.out_dim
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Encoders see [batch, ...]; extra leading dims (tasks under no vmap) are flattened.
+        return self.fusion({m: enc(inputs[m]) for m, enc in self.encoders.items()})
+
+
+class MetaAlgorithm(Component):
+    """Meta-trains a backbone on a stream of tasks and adapts it to new tasks.
+
+    The host drives the loop: ``setup`` once, then ``train_step`` repeatedly (validating and
+    pruning in between), then ``predict`` for each validation or test task.
+    """
+
+    protocols: ClassVar[tuple[str, ...]] = ("fewshot", "grouped", "standard")
+
+    def setup(self, backbone: Backbone, pool: "TrainingPool", shape: tuple[int, int, int]) -> None:  # pragma: no cover
+        """Build heads and optimisers for ``backbone``; ``shape`` is the protocol's
+        (ways, shots, queries) for training episodes (``pool.episode_shape`` fits it)."""
+        raise NotImplementedError
+
+    def train_step(self, pool: "TrainingPool", rng: "np.random.Generator") -> float:  # pragma: no cover
+        """One meta-update from tasks or rows drawn from ``pool``; returns the training loss."""
+        raise NotImplementedError
+
+    def predict(self, task: "Task") -> torch.Tensor:  # pragma: no cover
+        """Adapt to ``task``'s support set and return ``[n_query, task.n_way]`` logits."""
+        raise NotImplementedError
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Everything with trainable state (for parameter counts and saving)."""
+        return {"backbone": self.backbone}
+

@@ -1,0 +1,21 @@
+"""autometa's exceptions: library code raises these, only the CLI turns them into exit codes."""
+
+
+class AutometaError(Exception):
+    """Base class: the message says what is wrong and how to fix it."""
+
+
+class DataError(AutometaError):
+    """The input data cannot be used as given (file, column, labels, images)."""
+
+
+class PluginError(AutometaError):
+    """A plugin or one of its components is invalid; the message names the plugin."""
+
+
+class ProtocolError(AutometaError):
+    """The data does not fit the chosen task protocol (too few classes, groups or examples)."""
+
+
+class SearchError(AutometaError):
+    """The search cannot run as configured (no usable plugins, bad devices, bad database)."""

@@ -1,0 +1,125 @@
+"""Turning a Dataset into one tensor per modality, with statistics fitted on training rows only.
+
+tabular: numeric columns imputed (with missing indicators) and standardised, categorical ones
+one-hot encoded (sklearn); text: word uni/bigrams hashed (stable murmurhash) into token ids, so
+no vocabulary is learned and nothing leaks; image: scaled to [0, 1] then standardised per
+channel; vector: standardised.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from sklearn.utils import murmurhash3_32
+
+from autometa.components import InputSpec
+from autometa.data import Dataset
+
+TEXT_BUCKETS = 2**14
+MAX_TOKENS = 128
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def tokenize(text: str, prefix: str, buckets: int = TEXT_BUCKETS, max_tokens: int = MAX_TOKENS) -> list[int]:
+    """Hash lowercase words and word bigrams of one cell into ids 1..buckets-1 (0 pads)."""
+    words = _WORD.findall(text.lower())
+    grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+    return [1 + murmurhash3_32(f"{prefix}\x1f{g}", positive=True) % (buckets - 1) for g in grams[:max_tokens]]
+
+
+@dataclass
+class Features:
+    """Model inputs for every row (``inputs[modality]`` has the row count as first dimension)."""
+
+    inputs: dict[str, torch.Tensor]
+    specs: dict[str, InputSpec]
+
+    def to(self, device: torch.device | str) -> "Features":
+        return Features({m: t.to(device) for m, t in self.inputs.items()}, self.specs)
+
+    def take(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Gather rows; ``rows`` may carry leading task dims, e.g. ``[tasks, shots]``."""
+        return {m: t[rows] for m, t in self.inputs.items()}
+
+
+def build_features(dataset: Dataset, fit_rows: np.ndarray) -> Features:
+    """Preprocess all rows with statistics learned from ``fit_rows`` only."""
+    inputs: dict[str, torch.Tensor] = {}
+    specs: dict[str, InputSpec] = {}
+    frame = dataset.frame
+    tabular = dataset.columns_of("tabular")
+    if tabular:
+        numeric = [c.name for c in tabular if c.kind == "numeric"]
+        categorical = [c.name for c in tabular if c.kind == "categorical"]
+        transformer = ColumnTransformer(
+            [
+                ("numeric", make_pipeline(SimpleImputer(strategy="median", add_indicator=True), StandardScaler()), numeric),
+                (
+                    "categorical",
+                    make_pipeline(
+                        SimpleImputer(strategy="constant", fill_value="(missing)"),
+                        OneHotEncoder(handle_unknown="ignore", min_frequency=2, sparse_output=False),
+                    ),
+                    categorical,
+                ),
+            ],
+            sparse_threshold=0.0,
+        )
+        table = frame[numeric + categorical].copy()
+        for c in categorical:
+            table[c] = table[c].astype(object).where(table[c].notna(), None).map(lambda v: v if v is None else str(v))
+        transformer.fit(table.iloc[fit_rows])
+        matrix = np.asarray(transformer.transform(table), dtype=np.float32)
+        inputs["tabular"] = torch.from_numpy(np.nan_to_num(matrix))
+        specs["tabular"] = InputSpec("tabular", (matrix.shape[1],))
+    text = dataset.columns_of("text")
+    if text:
+        rows = []
+        for values in zip(*(frame[c.name].tolist() for c in text)):
+            ids: list[int] = []
+            for c, v in zip(text, values):
+                if isinstance(v, str):
+                    ids.extend(tokenize(v, c.name))
+            rows.append(ids[:MAX_TOKENS])
+        length = max(1, max(len(r) for r in rows))
+        ids = np.zeros((len(rows), length), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+        inputs["text"] = torch.from_numpy(ids)
+        specs["text"] = InputSpec("text", (length,), vocab_size=TEXT_BUCKETS)
+    images = dataset.columns_of("image")
+    if images:
+        pixels = torch.from_numpy(dataset.images[images[0].name]).permute(0, 3, 1, 2).float() / 255.0
+        fit = pixels[torch.as_tensor(fit_rows)]
+        mean = fit.mean(dim=(0, 2, 3), keepdim=True)
+        std = fit.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3)
+        inputs["image"] = (pixels - mean) / std
+        specs["image"] = InputSpec("image", tuple(pixels.shape[1:]))
+    vectors = dataset.columns_of("vector")
+    if vectors:
+        parts = []
+        for c in vectors:
+            cells = frame[c.name].tolist()
+            size = next(len(v) for v in cells if v is not None and not (isinstance(v, float) and np.isnan(v)))
+            parts.append(
+                np.stack([np.asarray(v, dtype=np.float32) if _present(v) else np.full(size, np.nan, np.float32) for v in cells])
+            )
+        matrix = np.concatenate(parts, axis=1)
+        fit = matrix[fit_rows]
+        mean = np.nanmean(fit, axis=0)
+        std = np.nanstd(fit, axis=0)
+        matrix = np.nan_to_num((matrix - np.nan_to_num(mean)) / np.where(std > 1e-6, std, 1.0))
+        inputs["vector"] = torch.from_numpy(matrix.astype(np.float32))
+        specs["vector"] = InputSpec("vector", (matrix.shape[1],))
+    return Features(inputs, specs)
+
+
+def _present(value: object) -> bool:
+    return value is not None and not (isinstance(value, float) and np.isnan(value))

@@ -1,0 +1,279 @@
+"""The plugin host: one pluggy manager, entry-point discovery, component validation.
+
+Built-in plugins are an ordinary entry point (``autometa_builtins``) in the ``autometa`` group,
+loaded exactly like third-party packages. A plugin that fails to load or registers an invalid
+component is skipped with a one-line warning; ``AUTOMETA_STRICT_PLUGINS=1`` makes it fatal.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import pluggy
+from optuna.distributions import BaseDistribution
+
+from autometa import hookspecs
+from autometa.components import MODALITIES, Encoder, Fusion, InputSpec, MetaAlgorithm
+from autometa.errors import PluginError
+
+ENTRY_POINT_GROUP = "autometa"
+STRICT_ENV = "AUTOMETA_STRICT_PLUGINS"
+logger = logging.getLogger("autometa.plugins")
+
+# kind -> (base class, hook that registers it)
+KINDS = {
+    "encoder": (Encoder, "register_encoders"),
+    "fusion": (Fusion, "register_fusions"),
+    "meta_algorithm": (MetaAlgorithm, "register_meta_algorithms"),
+}
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """A registered component class and where it came from."""
+
+    kind: str
+    cls: type
+    plugin: str
+    distribution: str | None = None
+    version: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cls.name
+
+    @property
+    def modality(self) -> str | None:
+        return getattr(self.cls, "modality", None) if self.kind == "encoder" else None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "modality": self.modality,
+            "protocols": list(self.cls.protocols) if self.kind == "meta_algorithm" else None,
+            "plugin": self.plugin,
+            "distribution": self.distribution,
+            "version": self.version,
+            "hyperparameters": {k: repr(d) for k, d in self.cls.search_space.items()},
+        }
+
+
+@dataclass
+class Registry:
+    """All valid components, by kind and name, plus the problems met while loading."""
+
+    components: dict[str, dict[str, ComponentInfo]] = field(
+        default_factory=lambda: {kind: {} for kind in KINDS}
+    )
+    problems: list[str] = field(default_factory=list)
+
+    def all(self) -> list[ComponentInfo]:
+        return [info for kind in KINDS for info in self.components[kind].values()]
+
+    def get(self, kind: str, name: str) -> ComponentInfo:
+        try:
+            return self.components[kind][name]
+        except KeyError:
+            known = ", ".join(sorted(self.components[kind])) or "none"
+            raise PluginError(
+                f"no {kind.replace('_', '-')} named {name!r} is registered (available: {known}); "
+                "run `autometa plugins` to see what is installed"
+            ) from None
+
+    def encoders_for(self, modality: str) -> list[ComponentInfo]:
+        return [i for i in self.components["encoder"].values() if i.modality == modality]
+
+    def meta_algorithms_for(self, protocol: str) -> list[ComponentInfo]:
+        return [i for i in self.components["meta_algorithm"].values() if protocol in i.cls.protocols]
+
+
+def validate_component(kind: str, cls: Any) -> None:
+    """Raise PluginError (without the plugin's name) if ``cls`` breaks a registration rule."""
+    base, hook = KINDS[kind]
+    if not (inspect.isclass(cls) and issubclass(cls, base)):
+        raise PluginError(f"{hook} got {cls!r}, which is not a subclass of autometa.{base.__name__}")
+    label = cls.__qualname__
+    name = getattr(cls, "name", "")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise PluginError(
+            f"{label}.name must be a lowercase identifier like 'my_encoder', got {name!r}"
+        )
+    if kind == "encoder" and getattr(cls, "modality", None) not in MODALITIES:
+        raise PluginError(
+            f"encoder {name!r} declares modality {getattr(cls, 'modality', None)!r}; "
+            f"use one of {', '.join(MODALITIES)}"
+        )
+    if kind == "meta_algorithm":
+        unknown = set(cls.protocols) - {"fewshot", "grouped", "standard"}
+        if not cls.protocols or unknown:
+            raise PluginError(
+                f"meta-algorithm {name!r} declares protocols {tuple(cls.protocols)!r}; "
+                "use a non-empty subset of ('fewshot', 'grouped', 'standard')"
+            )
+    space = cls.search_space
+    if not isinstance(space, dict):
+        raise PluginError(f"{kind} {name!r}: search_space must be a dict of Optuna distributions")
+    params = inspect.signature(cls.__init__).parameters
+    keywords = {
+        p.name
+        for p in params.values()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is not p.empty
+    }
+    for key, dist in space.items():
+        if not isinstance(dist, BaseDistribution):
+            raise PluginError(
+                f"{kind} {name!r}: search_space[{key!r}] is {dist!r}, not an Optuna distribution "
+                "(use optuna.distributions.FloatDistribution, IntDistribution or CategoricalDistribution)"
+            )
+        if key not in keywords:
+            raise PluginError(
+                f"{kind} {name!r}: search_space key {key!r} is not a keyword parameter with a "
+                f"default in {label}.__init__; add `{key}=...` to its signature"
+            )
+    try:
+        if kind == "encoder":
+            cls(InputSpec.example(cls.modality))
+        elif kind == "fusion":
+            cls({"tabular": 8, "text": 4})
+        else:
+            cls()
+    except Exception as exc:  # any failure means the defaults are unusable
+        raise PluginError(
+            f"{kind} {name!r} cannot be constructed with its default parameters: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _distribution_of(module: Any) -> tuple[str | None, str | None]:
+    top = getattr(module, "__name__", "").split(".")[0]
+    names = importlib.metadata.packages_distributions().get(top, [])
+    for dist_name in names:
+        try:
+            return dist_name, importlib.metadata.version(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None, None
+
+
+def strict_mode() -> bool:
+    return os.environ.get(STRICT_ENV, "").lower() not in ("", "0", "false", "no")
+
+
+class PluginHost:
+    """Owns the pluggy manager and builds the registry plugin by plugin."""
+
+    def __init__(self, strict: bool | None = None):
+        self.strict = strict_mode() if strict is None else strict
+        self.pm = pluggy.PluginManager("autometa")
+        self.pm.add_hookspecs(hookspecs)
+        self.origins: dict[str, tuple[str | None, str | None]] = {}
+        self.problems: list[str] = []
+
+    def _problem(self, message: str, exc: BaseException | None = None) -> None:
+        if self.strict:
+            raise PluginError(f"{message} (strict mode: unset {STRICT_ENV} to skip it)") from exc
+        logger.warning("%s; skipped", message)
+        self.problems.append(message)
+
+    def add(self, plugin: Any, name: str, origin: tuple[str | None, str | None] = (None, None)) -> bool:
+        """Register one plugin object (module or instance); False if it was rejected."""
+        try:
+            self.pm.register(plugin, name=name)
+        except Exception as exc:
+            self._problem(f"plugin {name!r} could not be registered: {exc}", exc)
+            return False
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self.pm.unregister(name=name)
+            self._problem(f"plugin {name!r} implements an unknown hook: {exc}", exc)
+            return False
+        self.origins[name] = origin
+        return True
+
+    def load_entry_points(self, entry_points: Iterable[importlib.metadata.EntryPoint] | None = None) -> None:
+        if entry_points is None:
+            entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+        for ep in entry_points:
+            dist = getattr(ep, "dist", None)
+            origin = (dist.name, dist.version) if dist is not None else (None, None)
+            where = f" (from {origin[0]} {origin[1]})" if origin[0] else ""
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                self._problem(
+                    f"plugin {ep.name!r}{where} failed to import {ep.value}: {type(exc).__name__}: {exc}",
+                    exc,
+                )
+                continue
+            if origin == (None, None):
+                origin = _distribution_of(plugin)
+            self.add(plugin, ep.name, origin)
+
+    def build_registry(self) -> Registry:
+        registry = Registry(problems=self.problems)
+        for plugin_name, plugin in list(self.pm.list_name_plugin()):
+            dist, version = self.origins.get(plugin_name, (None, None))
+            staged: list[ComponentInfo] = []
+            try:
+                for kind, (_, hook) in KINDS.items():
+                    others = [p for p in self.pm.get_plugins() if p is not plugin]
+                    caller = self.pm.subset_hook_caller(hook, remove_plugins=others)
+
+                    def register(cls: Any, _kind: str = kind) -> None:
+                        validate_component(_kind, cls)
+                        clash = registry.components[_kind].get(cls.name) or next(
+                            (s for s in staged if s.kind == _kind and s.name == cls.name), None
+                        )
+                        if clash is not None:
+                            raise PluginError(
+                                f"{_kind.replace('_', '-')} name {cls.name!r} is already registered "
+                                f"by plugin {clash.plugin!r}; choose another name"
+                            )
+                        staged.append(ComponentInfo(_kind, cls, plugin_name, dist, version))
+
+                    caller(register=register)
+            except Exception as exc:
+                self.pm.unregister(name=plugin_name)
+                where = f" ({dist} {version})" if dist else ""
+                detail = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
+                self._problem(f"plugin {plugin_name!r}{where}: {detail}", exc)
+                continue
+            for info in staged:
+                registry.components[info.kind][info.name] = info
+        return registry
+
+
+_default: tuple[PluginHost, Registry] | None = None
+
+
+def default_host() -> PluginHost:
+    return _load()[0]
+
+
+def get_registry() -> Registry:
+    """The registry of every installed plugin (loaded once per process)."""
+    return _load()[1]
+
+
+def _load() -> tuple[PluginHost, Registry]:
+    global _default
+    if _default is None:
+        host = PluginHost()
+        host.load_entry_points()
+        _default = (host, host.build_registry())
+    return _default
+
+
+def reset() -> None:
+    """Forget loaded plugins (after installing a plugin at run time, or in tests)."""
+    global _default
+    _default = None

@@ -1,0 +1,322 @@
+"""Task protocols: how a dataset becomes training, validation and test tasks.
+
+- ``fewshot``: classes are split into disjoint train/validation/test classes; N-way K-shot
+  episodes with Q queries per class.
+- ``grouped``: the group column defines tasks; groups are split into train/validation/test
+  groups; a held-out group is adapted on K labelled rows per class and scored on the rest.
+- ``standard``: one task; rows are split (stratified) into train/validation/test.
+
+Validation and test tasks are drawn once from the split seed, so every trial is scored on the
+same validation tasks and test tasks are only used for the final report.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from autometa.data import Dataset
+from autometa.errors import ProtocolError
+from autometa.features import Features, build_features
+
+PROTOCOLS = ("fewshot", "grouped", "standard")
+FEWSHOT_MIN_CLASSES = 20
+logger = logging.getLogger("autometa.tasks")
+
+
+@dataclass
+class Task:
+    """Row indices and task-local labels (0..n_way-1) of a support and a query set.
+
+    Batched tasks (from ``TrainingPool.episodes``) carry a leading task dimension.
+    """
+
+    features: Features
+    support: torch.Tensor
+    support_y: torch.Tensor
+    query: torch.Tensor
+    query_y: torch.Tensor
+    n_way: int
+    # True when labels are the training label space itself (standard protocol), so a head
+    # trained on the training rows applies directly.
+    same_classes_as_training: bool = False
+
+    def support_inputs(self) -> dict[str, torch.Tensor]:
+        return self.features.take(self.support)
+
+    def query_inputs(self) -> dict[str, torch.Tensor]:
+        return self.features.take(self.query)
+
+    def __len__(self) -> int:
+        return self.support.shape[0] if self.support.dim() > 1 else 1
+
+
+def _by_class(rows: np.ndarray, labels: np.ndarray) -> dict[int, np.ndarray]:
+    return {int(c): rows[labels[rows] == c] for c in np.unique(labels[rows])}
+
+
+@dataclass
+class TrainingPool:
+    """Everything meta-training may touch: training rows, by class and by source (group)."""
+
+    features: Features
+    labels: torch.Tensor  # global class index of every row (on the device)
+    rows: np.ndarray  # training rows
+    sources: list[dict[int, np.ndarray]]  # per group (or one): class -> rows
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self):
+        self.classes = np.unique(self.labels.cpu().numpy()[self.rows])
+        self._local = torch.full((int(self.labels.max()) + 1,), -1, dtype=torch.long)
+        self._local[torch.as_tensor(self.classes)] = torch.arange(len(self.classes))
+        self._local = self._local.to(self.device)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def rows_batch(self, batch_size: int, rng: np.random.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """A random batch of training rows with labels 0..n_classes-1 over the training classes."""
+        pick = rng.choice(self.rows, size=min(batch_size, len(self.rows)), replace=False)
+        rows = torch.as_tensor(pick, device=self.device)
+        return self.features.take(rows), self._local[self.labels[rows]]
+
+    def episode_shape(self, ways: int, shots: int, queries: int) -> tuple[int, int, int]:
+        """The largest (ways, shots, queries) no larger than asked that some source can supply."""
+        for n_way in range(ways, 1, -1):
+            for n_query in range(queries, 0, -1):
+                if self._eligible(n_way, shots + n_query):
+                    return n_way, shots, n_query
+        raise ProtocolError(
+            f"no training source has 2 classes with {shots + 1}+ examples for {shots}-shot episodes; "
+            "lower --shots or use --protocol standard"
+        )
+
+    def _eligible(self, n_way: int, need: int) -> list[list[int]]:
+        out = []
+        for source in self.sources:
+            ok = [c for c, r in source.items() if len(r) >= need]
+            if len(ok) >= n_way:
+                out.append(ok)
+        return out
+
+    def episodes(self, n_tasks: int, ways: int, shots: int, queries: int, rng: np.random.Generator) -> Task:
+        """``n_tasks`` same-shape episodes stacked on a leading task dimension."""
+        n_way, shots, queries = self.episode_shape(ways, shots, queries)
+        sources = [i for i, s in enumerate(self.sources) if sum(len(r) >= shots + queries for r in s.values()) >= n_way]
+        support, query = [], []
+        for _ in range(n_tasks):
+            source = self.sources[sources[rng.integers(len(sources))]]
+            ok = [c for c, r in source.items() if len(r) >= shots + queries]
+            chosen = rng.choice(ok, size=n_way, replace=False)
+            picks = [rng.choice(source[int(c)], size=shots + queries, replace=False) for c in chosen]
+            support.append(np.concatenate([p[:shots] for p in picks]))
+            query.append(np.concatenate([p[shots:] for p in picks]))
+        sy = np.repeat(np.arange(n_way), shots)
+        qy = np.repeat(np.arange(n_way), queries)
+        dev = self.device
+        return Task(
+            self.features,
+            torch.as_tensor(np.stack(support), device=dev),
+            torch.as_tensor(np.tile(sy, (n_tasks, 1)), device=dev),
+            torch.as_tensor(np.stack(query), device=dev),
+            torch.as_tensor(np.tile(qy, (n_tasks, 1)), device=dev),
+            n_way,
+        )
+
+
+@dataclass
+class Split:
+    """A protocol applied to a dataset: the training pool and the fixed evaluation tasks."""
+
+    protocol: str
+    pool: TrainingPool
+    validation: list[Task]
+    test: list[Task]
+    row_splits: dict[str, np.ndarray]  # rows in each split (disjoint)
+    class_splits: dict[str, list[str]] | None = None
+    group_splits: dict[str, list[str]] | None = None
+    ways: int = 0
+    shots: int = 0
+    queries: int = 0
+    classes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{k} {len(v)} rows" for k, v in self.row_splits.items())
+        extra = ""
+        if self.class_splits:
+            extra = " | classes " + ", ".join(f"{k} {len(v)}" for k, v in self.class_splits.items())
+            extra += f" | {self.ways}-way {self.shots}-shot, {self.queries} queries per class"
+        if self.group_splits:
+            extra = " | groups " + ", ".join(f"{k} {len(v)}" for k, v in self.group_splits.items())
+            extra += f" | {self.shots} support rows per class in held-out groups"
+        return (
+            f"protocol {self.protocol}: {sizes}{extra}; {len(self.validation)} validation and "
+            f"{len(self.test)} test tasks"
+        )
+
+
+def choose_protocol(dataset: Dataset, requested: str = "auto") -> str:
+    if requested != "auto":
+        if requested not in PROTOCOLS:
+            raise ProtocolError(f"unknown protocol {requested!r}; use auto, {', '.join(PROTOCOLS)}")
+        if requested == "grouped" and dataset.groups is None:
+            raise ProtocolError("the grouped protocol needs a group column: pass --group COLUMN")
+        return requested
+    if dataset.groups is not None:
+        return "grouped"
+    return "fewshot" if len(dataset.classes) >= FEWSHOT_MIN_CLASSES else "standard"
+
+
+def make_split(
+    dataset: Dataset,
+    protocol: str = "auto",
+    *,
+    ways: int = 5,
+    shots: int = 5,
+    queries: int = 15,
+    validation_tasks: int = 100,
+    test_tasks: int = 600,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> Split:
+    """Split ``dataset`` under ``protocol`` and draw its fixed validation and test tasks."""
+    protocol = choose_protocol(dataset, protocol)
+    device = torch.device(device)
+    classes = dataset.classes
+    labels = np.searchsorted(np.asarray(classes), dataset.labels)
+    rng = np.random.default_rng(seed)
+    if protocol == "standard":
+        return _standard(dataset, labels, classes, seed, device, shots, queries)
+    if protocol == "fewshot":
+        return _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, validation_tasks, test_tasks)
+    return _grouped(dataset, labels, classes, rng, device, ways, shots, queries)
+
+
+def _standard(dataset, labels, classes, seed, device, shots, queries) -> Split:
+    counts = Counter(dataset.labels.tolist())
+    rare = sorted(c for c, n in counts.items() if n < 3)
+    if rare:
+        raise ProtocolError(
+            f"{dataset.path}: the standard protocol needs at least 3 rows per class (train, validation, "
+            f"test); class(es) {', '.join(map(repr, rare[:5]))} of {dataset.label_column!r} have fewer. "
+            "Drop or merge them"
+        )
+    rows = np.arange(len(dataset))
+    train, rest = train_test_split(rows, test_size=0.4, stratify=labels, random_state=seed)
+    val, test = train_test_split(rest, test_size=0.5, stratify=labels[rest], random_state=seed)
+    train, val, test = np.sort(train), np.sort(val), np.sort(test)
+    features = build_features(dataset, train).to(device)
+    y = torch.as_tensor(labels, device=device)
+    pool = TrainingPool(features, y, train, [_by_class(train, labels)], device)
+    n = len(classes)
+
+    def task(query_rows: np.ndarray) -> Task:
+        t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+        return Task(features, t(train), y[t(train)], t(query_rows), y[t(query_rows)], n, same_classes_as_training=True)
+
+    return Split(
+        "standard", pool, [task(val)], [task(test)],
+        {"train": train, "validation": val, "test": test},
+        # Episodic learners train on episodes over all classes of the single task.
+        ways=n, shots=shots, queries=queries, classes=classes,
+    )
+
+
+def _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, n_val, n_test) -> Split:
+    counts = np.bincount(labels, minlength=len(classes))
+    usable = np.flatnonzero(counts >= shots + 1)
+    if len(usable) < len(classes):
+        logger.warning(
+            "%d of %d classes have fewer than %d examples and are left out of %d-shot episodes",
+            len(classes) - len(usable), len(classes), shots + 1, shots,
+        )
+    if len(usable) < 3 * ways:
+        raise ProtocolError(
+            f"{dataset.path}: the fewshot protocol with {ways}-way {shots}-shot episodes needs at least "
+            f"{3 * ways} classes with {shots + 1}+ examples (train, validation and test classes are "
+            f"disjoint); {len(usable)} qualify. Lower --ways/--shots or use --protocol standard"
+        )
+    order = rng.permutation(usable)
+    n_val_classes = max(ways, round(0.2 * len(order)))
+    val_classes, test_classes = order[:n_val_classes], order[n_val_classes: 2 * n_val_classes]
+    train_classes = order[2 * n_val_classes:]
+    rows = np.arange(len(dataset))
+    split_rows = {
+        name: rows[np.isin(labels, cls)]
+        for name, cls in (("train", train_classes), ("validation", val_classes), ("test", test_classes))
+    }
+    features = build_features(dataset, split_rows["train"]).to(device)
+    y = torch.as_tensor(labels, device=device)
+    pool = TrainingPool(features, y, split_rows["train"], [_by_class(split_rows["train"], labels)], device)
+
+    def draw(name: str, count: int, offset: int) -> list[Task]:
+        by_class = _by_class(split_rows[name], labels)
+        q = min(queries, min(len(r) for r in by_class.values()) - shots)
+        sampler = TrainingPool(features, y, split_rows[name], [by_class], device)
+        batch = sampler.episodes(count, ways, shots, q, np.random.default_rng([rng.integers(2**31), offset]))
+        return [
+            Task(features, batch.support[i], batch.support_y[i], batch.query[i], batch.query_y[i], batch.n_way)
+            for i in range(count)
+        ]
+
+    validation, test = draw("validation", n_val, 1), draw("test", n_test, 2)
+    return Split(
+        "fewshot", pool, validation, test, split_rows,
+        class_splits={
+            name: [classes[i] for i in sorted(cls)]
+            for name, cls in (("train", train_classes), ("validation", val_classes), ("test", test_classes))
+        },
+        ways=ways, shots=shots, queries=int(validation[0].query.numel() // ways), classes=classes,
+    )
+
+
+def _grouped(dataset, labels, classes, rng, device, ways, shots, queries) -> Split:
+    groups = dataset.groups
+    names = sorted(set(groups.tolist()))
+    if len(names) < 3:
+        raise ProtocolError(
+            f"{dataset.path}: the grouped protocol needs at least 3 groups in {dataset.group_column!r} "
+            f"(train, validation, test); found {len(names)}. Use --protocol standard instead"
+        )
+    order = [names[i] for i in rng.permutation(len(names))]
+    n_held = max(1, round(0.2 * len(order)))
+    split_groups = {"validation": order[:n_held], "test": order[n_held: 2 * n_held], "train": order[2 * n_held:]}
+    rows = np.arange(len(dataset))
+    split_rows = {k: rows[np.isin(groups, v)] for k, v in split_groups.items()}
+    features = build_features(dataset, split_rows["train"]).to(device)
+    y = torch.as_tensor(labels, device=device)
+    sources = [_by_class(rows[groups == g], labels) for g in split_groups["train"]]
+    pool = TrainingPool(features, y, split_rows["train"], sources, device)
+
+    def held_out(name: str) -> list[Task]:
+        tasks = []
+        for g in split_groups[name]:
+            by_class = {c: r for c, r in _by_class(rows[groups == g], labels).items() if len(r) >= shots + 1}
+            if len(by_class) < 2:
+                logger.warning("group %r has fewer than 2 classes with %d+ rows; it is not scored", g, shots + 1)
+                continue
+            support, query, sy, qy = [], [], [], []
+            for local, (c, r) in enumerate(sorted(by_class.items())):
+                r = rng.permutation(r)
+                support.append(r[:shots]), query.append(r[shots:])
+                sy += [local] * shots
+                qy += [local] * (len(r) - shots)
+            t = lambda a: torch.as_tensor(np.asarray(a), device=device)  # noqa: E731
+            tasks.append(Task(features, t(np.concatenate(support)), t(sy), t(np.concatenate(query)), t(qy), len(by_class)))
+        if not tasks:
+            raise ProtocolError(
+                f"{dataset.path}: no {name} group has 2 classes with {shots + 1}+ rows; lower --shots"
+            )
+        return tasks
+
+    validation, test = held_out("validation"), held_out("test")
+    return Split(
+        "grouped", pool, validation, test, split_rows, group_splits=split_groups,
+        ways=ways, shots=shots, queries=queries, classes=classes,
+    )
