@@ -108,13 +108,13 @@ def read_table(path: Path) -> pd.DataFrame:
     except DataError:
         raise
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from exc
+        raise DataError(f"{path}: not valid UTF-8 text ({exc.reason}); re-save it as UTF-8") from exc
     except pd.errors.EmptyDataError as exc:
-        raise DataError(f"{path} is empty: it has no header and no rows") from exc
+        raise DataError(f"{path} is empty: add a header row and at least one data row") from exc
     except Exception as exc:
         raise DataError(f"{path}: cannot be read as {suffix[1:]}: {type(exc).__name__}: {exc}") from exc
     if frame.empty or len(frame.columns) == 0:
-        raise DataError(f"{path} has no data rows")
+        raise DataError(f"{path} has no data rows (only a header?); add at least one row per example")
     frame.columns = [str(c) for c in frame.columns]
     return frame
 
@@ -198,16 +198,22 @@ def load_dataset(
     overrides.update(columns or {})
     for col, kind in overrides.items():
         if kind not in COLUMN_TYPES:
-            raise DataError(f"column type override {col}:{kind}: type must be one of {', '.join(COLUMN_TYPES)}")
+            where = f"{path.name}.toml" if col not in (columns or {}) else "--column"
+            raise DataError(f"{where}: type override {col}:{kind}: type must be one of {', '.join(COLUMN_TYPES)}")
     if label not in frame.columns:
         raise DataError(
             f"{path}: no label column {label!r}; columns are {', '.join(frame.columns)} (pass --label NAME)"
         )
     if group is not None and group not in frame.columns:
-        raise DataError(f"{path}: no group column {group!r}; columns are {', '.join(frame.columns)}")
+        raise DataError(
+            f"{path}: no group column {group!r}; columns are {', '.join(frame.columns)} (pass --group NAME)"
+        )
     unknown = set(overrides) - set(frame.columns)
     if unknown:
-        raise DataError(f"{path}: --column names unknown column(s) {', '.join(sorted(unknown))}")
+        raise DataError(
+            f"{path}: --column names unknown column(s) {', '.join(sorted(unknown))}; "
+            f"columns are {', '.join(frame.columns)}"
+        )
 
     missing_label = frame[label].isna()
     if missing_label.all():
@@ -215,7 +221,10 @@ def load_dataset(
     if missing_label.any():
         # Unlabelled rows cannot be trained or scored on; dropping them is the only sensible use.
         frame = frame.loc[~missing_label].reset_index(drop=True)
-    labels = frame[label].astype(str).to_numpy()
+    label_values = frame[label]
+    if pd.api.types.is_float_dtype(label_values) and (label_values % 1 == 0).all():
+        label_values = label_values.astype("int64")  # integer labels read as float because of a gap
+    labels = label_values.astype(str).to_numpy()
     if len(set(labels.tolist())) < 2:
         raise DataError(f"{path}: label column {label!r} has a single class {labels[0]!r}; classification needs two or more")
     groups = None
@@ -288,7 +297,7 @@ def _vector_column(path: Path, series: pd.Series, name: str) -> pd.Series:
     lengths = parsed.dropna().map(len)
     if lengths.nunique() > 1:
         raise DataError(
-            f"{path}: vector column {name!r} has cells of different lengths ({sorted(lengths.unique())[:5]}); "
+            f"{path}: vector column {name!r} has cells of different lengths ({sorted(int(n) for n in lengths.unique())[:5]}); "
             "every vector needs the same size"
         )
     return parsed
@@ -339,7 +348,8 @@ def fingerprint(dataset: Dataset) -> str:
         h.update(pd.util.hash_pandas_object(dataset.frame[scalar].astype(str), index=False).to_numpy().tobytes())
     for c in dataset.columns:
         if c.modality == "vector":
-            h.update(np.asarray(dataset.frame[c.name].tolist(), dtype=np.float32).tobytes())
+            for cell in dataset.frame[c.name]:
+                h.update(np.asarray(cell, dtype=np.float32).tobytes() if _is_array_cell(cell) else b"\x00missing")
     for name in sorted(dataset.images):
         h.update(dataset.images[name].tobytes())
     h.update("\x1f".join(dataset.labels.tolist()).encode())

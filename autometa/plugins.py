@@ -178,6 +178,8 @@ class PluginHost:
         self.problems: list[str] = []
 
     def _problem(self, message: str, exc: BaseException | None = None) -> None:
+        # One line per problem, even when an exception's text spans several.
+        message = " | ".join(line.strip() for line in message.splitlines() if line.strip())
         if self.strict:
             raise PluginError(f"{message} (strict mode: unset {STRICT_ENV} to skip it)") from exc
         logger.warning("%s; skipped", message)
@@ -185,6 +187,12 @@ class PluginHost:
 
     def add(self, plugin: Any, name: str, origin: tuple[str | None, str | None] = (None, None)) -> bool:
         """Register one plugin object (module or instance); False if it was rejected."""
+        try:
+            hash(plugin)
+        except TypeError:
+            self._problem(f"plugin {name!r} is a {type(plugin).__name__}, which pluggy cannot register "
+                          "(it must be hashable: use a module or a class instance)")
+            return False
         try:
             self.pm.register(plugin, name=name)
         except Exception as exc:

@@ -7,6 +7,7 @@ fixed validation tasks; only the leaderboard's finalists are scored on the test 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import platform
@@ -84,6 +85,30 @@ def search_choices(registry: Registry, protocol: str, modalities: list[str]) -> 
             "run `autometa plugins` to see what is installed"
         )
     return choices
+
+
+def default_trials(registry: Registry, protocol: str, modalities: list[str]) -> list[dict[str, Any]]:
+    """One trial per meta-algorithm with every component at its default parameters.
+
+    A new study starts with these (as auto-sklearn starts from defaults), so even a tiny
+    budget scores each learner once at sensible settings before the sampler explores.
+    """
+    fusions = list(registry.components["fusion"])
+    fusion = "concat" if "concat" in fusions else fusions[0]
+    encoders = {m: registry.encoders_for(m)[0].name for m in modalities}
+    shared: dict[str, Any] = {"fusion": fusion, **_defaults(registry.get("fusion", fusion).cls, f"fusion.{fusion}.")}
+    for m, e in encoders.items():
+        shared[f"encoder.{m}"] = e
+        shared.update(_defaults(registry.get("encoder", e).cls, f"encoder.{m}.{e}."))
+    return [
+        {"meta_algorithm": info.name, **shared, **_defaults(info.cls, f"meta.{info.name}.")}
+        for info in registry.meta_algorithms_for(protocol)
+    ]
+
+
+def _defaults(cls: type, prefix: str) -> dict[str, Any]:
+    signature = inspect.signature(cls.__init__).parameters
+    return {prefix + key: signature[key].default for key in cls.search_space}
 
 
 def _plugin_call(registry: Registry, kind: str, name: str, build: Callable[[], Any]) -> Any:
@@ -240,13 +265,13 @@ def search(
     group: str | None = None,
     columns: Mapping[str, str] | None = None,
     protocol: str = "auto",
-    trials: int = 20,
+    trials: int = 30,
     timeout: float | None = None,
     seed: int = 0,
     db: str = DEFAULT_DB,
     study: str | None = None,
     devices: str = "auto",
-    steps: int = 200,
+    steps: int = 300,
     eval_every: int = 50,
     ways: int = 5,
     shots: int = 5,
@@ -304,6 +329,9 @@ def search(
     else:
         say(f"study {name!r} in {db}: {trials} trial(s) on {device}")
 
+    if not optuna_study.get_trials(deepcopy=False):
+        for params in default_trials(registry, split.protocol, modalities)[: max(0, remaining)]:
+            optuna_study.enqueue_trial(params, skip_if_exists=True)
     cache: dict[int, MetaAlgorithm] = {}
     if remaining > 0:
         _optimize(optuna_study, split, registry, modalities, remaining, timeout, seed, steps, eval_every, device, top_k, cache, progress, say)

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from autometa.data import Dataset
 from autometa.errors import ProtocolError
@@ -207,10 +206,7 @@ def _standard(dataset, labels, classes, seed, device, shots, queries) -> Split:
             f"test); class(es) {', '.join(map(repr, rare[:5]))} of {dataset.label_column!r} have fewer. "
             "Drop or merge them"
         )
-    rows = np.arange(len(dataset))
-    train, rest = train_test_split(rows, test_size=0.4, stratify=labels, random_state=seed)
-    val, test = train_test_split(rest, test_size=0.5, stratify=labels[rest], random_state=seed)
-    train, val, test = np.sort(train), np.sort(val), np.sort(test)
+    train, val, test = _stratified_rows(labels, np.random.default_rng(seed))
     features = build_features(dataset, train).to(device)
     y = torch.as_tensor(labels, device=device)
     pool = TrainingPool(features, y, train, [_by_class(train, labels)], device)
@@ -226,6 +222,18 @@ def _standard(dataset, labels, classes, seed, device, shots, queries) -> Split:
         # Episodic learners train on episodes over all classes of the single task.
         ways=n, shots=shots, queries=queries, classes=classes,
     )
+
+
+def _stratified_rows(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """60/20/20 rows per class, at least one of each class in every split (needs 3+ rows)."""
+    parts: tuple[list, list, list] = ([], [], [])
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        n_held = max(1, round(0.2 * len(rows)))
+        parts[1].append(rows[:n_held])
+        parts[2].append(rows[n_held: 2 * n_held])
+        parts[0].append(rows[2 * n_held:])
+    return tuple(np.sort(np.concatenate(p)) for p in parts)
 
 
 def _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, n_val, n_test) -> Split:
