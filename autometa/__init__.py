@@ -6,7 +6,7 @@ from autometa.components import Backbone, Encoder, Fusion, InputSpec, MetaAlgori
 from autometa.data import Dataset, load_dataset  # noqa: E402
 from autometa.errors import AutometaError, DataError, PluginError, ProtocolError, SearchError  # noqa: E402
 from autometa.hookspecs import hookimpl  # noqa: E402
-from autometa.search import search  # noqa: E402
+from autometa.study import search  # noqa: E402
 
 __all__ = [
     "AutometaError", "Backbone", "DataError", "Dataset", "Encoder", "Fusion", "InputSpec", "MetaAlgorithm",

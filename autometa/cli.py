@@ -60,7 +60,7 @@ def search(data, label, group, columns, protocol, trials, timeout, seed, db, stu
            ways, shots, queries, validation_tasks, test_tasks, top_k, image_size, fmt, no_progress):
     """Search encoders, fusion and meta-algorithm for DATA (CSV, Parquet, JSON Lines or .npz)."""
     from autometa.data import parse_column_overrides
-    from autometa.search import search as run_search
+    from autometa.study import search as run_search
 
     result = run_search(
         data, label, group=group, columns=parse_column_overrides(columns), protocol=protocol, trials=trials,

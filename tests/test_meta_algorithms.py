@@ -73,17 +73,15 @@ def reference_meta_grads(alg: MAML, task: Task, *, first_order: bool) -> dict[st
     """Per-task inner loop with torch.autograd.grad, mean query loss, backward."""
     backbone = alg.backbone
     leaves = {name: p.detach().clone().requires_grad_() for name, p in backbone.named_parameters()}
-    head_w = alg.head["weight"].detach().clone().requires_grad_()
-    head_b = alg.head["bias"].detach().clone().requires_grad_()
     inputs = task.features.inputs
     losses = []
     for t in range(task.support.shape[0]):
         support_x = {m: x[task.support[t]] for m, x in inputs.items()}
         query_x = {m: x[task.query[t]] for m, x in inputs.items()}
-        # The head vector (and bias) copied into one row per class, adapted row by row.
+        # Each task's head starts at zero (one row per class) and is adapted with the body.
         fast = dict(leaves)
-        fast["head.weight"] = head_w.unsqueeze(0).repeat(task.n_way, 1)
-        fast["head.bias"] = head_b.repeat(task.n_way)
+        fast["head.weight"] = torch.zeros(task.n_way, backbone.out_dim, dtype=torch.float64, requires_grad=True)
+        fast["head.bias"] = torch.zeros(task.n_way, dtype=torch.float64, requires_grad=True)
         for _ in range(INNER_STEPS):
             loss = F.cross_entropy(reference_forward(backbone, fast, support_x), task.support_y[t])
             keys = list(fast)
@@ -93,10 +91,7 @@ def reference_meta_grads(alg: MAML, task: Task, *, first_order: bool) -> dict[st
             fast = {k: fast[k] - INNER_LR * g for k, g in zip(keys, grads)}
         losses.append(F.cross_entropy(reference_forward(backbone, fast, query_x), task.query_y[t]))
     torch.stack(losses).mean().backward()
-    out = {f"backbone.{name}": leaf.grad for name, leaf in leaves.items()}
-    out["head.weight"] = head_w.grad
-    out["head.bias"] = head_b.grad
-    return out
+    return {f"backbone.{name}": leaf.grad for name, leaf in leaves.items()}
 
 
 # -- tiny problems ------------------------------------------------------------------------------
@@ -145,12 +140,6 @@ def _maml(kind: str, **options) -> tuple[MAML, Task]:
     alg = MAML(inner_lr=INNER_LR, inner_steps=INNER_STEPS, **options)
     alg.setup(backbone, pool, (N_WAY, SHOTS, QUERIES))
     assert alg.shape == (N_WAY, SHOTS, QUERIES)
-    alg.head.double()
-    # A non-zero head so that every parameter gets a gradient already in the first inner step.
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        alg.head["weight"].copy_(0.5 * torch.randn(backbone.out_dim, generator=gen, dtype=torch.float64))
-        alg.head["bias"].fill_(0.2)
     task = pool.episodes(N_TASKS, N_WAY, SHOTS, QUERIES, np.random.default_rng(3))
     assert task.support.shape == (N_TASKS, N_WAY * SHOTS) and task.query.shape == (N_TASKS, N_WAY * QUERIES)
     return alg, task
@@ -160,10 +149,7 @@ def _library_meta_grads(alg: MAML, task: Task) -> dict[str, torch.Tensor]:
     loss = alg.meta_loss(task)
     assert loss.dtype == torch.float64 and loss.dim() == 0
     loss.backward()
-    out = {f"backbone.{name}": p.grad for name, p in alg.backbone.named_parameters()}
-    out["head.weight"] = alg.head["weight"].grad
-    out["head.bias"] = alg.head["bias"].grad
-    return out
+    return {f"backbone.{name}": p.grad for name, p in alg.backbone.named_parameters()}
 
 
 def _assert_grads_close(actual: dict, expected: dict) -> None:
@@ -192,11 +178,7 @@ def test_maml_second_order_meta_gradient_matches_autograd_loop(case):
     actual = _library_meta_grads(alg, task)
     _assert_grads_close(actual, expected)
     # The comparison is not vacuous: backbone gradients are far from zero.
-    assert sum(g.abs().sum() for k, g in expected.items() if k.startswith("backbone.")) > 1e-3
-    # The head is one vector (and bias) copied to every class row. Adding the same vector to
-    # every row shifts all logits of a row equally, which changes neither the softmax nor any
-    # inner-loop gradient, so the meta-gradient of the shared head vanishes analytically.
-    assert expected["head.weight"].abs().max() < 1e-12 and abs(expected["head.bias"].item()) < 1e-12
+    assert sum(g.abs().sum() for g in expected.values()) > 1e-3
 
 
 def test_maml_meta_loss_value_matches_reference():
@@ -205,8 +187,8 @@ def test_maml_meta_loss_value_matches_reference():
     losses = []
     for t in range(N_TASKS):
         fast = dict(params)
-        fast["head.weight"] = alg.head["weight"].detach().expand(N_WAY, -1)
-        fast["head.bias"] = alg.head["bias"].detach().expand(N_WAY)
+        fast["head.weight"] = torch.zeros(N_WAY, alg.backbone.out_dim, dtype=torch.float64)
+        fast["head.bias"] = torch.zeros(N_WAY, dtype=torch.float64)
         fast = {k: v.clone().requires_grad_() for k, v in fast.items()}
         sx = {m: x[task.support[t]] for m, x in task.features.inputs.items()}
         for _ in range(INNER_STEPS):
@@ -240,20 +222,13 @@ def test_maml_train_step_applies_adam_to_meta_gradient():
     pool = _pool(features, labels)
     alg = MAML(inner_lr=INNER_LR, inner_steps=INNER_STEPS, lr=0.01, meta_batch=N_TASKS)
     alg.setup(backbone, pool, (N_WAY, SHOTS, QUERIES))
-    alg.head.double()
-    with torch.no_grad():
-        alg.head["weight"].copy_(torch.linspace(-0.5, 0.5, backbone.out_dim, dtype=torch.float64))
     before = {f"backbone.{n}": p.detach().clone() for n, p in backbone.named_parameters()}
-    before["head.weight"] = alg.head["weight"].detach().clone()
-    before["head.bias"] = alg.head["bias"].detach().clone()
     # The same episodes the step will draw (same generator state).
     task = pool.episodes(N_TASKS, N_WAY, SHOTS, QUERIES, np.random.default_rng(5))
     grads = reference_meta_grads(alg, task, first_order=False)
     loss = alg.train_step(pool, np.random.default_rng(5))
     assert np.isfinite(loss)
     after = {f"backbone.{n}": p.detach() for n, p in backbone.named_parameters()}
-    after["head.weight"] = alg.head["weight"].detach()
-    after["head.bias"] = alg.head["bias"].detach()
     for name, g in grads.items():
         # Adam's first step: -lr * g / (|g| + eps) elementwise (bias corrections cancel).
         step = -0.01 * g / (g.abs() + 1e-8)
@@ -283,6 +258,7 @@ def test_maml_predict_adapts_to_support_set():
     alg = MAML(inner_lr=0.5, inner_steps=3)
     alg.setup(backbone, _pool(features, y), (2, 5, 5))
     task = Task(features, support, y[support], query, y[query], 2)
+    before = {n: p.detach().clone() for n, p in backbone.named_parameters()}
 
     logits = alg.predict(task)
     assert logits.shape == (len(query), 2)
@@ -292,13 +268,13 @@ def test_maml_predict_adapts_to_support_set():
     unadapted = alg.adapt(params, task.support_inputs(), task.support_y, steps=0)
     with torch.no_grad():
         logits0 = alg._logits(unadapted, task.query_inputs())
-    # The meta-learned head starts at zero: without adaptation every class ties.
+    # Each task's head starts at zero: without adaptation every class ties.
     assert torch.equal(logits0, torch.zeros_like(logits0))
     acc0 = (logits0.argmax(-1) == task.query_y).double().mean().item()
     assert acc0 == 0.5
     assert adapted_acc == 1.0 > acc0
     # predict does not modify the meta-parameters.
-    assert torch.equal(alg.head["weight"], torch.zeros_like(alg.head["weight"]))
+    assert all(torch.equal(p, before[n]) for n, p in backbone.named_parameters())
 
 
 # -- ProtoNet -----------------------------------------------------------------------------------

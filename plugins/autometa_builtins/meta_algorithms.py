@@ -35,6 +35,25 @@ def prototype_logits(support: torch.Tensor, support_y: torch.Tensor, query: torc
     return -((query.unsqueeze(-2) - prototypes) ** 2).sum(-1)
 
 
+def _placement(backbone: Backbone, device: torch.device) -> dict:
+    """Device and dtype for new tensors: the backbone's, or the data's for a parameterless one."""
+    first = next(backbone.parameters(), None)
+    return {"device": device, "dtype": first.dtype if first is not None else torch.get_default_dtype()}
+
+
+def _step(optimizer: torch.optim.Optimizer | None, loss: torch.Tensor) -> None:
+    """One optimiser step; a model with nothing to train (e.g. identity ▶ concat) skips it."""
+    if optimizer is not None and loss.requires_grad:
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def _optimizer(params, **kwargs) -> torch.optim.Optimizer | None:
+    params = [p for p in params if p.requires_grad]
+    return torch.optim.Adam(params, **kwargs) if params else None
+
+
 class ProtoNet(MetaAlgorithm):
     """Prototypical Networks (Snell et al. 2017): classify queries by the nearest class mean."""
 
@@ -51,7 +70,7 @@ class ProtoNet(MetaAlgorithm):
     def setup(self, backbone: Backbone, pool: TrainingPool, shape: tuple[int, int, int]) -> None:
         self.backbone = backbone
         self.shape = pool.episode_shape(*shape)
-        self.optimizer = torch.optim.Adam(backbone.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        self.optimizer = _optimizer(backbone.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
     def train_step(self, pool: TrainingPool, rng: np.random.Generator) -> float:
         task = pool.episodes(1, *self.shape, rng)
@@ -59,9 +78,7 @@ class ProtoNet(MetaAlgorithm):
         query = self.backbone(_first(task.query_inputs()))
         logits = prototype_logits(support, task.support_y[0], query, task.n_way)
         loss = F.cross_entropy(logits, task.query_y[0])
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
+        _step(self.optimizer, loss)
         return loss.item()
 
     @torch.no_grad()
@@ -78,9 +95,11 @@ def _first(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class MAML(MetaAlgorithm):
     """Model-Agnostic Meta-Learning (Finn et al. 2017) on torch.func, vectorised over tasks.
 
-    The head is one meta-learned weight vector and bias copied for every class (as in
-    "unicorn" MAML, Ye & Chao 2022): invariant to label order and valid for any number of ways.
-    The inner loop adapts all parameters; ``first_order`` drops the second-order terms.
+    Each task's linear head starts at zero (the "zeroing trick", Kao et al. 2022): invariant to
+    the order of labels and valid for any number of ways. A meta-learned head shared by all
+    classes would gain nothing, as its meta-gradient is exactly zero (softmax ignores a shift
+    common to every class). The inner loop adapts the backbone and the head; ``first_order``
+    drops the second-order terms.
     """
 
     name = "maml"
@@ -115,20 +134,15 @@ class MAML(MetaAlgorithm):
     def setup(self, backbone: Backbone, pool: TrainingPool, shape: tuple[int, int, int]) -> None:
         self.backbone = backbone
         self.shape = pool.episode_shape(*shape)
-        self.head = nn.ParameterDict(
-            {"weight": nn.Parameter(torch.zeros(backbone.out_dim)), "bias": nn.Parameter(torch.zeros(()))}
-        ).to(next(backbone.parameters()).device)
-        self.optimizer = torch.optim.Adam([*backbone.parameters(), *self.head.parameters()], lr=self.lr)
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"backbone": self.backbone, "head": self.head}
+        self.device = pool.device
+        self.optimizer = _optimizer(backbone.parameters(), lr=self.lr)
 
     # -- functional pieces -------------------------------------------------------------
     def _initial(self, n_way: int) -> tuple[dict, dict]:
         body = dict(self.backbone.named_parameters())
         head = {
-            "weight": self.head["weight"].expand(n_way, -1),
-            "bias": self.head["bias"].expand(n_way),
+            "weight": torch.zeros(n_way, self.backbone.out_dim, **_placement(self.backbone, self.device)),
+            "bias": torch.zeros(n_way, **_placement(self.backbone, self.device)),
         }
         return body, head
 
@@ -168,9 +182,7 @@ class MAML(MetaAlgorithm):
 
     def train_step(self, pool: TrainingPool, rng: np.random.Generator) -> float:
         loss = self.meta_loss(pool.episodes(self.meta_batch, *self.shape, rng))
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
+        _step(self.optimizer, loss)
         return loss.item()
 
     def predict(self, task: Task) -> torch.Tensor:
@@ -210,9 +222,9 @@ class FineTune(MetaAlgorithm):
 
     def setup(self, backbone: Backbone, pool: TrainingPool, shape: tuple[int, int, int]) -> None:
         self.backbone = backbone
-        self.head = nn.Linear(backbone.out_dim, pool.n_classes).to(next(backbone.parameters()).device)
+        self.head = nn.Linear(backbone.out_dim, pool.n_classes).to(**_placement(backbone, pool.device))
         params = [*backbone.parameters(), *self.head.parameters()]
-        self.optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        self.optimizer = _optimizer(params, lr=self.lr, weight_decay=self.weight_decay)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"backbone": self.backbone, "head": self.head}
@@ -220,9 +232,7 @@ class FineTune(MetaAlgorithm):
     def train_step(self, pool: TrainingPool, rng: np.random.Generator) -> float:
         x, y = pool.rows_batch(self.batch_size, rng)
         loss = F.cross_entropy(self.head(self.backbone(x)), y)
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
+        _step(self.optimizer, loss)
         return loss.item()
 
     def predict(self, task: Task) -> torch.Tensor:
@@ -231,7 +241,7 @@ class FineTune(MetaAlgorithm):
             if task.same_classes_as_training:
                 return self.head(query)
             support = embed(self.backbone, task.support_inputs())
-        head = nn.Linear(support.shape[-1], task.n_way).to(support.device)
+        head = nn.Linear(support.shape[-1], task.n_way).to(device=support.device, dtype=support.dtype)
         nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
         optimizer = torch.optim.Adam(head.parameters(), lr=self.head_lr)
         with torch.enable_grad():

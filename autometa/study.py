@@ -34,7 +34,7 @@ from autometa.tasks import Split, make_split
 
 DEFAULT_DB = "sqlite:///studies.db"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-logger = logging.getLogger("autometa.search")
+logger = logging.getLogger("autometa.study")
 
 
 @dataclass
