@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from autometa.tasks import Task, TrainingPool
 
 MODALITIES = ("tabular", "text", "image", "vector")
+# Model inputs carry, beside each modality's tensor, a bool [batch] tensor under
+# MASK_PREFIX + modality: True where the row has that modality (missing-modality rows).
+MASK_PREFIX = "present:"
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,16 @@ class Fusion(Component, nn.Module):
     """Per-modality embeddings in, one ``[batch, out_dim]`` representation out.
 
     ``__init__(self, in_dims: dict[str, int], *, ...)`` gets each modality's embedding size
-    (in the fixed modality order) and must set ``self.out_dim``.
+    (in the fixed modality order) and must set ``self.out_dim``. ``forward`` receives
+    ``masks`` (modality → bool ``[batch]``, True where present) or None when every row has
+    every modality; a missing modality's embedding must not influence the output.
     """
 
     out_dim: int
 
-    def forward(self, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover
+    def forward(
+        self, embeddings: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -115,8 +122,9 @@ class Backbone(nn.Module):
         self.out_dim = fusion.out_dim
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        # Encoders see [batch, ...]; extra leading dims (tasks under no vmap) are flattened.
-        return self.fusion({m: enc(inputs[m]) for m, enc in self.encoders.items()})
+        embeddings = {m: enc(inputs[m]) for m, enc in self.encoders.items()}
+        masks = {m: inputs[MASK_PREFIX + m] for m in self.encoders if MASK_PREFIX + m in inputs}
+        return self.fusion(embeddings, masks or None)
 
 
 class MetaAlgorithm(Component):

@@ -19,7 +19,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from sklearn.utils import murmurhash3_32
 
-from autometa.components import InputSpec
+from autometa.components import MASK_PREFIX, InputSpec
 from autometa.data import Dataset
 
 TEXT_BUCKETS = 2**14
@@ -38,11 +38,18 @@ def tokenize(text: str, prefix: str, buckets: int = TEXT_BUCKETS, max_tokens: in
 class Features:
     """Model inputs for every row (``inputs[modality]`` has the row count as first dimension)."""
 
-    inputs: dict[str, torch.Tensor]
+    inputs: dict[str, torch.Tensor]  # modality tensors, plus MASK_PREFIX + modality presence masks
     specs: dict[str, InputSpec]
 
     def to(self, device: torch.device | str) -> "Features":
         return Features({m: t.to(device) for m, t in self.inputs.items()}, self.specs)
+
+    def present(self, modality: str) -> torch.Tensor:
+        """Bool [rows]: which rows have ``modality`` (all True when no mask is stored)."""
+        key = MASK_PREFIX + modality
+        if key in self.inputs:
+            return self.inputs[key]
+        return torch.ones(len(next(iter(self.inputs.values()))), dtype=torch.bool)
 
     def take(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Gather rows; ``rows`` may carry leading task dims, e.g. ``[tasks, shots]``."""
@@ -79,6 +86,7 @@ def build_features(dataset: Dataset, fit_rows: np.ndarray) -> Features:
         matrix = np.asarray(transformer.transform(table), dtype=np.float32)
         inputs["tabular"] = torch.from_numpy(np.nan_to_num(matrix))
         specs["tabular"] = InputSpec("tabular", (matrix.shape[1],))
+        _mask(inputs, "tabular", frame[numeric + categorical].notna().any(axis=1).to_numpy())
     text = dataset.columns_of("text")
     if text:
         rows = []
@@ -94,6 +102,7 @@ def build_features(dataset: Dataset, fit_rows: np.ndarray) -> Features:
             ids[i, : len(r)] = r
         inputs["text"] = torch.from_numpy(ids)
         specs["text"] = InputSpec("text", (length,), vocab_size=TEXT_BUCKETS)
+        _mask(inputs, "text", ids.any(axis=1))
     images = dataset.columns_of("image")
     if images:
         pixels = torch.from_numpy(dataset.images[images[0].name]).permute(0, 3, 1, 2).float() / 255.0
@@ -118,7 +127,14 @@ def build_features(dataset: Dataset, fit_rows: np.ndarray) -> Features:
         matrix = np.nan_to_num((matrix - np.nan_to_num(mean)) / np.where(std > 1e-6, std, 1.0))
         inputs["vector"] = torch.from_numpy(matrix.astype(np.float32))
         specs["vector"] = InputSpec("vector", (matrix.shape[1],))
+        _mask(inputs, "vector", np.stack([[_present(v) for v in frame[c.name]] for c in vectors]).any(axis=0))
     return Features(inputs, specs)
+
+
+def _mask(inputs: dict[str, torch.Tensor], modality: str, present: np.ndarray) -> None:
+    """Store a presence mask only when some row lacks the modality (the common case has none)."""
+    if not present.all():
+        inputs[MASK_PREFIX + modality] = torch.from_numpy(np.asarray(present, dtype=bool))
 
 
 def _present(value: object) -> bool:

@@ -111,3 +111,7 @@ class Conv4(Encoder):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+# Registered in this order: the first encoder of each modality is its default.
+ENCODERS = [TabularMLP, HashBag, Conv4, Identity, VectorMLP]
