@@ -134,7 +134,7 @@ def build_features(dataset: Dataset, fit_rows: np.ndarray) -> Features:
 def _mask(inputs: dict[str, torch.Tensor], modality: str, present: np.ndarray) -> None:
     """Store a presence mask only when some row lacks the modality (the common case has none)."""
     if not present.all():
-        inputs[MASK_PREFIX + modality] = torch.from_numpy(np.asarray(present, dtype=bool))
+        inputs[MASK_PREFIX + modality] = torch.from_numpy(np.array(present, dtype=bool))
 
 
 def _present(value: object) -> bool:
