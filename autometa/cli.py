@@ -54,10 +54,16 @@ def cli() -> None:
 @click.option("--test-tasks", type=int, default=600, show_default=True)
 @click.option("--top-k", type=int, default=3, show_default=True, help="Configurations scored on the test tasks.")
 @click.option("--image-size", type=int, default=28, show_default=True, help="Images are resized to SIZE×SIZE.")
+@click.option("--meta-algorithm", "meta_algorithms", multiple=True, metavar="NAME",
+              help="Search only these meta-algorithms (repeatable; default: all available).")
+@click.option("--fusion", "fusions", multiple=True, metavar="NAME", help="Search only these fusions (repeatable).")
+@click.option("--encoder", "encoders", multiple=True, metavar="MODALITY=NAME",
+              help="Search only these encoders for a modality (repeatable), e.g. text=hashbag.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--no-progress", is_flag=True, help="Do not show the live progress bar.")
 def search(data, label, group, columns, protocol, trials, timeout, seed, db, study, devices, steps, eval_every,
-           ways, shots, queries, validation_tasks, test_tasks, top_k, image_size, fmt, no_progress):
+           ways, shots, queries, validation_tasks, test_tasks, top_k, image_size, meta_algorithms, fusions,
+           encoders, fmt, no_progress):
     """Search encoders, fusion and meta-algorithm for DATA (CSV, Parquet, JSON Lines or .npz)."""
     from autometa.data import parse_column_overrides
     from autometa.study import search as run_search
@@ -67,6 +73,7 @@ def search(data, label, group, columns, protocol, trials, timeout, seed, db, stu
         timeout=timeout, seed=seed, db=db, study=study, devices=devices, steps=steps, eval_every=eval_every,
         ways=ways, shots=shots, queries=queries, validation_tasks=validation_tasks, test_tasks=test_tasks,
         top_k=top_k, image_size=(image_size, image_size), progress=not no_progress,
+        include=_restrictions(meta_algorithms, fusions, encoders),
     )
     if fmt == "json":
         click.echo(json.dumps({
@@ -77,6 +84,20 @@ def search(data, label, group, columns, protocol, trials, timeout, seed, db, stu
         }, indent=2))
     else:
         click.echo(result.format_leaderboard())
+
+
+def _restrictions(meta_algorithms, fusions, encoders) -> dict[str, list[str]]:
+    include: dict[str, list[str]] = {}
+    if meta_algorithms:
+        include["meta_algorithm"] = list(meta_algorithms)
+    if fusions:
+        include["fusion"] = list(fusions)
+    for item in encoders:
+        modality, sep, name = item.partition("=")
+        if not sep or not modality or not name:
+            raise click.BadParameter(f"{item!r}: expected MODALITY=NAME, e.g. text=hashbag", param_hint="--encoder")
+        include.setdefault(f"encoder.{modality}", []).append(name)
+    return include
 
 
 @cli.command()
@@ -92,7 +113,8 @@ def plugins(fmt):
     header = ("kind", "name", "modality", "plugin", "version", "hyperparameters")
     table = [
         (r["kind"], r["name"], r["modality"] or ("protocols: " + ",".join(r["protocols"]) if r["protocols"] else "-"),
-         r["plugin"], r["version"] or "-", ", ".join(r["hyperparameters"]) or "-")
+         r["plugin"], r["version"] or "-",
+         (", ".join(r["hyperparameters"]) or "-") + (f"  [unavailable: {r['unavailable']}]" if r["unavailable"] else ""))
         for r in rows
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]

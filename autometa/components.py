@@ -80,6 +80,15 @@ class Component:
         """Sample keyword arguments for ``__init__``; parameter names are ``prefix + key``."""
         return {key: suggest_value(trial, prefix + key, dist) for key, dist in cls.search_space.items()}
 
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this component cannot run here (e.g. an optional package is missing), or None.
+
+        Unavailable components are listed but left out of searches; asking for one explicitly
+        is an error that shows this text.
+        """
+        return None
+
 
 class Encoder(Component, nn.Module):
     """One modality in, a ``[batch, out_dim]`` embedding out.
@@ -90,6 +99,23 @@ class Encoder(Component, nn.Module):
 
     modality: ClassVar[str] = ""
     out_dim: int
+
+    @classmethod
+    def prepare(cls, raw: Any) -> torch.Tensor | None:
+        """Optionally derive this encoder's own per-row input from the modality's raw data.
+
+        Called once per dataset for encoders that override it, with text: a list of strings
+        (a row's text columns joined), image: uint8 ``[N, H, W, C]``, tabular: the DataFrame of
+        tabular columns, vector: float ``[N, D]``. The tensor returned (first dim N) becomes the
+        encoder's input, and its spec ``InputSpec(modality, tensor.shape[1:])``. Use it for
+        fixed, unlearned transforms such as pretrained embeddings (nothing is fitted, so
+        nothing leaks across splits).
+        """
+        return None
+
+    @classmethod
+    def derives_input(cls) -> bool:
+        return getattr(cls.prepare, "__func__", None) is not Encoder.prepare.__func__
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -112,17 +138,24 @@ class Fusion(Component, nn.Module):
         raise NotImplementedError
 
 
+def derived_key(modality: str, encoder: str) -> str:
+    """The input name under which an encoder's prepared input is stored."""
+    return f"{modality}@{encoder}"
+
+
 class Backbone(nn.Module):
     """encoders ▶ fusion: maps a dict of modality inputs to one embedding per row."""
 
-    def __init__(self, encoders: dict[str, Encoder], fusion: Fusion):
+    def __init__(self, encoders: dict[str, Encoder], fusion: Fusion, input_keys: dict[str, str] | None = None):
         super().__init__()
         self.encoders = nn.ModuleDict(encoders)
         self.fusion = fusion
         self.out_dim = fusion.out_dim
+        # Which input each encoder reads: its modality, or its own derived input (see prepare).
+        self.input_keys = {m: (input_keys or {}).get(m, m) for m in encoders}
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        embeddings = {m: enc(inputs[m]) for m, enc in self.encoders.items()}
+        embeddings = {m: enc(inputs[self.input_keys[m]]) for m, enc in self.encoders.items()}
         masks = {m: inputs[MASK_PREFIX + m] for m in self.encoders if MASK_PREFIX + m in inputs}
         return self.fusion(embeddings, masks or None)
 

@@ -19,7 +19,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from sklearn.utils import murmurhash3_32
 
-from autometa.components import MASK_PREFIX, InputSpec
+from autometa.components import MASK_PREFIX, Encoder, InputSpec, derived_key
 from autometa.data import Dataset
 
 TEXT_BUCKETS = 2**14
@@ -44,6 +44,11 @@ class Features:
     def to(self, device: torch.device | str) -> "Features":
         return Features({m: t.to(device) for m, t in self.inputs.items()}, self.specs)
 
+    @property
+    def modalities(self) -> list[str]:
+        """The dataset's modalities (specs also hold encoders' derived inputs)."""
+        return [m for m in self.specs if "@" not in m]
+
     def present(self, modality: str) -> torch.Tensor:
         """Bool [rows]: which rows have ``modality`` (all True when no mask is stored)."""
         key = MASK_PREFIX + modality
@@ -56,8 +61,13 @@ class Features:
         return {m: t[rows] for m, t in self.inputs.items()}
 
 
-def build_features(dataset: Dataset, fit_rows: np.ndarray) -> Features:
-    """Preprocess all rows with statistics learned from ``fit_rows`` only."""
+def build_features(
+    dataset: Dataset, fit_rows: np.ndarray, derived: dict[str, list[type[Encoder]]] | None = None
+) -> Features:
+    """Preprocess all rows with statistics learned from ``fit_rows`` only.
+
+    ``derived`` names, per modality, encoders whose ``prepare`` computes their own input.
+    """
     inputs: dict[str, torch.Tensor] = {}
     specs: dict[str, InputSpec] = {}
     frame = dataset.frame
@@ -113,14 +123,7 @@ def build_features(dataset: Dataset, fit_rows: np.ndarray) -> Features:
         specs["image"] = InputSpec("image", tuple(pixels.shape[1:]))
     vectors = dataset.columns_of("vector")
     if vectors:
-        parts = []
-        for c in vectors:
-            cells = frame[c.name].tolist()
-            size = next(len(v) for v in cells if v is not None and not (isinstance(v, float) and np.isnan(v)))
-            parts.append(
-                np.stack([np.asarray(v, dtype=np.float32) if _present(v) else np.full(size, np.nan, np.float32) for v in cells])
-            )
-        matrix = np.concatenate(parts, axis=1)
+        matrix = _vector_matrix(frame, [c.name for c in vectors])
         fit = matrix[fit_rows]
         mean = np.nanmean(fit, axis=0)
         std = np.nanstd(fit, axis=0)
@@ -128,7 +131,46 @@ def build_features(dataset: Dataset, fit_rows: np.ndarray) -> Features:
         inputs["vector"] = torch.from_numpy(matrix.astype(np.float32))
         specs["vector"] = InputSpec("vector", (matrix.shape[1],))
         _mask(inputs, "vector", np.stack([[_present(v) for v in frame[c.name]] for c in vectors]).any(axis=0))
+    for modality, encoders in (derived or {}).items():
+        if modality not in specs:
+            continue
+        raw = _raw(dataset, modality)
+        for cls in encoders:
+            tensor = cls.prepare(raw)
+            if tensor is None:
+                continue
+            if tensor.shape[0] != len(dataset):
+                raise ValueError(f"encoder {cls.name!r}: prepare returned {tensor.shape[0]} rows for {len(dataset)}")
+            key = derived_key(modality, cls.name)
+            inputs[key] = tensor
+            specs[key] = InputSpec(modality, tuple(tensor.shape[1:]))
     return Features(inputs, specs)
+
+
+def _raw(dataset: Dataset, modality: str):
+    """A modality's raw data in the form Encoder.prepare documents."""
+    columns = [c.name for c in dataset.columns_of(modality)]
+    frame = dataset.frame
+    if modality == "text":
+        return [
+            " . ".join(v for v in values if isinstance(v, str) and v)
+            for values in zip(*(frame[c].tolist() for c in columns))
+        ]
+    if modality == "image":
+        return dataset.images[columns[0]]
+    if modality == "vector":
+        return _vector_matrix(frame, columns)
+    return frame[columns]
+
+
+def _vector_matrix(frame, columns: list[str]) -> np.ndarray:
+    """Vector cells side by side as float32 [N, D]; a missing cell is a row of NaN."""
+    parts = []
+    for name in columns:
+        cells = frame[name].tolist()
+        size = len(next(v for v in cells if _present(v)))
+        parts.append(np.stack([np.asarray(v, np.float32) if _present(v) else np.full(size, np.nan, np.float32) for v in cells]))
+    return np.concatenate(parts, axis=1)
 
 
 def _mask(inputs: dict[str, torch.Tensor], modality: str, present: np.ndarray) -> None:

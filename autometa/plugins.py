@@ -63,6 +63,7 @@ class ComponentInfo:
             "distribution": self.distribution,
             "version": self.version,
             "hyperparameters": {k: repr(d) for k, d in self.cls.search_space.items()},
+            "unavailable": self.cls.unavailable(),
         }
 
 

@@ -25,12 +25,12 @@ from optuna.trial import FixedTrial, TrialState
 from tqdm.auto import tqdm
 
 from autometa import __version__
-from autometa.components import Backbone, MetaAlgorithm
+from autometa.components import Backbone, MetaAlgorithm, derived_key
 from autometa.data import Dataset, load_dataset
 from autometa.errors import AutometaError, PluginError, SearchError
 from autometa.evaluation import Score, evaluate, majority_baseline
 from autometa.plugins import Registry, get_registry
-from autometa.tasks import Split, make_split
+from autometa.tasks import Split, choose_protocol, make_split
 
 DEFAULT_DB = "sqlite:///studies.db"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -53,13 +53,12 @@ class Config:
         return f"{self.meta_algorithm} + {self.fusion} [{encoders}]"
 
 
-def sample_config(trial: optuna.Trial | FixedTrial, registry: Registry, protocol: str, modalities: list[str]) -> Config:
-    """Define-by-run space: choices first, then each chosen component's namespaced parameters."""
-    algorithms = sorted(i.name for i in registry.meta_algorithms_for(protocol))
-    fusions = sorted(registry.components["fusion"])
-    meta = trial.suggest_categorical("meta_algorithm", algorithms)
-    fusion = trial.suggest_categorical("fusion", fusions)
-    encoders = {m: trial.suggest_categorical(f"encoder.{m}", sorted(i.name for i in registry.encoders_for(m))) for m in modalities}
+def sample_config(trial: optuna.Trial | FixedTrial, registry: Registry, choices: dict[str, list[str]]) -> Config:
+    """Define-by-run space: components first, then each chosen one's namespaced parameters."""
+    meta = trial.suggest_categorical("meta_algorithm", choices["meta_algorithm"])
+    fusion = trial.suggest_categorical("fusion", choices["fusion"])
+    modalities = [key.split(".", 1)[1] for key in choices if key.startswith("encoder.")]
+    encoders = {m: trial.suggest_categorical(f"encoder.{m}", choices[f"encoder.{m}"]) for m in modalities}
     return Config(
         meta,
         fusion,
@@ -70,39 +69,66 @@ def sample_config(trial: optuna.Trial | FixedTrial, registry: Registry, protocol
     )
 
 
-def search_choices(registry: Registry, protocol: str, modalities: list[str]) -> dict[str, list[str]]:
-    """The categorical choices a study is built on (compared when it is resumed)."""
-    choices = {
-        "meta_algorithm": sorted(i.name for i in registry.meta_algorithms_for(protocol)),
-        "fusion": sorted(registry.components["fusion"]),
+def search_choices(
+    registry: Registry, protocol: str, modalities: list[str], include: Mapping[str, list[str]] | None = None
+) -> dict[str, list[str]]:
+    """The components a study chooses among: every available one, or those in ``include``.
+
+    ``include`` maps "meta_algorithm", "fusion" or "encoder.<modality>" to allowed names.
+    Optuna cannot change a study's choices, so they are stored and compared on resume.
+    """
+    include = dict(include or {})
+    pools = {
+        "meta_algorithm": ("meta_algorithm", registry.meta_algorithms_for(protocol)),
+        "fusion": ("fusion", list(registry.components["fusion"].values())),
+        **{f"encoder.{m}": ("encoder", registry.encoders_for(m)) for m in modalities},
     }
-    for m in modalities:
-        choices[f"encoder.{m}"] = sorted(i.name for i in registry.encoders_for(m))
-    missing = [k for k, v in choices.items() if not v]
-    if missing:
+    unknown = set(include) - set(pools)
+    if unknown:
         raise SearchError(
-            f"no installed plugin provides {', '.join(missing)} for the {protocol} protocol; "
-            "run `autometa plugins` to see what is installed"
+            f"cannot restrict {', '.join(sorted(unknown))}: this data has modalities {', '.join(modalities)}"
         )
+    choices = {}
+    for key, (kind, infos) in pools.items():
+        usable = {i.name: i for i in infos}
+        if key in include:
+            for name in include[key]:
+                info = registry.get(kind, name)  # unknown names: error listing what exists
+                if name not in usable:
+                    raise SearchError(f"{kind.replace('_', '-')} {name!r} does not support this data's {protocol} protocol / modality")
+                reason = info.cls.unavailable()
+                if reason:
+                    raise SearchError(f"{kind.replace('_', '-')} {name!r} is unavailable: {reason}")
+            choices[key] = sorted(set(include[key]))
+        else:
+            # Sorted: entry-point load order may differ between machines, a study's choices may not.
+            choices[key] = sorted(n for n, i in usable.items() if not i.cls.unavailable())
+        if not choices[key]:
+            raise SearchError(
+                f"no installed plugin provides {key.replace('_', '-')} for the {protocol} protocol; "
+                "run `autometa plugins` to see what is installed"
+            )
     return choices
 
 
-def default_trials(registry: Registry, protocol: str, modalities: list[str]) -> list[dict[str, Any]]:
+def default_trials(registry: Registry, choices: dict[str, list[str]]) -> list[dict[str, Any]]:
     """One trial per meta-algorithm with every component at its default parameters.
 
     A new study starts with these (as auto-sklearn starts from defaults), so even a tiny
-    budget scores each learner once at sensible settings before the sampler explores.
+    budget scores each learner once at sensible settings before the sampler explores. The
+    default fusion is concat when allowed; an encoder's default is the first one registered.
     """
-    fusions = list(registry.components["fusion"])
-    fusion = "concat" if "concat" in fusions else fusions[0]
-    encoders = {m: registry.encoders_for(m)[0].name for m in modalities}
+    fusion = "concat" if "concat" in choices["fusion"] else choices["fusion"][0]
     shared: dict[str, Any] = {"fusion": fusion, **_defaults(registry.get("fusion", fusion).cls, f"fusion.{fusion}.")}
-    for m, e in encoders.items():
-        shared[f"encoder.{m}"] = e
-        shared.update(_defaults(registry.get("encoder", e).cls, f"encoder.{m}.{e}."))
+    for key, names in choices.items():
+        if key.startswith("encoder."):
+            m = key.split(".", 1)[1]
+            e = next(i.name for i in registry.encoders_for(m) if i.name in names)
+            shared[key] = e
+            shared.update(_defaults(registry.get("encoder", e).cls, f"encoder.{m}.{e}."))
     return [
-        {"meta_algorithm": info.name, **shared, **_defaults(info.cls, f"meta.{info.name}.")}
-        for info in registry.meta_algorithms_for(protocol)
+        {"meta_algorithm": name, **shared, **_defaults(registry.get("meta_algorithm", name).cls, f"meta.{name}.")}
+        for name in choices["meta_algorithm"]
     ]
 
 
@@ -139,15 +165,19 @@ def train(
     rng = np.random.default_rng(seed)
     pool = split.pool
     specs = pool.features.specs
+    input_keys = {m: derived_key(m, e) if derived_key(m, e) in specs else m for m, e in config.encoders.items()}
     encoders = {
-        m: _plugin_call(registry, "encoder", e, lambda m=m, e=e: registry.get("encoder", e).cls(specs[m], **config.encoder_params.get(m, {})))
+        m: _plugin_call(
+            registry, "encoder", e,
+            lambda m=m, e=e: registry.get("encoder", e).cls(specs[input_keys[m]], **config.encoder_params.get(m, {})),
+        )
         for m, e in config.encoders.items()
     }
     fusion = _plugin_call(
         registry, "fusion", config.fusion,
         lambda: registry.get("fusion", config.fusion).cls({m: enc.out_dim for m, enc in encoders.items()}, **config.fusion_params),
     )
-    backbone = Backbone(encoders, fusion).to(pool.device)
+    backbone = Backbone(encoders, fusion, input_keys).to(pool.device)
     algorithm = _plugin_call(
         registry, "meta_algorithm", config.meta_algorithm,
         lambda: registry.get("meta_algorithm", config.meta_algorithm).cls(**config.meta_params),
@@ -282,6 +312,7 @@ def search(
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
     image_size: tuple[int, int] = (28, 28),
+    include: Mapping[str, list[str]] | None = None,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
 ) -> SearchResult:
@@ -300,13 +331,18 @@ def search(
             raise SearchError("a label column is required (--label NAME)")
         dataset = load_dataset(data, label, group=group, columns=columns, image_size=image_size)
     say(dataset.summary())
+    protocol = choose_protocol(dataset, protocol)
+    choices = search_choices(registry, protocol, dataset.modalities, include)
+    # Encoders that derive their own inputs (e.g. pretrained embeddings) prepare them once, here.
+    derived = {
+        m: [registry.get("encoder", e).cls for e in choices[f"encoder.{m}"] if registry.get("encoder", e).cls.derives_input()]
+        for m in dataset.modalities
+    }
     split = make_split(
         dataset, protocol, ways=ways, shots=shots, queries=queries,
-        validation_tasks=validation_tasks, test_tasks=test_tasks, seed=seed, device=device,
+        validation_tasks=validation_tasks, test_tasks=test_tasks, seed=seed, device=device, derived=derived,
     )
     say(split.describe())
-    modalities = list(split.pool.features.specs)
-    choices = search_choices(registry, split.protocol, modalities)
 
     name = study or study_name_for(dataset, split.protocol)
     existing = _finished_trials(name, db)
@@ -330,13 +366,13 @@ def search(
         say(f"study {name!r} in {db}: {trials} trial(s) on {device}")
 
     if not optuna_study.get_trials(deepcopy=False):
-        for params in default_trials(registry, split.protocol, modalities)[: max(0, remaining)]:
+        for params in default_trials(registry, choices)[: max(0, remaining)]:
             optuna_study.enqueue_trial(params, skip_if_exists=True)
     cache: dict[int, MetaAlgorithm] = {}
     if remaining > 0:
-        _optimize(optuna_study, split, registry, modalities, remaining, timeout, seed, steps, eval_every, device, top_k, cache, progress, say)
+        _optimize(optuna_study, split, registry, choices, remaining, timeout, seed, steps, eval_every, device, top_k, cache, progress, say)
 
-    leaderboard = _leaderboard(optuna_study, split, registry, modalities, top_k, steps, eval_every, cache, say)
+    leaderboard = _leaderboard(optuna_study, split, registry, choices, top_k, steps, eval_every, cache, say)
     majority = majority_baseline(split.test)
     optuna_study.set_user_attr("leaderboard", [e.as_dict() for e in leaderboard])
     optuna_study.set_user_attr("majority_baseline", {"test_accuracy": majority.mean, "test_ci95": majority.ci95})
@@ -378,11 +414,11 @@ def _check_resume(study: optuna.Study, dataset: Dataset, split: Split, choices: 
         )
 
 
-def _optimize(study, split, registry, modalities, n_trials, timeout, seed, steps, eval_every, device, top_k, cache, progress, say):
+def _optimize(study, split, registry, choices, n_trials, timeout, seed, steps, eval_every, device, top_k, cache, progress, say):
     bar = tqdm(total=n_trials, desc="search", unit="trial", disable=not progress, file=sys.stderr, dynamic_ncols=True)
 
     def objective(trial: optuna.Trial) -> float:
-        config = sample_config(trial, registry, split.protocol, modalities)
+        config = sample_config(trial, registry, choices)
         trial_seed = seed * 1_000_003 + trial.number
         trial.set_user_attr("seed", trial_seed)
         trial.set_user_attr("device", str(device))
@@ -421,7 +457,7 @@ def _optimize(study, split, registry, modalities, n_trials, timeout, seed, steps
             outcome = frozen.user_attrs.get("prune_reason", "pruned")
         else:
             outcome = f"failed: {frozen.user_attrs.get('fail_reason', 'see log')}"
-        config = sample_config(FixedTrial(frozen.params), registry, split.protocol, modalities) if frozen.params else None
+        config = sample_config(FixedTrial(frozen.params), registry, choices) if frozen.params else None
         bar.write(f"trial {frozen.number:>3} {outcome} ({took:.1f}s) {config.label() if config else ''}", file=sys.stderr)
         try:
             bar.set_postfix_str(f"best {100 * study.best_value:.1f}%")
@@ -447,7 +483,7 @@ def _keep_best(cache: dict[int, MetaAlgorithm], number: int, value: float, algor
         del cache[stale]
 
 
-def _leaderboard(study, split, registry, modalities, top_k, steps, eval_every, cache, say) -> list[LeaderboardEntry]:
+def _leaderboard(study, split, registry, choices, top_k, steps, eval_every, cache, say) -> list[LeaderboardEntry]:
     complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)
     chosen, seen = [], set()
     for t in complete:
@@ -463,7 +499,7 @@ def _leaderboard(study, split, registry, modalities, top_k, steps, eval_every, c
     say(f"scoring the top {len(chosen)} configuration(s) on {len(split.test)} held-out test task(s)")
     entries = []
     for rank, t in enumerate(chosen, start=1):
-        config = sample_config(FixedTrial(t.params), registry, split.protocol, modalities)
+        config = sample_config(FixedTrial(t.params), registry, choices)
         algorithm = cache.get(t.number)
         if algorithm is None:  # trained in an earlier run: retrain it from its parameters and seed
             algorithm, _ = train(

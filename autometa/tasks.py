@@ -183,21 +183,25 @@ def make_split(
     test_tasks: int = 600,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    derived: dict[str, list] | None = None,
 ) -> Split:
-    """Split ``dataset`` under ``protocol`` and draw its fixed validation and test tasks."""
+    """Split ``dataset`` under ``protocol`` and draw its fixed validation and test tasks.
+
+    ``derived``: per modality, encoder classes that prepare their own inputs (see Encoder.prepare).
+    """
     protocol = choose_protocol(dataset, protocol)
     device = torch.device(device)
     classes = dataset.classes
     labels = np.searchsorted(np.asarray(classes), dataset.labels)
     rng = np.random.default_rng(seed)
     if protocol == "standard":
-        return _standard(dataset, labels, classes, seed, device, shots, queries)
+        return _standard(dataset, labels, classes, seed, device, shots, queries, derived)
     if protocol == "fewshot":
-        return _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, validation_tasks, test_tasks)
-    return _grouped(dataset, labels, classes, rng, device, ways, shots, queries)
+        return _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, validation_tasks, test_tasks, derived)
+    return _grouped(dataset, labels, classes, rng, device, ways, shots, queries, derived)
 
 
-def _standard(dataset, labels, classes, seed, device, shots, queries) -> Split:
+def _standard(dataset, labels, classes, seed, device, shots, queries, derived) -> Split:
     counts = Counter(dataset.labels.tolist())
     rare = sorted(c for c, n in counts.items() if n < 3)
     if rare:
@@ -207,7 +211,7 @@ def _standard(dataset, labels, classes, seed, device, shots, queries) -> Split:
             "Drop or merge them"
         )
     train, val, test = _stratified_rows(labels, np.random.default_rng(seed))
-    features = build_features(dataset, train).to(device)
+    features = build_features(dataset, train, derived).to(device)
     y = torch.as_tensor(labels, device=device)
     pool = TrainingPool(features, y, train, [_by_class(train, labels)], device)
     n = len(classes)
@@ -236,7 +240,7 @@ def _stratified_rows(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.n
     return tuple(np.sort(np.concatenate(p)) for p in parts)
 
 
-def _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, n_val, n_test) -> Split:
+def _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, n_val, n_test, derived) -> Split:
     counts = np.bincount(labels, minlength=len(classes))
     usable = np.flatnonzero(counts >= shots + 1)
     if len(usable) < len(classes):
@@ -259,7 +263,7 @@ def _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, n_val,
         name: rows[np.isin(labels, cls)]
         for name, cls in (("train", train_classes), ("validation", val_classes), ("test", test_classes))
     }
-    features = build_features(dataset, split_rows["train"]).to(device)
+    features = build_features(dataset, split_rows["train"], derived).to(device)
     y = torch.as_tensor(labels, device=device)
     pool = TrainingPool(features, y, split_rows["train"], [_by_class(split_rows["train"], labels)], device)
 
@@ -284,7 +288,7 @@ def _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, n_val,
     )
 
 
-def _grouped(dataset, labels, classes, rng, device, ways, shots, queries) -> Split:
+def _grouped(dataset, labels, classes, rng, device, ways, shots, queries, derived) -> Split:
     groups = dataset.groups
     names = sorted(set(groups.tolist()))
     if len(names) < 3:
@@ -297,7 +301,7 @@ def _grouped(dataset, labels, classes, rng, device, ways, shots, queries) -> Spl
     split_groups = {"validation": order[:n_held], "test": order[n_held: 2 * n_held], "train": order[2 * n_held:]}
     rows = np.arange(len(dataset))
     split_rows = {k: rows[np.isin(groups, v)] for k, v in split_groups.items()}
-    features = build_features(dataset, split_rows["train"]).to(device)
+    features = build_features(dataset, split_rows["train"], derived).to(device)
     y = torch.as_tensor(labels, device=device)
     sources = [_by_class(rows[groups == g], labels) for g in split_groups["train"]]
     pool = TrainingPool(features, y, split_rows["train"], sources, device)

@@ -20,6 +20,7 @@ from optuna.trial import FixedTrial, TrialState
 
 import autometa_builtins
 from autometa.cli import cli
+from autometa.errors import AutometaError
 from autometa.components import MetaAlgorithm
 from autometa.data import fingerprint, load_dataset
 from autometa.evaluation import evaluate
@@ -152,11 +153,11 @@ def test_leaderboard_scores_reproduce_by_retraining(first_search):
     """Retraining a leaderboard configuration from its seed gives the same validation and test score."""
     result = first_search["result"]
     registry = search_module.get_registry()
-    modalities = list(result.split.pool.features.specs)
+    choices = result.study.user_attrs["choices"]
     by_number = {t.number: t for t in first_search["trials"]}
     for entry in result.leaderboard:
         trial = by_number[entry.trial]
-        config = search_module.sample_config(FixedTrial(trial.params), registry, "standard", modalities)
+        config = search_module.sample_config(FixedTrial(trial.params), registry, choices)
         assert config.label() == entry.config.label()
         algorithm, validation = search_module.train(
             config, result.split, seed=trial.user_attrs["seed"], steps=20, eval_every=10, registry=registry
@@ -340,3 +341,39 @@ def test_vector_only_data_with_parameterless_default_backbone(tmp_path):
     assert {t.params["encoder.vector"] for t in trials} == {"identity"}
     # Well separated clusters: nearest prototype / a linear head on raw vectors is near perfect.
     assert result.best.test.mean > 0.9
+
+
+def test_restricted_search_uses_only_the_chosen_components(standard_csv, tmp_path):
+    result = search(
+        standard_csv, "y", trials=2, db=f"sqlite:///{tmp_path}/r.db", seed=0,
+        include={"meta_algorithm": ["protonet"], "fusion": ["attention"]}, **FAST,
+    )
+    trials = result.study.get_trials(deepcopy=False)
+    assert {t.params["meta_algorithm"] for t in trials} == {"protonet"}
+    assert {t.params["fusion"] for t in trials} == {"attention"}
+    assert result.study.user_attrs["choices"]["meta_algorithm"] == ["protonet"]
+
+
+@pytest.mark.parametrize(
+    "include, message",
+    [
+        ({"meta_algorithm": ["nosuch"]}, r"no meta-algorithm named 'nosuch' is registered \(available: .*finetune"),
+        ({"encoder.image": ["conv4"]}, r"cannot restrict encoder.image: this data has modalities tabular, text"),
+        ({"encoder.text": ["mlp"]}, r"encoder 'mlp' does not support"),
+        ({"meta_algorithm": ["maml"]}, r"meta-algorithm 'maml' does not support this data's standard protocol"),
+    ],
+)
+def test_restriction_errors_name_the_component(standard_csv, tmp_path, include, message):
+    with pytest.raises(AutometaError, match=message):
+        search(standard_csv, "y", trials=1, db=f"sqlite:///{tmp_path}/e.db", include=include, **FAST)
+    assert not (tmp_path / "e.db").exists()
+
+
+def test_cli_encoder_restriction_and_bad_format(standard_csv, tmp_path):
+    runner = CliRunner()
+    url = f"sqlite:///{tmp_path}/c.db"
+    ok = runner.invoke(cli, ["search", str(standard_csv), "--label", "y", "--trials", "1", "--steps", "5", "--eval-every", "5",
+                             "--db", url, "--no-progress", "--encoder", "text=hashbag", "--meta-algorithm", "finetune"])
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(cli, ["search", str(standard_csv), "--label", "y", "--db", url, "--encoder", "text"])
+    assert bad.exit_code == 2 and "expected MODALITY=NAME" in bad.output
