@@ -1,29 +1,33 @@
 """Turning a Dataset into one tensor per modality, with statistics fitted on training rows only.
 
-tabular: numeric columns imputed (with missing indicators) and standardised, categorical ones
-one-hot encoded (sklearn); text: word uni/bigrams hashed (stable murmurhash) into token ids, so
-no vocabulary is learned and nothing leaks; image: scaled to [0, 1] then standardised per
-channel; vector: standardised.
+tabular: numeric columns imputed by the median (with missing indicators) and standardised,
+categorical ones one-hot encoded (rare categories pooled); text: word uni/bigrams hashed
+(stable murmurhash) into token ids, so no vocabulary is learned and nothing leaks; image:
+scaled to [0, 1] then standardised per channel; vector: standardised.
+
+scikit-learn fits the statistics; the Preprocessor keeps only the numbers (JSON), so a saved
+model applies exactly the same transform to new rows without unpickling anything.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
-from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
-from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from sklearn.utils import murmurhash3_32
 
 from autometa.components import MASK_PREFIX, Encoder, InputSpec, derived_key
-from autometa.data import Dataset
+from autometa.data import Column, Dataset
 
 TEXT_BUCKETS = 2**14
 MAX_TOKENS = 128
+MISSING = "(missing)"
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -49,16 +53,169 @@ class Features:
         """The dataset's modalities (specs also hold encoders' derived inputs)."""
         return [m for m in self.specs if "@" not in m]
 
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
     def present(self, modality: str) -> torch.Tensor:
         """Bool [rows]: which rows have ``modality`` (all True when no mask is stored)."""
         key = MASK_PREFIX + modality
         if key in self.inputs:
             return self.inputs[key]
-        return torch.ones(len(next(iter(self.inputs.values()))), dtype=torch.bool)
+        return torch.ones(len(self), dtype=torch.bool)
 
     def take(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Gather rows; ``rows`` may carry leading task dims, e.g. ``[tasks, shots]``."""
         return {m: t[rows] for m, t in self.inputs.items()}
+
+    def subset(self, rows: torch.Tensor) -> "Features":
+        return Features(self.take(rows), self.specs)
+
+    @staticmethod
+    def concat(first: "Features", second: "Features") -> "Features":
+        """Rows of ``first`` then ``second`` (same inputs; a mask missing on one side means present)."""
+        keys = [k for k in first.inputs if not k.startswith(MASK_PREFIX)]
+        inputs = {k: torch.cat([first.inputs[k], second.inputs[k]]) for k in keys}
+        for m in first.modalities:
+            if MASK_PREFIX + m in first.inputs or MASK_PREFIX + m in second.inputs:
+                inputs[MASK_PREFIX + m] = torch.cat([first.present(m), second.present(m)])
+        return Features(inputs, first.specs)
+
+
+@dataclass
+class Preprocessor:
+    """Statistics learned from training rows, as plain JSON-able numbers, and their transform."""
+
+    columns: list[Column]
+    state: dict[str, Any]
+
+    @classmethod
+    def fit(cls, dataset: Dataset, rows: np.ndarray) -> "Preprocessor":
+        frame = dataset.frame.iloc[rows]
+        state: dict[str, Any] = {}
+        numeric = [c.name for c in dataset.columns_of("tabular") if c.kind == "numeric"]
+        categorical = [c.name for c in dataset.columns_of("tabular") if c.kind == "categorical"]
+        if numeric:
+            values = frame[numeric].astype(float).to_numpy()
+            imputer = SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True).fit(values)
+            indicators = [int(i) for i in imputer.indicator_.features_] if imputer.indicator_ is not None else []
+            scaler = StandardScaler().fit(imputer.transform(values))
+            state["numeric"] = {
+                "columns": numeric,
+                "median": imputer.statistics_.tolist(),
+                "indicators": indicators,
+                "mean": scaler.mean_.tolist(),
+                "scale": scaler.scale_.tolist(),
+            }
+        if categorical:
+            encoder = OneHotEncoder(handle_unknown="ignore", min_frequency=2).fit(_categories(frame, categorical))
+            infrequent = encoder.infrequent_categories_
+            state["categorical"] = {
+                "columns": categorical,
+                # Per column: categories with their own one-hot column, then whether rare ones share one.
+                "frequent": [
+                    [str(c) for c in cats if infrequent[i] is None or c not in set(infrequent[i])]
+                    for i, cats in enumerate(encoder.categories_)
+                ],
+                "rare": [[str(c) for c in (inf if inf is not None else [])] for inf in infrequent],
+            }
+        text = dataset.columns_of("text")
+        if text:
+            lengths = [len(r) for r in _token_rows(dataset.frame, [c.name for c in text])]
+            state["text"] = {"columns": [c.name for c in text], "length": max(1, max(lengths)), "buckets": TEXT_BUCKETS}
+        images = dataset.columns_of("image")
+        if images:
+            pixels = dataset.images[images[0].name][rows].astype(np.float64) / 255.0
+            state["image"] = {
+                "column": images[0].name,
+                "size": list(pixels.shape[1:3]),
+                "channels": int(pixels.shape[3]),
+                "mean": pixels.mean(axis=(0, 1, 2)).tolist(),
+                "std": np.maximum(pixels.std(axis=(0, 1, 2)), 1e-3).tolist(),
+            }
+        vectors = dataset.columns_of("vector")
+        if vectors:
+            matrix = _vector_matrix(frame, [c.name for c in vectors])
+            mean, std = np.nanmean(matrix, axis=0), np.nanstd(matrix, axis=0)
+            state["vector"] = {
+                "columns": [c.name for c in vectors],
+                "mean": np.nan_to_num(mean).tolist(),
+                "std": np.where(std > 1e-6, std, 1.0).tolist(),
+            }
+        return cls(list(dataset.columns), state)
+
+    def transform(self, dataset: Dataset, derived: dict[str, list[type[Encoder]]] | None = None) -> Features:
+        """Model inputs for every row of ``dataset`` (a training or a new dataset)."""
+        inputs: dict[str, torch.Tensor] = {}
+        specs: dict[str, InputSpec] = {}
+        frame = dataset.frame
+        parts, present = [], []
+        if "numeric" in self.state:
+            s = self.state["numeric"]
+            values = frame[s["columns"]].astype(float).to_numpy()
+            missing = np.isnan(values)
+            filled = np.where(missing, np.asarray(s["median"]), values)
+            block = np.concatenate([filled, missing[:, s["indicators"]].astype(float)], axis=1)
+            parts.append((block - np.asarray(s["mean"])) / np.asarray(s["scale"]))
+            present.append(~missing.all(axis=1))
+        if "categorical" in self.state:
+            s = self.state["categorical"]
+            cats = _categories(frame, s["columns"])
+            for j, (frequent, rare) in enumerate(zip(s["frequent"], s["rare"])):
+                column = cats[:, j]
+                parts.append(np.stack([column == c for c in frequent], axis=1).astype(float).reshape(len(frame), -1))
+                if rare:
+                    parts.append(np.isin(column, rare).astype(float)[:, None])
+            present.append(np.ones(len(frame), dtype=bool))
+        if parts:
+            matrix = np.concatenate(parts, axis=1).astype(np.float32)
+            inputs["tabular"] = torch.from_numpy(np.nan_to_num(matrix))
+            specs["tabular"] = InputSpec("tabular", (matrix.shape[1],))
+            _mask(inputs, "tabular", np.any(present, axis=0))
+        if "text" in self.state:
+            s = self.state["text"]
+            rows = _token_rows(frame, s["columns"])
+            ids = np.zeros((len(rows), s["length"]), dtype=np.int64)
+            for i, r in enumerate(rows):
+                r = r[: s["length"]]
+                ids[i, : len(r)] = r
+            inputs["text"] = torch.from_numpy(ids)
+            specs["text"] = InputSpec("text", (s["length"],), vocab_size=s["buckets"])
+            _mask(inputs, "text", ids.any(axis=1))
+        if "image" in self.state:
+            s = self.state["image"]
+            pixels = torch.from_numpy(dataset.images[s["column"]]).permute(0, 3, 1, 2).float() / 255.0
+            mean = torch.tensor(s["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+            std = torch.tensor(s["std"], dtype=torch.float32).view(1, -1, 1, 1)
+            inputs["image"] = (pixels - mean) / std
+            specs["image"] = InputSpec("image", tuple(pixels.shape[1:]))
+        if "vector" in self.state:
+            s = self.state["vector"]
+            matrix = _vector_matrix(frame, s["columns"])
+            standardised = np.nan_to_num((matrix - np.asarray(s["mean"])) / np.asarray(s["std"]))
+            inputs["vector"] = torch.from_numpy(standardised.astype(np.float32))
+            specs["vector"] = InputSpec("vector", (matrix.shape[1],))
+            _mask(inputs, "vector", ~np.isnan(matrix).all(axis=1))
+        for modality, encoders in (derived or {}).items():
+            if modality not in specs:
+                continue
+            raw = _raw(dataset, modality)
+            for cls in encoders:
+                tensor = cls.prepare(raw)
+                if tensor is None:
+                    continue
+                if tensor.shape[0] != len(dataset):
+                    raise ValueError(f"encoder {cls.name!r}: prepare returned {tensor.shape[0]} rows for {len(dataset)}")
+                key = derived_key(modality, cls.name)
+                inputs[key] = tensor
+                specs[key] = InputSpec(modality, tuple(tensor.shape[1:]))
+        return Features(inputs, specs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"columns": [[c.name, c.modality, c.kind] for c in self.columns], "state": self.state}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Preprocessor":
+        return cls([Column(*c) for c in data["columns"]], data["state"])
 
 
 def build_features(
@@ -68,83 +225,27 @@ def build_features(
 
     ``derived`` names, per modality, encoders whose ``prepare`` computes their own input.
     """
-    inputs: dict[str, torch.Tensor] = {}
-    specs: dict[str, InputSpec] = {}
-    frame = dataset.frame
-    tabular = dataset.columns_of("tabular")
-    if tabular:
-        numeric = [c.name for c in tabular if c.kind == "numeric"]
-        categorical = [c.name for c in tabular if c.kind == "categorical"]
-        transformer = ColumnTransformer(
-            [
-                ("numeric", make_pipeline(SimpleImputer(strategy="median", add_indicator=True), StandardScaler()), numeric),
-                (
-                    "categorical",
-                    make_pipeline(
-                        SimpleImputer(strategy="constant", fill_value="(missing)"),
-                        OneHotEncoder(handle_unknown="ignore", min_frequency=2, sparse_output=False),
-                    ),
-                    categorical,
-                ),
-            ],
-            sparse_threshold=0.0,
-        )
-        table = frame[numeric + categorical].copy()
-        for c in categorical:
-            table[c] = table[c].astype(object).where(table[c].notna(), None).map(lambda v: v if v is None else str(v))
-        transformer.fit(table.iloc[fit_rows])
-        matrix = np.asarray(transformer.transform(table), dtype=np.float32)
-        inputs["tabular"] = torch.from_numpy(np.nan_to_num(matrix))
-        specs["tabular"] = InputSpec("tabular", (matrix.shape[1],))
-        _mask(inputs, "tabular", frame[numeric + categorical].notna().any(axis=1).to_numpy())
-    text = dataset.columns_of("text")
-    if text:
-        rows = []
-        for values in zip(*(frame[c.name].tolist() for c in text)):
-            ids: list[int] = []
-            for c, v in zip(text, values):
-                if isinstance(v, str):
-                    ids.extend(tokenize(v, c.name))
-            rows.append(ids[:MAX_TOKENS])
-        length = max(1, max(len(r) for r in rows))
-        ids = np.zeros((len(rows), length), dtype=np.int64)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = r
-        inputs["text"] = torch.from_numpy(ids)
-        specs["text"] = InputSpec("text", (length,), vocab_size=TEXT_BUCKETS)
-        _mask(inputs, "text", ids.any(axis=1))
-    images = dataset.columns_of("image")
-    if images:
-        pixels = torch.from_numpy(dataset.images[images[0].name]).permute(0, 3, 1, 2).float() / 255.0
-        fit = pixels[torch.as_tensor(fit_rows)]
-        mean = fit.mean(dim=(0, 2, 3), keepdim=True)
-        std = fit.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3)
-        inputs["image"] = (pixels - mean) / std
-        specs["image"] = InputSpec("image", tuple(pixels.shape[1:]))
-    vectors = dataset.columns_of("vector")
-    if vectors:
-        matrix = _vector_matrix(frame, [c.name for c in vectors])
-        fit = matrix[fit_rows]
-        mean = np.nanmean(fit, axis=0)
-        std = np.nanstd(fit, axis=0)
-        matrix = np.nan_to_num((matrix - np.nan_to_num(mean)) / np.where(std > 1e-6, std, 1.0))
-        inputs["vector"] = torch.from_numpy(matrix.astype(np.float32))
-        specs["vector"] = InputSpec("vector", (matrix.shape[1],))
-        _mask(inputs, "vector", np.stack([[_present(v) for v in frame[c.name]] for c in vectors]).any(axis=0))
-    for modality, encoders in (derived or {}).items():
-        if modality not in specs:
-            continue
-        raw = _raw(dataset, modality)
-        for cls in encoders:
-            tensor = cls.prepare(raw)
-            if tensor is None:
-                continue
-            if tensor.shape[0] != len(dataset):
-                raise ValueError(f"encoder {cls.name!r}: prepare returned {tensor.shape[0]} rows for {len(dataset)}")
-            key = derived_key(modality, cls.name)
-            inputs[key] = tensor
-            specs[key] = InputSpec(modality, tuple(tensor.shape[1:]))
-    return Features(inputs, specs)
+    return Preprocessor.fit(dataset, fit_rows).transform(dataset, derived)
+
+
+def _categories(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """Categorical cells as strings, a missing cell as its own category."""
+    return np.stack(
+        [np.asarray([MISSING if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in frame[c]], dtype=object)
+         for c in columns],
+        axis=1,
+    )
+
+
+def _token_rows(frame: pd.DataFrame, columns: list[str]) -> list[list[int]]:
+    rows = []
+    for values in zip(*(frame[c].tolist() for c in columns)):
+        ids: list[int] = []
+        for name, v in zip(columns, values):
+            if isinstance(v, str):
+                ids.extend(tokenize(v, name))
+        rows.append(ids[:MAX_TOKENS])
+    return rows
 
 
 def _raw(dataset: Dataset, modality: str):
@@ -163,7 +264,7 @@ def _raw(dataset: Dataset, modality: str):
     return frame[columns]
 
 
-def _vector_matrix(frame, columns: list[str]) -> np.ndarray:
+def _vector_matrix(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """Vector cells side by side as float32 [N, D]; a missing cell is a row of NaN."""
     parts = []
     for name in columns:

@@ -29,6 +29,7 @@ from autometa.components import Backbone, MetaAlgorithm, derived_key
 from autometa.data import Dataset, load_dataset
 from autometa.errors import AutometaError, PluginError, SearchError
 from autometa.evaluation import Score, evaluate, majority_baseline
+from autometa.metafeatures import describe
 from autometa.plugins import Registry, get_registry
 from autometa.tasks import Split, choose_protocol, make_split
 
@@ -401,6 +402,7 @@ def _check_resume(study: optuna.Study, dataset: Dataset, split: Split, choices: 
         study.set_user_attr("choices", choices)
         study.set_user_attr("autometa_version", __version__)
         study.set_user_attr("host", host_info())
+        study.set_user_attr("meta_features", describe(dataset))
         return
     if attrs["fingerprint"] != dataset.fingerprint:
         raise SearchError(

@@ -659,7 +659,7 @@ def test_vector_and_image_statistics_use_fit_rows_only(tmp_path):
     m, s = vec[fit_rows].mean(axis=0), vec[fit_rows].std(axis=0)
     np.testing.assert_allclose(got, (vec - m) / s, rtol=1e-5)
     pixels = imgs.astype(np.float64) / 255.0
-    pm, ps = pixels[fit_rows].mean(), pixels[fit_rows].std(ddof=1)  # torch.std is unbiased
+    pm, ps = pixels[fit_rows].mean(), pixels[fit_rows].std()  # population std, as StandardScaler
     image = features.inputs["image"].numpy()
     assert image.shape == (6, 1, 4, 4)
     assert features.specs["image"].shape == (1, 4, 4)
