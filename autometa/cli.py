@@ -59,11 +59,13 @@ def cli() -> None:
 @click.option("--fusion", "fusions", multiple=True, metavar="NAME", help="Search only these fusions (repeatable).")
 @click.option("--encoder", "encoders", multiple=True, metavar="MODALITY=NAME",
               help="Search only these encoders for a modality (repeatable), e.g. text=hashbag.")
+@click.option("--output", default="autometa-output", show_default=True, metavar="DIR",
+              help="Save the best model to DIR/STUDY (for `autometa predict`).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--no-progress", is_flag=True, help="Do not show the live progress bar.")
 def search(data, label, group, columns, protocol, trials, timeout, seed, db, study, devices, steps, eval_every,
            ways, shots, queries, validation_tasks, test_tasks, top_k, image_size, meta_algorithms, fusions,
-           encoders, fmt, no_progress):
+           encoders, output, fmt, no_progress):
     """Search encoders, fusion and meta-algorithm for DATA (CSV, Parquet, JSON Lines or .npz)."""
     from autometa.data import parse_column_overrides
     from autometa.study import search as run_search
@@ -73,7 +75,7 @@ def search(data, label, group, columns, protocol, trials, timeout, seed, db, stu
         timeout=timeout, seed=seed, db=db, study=study, devices=devices, steps=steps, eval_every=eval_every,
         ways=ways, shots=shots, queries=queries, validation_tasks=validation_tasks, test_tasks=test_tasks,
         top_k=top_k, image_size=(image_size, image_size), progress=not no_progress,
-        include=_restrictions(meta_algorithms, fusions, encoders),
+        include=_restrictions(meta_algorithms, fusions, encoders), output=output,
     )
     if fmt == "json":
         click.echo(json.dumps({
@@ -81,9 +83,32 @@ def search(data, label, group, columns, protocol, trials, timeout, seed, db, stu
             "protocol": result.split.protocol,
             "leaderboard": [e.as_dict() for e in result.leaderboard],
             "majority_baseline": {"test_accuracy": result.majority.mean, "test_ci95": result.majority.ci95},
+            "model": str(result.model_path) if result.model_path else None,
         }, indent=2))
     else:
         click.echo(result.format_leaderboard())
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.argument("data", type=click.Path(path_type=str))
+@click.option("--support", default=None, type=click.Path(path_type=str),
+              help="Labelled rows to adapt to first (required for few-shot and grouped models).")
+@click.option("--output", default=None, type=click.Path(path_type=str),
+              help="Write predictions here (.csv or .json); default: CSV on standard output.")
+def predict(model, data, support, output):
+    """Predict DATA's rows with a MODEL saved by `autometa search`."""
+    from autometa.artifacts import load
+
+    result = load(model).predict(data, support=support)
+    if output is None:
+        click.echo(result.to_csv(index=False), nl=False)
+    elif output.endswith(".json"):
+        result.to_json(output, orient="records", indent=2)
+        click.echo(f"{len(result)} predictions written to {output}", err=True)
+    else:
+        result.to_csv(output, index=False)
+        click.echo(f"{len(result)} predictions written to {output}", err=True)
 
 
 def _restrictions(meta_algorithms, fusions, encoders) -> dict[str, list[str]]:
@@ -100,26 +125,56 @@ def _restrictions(meta_algorithms, fusions, encoders) -> dict[str, list[str]]:
     return include
 
 
-@cli.command()
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def plugins(fmt):
-    """List every registered encoder, fusion and meta-algorithm."""
-    from autometa.plugins import get_registry
+# A group of its own (listing by default, `new` to scaffold a plugin); it lives beside this module.
+from autometa.plugins_cli import plugins  # noqa: E402
 
-    rows = [info.describe() for info in get_registry().all()]
-    if fmt == "json":
-        click.echo(json.dumps(rows, indent=2))
-        return
-    header = ("kind", "name", "modality", "plugin", "version", "hyperparameters")
-    table = [
-        (r["kind"], r["name"], r["modality"] or ("protocols: " + ",".join(r["protocols"]) if r["protocols"] else "-"),
-         r["plugin"], r["version"] or "-",
-         (", ".join(r["hyperparameters"]) or "-") + (f"  [unavailable: {r['unavailable']}]" if r["unavailable"] else ""))
-        for r in rows
-    ]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]
-    for line in (header, *table):
-        click.echo("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
+cli.add_command(plugins)
+
+
+@cli.group()
+def datasets() -> None:
+    """Build benchmark datasets from data shipped in pip packages (nothing is downloaded)."""
+
+
+@datasets.command("kanjivg")
+@click.argument("output", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--classes", type=int, default=1000, show_default=True, help="Characters (classes), chosen by --seed.")
+@click.option("--instances", type=int, default=20, show_default=True, help="Rendered images per character.")
+@click.option("--size", type=int, default=28, show_default=True, help="Images are SIZE×SIZE pixels.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Chooses the characters and their distortions.")
+@click.option("--no-progress", is_flag=True, help="Do not show the progress bar.")
+def datasets_kanjivg(output, classes, instances, size, seed, no_progress):
+    """Render KanjiVG characters into OUTPUT.npz, an Omniglot-like few-shot image set.
+
+    Needs the optional data package: pip install "autometa[kanjivg]". The images are rendered
+    glyphs with random distortions, not human handwriting. Load the result with
+    `autometa search OUTPUT.npz --label label --protocol fewshot`.
+    """
+    from tqdm.auto import tqdm
+
+    from autometa.datasets.kanjivg import ATTRIBUTION, LICENCE, write_kanjivg
+
+    # The delay keeps a bar from flashing up before an immediate error about the arguments.
+    with tqdm(total=max(classes, 0), desc="kanjivg", unit="class", disable=no_progress, delay=0.5,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        rendered, path, readme = write_kanjivg(output, classes, instances, size=size, seed=seed, progress=bar.update)
+    click.echo(
+        f"wrote {path}: {len(rendered.labels)} images ({rendered.classes} classes × {rendered.instances} "
+        f"instances, {size}×{size}) and {readme.name}; rendered glyphs from {ATTRIBUTION}, {LICENCE}: "
+        f"share derived data under the same licence"
+    )
+
+
+@cli.command()
+@click.argument("study")
+@click.option("--db", default="sqlite:///studies.db", show_default=True, help="SQLAlchemy URL of the study database.")
+@click.option("--output", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Folder for report.html and the figures' PNGs (default: report-STUDY).")
+def report(study, db, output):
+    """Write a self-contained HTML report (and PNG figures) about STUDY; print the page's path."""
+    from autometa.report import build_report
+
+    click.echo(str(build_report(study, db, output)))
 
 
 def main() -> None:

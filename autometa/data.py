@@ -356,3 +356,61 @@ def fingerprint(dataset: Dataset) -> str:
     if dataset.groups is not None:
         h.update("\x1f".join(dataset.groups.tolist()).encode())
     return h.hexdigest()
+
+
+def load_for_prediction(
+    source: str | Path | pd.DataFrame,
+    columns: list[Column],
+    *,
+    label: str | None = None,
+    image_size: tuple[int, int] = (28, 28),
+    name: str = "rows",
+) -> Dataset:
+    """New rows typed like a saved model's training columns (no inference).
+
+    ``label`` is required for a labelled support set and ignored otherwise. Missing columns and
+    cells of the wrong type are errors naming the column.
+    """
+    if isinstance(source, pd.DataFrame):
+        path, frame = Path(f"<{name}>"), source.reset_index(drop=True).copy()
+        frame.columns = [str(c) for c in frame.columns]
+    else:
+        path = Path(source)
+        frame = read_table(path)
+    missing = [c.name for c in columns if c.name not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)} that the model was trained on; "
+            f"it needs {', '.join(c.name for c in columns)}"
+        )
+    labels = np.asarray([""] * len(frame), dtype=object)
+    if label is not None:
+        if label not in frame.columns:
+            raise DataError(f"{path}: the support set needs its label column {label!r}; columns are {', '.join(frame.columns)}")
+        if frame[label].isna().any():
+            raise DataError(f"{path}: {int(frame[label].isna().sum())} support row(s) have no label in {label!r}")
+        values = frame[label]
+        if pd.api.types.is_float_dtype(values) and (values % 1 == 0).all():
+            values = values.astype("int64")
+        labels = values.astype(str).to_numpy()
+    features = frame[[c.name for c in columns]].copy()
+    for c in columns:
+        if c.modality == "tabular" and c.kind == "numeric":
+            converted = pd.to_numeric(features[c.name], errors="coerce")
+            bad = features[c.name].notna() & converted.isna()
+            if bad.any():
+                examples = ", ".join(repr(v) for v in features[c.name][bad].head(3))
+                raise DataError(
+                    f"{path}: column {c.name!r} must be numeric as in training, but {int(bad.sum())} cell(s) are not "
+                    f"(e.g. {examples}); fix or empty them"
+                )
+            features[c.name] = converted
+        elif c.modality == "vector":
+            features[c.name] = _vector_column(path, features[c.name], c.name)
+        elif c.modality == "text":
+            features[c.name] = features[c.name].where(features[c.name].isna(), features[c.name].astype(str))
+    dataset = Dataset(name=name, path=path, frame=features, labels=labels, columns=list(columns), label_column=label or "")
+    for c in columns:
+        if c.modality == "image":
+            dataset.images[c.name] = _load_images(path, features[c.name], c.name, image_size)
+    return dataset

@@ -67,6 +67,26 @@ class Features:
         """Gather rows; ``rows`` may carry leading task dims, e.g. ``[tasks, shots]``."""
         return {m: t[rows] for m, t in self.inputs.items()}
 
+    def add_derived(self, dataset: Dataset, modality: str, encoder: type[Encoder]) -> str | None:
+        """Compute ``encoder``'s own input (Encoder.prepare) once; returns its input key.
+
+        The tensor is added in place, so every task sharing these features sees it.
+        """
+        key = derived_key(modality, encoder.name)
+        if key in self.inputs:
+            return key
+        if modality not in self.specs:
+            return None
+        tensor = encoder.prepare(_raw(dataset, modality))
+        if tensor is None:
+            return None
+        if tensor.shape[0] != len(dataset):
+            raise ValueError(f"encoder {encoder.name!r}: prepare returned {tensor.shape[0]} rows for {len(dataset)}")
+        device = next(iter(self.inputs.values())).device
+        self.inputs[key] = tensor.to(device)
+        self.specs[key] = InputSpec(modality, tuple(tensor.shape[1:]))
+        return key
+
     def subset(self, rows: torch.Tensor) -> "Features":
         return Features(self.take(rows), self.specs)
 
@@ -184,6 +204,8 @@ class Preprocessor:
         if "image" in self.state:
             s = self.state["image"]
             pixels = torch.from_numpy(dataset.images[s["column"]]).permute(0, 3, 1, 2).float() / 255.0
+            if pixels.shape[1] != s["channels"]:  # new images in another colour mode than training
+                pixels = pixels.mean(1, keepdim=True) if s["channels"] == 1 else pixels.expand(-1, s["channels"], -1, -1)
             mean = torch.tensor(s["mean"], dtype=torch.float32).view(1, -1, 1, 1)
             std = torch.tensor(s["std"], dtype=torch.float32).view(1, -1, 1, 1)
             inputs["image"] = (pixels - mean) / std
@@ -195,20 +217,11 @@ class Preprocessor:
             inputs["vector"] = torch.from_numpy(standardised.astype(np.float32))
             specs["vector"] = InputSpec("vector", (matrix.shape[1],))
             _mask(inputs, "vector", ~np.isnan(matrix).all(axis=1))
+        features = Features(inputs, specs)
         for modality, encoders in (derived or {}).items():
-            if modality not in specs:
-                continue
-            raw = _raw(dataset, modality)
             for cls in encoders:
-                tensor = cls.prepare(raw)
-                if tensor is None:
-                    continue
-                if tensor.shape[0] != len(dataset):
-                    raise ValueError(f"encoder {cls.name!r}: prepare returned {tensor.shape[0]} rows for {len(dataset)}")
-                key = derived_key(modality, cls.name)
-                inputs[key] = tensor
-                specs[key] = InputSpec(modality, tuple(tensor.shape[1:]))
-        return Features(inputs, specs)
+                features.add_derived(dataset, modality, cls)
+        return features
 
     def to_json(self) -> dict[str, Any]:
         return {"columns": [[c.name, c.modality, c.kind] for c in self.columns], "state": self.state}

@@ -12,6 +12,7 @@ import inspect
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -24,6 +25,7 @@ from autometa.errors import PluginError
 
 ENTRY_POINT_GROUP = "autometa"
 STRICT_ENV = "AUTOMETA_STRICT_PLUGINS"
+TRACE_ENV = "AUTOMETA_TRACE_PLUGINS"
 logger = logging.getLogger("autometa.plugins")
 
 # kind -> (base class, hook that registers it)
@@ -175,6 +177,16 @@ class PluginHost:
         self.strict = strict_mode() if strict is None else strict
         self.pm = pluggy.PluginManager("autometa")
         self.pm.add_hookspecs(hookspecs)
+        if os.environ.get(TRACE_ENV, "").lower() not in ("", "0", "false", "no"):
+            trace = self.pm.trace.root
+            # Looked up per message, so redirected or captured stderr still gets the trace.
+            trace.setwriter(lambda message: sys.stderr.write(message))
+            # pluggy's trace names the hook, not the plugins whose implementations run.
+            self.pm.add_hookcall_monitoring(
+                lambda hook, impls, kwargs: trace.get("hook")("implemented by", ", ".join(i.plugin_name for i in impls) or "no plugin"),
+                lambda *args: None,
+            )
+            self.pm.enable_tracing()
         self.origins: dict[str, tuple[str | None, str | None]] = {}
         self.problems: list[str] = []
 

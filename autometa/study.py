@@ -25,7 +25,8 @@ from optuna.trial import FixedTrial, TrialState
 from tqdm.auto import tqdm
 
 from autometa import __version__
-from autometa.components import Backbone, MetaAlgorithm, derived_key
+from autometa.artifacts import save_model
+from autometa.components import Backbone, MetaAlgorithm
 from autometa.data import Dataset, load_dataset
 from autometa.errors import AutometaError, PluginError, SearchError
 from autometa.evaluation import Score, evaluate, majority_baseline
@@ -166,7 +167,13 @@ def train(
     rng = np.random.default_rng(seed)
     pool = split.pool
     specs = pool.features.specs
-    input_keys = {m: derived_key(m, e) if derived_key(m, e) in specs else m for m, e in config.encoders.items()}
+    input_keys = {}
+    for m, e in config.encoders.items():
+        cls = registry.get("encoder", e).cls
+        key = None
+        if cls.derives_input():
+            key = _plugin_call(registry, "encoder", e, lambda: pool.features.add_derived(split.dataset, m, cls))
+        input_keys[m] = key or m
     encoders = {
         m: _plugin_call(
             registry, "encoder", e,
@@ -209,6 +216,7 @@ class LeaderboardEntry:
     validation: float
     test: Score
     parameters: int
+    algorithm: MetaAlgorithm | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -233,6 +241,7 @@ class SearchResult:
     leaderboard: list[LeaderboardEntry]
     majority: Score
     new_trials: int
+    model_path: Path | None = None
 
     @property
     def best(self) -> LeaderboardEntry | None:
@@ -314,6 +323,7 @@ def search(
     pruner: optuna.pruners.BasePruner | None = None,
     image_size: tuple[int, int] = (28, 28),
     include: Mapping[str, list[str]] | None = None,
+    output: str | Path | None = "autometa-output",
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
 ) -> SearchResult:
@@ -334,14 +344,10 @@ def search(
     say(dataset.summary())
     protocol = choose_protocol(dataset, protocol)
     choices = search_choices(registry, protocol, dataset.modalities, include)
-    # Encoders that derive their own inputs (e.g. pretrained embeddings) prepare them once, here.
-    derived = {
-        m: [registry.get("encoder", e).cls for e in choices[f"encoder.{m}"] if registry.get("encoder", e).cls.derives_input()]
-        for m in dataset.modalities
-    }
+    # Encoders that derive their own inputs (e.g. pretrained embeddings) do so when first chosen.
     split = make_split(
         dataset, protocol, ways=ways, shots=shots, queries=queries,
-        validation_tasks=validation_tasks, test_tasks=test_tasks, seed=seed, device=device, derived=derived,
+        validation_tasks=validation_tasks, test_tasks=test_tasks, seed=seed, device=device,
     )
     say(split.describe())
 
@@ -377,7 +383,17 @@ def search(
     majority = majority_baseline(split.test)
     optuna_study.set_user_attr("leaderboard", [e.as_dict() for e in leaderboard])
     optuna_study.set_user_attr("majority_baseline", {"test_accuracy": majority.mean, "test_ci95": majority.ci95})
-    return SearchResult(optuna_study, dataset, split, leaderboard, majority, max(0, remaining))
+    model_path = None
+    if output is not None and leaderboard:
+        best = leaderboard[0]
+        model_path = save_model(
+            Path(output) / name, best.algorithm, best.config, split, registry=registry, study=name, label=dataset.label_column,
+            image_size=image_size,
+            scores={"validation": best.validation, "test": best.test.mean, "test_ci95": best.test.ci95, "trial": best.trial},
+        )
+        optuna_study.set_user_attr("model_path", str(model_path.resolve()))
+        say(f"best model (trial {best.trial}) saved to {model_path}; use it with `autometa predict {model_path} DATA`")
+    return SearchResult(optuna_study, dataset, split, leaderboard, majority, max(0, remaining), model_path)
 
 
 def _finished_trials(name: str, db: str) -> int:
@@ -510,7 +526,7 @@ def _leaderboard(study, split, registry, choices, top_k, steps, eval_every, cach
             )
         test = evaluate(algorithm, split.test)
         parameters = sum(sum(p.numel() for p in m.parameters()) for m in algorithm.modules().values())
-        entries.append(LeaderboardEntry(rank, t.number, config, t.value, test, parameters))
+        entries.append(LeaderboardEntry(rank, t.number, config, t.value, test, parameters, algorithm))
     return entries
 
 

@@ -21,7 +21,7 @@ import torch
 
 from autometa.data import Dataset
 from autometa.errors import ProtocolError
-from autometa.features import Features, build_features
+from autometa.features import Features, Preprocessor
 
 PROTOCOLS = ("fewshot", "grouped", "standard")
 FEWSHOT_MIN_CLASSES = 20
@@ -130,6 +130,18 @@ class TrainingPool:
 
 
 @dataclass
+class PoolInfo:
+    """What ``MetaAlgorithm.setup`` may rely on besides drawing tasks: the size of the training
+    label space, the device and episode shapes. A saved model is rebuilt from this alone."""
+
+    n_classes: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def episode_shape(self, ways: int, shots: int, queries: int) -> tuple[int, int, int]:
+        return ways, shots, queries
+
+
+@dataclass
 class Split:
     """A protocol applied to a dataset: the training pool and the fixed evaluation tasks."""
 
@@ -144,6 +156,8 @@ class Split:
     shots: int = 0
     queries: int = 0
     classes: list[str] = field(default_factory=list)
+    preprocessor: Preprocessor | None = None
+    dataset: Dataset | None = None  # kept for inputs encoders derive on first use
 
     def describe(self) -> str:
         sizes = ", ".join(f"{k} {len(v)} rows" for k, v in self.row_splits.items())
@@ -158,6 +172,11 @@ class Split:
             f"protocol {self.protocol}: {sizes}{extra}; {len(self.validation)} validation and "
             f"{len(self.test)} test tasks"
         )
+
+
+def _features(dataset: Dataset, rows: np.ndarray, derived, device) -> tuple[Preprocessor, Features]:
+    preprocessor = Preprocessor.fit(dataset, rows)
+    return preprocessor, preprocessor.transform(dataset, derived).to(device)
 
 
 def choose_protocol(dataset: Dataset, requested: str = "auto") -> str:
@@ -191,6 +210,12 @@ def make_split(
     """
     protocol = choose_protocol(dataset, protocol)
     device = torch.device(device)
+    split = _make_split(dataset, protocol, ways, shots, queries, validation_tasks, test_tasks, seed, device, derived)
+    split.dataset = dataset
+    return split
+
+
+def _make_split(dataset, protocol, ways, shots, queries, validation_tasks, test_tasks, seed, device, derived) -> Split:
     classes = dataset.classes
     labels = np.searchsorted(np.asarray(classes), dataset.labels)
     rng = np.random.default_rng(seed)
@@ -211,7 +236,7 @@ def _standard(dataset, labels, classes, seed, device, shots, queries, derived) -
             "Drop or merge them"
         )
     train, val, test = _stratified_rows(labels, np.random.default_rng(seed))
-    features = build_features(dataset, train, derived).to(device)
+    preprocessor, features = _features(dataset, train, derived, device)
     y = torch.as_tensor(labels, device=device)
     pool = TrainingPool(features, y, train, [_by_class(train, labels)], device)
     n = len(classes)
@@ -224,7 +249,7 @@ def _standard(dataset, labels, classes, seed, device, shots, queries, derived) -
         "standard", pool, [task(val)], [task(test)],
         {"train": train, "validation": val, "test": test},
         # Episodic learners train on episodes over all classes of the single task.
-        ways=n, shots=shots, queries=queries, classes=classes,
+        ways=n, shots=shots, queries=queries, classes=classes, preprocessor=preprocessor,
     )
 
 
@@ -263,7 +288,7 @@ def _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, n_val,
         name: rows[np.isin(labels, cls)]
         for name, cls in (("train", train_classes), ("validation", val_classes), ("test", test_classes))
     }
-    features = build_features(dataset, split_rows["train"], derived).to(device)
+    preprocessor, features = _features(dataset, split_rows["train"], derived, device)
     y = torch.as_tensor(labels, device=device)
     pool = TrainingPool(features, y, split_rows["train"], [_by_class(split_rows["train"], labels)], device)
 
@@ -285,6 +310,7 @@ def _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, n_val,
             for name, cls in (("train", train_classes), ("validation", val_classes), ("test", test_classes))
         },
         ways=ways, shots=shots, queries=int(validation[0].query.numel() // ways), classes=classes,
+        preprocessor=preprocessor,
     )
 
 
@@ -301,7 +327,7 @@ def _grouped(dataset, labels, classes, rng, device, ways, shots, queries, derive
     split_groups = {"validation": order[:n_held], "test": order[n_held: 2 * n_held], "train": order[2 * n_held:]}
     rows = np.arange(len(dataset))
     split_rows = {k: rows[np.isin(groups, v)] for k, v in split_groups.items()}
-    features = build_features(dataset, split_rows["train"], derived).to(device)
+    preprocessor, features = _features(dataset, split_rows["train"], derived, device)
     y = torch.as_tensor(labels, device=device)
     sources = [_by_class(rows[groups == g], labels) for g in split_groups["train"]]
     pool = TrainingPool(features, y, split_rows["train"], sources, device)
@@ -330,5 +356,5 @@ def _grouped(dataset, labels, classes, rng, device, ways, shots, queries, derive
     validation, test = held_out("validation"), held_out("test")
     return Split(
         "grouped", pool, validation, test, split_rows, group_splits=split_groups,
-        ways=ways, shots=shots, queries=queries, classes=classes,
+        ways=ways, shots=shots, queries=queries, classes=classes, preprocessor=preprocessor,
     )

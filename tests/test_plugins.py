@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import inspect
 import json
 import logging
 import re
@@ -31,18 +33,14 @@ from autometa.errors import PluginError
 from autometa.hookspecs import hookimpl
 from autometa.plugins import PluginHost
 
+# Every component the built-in plugin registers, from its own registration lists.
 BUILTINS = {
-    "mlp": "encoder",
-    "hashbag": "encoder",
-    "conv4": "encoder",
-    "identity": "encoder",
-    "vector_mlp": "encoder",
-    "concat": "fusion",
-    "attention": "fusion",
-    "protonet": "meta_algorithm",
-    "maml": "meta_algorithm",
-    "finetune": "meta_algorithm",
+    **{cls.name: "encoder" for cls in autometa_builtins.ENCODERS},
+    **{cls.name: "fusion" for cls in autometa_builtins.FUSIONS},
+    **{cls.name: "meta_algorithm" for cls in autometa_builtins.META_ALGORITHMS},
 }
+# The original ones, which must stay available under these names.
+assert {"mlp", "hashbag", "conv4", "identity", "vector_mlp", "concat", "attention", "protonet", "maml", "finetune"} <= set(BUILTINS)
 LOGGER = "autometa.plugins"
 
 
@@ -859,7 +857,9 @@ def test_plugins_json_output(clean_global_registry, monkeypatch):
     assert by_name["attention"]["modality"] is None
     assert by_name["maml"]["modality"] is None
     assert by_name["maml"]["protocols"] == ["fewshot", "grouped"]
-    assert set(by_name["maml"]["hyperparameters"]) == {"inner_lr", "inner_steps", "lr", "meta_batch", "first_order"}
+    maml_space = registry_maml_space()
+    assert set(by_name["maml"]["hyperparameters"]) == set(maml_space)
+    assert {"inner_lr", "inner_steps", "lr", "meta_batch", "first_order"} <= set(maml_space)
     assert "IntDistribution" in by_name["maml"]["hyperparameters"]["inner_steps"]
     assert by_name["concat"]["hyperparameters"] == {}
 
@@ -882,16 +882,21 @@ def test_suggest_with_fixed_trial_uses_prefixed_names():
         GoodMeta.suggest(optuna.trial.FixedTrial({"lr": 0.01, "steps": 3, "mode": "b"}), "meta.good_meta.")
 
 
+def registry_maml_space():
+    return autometa_builtins.meta_algorithms.MAML.search_space
+
+
 def test_suggest_builtin_with_fixed_trial():
     _, registry = build(("builtins", autometa_builtins))
     maml = registry.get("meta_algorithm", "maml").cls
     prefix = "meta.maml."
-    trial = optuna.trial.FixedTrial(
-        {prefix + "inner_lr": 0.05, prefix + "inner_steps": 2, prefix + "lr": 0.001,
-         prefix + "meta_batch": 4, prefix + "first_order": True}
-    )
+    chosen = {"inner_lr": 0.05, "inner_steps": 2, "lr": 0.001, "meta_batch": 4, "first_order": True}
+    # Any further hyperparameters take their declared defaults.
+    defaults = {k: p.default for k, p in inspect.signature(maml.__init__).parameters.items() if k in maml.search_space}
+    expected = {**defaults, **chosen}
+    trial = optuna.trial.FixedTrial({prefix + k: v for k, v in expected.items()})
     values = maml.suggest(trial, prefix)
-    assert values == {"inner_lr": 0.05, "inner_steps": 2, "lr": 0.001, "meta_batch": 4, "first_order": True}
+    assert values == expected
     assert maml(**values).first_order is True
 
 

@@ -2,10 +2,12 @@
 
 from autometa_builtins.meta_algorithms._common import embed
 from autometa_builtins.meta_algorithms.finetune import FineTune
-from autometa_builtins.meta_algorithms.gradient import MAML
-from autometa_builtins.meta_algorithms.metric import ProtoNet, prototype_logits
+from autometa_builtins.meta_algorithms.gradient import ANIL, FOMAML, MAML, MetaSGD, Reptile
+from autometa_builtins.meta_algorithms.metric import MatchingNet, ProtoNet, RelationNet, prototype_logits
 
 # Registered in this order; the first supporting a protocol is not special.
-META_ALGORITHMS = [ProtoNet, MAML, FineTune]
+META_ALGORITHMS = [ProtoNet, MAML, FOMAML, ANIL, MetaSGD, Reptile, FineTune, RelationNet, MatchingNet]
 
-__all__ = ["META_ALGORITHMS", "FineTune", "MAML", "ProtoNet", "embed", "prototype_logits"]
+__all__ = [
+    "META_ALGORITHMS", "ANIL", "FOMAML", "FineTune", "MAML", "MetaSGD", "Reptile", "MatchingNet", "ProtoNet", "RelationNet", "embed", "prototype_logits",
+]
