@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import pluggy
+import torch
 from optuna.distributions import BaseDistribution
 
 from autometa import hookspecs
@@ -142,17 +143,23 @@ def validate_component(kind: str, cls: Any) -> None:
                 f"default in {label}.__init__; add `{key}=...` to its signature"
             )
     try:
-        if kind == "encoder":
-            cls(InputSpec.example(cls.modality))
-        elif kind == "fusion":
-            cls({"tabular": 8, "text": 4})
-        else:
-            cls()
+        # Constructing draws random weights: keep the caller's seeded random state untouched.
+        with torch.random.fork_rng(devices=[]):
+            _construct_with_defaults(kind, cls)
     except Exception as exc:  # any failure means the defaults are unusable
         raise PluginError(
             f"{kind} {name!r} cannot be constructed with its default parameters: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _construct_with_defaults(kind: str, cls: Any) -> None:
+    if kind == "encoder":
+        cls(InputSpec.example(cls.modality))
+    elif kind == "fusion":
+        cls({"tabular": 8, "text": 4})
+    else:
+        cls()
 
 
 def _distribution_of(module: Any) -> tuple[str | None, str | None]:
