@@ -177,6 +177,66 @@ def report(study, db, output):
     click.echo(str(build_report(study, db, output)))
 
 
+@cli.group()
+def db():
+    """Query a study database (read only)."""
+
+
+def _emit(rows: list[dict], fmt: str) -> None:
+    import csv
+    import io
+
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("(no rows)" if fmt == "table" else "", nl=fmt == "table")
+        return
+    header = list(rows[0])
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+        click.echo(buffer.getvalue(), nl=False)
+        return
+    shown = lambda v: "-" if v is None else (f"{100 * v:.1f}%" if isinstance(v, float) and 0 <= v <= 1 else str(v))  # noqa: E731
+    table = [[shown(r[h]) for h in header] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
+    for line in [header, *table]:
+        click.echo("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
+
+
+_db_options = [
+    click.option("--db", "url", default="sqlite:///studies.db", show_default=True, help="SQLAlchemy URL."),
+    click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True),
+]
+
+
+def _with_db_options(function):
+    for option in reversed(_db_options):
+        function = option(function)
+    return function
+
+
+@db.command("studies")
+@_with_db_options
+def db_studies(url, fmt):
+    """Every study: dataset, protocol, trial counts, best scores, saved model."""
+    from autometa.queries import studies
+
+    _emit(studies(url), fmt)
+
+
+@db.command("models")
+@_with_db_options
+def db_models(url, fmt):
+    """Saved best models and where they are."""
+    from autometa.queries import models
+
+    _emit(models(url), fmt)
+
+
 def main() -> None:
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
     try:

@@ -168,3 +168,18 @@ def test_fewshot_model_adapts_to_a_support_file(tmp_path):
         model.predict(queries)
     with pytest.raises(DataError, match="support set needs its label column 'label'"):
         model.predict(queries, support=support.drop(columns=["label"]))
+
+
+def test_saved_model_is_listed_by_the_query_command(standard):
+    result = standard["result"]
+    db = result.study._storage.url if hasattr(result.study._storage, "url") else None
+    url = db or f"sqlite:///{result.model_path.parents[1]}/s.db"
+    run = CliRunner().invoke(cli, ["db", "models", "--db", url, "--format", "json"])
+    assert run.exit_code == 0, run.output
+    rows = json.loads(run.output)
+    assert [r["model_path"] for r in rows] == [str(result.model_path.resolve())]
+    assert rows[0]["best_test"] == pytest.approx(result.best.test.mean)
+    table = CliRunner().invoke(cli, ["db", "studies", "--db", url])
+    assert table.exit_code == 0 and result.study.study_name in table.output and "complete" in table.output
+    csv_out = CliRunner().invoke(cli, ["db", "studies", "--db", url, "--format", "csv"])
+    assert csv_out.output.splitlines()[0].startswith("study,dataset,protocol,trials")
