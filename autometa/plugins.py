@@ -188,11 +188,12 @@ class PluginHost:
             trace = self.pm.trace.root
             # Looked up per message, so redirected or captured stderr still gets the trace.
             trace.setwriter(lambda message: sys.stderr.write(message))
-            # pluggy's trace names the hook, not the plugins whose implementations run.
-            self.pm.add_hookcall_monitoring(
-                lambda hook, impls, kwargs: trace.get("hook")("implemented by", ", ".join(i.plugin_name for i in impls) or "no plugin"),
-                lambda *args: None,
-            )
+
+            def implemented_by(hook_name, impls, kwargs):
+                # pluggy's trace names the hook, not the plugins whose implementations run.
+                trace.get("hook")("implemented by", ", ".join(i.plugin_name for i in impls) or "no plugin")
+
+            self.pm.add_hookcall_monitoring(implemented_by, lambda *args: None)
             self.pm.enable_tracing()
         self.origins: dict[str, tuple[str | None, str | None]] = {}
         self.problems: list[str] = []

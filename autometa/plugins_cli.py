@@ -244,6 +244,13 @@ def _render(component: str, kind: str, modality: str) -> dict[str, str]:
         # First: the behaviour tests are templates too, filled by the replacements after them.
         "__BEHAVIOUR_TEST__": {"encoder": _ENCODER_TEST, "fusion": _FUSION_TEST,
                                "meta-algorithm": _META_ALGORITHM_TEST}[kind],
+        "__BEHAVIOUR_IMPORTS__": "import numpy as np\n" if kind == "meta-algorithm" else "",
+        "__AUTOMETA_IMPORTS__": {
+            "encoder": "import autometa\n",
+            "fusion": "",
+            "meta-algorithm": "import autometa\nfrom autometa.features import Features\n",
+        }[kind],
+        "__TASKS_IMPORT__": "from autometa.tasks import Task, TrainingPool\n" if kind == "meta-algorithm" else "",
         "__COMPONENT__": component,
         "__PACKAGE__": package,
         "__DISTRIBUTION__": distribution,
@@ -303,7 +310,7 @@ testpaths = ["tests"]
 _README = '''\
 # __DISTRIBUTION__
 
-An [autometa](https://github.com/) plugin that adds the `__COMPONENT__` __DESCRIBED__
+An autometa plugin that adds the `__COMPONENT__` __DESCRIBED__
 (`__PACKAGE__.__CLASS__`), created by `autometa plugins new`.
 
 ## Install and test
@@ -614,13 +621,12 @@ from __future__ import annotations
 
 import importlib.metadata
 
-import pytest
+__BEHAVIOUR_IMPORTS__import pytest
 import torch
 
-import autometa
-from autometa.plugins import PluginHost
+__AUTOMETA_IMPORTS__from autometa.plugins import PluginHost
 from autometa.testing import check_component, conformance_params
-
+__TASKS_IMPORT__
 from __PACKAGE__ import __CLASS__
 
 
@@ -696,18 +702,15 @@ class _First(autometa.Fusion):
 
 
 def test_predicts_the_nearest_centroid():
-    from autometa.features import Features
-    from autometa.tasks import Task
-
     x = torch.tensor([[0.0, 0.0], [0.0, 2.0], [10.0, 0.0], [10.0, 2.0], [1.0, 1.0], [9.0, 1.0]])
+    labels = torch.tensor([0, 0, 1, 1, 0, 1])
     features = Features({"vector": x}, {"vector": autometa.InputSpec("vector", (2,))})
-    # Support rows 0-3 (centroids (0, 1) and (10, 1)); queries 4 and 5.
-    task = Task(features, torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 1, 1]), torch.tensor([4, 5]),
-                torch.tensor([0, 1]), 2)
-    spec = features.specs["vector"]
-    backbone = autometa.Backbone({"vector": _Unchanged(spec)}, _First({"vector": 2}))
+    # Rows 0-3 train (class centroids (0, 1) and (10, 1)); rows 4 and 5 are the queries.
+    pool = TrainingPool(features, labels, np.arange(4), [{0: np.array([0, 1]), 1: np.array([2, 3])}])
+    task = Task(features, torch.arange(4), labels[:4], torch.tensor([4, 5]), labels[4:], 2)
+    backbone = autometa.Backbone({"vector": _Unchanged(features.specs["vector"])}, _First({"vector": 2}))
     learner = __CLASS__()
-    learner.backbone = backbone
+    learner.setup(backbone, pool, (2, 1, 1))
     logits = learner.predict(task)
     # -|q - c|²: query (1, 1) is 1 from (0, 1) and 81 from (10, 1).
     torch.testing.assert_close(logits, torch.tensor([[-1.0, -81.0], [-81.0, -1.0]]))
