@@ -231,6 +231,20 @@ def _class_name(component: str, kind: str) -> str:
     return "".join(part.capitalize() for part in component.split("_")) + suffix
 
 
+def _test_imports(kind: str) -> str:
+    """The import block of the generated test file: only what its kind's tests use."""
+    third_party = ["import pytest", "import torch"] + (["import numpy as np"] if kind == "meta-algorithm" else [])
+    autometa = ["from autometa.plugins import PluginHost",
+                "from autometa.testing import check_component, conformance_params"]
+    if kind != "fusion":
+        autometa.append("import autometa")
+    if kind == "meta-algorithm":
+        autometa += ["from autometa.features import Features", "from autometa.tasks import Task, TrainingPool"]
+    # isort's order: plain imports first, then from-imports, each alphabetical.
+    order = lambda line: (line.startswith("from"), line)  # noqa: E731
+    return "\n".join(sorted(third_party, key=order)) + "\n\n" + "\n".join(sorted(autometa, key=order)) + "\n"
+
+
 def _render(component: str, kind: str, modality: str) -> dict[str, str]:
     package = f"autometa_{component}"
     distribution = f"autometa-{component.replace('_', '-')}"
@@ -244,13 +258,7 @@ def _render(component: str, kind: str, modality: str) -> dict[str, str]:
         # First: the behaviour tests are templates too, filled by the replacements after them.
         "__BEHAVIOUR_TEST__": {"encoder": _ENCODER_TEST, "fusion": _FUSION_TEST,
                                "meta-algorithm": _META_ALGORITHM_TEST}[kind],
-        "__BEHAVIOUR_IMPORTS__": "import numpy as np\n" if kind == "meta-algorithm" else "",
-        "__AUTOMETA_IMPORTS__": {
-            "encoder": "import autometa\n",
-            "fusion": "",
-            "meta-algorithm": "import autometa\nfrom autometa.features import Features\n",
-        }[kind],
-        "__TASKS_IMPORT__": "from autometa.tasks import Task, TrainingPool\n" if kind == "meta-algorithm" else "",
+        "__IMPORTS__": _test_imports(kind),
         "__COMPONENT__": component,
         "__PACKAGE__": package,
         "__DISTRIBUTION__": distribution,
@@ -621,12 +629,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
-__BEHAVIOUR_IMPORTS__import pytest
-import torch
-
-__AUTOMETA_IMPORTS__from autometa.plugins import PluginHost
-from autometa.testing import check_component, conformance_params
-__TASKS_IMPORT__
+__IMPORTS__
 from __PACKAGE__ import __CLASS__
 
 
