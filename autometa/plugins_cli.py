@@ -129,7 +129,11 @@ def _list_options(function):
 @_list_options
 @click.pass_context
 def plugins(ctx: click.Context, fmt: str, by: str, hook: str | None) -> None:
-    """List every registered encoder, fusion and meta-algorithm (or, with a subcommand, create a plugin)."""
+    """List registered components and plugins; `new` creates a plugin.
+
+    Without a subcommand, lists every registered encoder, fusion and meta-algorithm (as
+    `list` does); `--by plugin` shows each plugin's distribution, version, hooks and components.
+    """
     if ctx.invoked_subcommand is None:
         _list(fmt, by, hook)
 
@@ -157,8 +161,6 @@ def new(name: str, kind: str, modality: str | None, output: Path) -> None:
         raise click.BadParameter(f"only encoders have a modality, not a {kind}", param_hint="--modality")
     target = scaffold(name, kind, modality=modality, output=output)
     component = component_name(name)
-    flag = {"encoder": f"--encoder {modality or 'tabular'}={component}", "fusion": f"--fusion {component}",
-            "meta-algorithm": f"--meta-algorithm {component}"}[kind]
     click.echo(
         f"created {target} (distribution autometa-{component.replace('_', '-')}, package autometa_{component}, "
         f"{kind} {component!r})\n"
@@ -166,8 +168,14 @@ def new(name: str, kind: str, modality: str | None, output: Path) -> None:
         f"  pip install -e {target}\n"
         f"  python -m pytest {target / 'tests'}\n"
         f"  autometa plugins --by plugin\n"
-        f"  autometa search DATA --label COLUMN {flag}"
+        f"  autometa search DATA --label COLUMN {_search_flag(component, kind, modality or 'tabular')}"
     )
+
+
+def _search_flag(component: str, kind: str, modality: str) -> str:
+    """The `autometa search` option that restricts a search to this component."""
+    return {"encoder": f"--encoder {modality}={component}", "fusion": f"--fusion {component}",
+            "meta-algorithm": f"--meta-algorithm {component}"}[kind]
 
 
 def component_name(name: str) -> str:
@@ -228,21 +236,25 @@ def _check_name_is_free(component: str, kind: str) -> None:
 
 def _class_name(component: str, kind: str) -> str:
     suffix = {"encoder": "Encoder", "fusion": "Fusion", "meta-algorithm": "MetaAlgorithm"}[kind]
-    return "".join(part.capitalize() for part in component.split("_")) + suffix
+    stem = "".join(part.capitalize() for part in component.split("_"))
+    return stem if stem.endswith(suffix) else stem + suffix
 
 
 def _test_imports(kind: str) -> str:
     """The import block of the generated test file: only what its kind's tests use."""
     third_party = ["import pytest", "import torch"] + (["import numpy as np"] if kind == "meta-algorithm" else [])
-    autometa = ["from autometa.plugins import PluginHost",
-                "from autometa.testing import check_component, conformance_params"]
+    first_party = ["from autometa.plugins import PluginHost",
+                   "from autometa.testing import check_component, conformance_params"]
     if kind != "fusion":
-        autometa.append("import autometa")
+        first_party.append("import autometa")
     if kind == "meta-algorithm":
-        autometa += ["from autometa.features import Features", "from autometa.tasks import Task, TrainingPool"]
-    # isort's order: plain imports first, then from-imports, each alphabetical.
-    order = lambda line: (line.startswith("from"), line)  # noqa: E731
-    return "\n".join(sorted(third_party, key=order)) + "\n\n" + "\n".join(sorted(autometa, key=order)) + "\n"
+        first_party += ["from autometa.features import Features", "from autometa.tasks import Task, TrainingPool"]
+
+    def isort(lines: list[str]) -> str:
+        # isort's order: plain imports first, then from-imports, each alphabetical.
+        return "\n".join(sorted(lines, key=lambda line: (line.startswith("from"), line)))
+
+    return isort(third_party) + "\n\n" + isort(first_party) + "\n"
 
 
 def _render(component: str, kind: str, modality: str) -> dict[str, str]:
@@ -251,8 +263,7 @@ def _render(component: str, kind: str, modality: str) -> dict[str, str]:
     class_name = _class_name(component, kind)
     registry_kind = kind.replace("-", "_")
     source = {"encoder": _ENCODERS[modality], "fusion": _FUSION, "meta-algorithm": _META_ALGORITHM}[kind]
-    flag = {"encoder": f"--encoder {modality}={component}", "fusion": f"--fusion {component}",
-            "meta-algorithm": f"--meta-algorithm {component}"}[kind]
+    flag = _search_flag(component, kind, modality)
     described = f"{modality} encoder" if kind == "encoder" else kind
     values = {
         # First: the behaviour tests are templates too, filled by the replacements after them.
@@ -397,7 +408,7 @@ class __CLASS__(autometa.Encoder):
 
 _TEXT_BODY = '''
 class __CLASS__(autometa.Encoder):
-    """Mean of learned token embeddings ▶ Linear ▶ ReLU, a ``[batch, width]`` embedding."""
+    """Mean of learned token embeddings ▶ Linear ▶ ReLU ▶ Dropout, a ``[batch, width]`` embedding."""
 
     name = "__COMPONENT__"
     modality = "text"
@@ -405,13 +416,14 @@ class __CLASS__(autometa.Encoder):
     search_space = {
         "dim": IntDistribution(16, 128, log=True),
         "width": IntDistribution(16, 256, log=True),
+        "dropout": FloatDistribution(0.0, 0.5),
     }
 
-    def __init__(self, spec: autometa.InputSpec, *, dim: int = 64, width: int = 64):
+    def __init__(self, spec: autometa.InputSpec, *, dim: int = 64, width: int = 64, dropout: float = 0.1):
         super().__init__()
         # text input: int64 token ids [batch, length], 0 is padding, ids < spec.vocab_size
         self.embedding = nn.Embedding(spec.vocab_size, dim, padding_idx=0)
-        self.net = nn.Sequential(nn.Linear(dim, width), nn.ReLU())
+        self.net = nn.Sequential(nn.Linear(dim, width), nn.ReLU(), nn.Dropout(dropout))
         self.out_dim = width
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -424,7 +436,7 @@ class __CLASS__(autometa.Encoder):
 
 _IMAGE_BODY = '''
 class __CLASS__(autometa.Encoder):
-    """Conv3x3 ▶ ReLU ▶ global average pool ▶ Linear ▶ ReLU, a ``[batch, width]`` embedding."""
+    """Conv3x3 ▶ ReLU ▶ global average pool ▶ Linear ▶ ReLU ▶ Dropout, a ``[batch, width]`` embedding."""
 
     name = "__COMPONENT__"
     modality = "image"
@@ -432,9 +444,10 @@ class __CLASS__(autometa.Encoder):
     search_space = {
         "channels": IntDistribution(8, 64, log=True),
         "width": IntDistribution(16, 256, log=True),
+        "dropout": FloatDistribution(0.0, 0.5),
     }
 
-    def __init__(self, spec: autometa.InputSpec, *, channels: int = 16, width: int = 64):
+    def __init__(self, spec: autometa.InputSpec, *, channels: int = 16, width: int = 64, dropout: float = 0.1):
         super().__init__()
         # image input: float [batch, C, H, W] with spec.shape == (C, H, W)
         self.net = nn.Sequential(
@@ -445,6 +458,7 @@ class __CLASS__(autometa.Encoder):
             nn.Flatten(),
             nn.Linear(channels, width),
             nn.ReLU(),
+            nn.Dropout(dropout),
         )
         self.out_dim = width
 
