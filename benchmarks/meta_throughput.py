@@ -4,7 +4,7 @@ their three execution paths: vmap over the meta-batch, chunked vmap, and a per-t
     python benchmarks/meta_throughput.py [--device cpu|cuda] [--meta-batch 16] [--steps 7]
                                          [--chunk 4] [--conv] [--threads N] [--no-memory]
 
-A meta-update is meta_loss + backward + Adam step on a pre-drawn batch of 5-way 5-shot
+A meta-update (``meta_step``: meta-gradient and Adam step) runs on a pre-drawn batch of 5-way 5-shot
 episodes (15 queries per class). The three paths of one algorithm start from the same seeded
 model and see the same episodes. They take turns, update by update, in one process, so a
 change in the machine's load (it may be shared) hits them alike; updates/s is 1 / the median
@@ -40,7 +40,6 @@ from autometa.tasks import TrainingPool
 from autometa_builtins.encoders import Conv4, TabularMLP
 from autometa_builtins.fusions import Concat
 from autometa_builtins.meta_algorithms import FOMAML, MAML
-from autometa_builtins.meta_algorithms._common import step
 
 ALGORITHMS = {"maml": MAML, "fomaml": FOMAML}
 N_CLASSES, ROWS_PER_CLASS = 40, 25
@@ -106,7 +105,7 @@ def build(encoder: str, algorithm: str, options: dict, args: argparse.Namespace)
 
 
 def update(alg, task) -> None:
-    step(alg.optimizer, alg.meta_loss(task))
+    alg.meta_step(task)
     if alg.device.type == "cuda":
         torch.cuda.synchronize(alg.device)
 
@@ -152,7 +151,7 @@ def throughput(encoder: str, algorithm: str, args: argparse.Namespace) -> tuple[
     runs = {path: build(encoder, algorithm, options, args) for path, options in paths(args.chunk).items()}
     grads = {}
     for path, (alg, episodes) in runs.items():
-        alg.meta_loss(episodes[0]).backward()
+        alg.meta_backward(episodes[0])
         grads[path] = torch.cat([p.grad.flatten() for p in alg.backbone.parameters()]).cpu()
         for p in alg.backbone.parameters():
             p.grad = None

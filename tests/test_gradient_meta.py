@@ -153,13 +153,19 @@ def _setup(algorithm: str, kind: str = "mlp", **options):
     return alg, pool, task
 
 
-def _meta_grads(alg, task: Task) -> tuple[float, dict[str, torch.Tensor]]:
+def _meta_grads(alg, task: Task, *, accumulate: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+    """The meta-gradient from ``meta_loss().backward()``, or from ``meta_backward`` (which
+    accumulates it slice by slice: chunk by chunk, or task by task in the per-task loop)."""
     for p in alg._meta_parameters():
         p.grad = None
-    loss = alg.meta_loss(task)
-    assert loss.dtype == torch.float64 and loss.dim() == 0
-    loss.backward()
-    return loss.item(), {
+    if accumulate:
+        loss = alg.meta_backward(task)
+    else:
+        loss = alg.meta_loss(task)
+        assert loss.dtype == torch.float64 and loss.dim() == 0
+        loss.backward()
+        loss = loss.item()
+    return loss, {
         f"{where}.{n}": p.grad for where, module in alg.modules().items() for n, p in module.named_parameters()
     }
 
@@ -191,8 +197,11 @@ def test_meta_gradient_matches_autograd_loop(algorithm, kind, path):
     alg, _, task = _setup(algorithm, kind, **PATHS[path])
     first_order = algorithm == "fomaml"
     expected = reference_meta_grads(alg, task, algorithm=algorithm, first_order=first_order)
-    _, actual = _meta_grads(alg, task)
+    loss, actual = _meta_grads(alg, task)
     _assert_close(actual, expected)
+    accumulated_loss, accumulated = _meta_grads(alg, task, accumulate=True)
+    _assert_close(accumulated, expected)
+    assert accumulated_loss == pytest.approx(loss, rel=1e-12)
     # Not vacuous: the body's meta-gradient is far from zero.
     assert sum(g.abs().sum() for k, g in expected.items() if k.startswith("backbone")) > 1e-3
     if algorithm == "metasgd":
@@ -254,8 +263,9 @@ def test_vmap_and_per_task_paths_agree(algorithm):
             deltas, loss = alg.meta_update(task)
             results.append((loss.item(), _flat(deltas)))
         else:
-            loss, grads = _meta_grads(alg, task)
-            results.append((loss, _flat(grads)))
+            for accumulate in (False, True):
+                loss, grads = _meta_grads(alg, task, accumulate=accumulate)
+                results.append((loss, _flat(grads)))
     (loss0, g0), *others = results
     assert g0.abs().sum() > 1e-4
     for loss, g in others:

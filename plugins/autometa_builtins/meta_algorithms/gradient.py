@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_map
 from autometa.components import Backbone, MetaAlgorithm
 from autometa.errors import ProtocolError
 from autometa.tasks import Task, TrainingPool
-from autometa_builtins.meta_algorithms._common import EMBED_BATCH, make_optimizer, placement, step
+from autometa_builtins.meta_algorithms._common import EMBED_BATCH, make_optimizer, placement
 
 Params = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -169,16 +169,48 @@ class GradientMetaLearner(MetaAlgorithm):
         results = [fn(params, *_index(batched, i)) for i in range(n_tasks)]
         return tree_map(lambda *xs: torch.stack(xs), *results)
 
+    @staticmethod
+    def _task_args(task: Task) -> tuple:
+        return task.support_inputs(), task.support_y, task.query_inputs(), task.query_y
+
     def meta_loss(self, task: Task) -> torch.Tensor:
         """Mean query loss after adaptation over a batch of same-shape tasks."""
-        args = (task.support_inputs(), task.support_y, task.query_inputs(), task.query_y)
-        return self._map_tasks(self._task_loss, self._initial(task.n_way), *args).mean()
+        return self._map_tasks(self._task_loss, self._initial(task.n_way), *self._task_args(task)).mean()
+
+    def meta_backward(self, task: Task) -> float:
+        """Add the meta-gradient of a batch of same-shape tasks to the meta-parameters'
+        ``.grad``; returns the batch's mean query loss.
+
+        It is accumulated slice by slice (``chunk_size`` tasks under vmap, one task in the
+        per-task loop), each slice's graph freed by its backward before the next is built.
+        That, rather than vmap's own chunking (whose chunks' graphs all live until the
+        backward), is what bounds the memory of a meta-update.
+        """
+        n_tasks = len(task)
+        size = (self.chunk_size or n_tasks) if self.vectorize else 1
+        args = self._task_args(task)
+        total = 0.0
+        for start in range(0, n_tasks, size):
+            part = tree_map(lambda t: t[start: start + size], args)
+            loss = self._map_tasks(self._task_loss, self._initial(task.n_way), *part).sum() / n_tasks
+            if loss.requires_grad:  # not with a parameterless backbone
+                loss.backward()
+            total += loss.item()
+        return total
+
+    def meta_step(self, task: Task) -> float:
+        """One meta-update on a batch of same-shape tasks; returns their mean query loss."""
+        if self.optimizer is None:  # nothing to learn
+            with torch.no_grad():
+                return self.meta_loss(task).item()
+        self.optimizer.zero_grad()
+        loss = self.meta_backward(task)
+        self.optimizer.step()
+        return loss
 
     # -- host protocol -------------------------------------------------------------------------
     def train_step(self, pool: TrainingPool, rng: np.random.Generator) -> float:
-        loss = self.meta_loss(pool.episodes(self.meta_batch, *self.shape, rng))
-        step(self.optimizer, loss)
-        return loss.item()
+        return self.meta_step(pool.episodes(self.meta_batch, *self.shape, rng))
 
     def predict(self, task: Task) -> torch.Tensor:
         # torch.func.grad ignores an outer no_grad, so the inner loop still runs while nothing
@@ -418,9 +450,7 @@ class Reptile(GradientMetaLearner):
         self.inner_optimizer = inner_optimizer
 
     def setup(self, backbone: Backbone, pool: TrainingPool, shape: tuple[int, int, int]) -> None:
-        self.backbone = backbone
-        self.device = pool.device
-        self.shape = self._training_shape(pool, shape)
+        super().setup(backbone, pool, shape)
         # The outer update is an interpolation, not an optimiser step.
         self.optimizer = None
 
@@ -460,8 +490,9 @@ class Reptile(GradientMetaLearner):
         deltas, losses = self._map_tasks(self._task_update, _detach(self._initial(task.n_way)), x, y)
         return {n: d.mean(0) for n, d in deltas.items()}, losses.mean()
 
-    def train_step(self, pool: TrainingPool, rng: np.random.Generator) -> float:
-        deltas, loss = self.meta_update(pool.episodes(self.meta_batch, *self.shape, rng))
+    def meta_step(self, task: Task) -> float:
+        """θ ← θ + lr · mean(θ'ᵢ − θ); returns the mean inner loss before each task's last step."""
+        deltas, loss = self.meta_update(task)
         with torch.no_grad():
             for n, p in self.backbone.named_parameters():
                 p.add_(deltas[n], alpha=self.lr)
