@@ -113,9 +113,12 @@ class Model:
             document = json.loads((folder / CONFIG_FILE).read_text())
         except (ValueError, UnicodeDecodeError) as exc:
             raise ModelError(f"{folder / CONFIG_FILE}: not valid JSON ({exc})") from exc
-        if document.get("format") != FORMAT:
+        if not isinstance(document, dict) or document.get("format") != FORMAT:
             raise ModelError(f"{folder / CONFIG_FILE}: not an autometa model file")
-        if document.get("format_version", 0) > FORMAT_VERSION:
+        version = document.get("format_version", 0)
+        if not isinstance(version, int):
+            raise ModelError(f"{folder / CONFIG_FILE}: format_version {version!r} is not a number; the file was edited")
+        if version > FORMAT_VERSION:
             raise ModelError(
                 f"{folder}: saved by a newer autometa (format {document['format_version']}); upgrade autometa to load it"
             )
@@ -129,13 +132,20 @@ class Model:
         self.path = folder
         self.document = document
         self.registry = registry or get_registry()
-        self.protocol: str = document["protocol"]
-        self.classes: list[str] = document["classes"]
-        self.preprocessor = Preprocessor.from_json(document["preprocessor"])
-        self.algorithm = self._rebuild(tensors)
-        support = {k[len(SUPPORT):]: v for k, v in tensors.items() if k.startswith(SUPPORT)}
-        self.support_labels = support.pop("labels", None)
-        self.support = Features(support, self.specs) if support else None
+        try:
+            self.protocol: str = document["protocol"]
+            self.classes: list[str] = [str(c) for c in document["classes"]]
+            self.preprocessor = Preprocessor.from_json(document["preprocessor"])
+            self.algorithm = self._rebuild(tensors)
+            support = {k[len(SUPPORT):]: v for k, v in tensors.items() if k.startswith(SUPPORT)}
+            self.support_labels = support.pop("labels", None)
+            self.support = Features(support, self.specs) if support else None
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            # Only a hand-edited or foreign model.json gets here: save_model writes every key.
+            what = f"missing {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+            raise ModelError(
+                f"{folder / CONFIG_FILE} is incomplete or was edited ({what}); use the folder `autometa search` wrote"
+            ) from exc
 
     @property
     def specs(self) -> dict[str, InputSpec]:
@@ -143,16 +153,46 @@ class Model:
             k: InputSpec(s["modality"], tuple(s["shape"]), s["vocab_size"]) for k, s in self.document["specs"].items()
         }
 
+    def _configured(self, key: str) -> str | None:
+        config = self.document["config"]
+        if key.startswith("encoder."):
+            return config["encoders"].get(key.split(".", 1)[1])
+        return config.get(key)
+
     def _component(self, key: str):
-        entry = self.document["plugins"][key]
+        """The class model.json asks for under ``key``; it must be installed and named consistently."""
         kind = key.split(".")[0]
-        try:
-            return self.registry.get(kind, entry["name"]).cls
-        except PluginError as exc:
-            origin = entry.get("distribution") or entry.get("plugin")
+        entry = self.document["plugins"].get(key) or {}
+        configured = self._configured(key)
+        names = list(dict.fromkeys(n for n in (entry.get("name"), configured) if n is not None))
+        if not names:
+            raise KeyError(f"plugins.{key}")
+        for name in names:
+            try:
+                cls = self.registry.get(kind, name).cls
+            except PluginError as exc:
+                known = entry.get("name") == name
+                origin = (entry.get("distribution") or entry.get("plugin")) if known else None
+                source = f" from {origin!r} {entry.get('version') or ''}".rstrip() if origin else ""
+                raise ModelError(
+                    f"{self.path}: the model needs {kind.replace('_', '-')} {name!r}{source}, which is not installed ({exc})"
+                ) from exc
+        if len(names) > 1:
             raise ModelError(
-                f"{self.path}: the model needs {kind.replace('_', '-')} {entry['name']!r} from {origin!r} "
-                f"{entry.get('version') or ''}, which is not installed ({exc})"
+                f"{self.path / CONFIG_FILE}: its config names {kind.replace('_', '-')} {configured!r} but its plugins "
+                f"entry {key!r} names {entry.get('name')!r}; the file was edited: use the folder `autometa search` wrote"
+            )
+        return cls
+
+    def _build(self, key: str, *args, **kwargs):
+        """Construct a component; a failure names it (edited hyperparameters, a changed plugin)."""
+        cls = self._component(key)
+        try:
+            return cls(*args, **kwargs)
+        except Exception as exc:
+            raise ModelError(
+                f"{self.path}: {key.replace('_', '-')} {cls.name!r} cannot be rebuilt from {CONFIG_FILE} "
+                f"({type(exc).__name__}: {_one_line(exc)}); the file was edited or the plugin changed since it was saved"
             ) from exc
 
     def _rebuild(self, tensors: dict[str, torch.Tensor]) -> MetaAlgorithm:
@@ -160,19 +200,30 @@ class Model:
         specs = self.specs
         input_keys = self.document["input_keys"]
         encoders = {
-            m: self._component(f"encoder.{m}")(specs[input_keys[m]], **config["encoder_params"].get(m, {}))
+            m: self._build(f"encoder.{m}", specs[input_keys[m]], **config["encoder_params"].get(m, {}))
             for m in config["encoders"]
         }
-        fusion = self._component("fusion")({m: e.out_dim for m, e in encoders.items()}, **config["fusion_params"])
+        fusion = self._build("fusion", {m: e.out_dim for m, e in encoders.items()}, **config["fusion_params"])
         backbone = Backbone(encoders, fusion, input_keys)
-        algorithm = self._component("meta_algorithm")(**config["meta_params"])
-        algorithm.setup(backbone, PoolInfo(len(self.document["training_classes"])), tuple(self.document["episode_shape"]))
+        algorithm = self._build("meta_algorithm", **config["meta_params"])
+        pool = PoolInfo(len(self.document["training_classes"]))
+        shape = tuple(self.document["episode_shape"])
+        try:
+            algorithm.setup(backbone, pool, shape)
+        except Exception as exc:
+            raise ModelError(
+                f"{self.path}: meta-algorithm {algorithm.name!r} failed to set up the saved model "
+                f"({type(exc).__name__}: {_one_line(exc)})"
+            ) from exc
         for name, module in algorithm.modules().items():
             state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
             try:
                 module.load_state_dict(state, strict=True)
             except RuntimeError as exc:
-                raise ModelError(f"{self.path}: weights do not fit the rebuilt {name!r}: {exc}") from exc
+                raise ModelError(
+                    f"{self.path}: {WEIGHTS_FILE} does not fit the rebuilt {name!r} ({_one_line(exc)}); "
+                    f"it belongs to another model or {CONFIG_FILE} was edited"
+                ) from exc
             module.eval()
         return algorithm
 
@@ -225,12 +276,32 @@ class Model:
             len(classes),
             same_classes_as_training=same,
         )
-        logits = self.algorithm.predict(task)
-        probabilities = torch.softmax(logits.double(), dim=-1).numpy()
+        name = self.algorithm.name
+        try:
+            logits = self.algorithm.predict(task)
+        except AutometaError:
+            raise
+        except Exception as exc:
+            raise ModelError(
+                f"{self.path}: meta-algorithm {name!r} failed to predict: {type(exc).__name__}: {_one_line(exc)}"
+            ) from exc
+        expected = (len(query), len(classes))
+        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ModelError(
+                f"{self.path}: meta-algorithm {name!r} predicted {got} for {expected[0]} rows and "
+                f"{expected[1]} classes; expected logits of shape {expected}"
+            )
+        probabilities = torch.softmax(logits.detach().cpu().double(), dim=-1).numpy()
         result = pd.DataFrame({"prediction": np.asarray(classes, dtype=object)[probabilities.argmax(1)]})
         for i, c in enumerate(classes):
             result[f"proba_{c}"] = probabilities[:, i]
         return result
+
+
+def _one_line(message: object, limit: int = 300) -> str:
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def load(path: str | Path) -> Model:

@@ -44,7 +44,10 @@ def cli() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--db", default="sqlite:///studies.db", show_default=True, help="SQLAlchemy URL of the study database.")
 @click.option("--study", default=None, help="Study name (default: dataset-protocol-fingerprint).")
-@click.option("--devices", default="auto", show_default=True, help="auto, cpu or cuda:N.")
+@click.option("--devices", default="auto", show_default=True, help="auto (every GPU, else the CPU), cpu or cuda:0,cuda:1,...")
+@click.option("--trials-per-device", type=int, default=1, show_default=True, help="Worker processes per device.")
+@click.option("--trial-timeout", type=float, default=None, metavar="S", help="Fail a trial that runs longer than S seconds.")
+@click.option("--in-process", is_flag=True, help="Run trials in this process, one at a time (no isolation; for debugging).")
 @click.option("--steps", type=int, default=300, show_default=True, help="Meta-training steps per trial.")
 @click.option("--eval-every", type=int, default=50, show_default=True, help="Validate (and maybe prune) every N steps.")
 @click.option("--ways", type=int, default=5, show_default=True, help="Classes per few-shot episode.")
@@ -63,7 +66,8 @@ def cli() -> None:
               help="Save the best model to DIR/STUDY (for `autometa predict`).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--no-progress", is_flag=True, help="Do not show the live progress bar.")
-def search(data, label, group, columns, protocol, trials, timeout, seed, db, study, devices, steps, eval_every,
+def search(data, label, group, columns, protocol, trials, timeout, seed, db, study, devices, trials_per_device,
+           trial_timeout, in_process, steps, eval_every,
            ways, shots, queries, validation_tasks, test_tasks, top_k, image_size, meta_algorithms, fusions,
            encoders, output, fmt, no_progress):
     """Search encoders, fusion and meta-algorithm for DATA (CSV, Parquet, JSON Lines or .npz)."""
@@ -72,7 +76,8 @@ def search(data, label, group, columns, protocol, trials, timeout, seed, db, stu
 
     result = run_search(
         data, label, group=group, columns=parse_column_overrides(columns), protocol=protocol, trials=trials,
-        timeout=timeout, seed=seed, db=db, study=study, devices=devices, steps=steps, eval_every=eval_every,
+        timeout=timeout, seed=seed, db=db, study=study, devices=devices, trials_per_device=trials_per_device,
+        trial_timeout=trial_timeout, isolate=not in_process, steps=steps, eval_every=eval_every,
         ways=ways, shots=shots, queries=queries, validation_tasks=validation_tasks, test_tasks=test_tasks,
         top_k=top_k, image_size=(image_size, image_size), progress=not no_progress,
         include=_restrictions(meta_algorithms, fusions, encoders), output=output,
@@ -109,6 +114,21 @@ def predict(model, data, support, output):
     else:
         result.to_csv(output, index=False)
         click.echo(f"{len(result)} predictions written to {output}", err=True)
+
+
+@cli.command()
+@click.option("--db", required=True, help="SQLAlchemy URL of the search's database (e.g. postgresql://host/db).")
+@click.option("--study", required=True, help="Name of the study to join (see `autometa db studies`).")
+@click.option("--devices", default="auto", show_default=True, help="auto, cpu or cuda:0,cuda:1,...")
+@click.option("--trials-per-device", type=int, default=1, show_default=True)
+@click.option("--trial-timeout", type=float, default=None, metavar="S")
+@click.option("--data", default=None, help="Where the data file is on this machine (default: the path the search used).")
+def worker(db, study, devices, trials_per_device, trial_timeout, data):
+    """Join an existing search from this machine until its trial budget is used."""
+    from autometa.distributed import join
+
+    finished = join(db, study, devices=devices, trials_per_device=trials_per_device, trial_timeout=trial_timeout, data=data)
+    click.echo(f"study {study!r}: budget reached ({finished} trials finished)")
 
 
 def _restrictions(meta_algorithms, fusions, encoders) -> dict[str, list[str]]:

@@ -7,9 +7,12 @@ Column types can be overridden with ``{"col": "text"}`` (CLI ``--column col:text
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import re
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -85,38 +88,171 @@ def parse_column_overrides(items: list[str] | tuple[str, ...]) -> dict[str, str]
     return overrides
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read a data file into a DataFrame; every failure names the file and the fix."""
+def read_table(path: Path, strings: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read a data file into a DataFrame; every failure names the file and the fix.
+
+    ``strings``: CSV columns to keep as the text written in the file (no number parsing).
+    """
     if not path.exists():
         raise DataError(f"data file not found: {path} (check the path; it is read relative to {Path.cwd()})")
     if path.is_dir():
         raise DataError(f"{path} is a folder; give the table file inside it (CSV, Parquet, JSON Lines or .npz)")
+    if not path.is_file():
+        # A FIFO or device (e.g. a link to /dev/urandom) would block or never end.
+        raise DataError(f"{path} is not a regular file (a pipe or device?); save the table to a file first")
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
         raise DataError(
             f"{path}: unknown format {suffix or '(no extension)'!r}; use .csv, .parquet, .jsonl/.ndjson or .npz"
         )
+    encoding = _text_encoding(path) if suffix in (".csv", ".jsonl", ".ndjson") else None
     try:
         if suffix == ".csv":
-            frame = pd.read_csv(path)
+            frame = _read_csv(path, encoding, strings)
         elif suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
         elif suffix in (".jsonl", ".ndjson"):
-            frame = pd.read_json(path, lines=True)
+            frame = _read_jsonl(path, encoding)
         else:
             frame = _read_npz(path)
     except DataError:
         raise
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 text ({exc.reason}); re-save it as UTF-8") from exc
+        raise DataError(f"{path}: {_where_not_utf8(path)}; re-save it as UTF-8") from exc
     except pd.errors.EmptyDataError as exc:
         raise DataError(f"{path} is empty: add a header row and at least one data row") from exc
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{path}: {_csv_problem(str(exc))}") from exc
     except Exception as exc:
-        raise DataError(f"{path}: cannot be read as {suffix[1:]}: {type(exc).__name__}: {exc}") from exc
+        if suffix in (".parquet", ".pq") and "magic bytes" in str(exc):
+            raise DataError(
+                f"{path} is not a complete Parquet file (truncated or damaged: its footer is missing); "
+                "write or download it again"
+            ) from exc
+        raise DataError(f"{path}: cannot be read as {suffix[1:]}: {type(exc).__name__}: {_one_line(exc)}") from exc
     if frame.empty or len(frame.columns) == 0:
         raise DataError(f"{path} has no data rows (only a header?); add at least one row per example")
     frame.columns = [str(c) for c in frame.columns]
     return frame
+
+
+# Leading bytes of formats people save under a table's name by mistake.
+_MAGIC = (
+    (b"PAR1", "a Parquet file: rename it to .parquet"),
+    (b"PK\x03\x04", "a ZIP archive (an Excel .xlsx workbook?): export the sheet as CSV"),
+    (b"\x1f\x8b", "gzip-compressed: decompress it first (gunzip)"),
+    (b"SQLite format 3\x00", "an SQLite database, not a table: export the table as CSV"),
+    (b"\x89PNG", "a PNG image, not a table"),
+    (b"%PDF", "a PDF document, not a table"),
+    (b"\x93NUMPY", "a NumPy .npy array: save it with numpy.savez as .npz"),
+)
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _text_encoding(path: Path) -> str | None:
+    """The encoding to read a text table with, or a DataError for binary content."""
+    with open(path, "rb") as handle:
+        head = handle.read(8192)
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            raise DataError(f"{path} is {what}")
+    if head.startswith(_UTF16_BOMS):
+        # A byte-order mark makes UTF-16 unambiguous (Excel's "Unicode text" export).
+        return "utf-16"
+    if b"\x00" in head:
+        raise DataError(
+            f"{path} holds binary data (NUL bytes), not {path.suffix[1:].upper()} text "
+            "(UTF-16 without a byte-order mark?); export it as UTF-8 text"
+        )
+    return None
+
+
+def _where_not_utf8(path: Path) -> str:
+    """Which line first breaks UTF-8, and what the file probably is."""
+    with open(path, "rb") as handle:
+        data = handle.read(64 * 2**20)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        byte = data[exc.start]
+        guess = ": Latin-1 or Windows-1252?" if byte >= 0x80 else ""
+        return f"not valid UTF-8 text (line {line}, byte 0x{byte:02x}{guess})"
+    return "not valid UTF-8 text"
+
+
+def _read_csv(path: Path, encoding: str | None, strings: tuple[str, ...] = ()) -> pd.DataFrame:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", pd.errors.ParserWarning)
+        # index_col=False: rows longer than the header must not silently become the index.
+        frame = pd.read_csv(path, encoding=encoding, index_col=False, dtype={c: str for c in strings} or None)
+    if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
+        width = len(frame.columns)
+        where = _first_long_row(path, encoding, width) or f"some rows have more fields than the {width} the header names"
+        raise DataError(f"{path}: {where}; quote cells that contain commas, or name every column in the header")
+    return frame
+
+
+def _first_long_row(path: Path, encoding: str | None, width: int) -> str | None:
+    with open(path, newline="", encoding=encoding or "utf-8", errors="replace") as handle:
+        reader = csv.reader(handle)
+        for row in reader:
+            if len(row) > width:
+                return f"line {reader.line_num} has {len(row)} fields but the header names {width} columns"
+    return None
+
+
+def _csv_problem(message: str) -> str:
+    message = _one_line(message)
+    if m := re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", message):
+        expected, line, saw = m.groups()
+        return (
+            f"line {line} has {saw} fields but the header names {expected} columns; "
+            "quote cells that contain commas, or name every column in the header"
+        )
+    if m := re.search(r"EOF inside string starting at row (\d+)", message):
+        return (
+            f"a double quote opened in data row {m.group(1)} is never closed; "
+            "balance the quotes (write a literal quote inside a quoted cell as \"\")"
+        )
+    return f"cannot be parsed as CSV: {message}"
+
+
+def _read_jsonl(path: Path, encoding: str | None) -> pd.DataFrame:
+    try:
+        frame = pd.read_json(path, lines=True, encoding=encoding or "utf-8")
+    except UnicodeDecodeError:
+        raise
+    except Exception as exc:
+        # pandas reports a byte position at best: name the line that breaks the format.
+        problem = _bad_jsonl_line(path, encoding)
+        if problem:
+            raise DataError(f"{path}: {problem}") from exc
+        raise
+    if isinstance(frame.columns, pd.RangeIndex):  # lines of arrays: pandas numbers the columns
+        raise DataError(f"{path}: {_bad_jsonl_line(path, encoding)}")
+    return frame
+
+
+def _bad_jsonl_line(path: Path, encoding: str | None) -> str | None:
+    with open(path, encoding=encoding or "utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                return f"line {number} is not valid JSON ({error.msg}); every line must be one JSON object"
+            if not isinstance(record, dict):
+                return (
+                    f"line {number} is a JSON {type(record).__name__}, not an object; "
+                    'every line must be one {"column": value, ...} object'
+                )
+    return None
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
 
 
 def _read_npz(path: Path) -> pd.DataFrame:
@@ -203,6 +339,7 @@ def load_dataset(
     if label not in frame.columns:
         raise DataError(
             f"{path}: no label column {label!r}; columns are {', '.join(frame.columns)} (pass --label NAME)"
+            + _separator_hint(frame)
         )
     if group is not None and group not in frame.columns:
         raise DataError(
@@ -262,6 +399,15 @@ def load_dataset(
     for c in typed:
         if c.modality == "vector":
             features[c.name] = _vector_column(path, features[c.name], c.name)
+        elif c.modality == "text":
+            features[c.name] = _text_column(features[c.name])
+            if not features[c.name].dropna().str.contains(r"\w", regex=True).any():
+                raise DataError(
+                    f"{path}: text column {c.name!r} has no words in any row (only empty cells, spaces or "
+                    f"punctuation); drop it or pass --column {c.name}:ignore"
+                )
+        elif c.kind == "numeric":
+            _check_finite(path, features[c.name], c.name)
     dataset = Dataset(
         name=name or path.stem,
         path=path,
@@ -276,6 +422,30 @@ def load_dataset(
         dataset.images[c.name] = _load_images(path, features[c.name], c.name, image_size)
     dataset.fingerprint = fingerprint(dataset)
     return dataset
+
+
+def _separator_hint(frame: pd.DataFrame) -> str:
+    if len(frame.columns) == 1:
+        for separator, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "pipes")):
+            if separator in frame.columns[0]:
+                return f"; the header looks separated by {name}: autometa reads comma-separated CSV, so re-save it with commas"
+    return ""
+
+
+def _text_column(series: pd.Series) -> pd.Series:
+    # A number in a text column is text too (prediction reads it the same way).
+    return series.where(series.isna(), series.astype(str))
+
+
+def _check_finite(path: Path, series: pd.Series, name: str) -> None:
+    values = pd.to_numeric(series, errors="coerce").astype(float)
+    infinite = np.flatnonzero(np.isinf(values.to_numpy()))
+    if len(infinite):
+        rows = ", ".join(str(i) for i in infinite[:5]) + (", …" if len(infinite) > 5 else "")
+        raise DataError(
+            f"{path}: numeric column {name!r} has {len(infinite)} infinite value(s) (row {rows}); "
+            "replace them with finite numbers or empty cells"
+        )
 
 
 def _toml_overrides(path: Path) -> dict[str, str]:
@@ -293,7 +463,25 @@ def _toml_overrides(path: Path) -> dict[str, str]:
 
 
 def _vector_column(path: Path, series: pd.Series, name: str) -> pd.Series:
-    parsed = series.map(lambda v: _parse_vector_string(v) if isinstance(v, str) else v)
+    parsed, bad = [], []
+    for i, value in enumerate(series):
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            parsed.append(None)  # one marker for a missing vector, whatever the file wrote
+            continue
+        cell = _parse_vector_string(value) if isinstance(value, str) else value
+        try:
+            array = np.asarray(cell, dtype=np.float64) if _is_array_cell(cell) else None
+        except (TypeError, ValueError):
+            array = None
+        if array is None or array.ndim != 1 or np.isinf(array).any():
+            bad.append(f"row {i}: {_shorten(value)}")
+        parsed.append(cell)
+    if bad:
+        raise DataError(
+            f"{path}: vector column {name!r} has {len(bad)} cell(s) that are not a flat list of finite numbers, e.g. "
+            + "; ".join(bad[:3]) + "; write each as [1.0, 2.5, ...] (NaN for a missing entry) or leave the cell empty"
+        )
+    parsed = pd.Series(parsed, index=series.index, dtype=object)
     lengths = parsed.dropna().map(len)
     if lengths.nunique() > 1:
         raise DataError(
@@ -301,6 +489,11 @@ def _vector_column(path: Path, series: pd.Series, name: str) -> pd.Series:
             "every vector needs the same size"
         )
     return parsed
+
+
+def _shorten(value: Any, limit: int = 40) -> str:
+    text = repr(value) if not isinstance(value, np.ndarray) else f"array of shape {value.shape}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _load_images(path: Path, series: pd.Series, name: str, size: tuple[int, int]) -> np.ndarray:
@@ -320,9 +513,9 @@ def _load_images(path: Path, series: pd.Series, name: str, size: tuple[int, int]
             else:
                 with Image.open(path.parent / str(value)) as raw:
                     raw.load()
-                    image = raw.copy()
+                    image = _to_8bit(raw)
             decoded.append(image)
-        except (OSError, UnidentifiedImageError, ValueError, TypeError) as exc:
+        except (OSError, UnidentifiedImageError, ValueError, TypeError, Image.DecompressionBombError) as exc:
             decoded.append(None)
             failures.append(f"row {i}: {value if not isinstance(value, np.ndarray) else 'array'} ({type(exc).__name__})")
     if failures:
@@ -336,6 +529,20 @@ def _load_images(path: Path, series: pd.Series, name: str, size: tuple[int, int]
     width, height = size[1], size[0]
     out = np.stack([np.asarray(im.convert(mode).resize((width, height), Image.BILINEAR)) for im in decoded])
     return out[..., None] if grey else out
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit and float greyscale scaled into 0..255 (Pillow's own conversion clips them)."""
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image.copy()
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    elif image.mode == "F" and values.size and values.min() >= 0 and values.max() <= 1:
+        top = 1.0
+    else:
+        top = 255.0 if values.size == 0 or values.max() <= 255 else (65535.0 if values.max() <= 65535 else values.max())
+    return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), "L")
 
 
 def fingerprint(dataset: Dataset) -> str:
@@ -376,7 +583,9 @@ def load_for_prediction(
         frame.columns = [str(c) for c in frame.columns]
     else:
         path = Path(source)
-        frame = read_table(path)
+        # Categories were learned from a column of strings: a file holding only numbers there must
+        # not turn "7" into 7.0 (an unseen category "7.0").
+        frame = read_table(path, tuple(c.name for c in columns if c.modality == "tabular" and c.kind == "categorical"))
     missing = [c.name for c in columns if c.name not in frame.columns]
     if missing:
         raise DataError(
@@ -404,11 +613,12 @@ def load_for_prediction(
                     f"{path}: column {c.name!r} must be numeric as in training, but {int(bad.sum())} cell(s) are not "
                     f"(e.g. {examples}); fix or empty them"
                 )
+            _check_finite(path, converted, c.name)
             features[c.name] = converted
         elif c.modality == "vector":
             features[c.name] = _vector_column(path, features[c.name], c.name)
         elif c.modality == "text":
-            features[c.name] = features[c.name].where(features[c.name].isna(), features[c.name].astype(str))
+            features[c.name] = _text_column(features[c.name])
     dataset = Dataset(name=name, path=path, frame=features, labels=labels, columns=list(columns), label_column=label or "")
     for c in columns:
         if c.modality == "image":

@@ -52,16 +52,32 @@ def evaluate(algorithm: MetaAlgorithm, tasks: list[Task]) -> Score:
         for task in tasks:
             logits = algorithm.predict(task)
             expected = (task.query.shape[0], task.n_way)
+            if not isinstance(logits, torch.Tensor):
+                raise PluginError(
+                    f"meta-algorithm {algorithm.name!r} predicted a {type(logits).__name__}; "
+                    f"predict must return a tensor of logits of shape {expected}"
+                )
             if tuple(logits.shape) != expected:
                 raise PluginError(
                     f"meta-algorithm {algorithm.name!r} predicted logits of shape {tuple(logits.shape)} "
                     f"for a task with {expected[0]} queries and {expected[1]} ways; expected {expected}"
+                )
+            if logits.is_floating_point() and _unusable(logits):
+                # argmax of NaN logits would score as if a class had been chosen.
+                raise PluginError(
+                    f"meta-algorithm {algorithm.name!r} predicted non-finite logits (NaN or inf): training "
+                    "diverged (learning rates too high?) or the plugin has a numerical bug"
                 )
             correct.append((logits.argmax(-1) == task.query_y).cpu())
     finally:
         for m in modules:
             m.train()
     return summarise(task_units(correct))
+
+
+def _unusable(logits: torch.Tensor) -> bool:
+    """NaN, +inf, or a row without any finite choice (-inf alone is a legitimate "impossible")."""
+    return bool(torch.isnan(logits).any() or torch.isposinf(logits).any() or torch.isneginf(logits).all(-1).any())
 
 
 def majority_baseline(tasks: list[Task]) -> Score:

@@ -11,6 +11,7 @@ model applies exactly the same transform to new rows without unpickling anything
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,9 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 
 def tokenize(text: str, prefix: str, buckets: int = TEXT_BUCKETS, max_tokens: int = MAX_TOKENS) -> list[int]:
     """Hash lowercase words and word bigrams of one cell into ids 1..buckets-1 (0 pads)."""
-    words = _WORD.findall(text.lower())
+    # Words come before bigrams and only max_tokens ids are kept, so reading more words than that
+    # cannot change the result: a megabyte-long cell costs no more than a sentence.
+    words = [m.group() for m in itertools.islice(_WORD.finditer(text.lower()), max_tokens)]
     grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
     return [1 + murmurhash3_32(f"{prefix}\x1f{g}", positive=True) % (buckets - 1) for g in grams[:max_tokens]]
 

@@ -8,11 +8,20 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from autometa.errors import SearchError
 from autometa.report import open_storage
 
 
 def studies(db: str) -> list[dict[str, Any]]:
     """One row per study: dataset, protocol, trial counts, best validation and test scores."""
+    try:
+        return _studies(db)
+    except optuna.exceptions.StorageInternalError as exc:
+        cause = exc.__cause__ or exc
+        raise SearchError(f"cannot read the studies in {db}: {str(cause).splitlines()[0]} (the file was not changed)") from exc
+
+
+def _studies(db: str) -> list[dict[str, Any]]:
     storage = open_storage(db)
     rows = []
     for summary in optuna.study.get_all_study_summaries(storage, include_best_trial=False):

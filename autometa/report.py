@@ -100,7 +100,11 @@ def open_storage(db: str) -> optuna.storages.RDBStorage:
 
 
 def _load_study(storage: optuna.storages.RDBStorage, name: str, db: str) -> optuna.Study:
-    names = sorted(s.study_name for s in storage.get_all_studies())
+    try:
+        names = sorted(s.study_name for s in storage.get_all_studies())
+    except optuna.exceptions.StorageInternalError as exc:
+        cause = exc.__cause__ or exc
+        raise SearchError(f"cannot read the studies in {db}: {_first_line(cause)} (the file was not changed)") from exc
     if name not in names:
         shown = make_url(db).render_as_string(hide_password=True)
         available = ", ".join(names[:30]) + (f" … and {len(names) - 30} more" if len(names) > 30 else "")

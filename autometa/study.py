@@ -7,7 +7,9 @@ fixed validation tasks; only the leaderboard's finalists are scored on the test 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import os
 import logging
 import math
 import platform
@@ -26,13 +28,14 @@ from tqdm.auto import tqdm
 
 from autometa import __version__
 from autometa.artifacts import save_model
-from autometa.components import Backbone, MetaAlgorithm
+from autometa.components import MASK_PREFIX, Backbone, MetaAlgorithm
 from autometa.data import Dataset, load_dataset
 from autometa.errors import AutometaError, PluginError, SearchError
 from autometa.evaluation import Score, evaluate, majority_baseline
 from autometa.metafeatures import describe
 from autometa.plugins import Registry, get_registry
 from autometa.tasks import Split, choose_protocol, make_split
+from autometa.workers import Slot, checkpoint, recover_orphans, resolve_devices, run_pool, storage_for
 
 DEFAULT_DB = "sqlite:///studies.db"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -186,6 +189,7 @@ def train(
         lambda: registry.get("fusion", config.fusion).cls({m: enc.out_dim for m, enc in encoders.items()}, **config.fusion_params),
     )
     backbone = Backbone(encoders, fusion, input_keys).to(pool.device)
+    _probe(backbone, pool, config, registry)
     algorithm = _plugin_call(
         registry, "meta_algorithm", config.meta_algorithm,
         lambda: registry.get("meta_algorithm", config.meta_algorithm).cls(**config.meta_params),
@@ -195,6 +199,14 @@ def train(
     score = None
     for step in range(1, steps + 1):
         loss = _plugin_call(registry, "meta_algorithm", config.meta_algorithm, lambda: algorithm.train_step(pool, rng))
+        try:
+            loss = float(loss)
+        except (TypeError, ValueError):
+            info = registry.get("meta_algorithm", config.meta_algorithm)
+            raise PluginError(
+                f"meta-algorithm {config.meta_algorithm!r} from plugin {info.plugin!r}: train_step returned "
+                f"{type(loss).__name__}, not the training loss as a number"
+            ) from None
         if not math.isfinite(loss):
             raise TrialDiverged(f"training loss became {loss} at step {step}; the learning rates are likely too high")
         if step % eval_every == 0 or step == steps:
@@ -202,6 +214,33 @@ def train(
             if report is not None:
                 report(step, score.mean)
     return algorithm, score
+
+
+def _probe(backbone: Backbone, pool, config: Config, registry: Registry) -> None:
+    """Run each encoder and the fusion on two training rows, so a plugin that fails or returns
+    the wrong shape is named before a meta-algorithm's traceback would hide it."""
+    rows = torch.as_tensor(pool.rows[:2], device=pool.device)
+    inputs = pool.features.take(rows)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the trial's random state is not touched
+        embeddings = {}
+        for m, encoder in backbone.encoders.items():
+            name = config.encoders[m]
+            out = _plugin_call(registry, "encoder", name, lambda: encoder(inputs[backbone.input_keys[m]]))
+            _expect_shape(registry, "encoder", name, out, (len(rows), encoder.out_dim))
+            embeddings[m] = out
+        masks = {m: inputs[MASK_PREFIX + m] for m in backbone.encoders if MASK_PREFIX + m in inputs}
+        fused = _plugin_call(registry, "fusion", config.fusion, lambda: backbone.fusion(embeddings, masks or None))
+        _expect_shape(registry, "fusion", config.fusion, fused, (len(rows), backbone.fusion.out_dim))
+
+
+def _expect_shape(registry: Registry, kind: str, name: str, tensor, expected: tuple[int, int]) -> None:
+    shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+    if shape != expected:
+        info = registry.get(kind, name)
+        raise PluginError(
+            f"{kind} {name!r} from plugin {info.plugin!r} returned shape {shape} for {expected[0]} rows; expected {expected} "
+            "([batch, out_dim])"
+        )
 
 
 class TrialDiverged(AutometaError):
@@ -259,39 +298,151 @@ class SearchResult:
         return "\n".join(lines)
 
 
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    if "," in spec:
-        raise SearchError(
-            f"--devices {spec}: running trials on several devices at once is not available yet; give one device"
-        )
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise SearchError(f"--devices {spec!r} is not a device name; use auto, cpu or cuda:N") from exc
-    if device.type == "cuda":
-        count = torch.cuda.device_count()
-        if (device.index or 0) >= count:
-            raise SearchError(f"--devices {spec}: torch sees {count} CUDA device(s) on this machine; use cpu or auto")
-    elif device.type != "cpu":
-        raise SearchError(f"--devices {spec}: only cpu and cuda devices are supported")
-    return device
-
-
-def open_study(name: str, db: str, sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner) -> optuna.Study:
-    if db.startswith("sqlite:///"):
-        target = Path(db[len("sqlite:///"):])
-        if target.parent and not target.parent.exists():
-            raise SearchError(f"--db {db}: folder {target.parent} does not exist")
+def open_study(name: str, storage, db: str, sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner) -> optuna.Study:
     try:
         return optuna.create_study(
-            study_name=name, storage=db, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True
+            study_name=name, storage=storage, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True
         )
     except AutometaError:
         raise
     except Exception as exc:
         raise SearchError(f"cannot open the study database {db}: {type(exc).__name__}: {exc}") from exc
+
+
+@dataclass
+class SearchSpec:
+    """How to rebuild a search's split and space anywhere: in a worker process or on another
+    machine (stored with the study for `autometa worker`)."""
+
+    data: str | None
+    label: str
+    group: str | None
+    columns: dict[str, str]
+    image_size: tuple[int, int]
+    protocol: str
+    ways: int
+    shots: int
+    queries: int
+    validation_tasks: int
+    test_tasks: int
+    seed: int
+    choices: dict[str, list[str]]
+    steps: int
+    eval_every: int
+    budget: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "SearchSpec":
+        data = dict(data)
+        data["image_size"] = tuple(data["image_size"])
+        return cls(**data)
+
+
+class TrialRunner:
+    """Optuna's objective: sample a configuration, meta-train it, return validation accuracy."""
+
+    def __init__(self, split: Split, registry: Registry, spec: SearchSpec, device: str, *, label: str = "",
+                 events=None, parent_pid: int | None = None, bar=None, cache: dict | None = None, top_k: int = 3):
+        self.split, self.registry, self.spec, self.device = split, registry, spec, device
+        self.label, self.events, self.parent_pid, self.bar = label or device, events, parent_pid, bar
+        self.cache, self.top_k = cache, top_k
+        self.stop_requested = False
+
+    def _emit(self, *event) -> None:
+        if self.events is not None:
+            self.events.put(event)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        spec = self.spec
+        config = sample_config(trial, self.registry, spec.choices)
+        trial_seed = spec.seed * 1_000_003 + trial.number
+        for key, value in (("seed", trial_seed), ("device", self.device), ("steps", spec.steps),
+                           ("worker", self.label), ("pid", os.getpid()), ("host", platform.node())):
+            trial.set_user_attr(key, value)
+        self._emit("start", self.label, trial.number, config.label())
+        if self.bar is not None:
+            self.bar.set_description(f"trial {trial.number}: {config.label()}")
+        started = time.perf_counter()
+
+        def report(step: int, value: float) -> None:
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                self.stop_requested = True  # the search process is gone: leave the trial for recovery
+                raise SystemExit(0)
+            trial.report(value, step)
+            self._emit("step", self.label, trial.number, step, spec.steps, value)
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"step {step}/{spec.steps} val {100 * value:.1f}%")
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step} (validation {100 * value:.1f}%)")
+
+        try:
+            algorithm, score = train(
+                config, self.split, seed=trial_seed, steps=spec.steps, eval_every=spec.eval_every,
+                registry=self.registry, report=report,
+            )
+        except optuna.TrialPruned as exc:
+            trial.set_user_attr("wall_time_s", time.perf_counter() - started)
+            trial.set_user_attr("prune_reason", str(exc))
+            raise
+        except Exception as exc:
+            trial.set_user_attr("wall_time_s", time.perf_counter() - started)
+            trial.set_user_attr("fail_reason", failure_reason(exc, self.device))
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            raise
+        finally:
+            self._emit("end", self.label, trial.number)
+        trial.set_user_attr("wall_time_s", time.perf_counter() - started)
+        trial.set_user_attr("parameters", sum(sum(p.numel() for p in m.parameters()) for m in algorithm.modules().values()))
+        if self.cache is not None:
+            _keep_best(self.cache, trial.number, score.mean, algorithm, self.top_k)
+        return score.mean
+
+
+def failure_reason(exc: BaseException, device: str) -> str:
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return f"out of memory on {device}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return str(exc) if isinstance(exc, AutometaError) else f"{type(exc).__name__}: {exc}"
+
+
+def default_sampler(spec: SearchSpec, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """Multivariate, grouped TPE (the space is conditional), liar-aware for parallel workers."""
+    with warnings.catch_warnings():  # multivariate/group are stable in practice, still flagged experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            multivariate=True, group=True, seed=spec.seed + offset,
+            n_startup_trials=min(10, max(3, spec.budget // 3)), constant_liar=True,
+        )
+
+
+def default_pruner(spec: SearchSpec) -> optuna.pruners.BasePruner:
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=spec.eval_every)
+
+
+def build_runner(
+    slot: Slot, spec: SearchSpec, dataset: Dataset | None, sampler=None, pruner=None, existing: int = 0, *,
+    events=None, parent_pid=None,
+) -> TrialRunner:
+    """A worker's objective: rebuild the (deterministic) split on the worker's device.
+
+    Each worker samples with its own seed, so parallel workers do not propose the same trials.
+    """
+    if dataset is None:
+        if spec.data is None:
+            raise SearchError("this search's data was passed as an object, so it cannot be reloaded; give a file path")
+        dataset = load_dataset(spec.data, spec.label, group=spec.group, columns=spec.columns, image_size=spec.image_size)
+    split = make_split(
+        dataset, spec.protocol, ways=spec.ways, shots=spec.shots, queries=spec.queries,
+        validation_tasks=spec.validation_tasks, test_tasks=spec.test_tasks, seed=spec.seed, device=slot.device,
+    )
+    runner = TrialRunner(split, get_registry(), spec, slot.device, label=slot.label, events=events, parent_pid=parent_pid)
+    offset = 7919 * existing + 104729 * (slot.index + 1) + 31 * sum(map(ord, slot.device)) + os.getpid() % 997
+    runner.sampler = sampler or default_sampler(spec, offset)
+    runner.pruner = pruner or default_pruner(spec)
+    return runner
 
 
 def study_name_for(dataset: Dataset, protocol: str) -> str:
@@ -311,6 +462,9 @@ def search(
     db: str = DEFAULT_DB,
     study: str | None = None,
     devices: str = "auto",
+    trials_per_device: int = 1,
+    trial_timeout: float | None = None,
+    isolate: bool = True,
     steps: int = 300,
     eval_every: int = 50,
     ways: int = 5,
@@ -327,20 +481,33 @@ def search(
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
 ) -> SearchResult:
-    """Search encoders × fusion × meta-algorithm on ``data`` and report the best on test tasks."""
+    """Search encoders × fusion × meta-algorithm on ``data`` and report the best on test tasks.
+
+    Trials run in worker processes, ``trials_per_device`` on each of ``devices`` (``isolate``:
+    a crash, out-of-memory abort or ``trial_timeout`` fails only that trial); ``isolate=False``
+    runs them in this process, one at a time.
+    """
     say = echo or (lambda msg: print(msg, file=sys.stderr))
     if trials < 1:
         raise SearchError("--trials must be at least 1")
     if steps < 1 or eval_every < 1:
         raise SearchError("--steps and --eval-every must be at least 1")
-    device = resolve_device(devices)
+    if trial_timeout is not None and trial_timeout <= 0:
+        raise SearchError("--trial-timeout must be positive")
+    slots = resolve_devices(devices, trials_per_device)
+    if not isolate and len(slots) > 1:
+        raise SearchError("several workers need isolated worker processes; drop isolate=False")
+    if not isolate and trial_timeout is not None:
+        raise SearchError("--trial-timeout needs isolated worker processes")
+    device = torch.device(slots[0].device)
     registry = get_registry()
     if isinstance(data, Dataset):
-        dataset = data
+        dataset, data_path = data, None
     else:
         if label is None:
             raise SearchError("a label column is required (--label NAME)")
         dataset = load_dataset(data, label, group=group, columns=columns, image_size=image_size)
+        data_path = str(Path(data).resolve())
     say(dataset.summary())
     protocol = choose_protocol(dataset, protocol)
     choices = search_choices(registry, protocol, dataset.modalities, include)
@@ -350,34 +517,43 @@ def search(
         validation_tasks=validation_tasks, test_tasks=test_tasks, seed=seed, device=device,
     )
     say(split.describe())
+    spec = SearchSpec(
+        data_path, dataset.label_column, dataset.group_column, {c.name: c.modality for c in dataset.columns},
+        tuple(image_size), protocol, ways, shots, queries, validation_tasks, test_tasks, seed, choices, steps,
+        eval_every, trials,
+    )
 
     name = study or study_name_for(dataset, split.protocol)
-    existing = _finished_trials(name, db)
-    if sampler is None:
-        with warnings.catch_warnings():  # multivariate/group are stable in practice, still flagged experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            # A resumed study gets a new seed so it does not replay the first random trials.
-            sampler = optuna.samplers.TPESampler(
-                multivariate=True, group=True, seed=seed + 7919 * existing,
-                n_startup_trials=min(10, max(3, trials // 3)),
-            )
-    pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=eval_every)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    optuna_study = open_study(name, db, sampler, pruner)
-    _check_resume(optuna_study, dataset, split, choices, name)
+    storage = storage_for(db)
+    existing = _finished_trials(name, storage)
+    custom = (sampler, pruner)
+    # A resumed study gets a new seed so it does not replay the first random trials.
+    sampler = sampler or default_sampler(spec, offset=7919 * existing)
+    pruner = pruner or default_pruner(spec)
+    optuna_study = open_study(name, storage, db, sampler, pruner)
+    _check_resume(optuna_study, dataset, split, choices, name, spec)
+    recover_orphans(optuna_study, say)
+    existing = _finished_trials(name, storage)
 
     remaining = trials - existing
+    where = ", ".join(s.label for s in slots) if isolate else str(device)
     if existing:
         say(f"study {name!r} resumed: {existing} trial(s) already finished, {max(0, remaining)} of the budget of {trials} left")
     else:
-        say(f"study {name!r} in {db}: {trials} trial(s) on {device}")
+        say(f"study {name!r} in {db}: {trials} trial(s) on {where}")
 
     if not optuna_study.get_trials(deepcopy=False):
         for params in default_trials(registry, choices)[: max(0, remaining)]:
             optuna_study.enqueue_trial(params, skip_if_exists=True)
     cache: dict[int, MetaAlgorithm] = {}
     if remaining > 0:
-        _optimize(optuna_study, split, registry, choices, remaining, timeout, seed, steps, eval_every, device, top_k, cache, progress, say)
+        if isolate:
+            _optimize_pool(optuna_study, db, slots, spec, dataset, custom, existing, remaining, timeout, trial_timeout,
+                           registry, progress, say)
+        else:
+            runner = TrialRunner(split, registry, spec, str(device), cache=cache, top_k=top_k)
+            _optimize_here(optuna_study, runner, remaining, timeout, registry, choices, progress, say)
 
     leaderboard = _leaderboard(optuna_study, split, registry, choices, top_k, steps, eval_every, cache, say)
     majority = majority_baseline(split.test)
@@ -393,23 +569,21 @@ def search(
         )
         optuna_study.set_user_attr("model_path", str(model_path.resolve()))
         say(f"best model (trial {best.trial}) saved to {model_path}; use it with `autometa predict {model_path} DATA`")
+    checkpoint(db)
     return SearchResult(optuna_study, dataset, split, leaderboard, majority, max(0, remaining), model_path)
 
 
-def _finished_trials(name: str, db: str) -> int:
-    try:
-        summaries = optuna.study.get_all_study_summaries(db, include_best_trial=False)
-    except Exception:
-        return 0  # the database does not exist yet; open_study reports real problems
-    if not any(s.study_name == name for s in summaries):
+def _finished_trials(name: str, storage: optuna.storages.BaseStorage) -> int:
+    if not any(s.study_name == name for s in storage.get_all_studies()):
         return 0
-    stored = optuna.load_study(study_name=name, storage=db)
+    stored = optuna.load_study(study_name=name, storage=storage)
     return len(stored.get_trials(deepcopy=False, states=FINISHED))
 
 
-def _check_resume(study: optuna.Study, dataset: Dataset, split: Split, choices: dict, name: str) -> None:
+def _check_resume(study: optuna.Study, dataset: Dataset, split: Split, choices: dict, name: str, spec: SearchSpec) -> None:
     attrs = study.user_attrs
     if "fingerprint" not in attrs:
+        study.set_user_attr("spec", spec.to_json())  # for `autometa worker` on other machines
         study.set_user_attr("fingerprint", dataset.fingerprint)
         study.set_user_attr("dataset", dataset.name)
         study.set_user_attr("label", dataset.label_column)
@@ -430,53 +604,30 @@ def _check_resume(study: optuna.Study, dataset: Dataset, split: Split, choices: 
             f"study {name!r} was started with other plugins installed ({attrs.get('choices')}); "
             "Optuna cannot change a study's choices, so pass a new --study name to search with the current ones"
         )
+    study.set_user_attr("spec", spec.to_json())  # the latest budget, for `autometa worker`
 
 
-def _optimize(study, split, registry, choices, n_trials, timeout, seed, steps, eval_every, device, top_k, cache, progress, say):
+def _trial_line(frozen: optuna.trial.FrozenTrial, registry: Registry, choices: dict) -> str:
+    took = frozen.user_attrs.get("wall_time_s", 0.0)
+    if frozen.state == TrialState.COMPLETE:
+        outcome = f"validation {100 * frozen.value:.1f}%"
+    elif frozen.state == TrialState.PRUNED:
+        outcome = frozen.user_attrs.get("prune_reason", "pruned")
+    else:
+        outcome = f"failed: {frozen.user_attrs.get('fail_reason', 'see log')}"
+    config = sample_config(FixedTrial(frozen.params), registry, choices) if frozen.params else None
+    where = f" on {frozen.user_attrs['worker']}" if "worker" in frozen.user_attrs else ""
+    return f"trial {frozen.number:>3} {outcome} ({took:.1f}s{where}) {config.label() if config else ''}"
+
+
+def _optimize_here(study, runner: TrialRunner, n_trials, timeout, registry, choices, progress, say):
+    """Trials one after another in this process (no isolation)."""
     bar = tqdm(total=n_trials, desc="search", unit="trial", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-
-    def objective(trial: optuna.Trial) -> float:
-        config = sample_config(trial, registry, choices)
-        trial_seed = seed * 1_000_003 + trial.number
-        trial.set_user_attr("seed", trial_seed)
-        trial.set_user_attr("device", str(device))
-        trial.set_user_attr("steps", steps)
-        bar.set_description(f"trial {trial.number}: {config.label()}")
-        started = time.perf_counter()
-
-        def report(step: int, value: float) -> None:
-            trial.report(value, step)
-            bar.set_postfix_str(f"step {step}/{steps} val {100 * value:.1f}%")
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at step {step} (validation {100 * value:.1f}%)")
-
-        try:
-            algorithm, score = train(config, split, seed=trial_seed, steps=steps, eval_every=eval_every, registry=registry, report=report)
-        except optuna.TrialPruned as exc:
-            trial.set_user_attr("wall_time_s", time.perf_counter() - started)
-            trial.set_user_attr("prune_reason", str(exc))
-            raise
-        except Exception as exc:
-            reason = str(exc) if isinstance(exc, AutometaError) else f"{type(exc).__name__}: {exc}"
-            trial.set_user_attr("wall_time_s", time.perf_counter() - started)
-            trial.set_user_attr("fail_reason", reason)
-            raise
-        trial.set_user_attr("wall_time_s", time.perf_counter() - started)
-        trial.set_user_attr("parameters", sum(sum(p.numel() for p in m.parameters()) for m in algorithm.modules().values()))
-        _keep_best(cache, trial.number, score.mean, algorithm, top_k)
-        return score.mean
+    runner.bar = bar
 
     def on_trial_end(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         bar.update(1)
-        took = frozen.user_attrs.get("wall_time_s", 0.0)
-        if frozen.state == TrialState.COMPLETE:
-            outcome = f"validation {100 * frozen.value:.1f}%"
-        elif frozen.state == TrialState.PRUNED:
-            outcome = frozen.user_attrs.get("prune_reason", "pruned")
-        else:
-            outcome = f"failed: {frozen.user_attrs.get('fail_reason', 'see log')}"
-        config = sample_config(FixedTrial(frozen.params), registry, choices) if frozen.params else None
-        bar.write(f"trial {frozen.number:>3} {outcome} ({took:.1f}s) {config.label() if config else ''}", file=sys.stderr)
+        bar.write(_trial_line(frozen, registry, choices), file=sys.stderr)
         try:
             bar.set_postfix_str(f"best {100 * study.best_value:.1f}%")
         except ValueError:
@@ -485,12 +636,56 @@ def _optimize(study, split, registry, choices, n_trials, timeout, seed, steps, e
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines report every trial
     try:
-        study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(Exception,), callbacks=[on_trial_end])
+        study.optimize(runner, n_trials=n_trials, timeout=timeout, catch=(Exception,), callbacks=[on_trial_end])
     except KeyboardInterrupt:
         say("interrupted: finished trials are saved; run the same command again to resume")
         raise
     finally:
         optuna.logging.set_verbosity(level)
+        bar.close()
+
+
+def _optimize_pool(study, db, slots, spec, dataset, custom, existing, n_trials, timeout, trial_timeout, registry, progress, say):
+    """Trials on isolated worker processes, one per device slot, with a live status per device."""
+    bar = tqdm(total=n_trials, desc="search", unit="trial", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    status: dict[str, str] = {s.label: "starting" for s in slots}
+    printed = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
+
+    def on_event(event: tuple) -> None:
+        kind, label = event[0], event[1]
+        if kind == "start":
+            status[label] = f"trial {event[2]}"
+        elif kind == "step":
+            status[label] = f"trial {event[2]} step {event[3]}/{event[4]} val {100 * event[5]:.1f}%"
+        elif kind == "end":
+            status[label] = "idle"
+        elif kind == "error":
+            say(f"worker {label} could not start: {event[2]}")
+        bar.set_description(" | ".join(f"{k}: {v}" for k, v in status.items()))
+
+    def on_poll() -> None:
+        for frozen in study.get_trials(deepcopy=False, states=FINISHED):
+            if frozen.number not in printed:
+                printed.add(frozen.number)
+                bar.update(1)
+                bar.write(_trial_line(frozen, registry, spec.choices), file=sys.stderr)
+                try:
+                    bar.set_postfix_str(f"best {100 * study.best_value:.1f}%")
+                except ValueError:
+                    pass
+
+    # A worker rebuilds the split from the data; a file path is enough, else the data travels.
+    payload = None if spec.data is not None else dataset
+    try:
+        run_pool(
+            study, db, slots, n_trials, build_runner, (spec, payload, *custom, existing),
+            timeout=timeout, trial_timeout=trial_timeout, on_event=on_event, on_poll=on_poll, say=say,
+        )
+        on_poll()
+    except KeyboardInterrupt:
+        say("interrupted: finished trials are saved; running ones were marked failed; run the same command again to resume")
+        raise
+    finally:
         bar.close()
 
 

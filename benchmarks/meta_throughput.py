@@ -205,7 +205,9 @@ def main() -> None:
         f"{args.ways}-way {args.shots}-shot {args.queries} queries, {args.inner_steps} inner steps, "
         f"median of {args.steps} updates after {args.warmup} warm-up"
     )
-    header = f"{'encoder':<7} {'algorithm':<9} {'path':<12} {'updates/s':>9} {'× per-task':>10} {memory:>13} {'max |Δgrad|':>12}"
+    header = (
+        f"{'encoder':<7} {'algorithm':<9} {'path':<12} {'updates/s':>9} {'× per-task':>10} {memory:>13} {'max |Δgrad|':>12}"
+    )
     print(header)
     print("-" * len(header))
     for encoder in ["mlp"] + (["conv4"] if args.conv else []):

@@ -278,7 +278,7 @@ def test_plugin_with_nan_loss_fails_its_trial_only(tabular_csv, tmp_path, monkey
     study.enqueue_trial({"meta_algorithm": "nan_loss"})
     study.enqueue_trial({"meta_algorithm": "protonet"})
 
-    result = search(tabular_csv, "y", trials=2, db=db, study="nan-study", **FAST)
+    result = search(tabular_csv, "y", trials=2, db=db, study="nan-study", isolate=False, **FAST)  # patched registry: in-process
     trials = optuna.load_study(study_name="nan-study", storage=db).get_trials()
     assert [t.params["meta_algorithm"] for t in trials] == ["nan_loss", "protonet"]
     failed, ok = trials

@@ -65,10 +65,13 @@ class GradientMetaLearner(MetaAlgorithm):
     """Shared functional core of the gradient-based family (not registered by itself).
 
     Subclasses change one piece: ``_update`` (how a gradient moves the fast weights), ``adapt``
-    (what the inner loop touches), ``_task_loss`` (a task's outer loss) or ``train_step``.
-    ``vectorize`` chooses ``vmap`` over the meta-batch or a plain loop over its tasks; both
-    compute the same numbers. ``train_ways`` / ``train_shots`` set the training episodes
-    (None: the protocol's); they are clamped to what the training pool can supply.
+    (what the inner loop touches), ``_task_loss`` (a task's outer loss) or ``meta_step`` (the
+    outer update). ``vectorize`` chooses ``vmap`` over the meta-batch or a plain loop over its
+    tasks; both compute the same numbers. ``chunk_size`` tasks at a time (None: all) go
+    through vmap, forward and backward, which bounds a meta-update's memory. ``train_ways`` /
+    ``train_shots`` set the training episodes (None: the protocol's), clamped to what the
+    training pool can supply. ``vectorize`` and ``chunk_size`` change speed and memory, never
+    the result, so they are left out of the search spaces.
     """
 
     protocols = ("fewshot", "grouped")
@@ -404,7 +407,10 @@ class MetaSGD(GradientMetaLearner):
         (body, head), (gb, gh) = params, grads
         rates = self.inner_lrs
         body = {n: p - rates[_lr_key(n)] * gb[n] for n, p in body.items()}
-        head = {"weight": head["weight"] - rates["head:weight"] * gh["weight"], "bias": head["bias"] - rates["head:bias"] * gh["bias"]}
+        head = {
+            "weight": head["weight"] - rates["head:weight"] * gh["weight"],
+            "bias": head["bias"] - rates["head:bias"] * gh["bias"],
+        }
         return body, head
 
 

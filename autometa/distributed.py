@@ -1,0 +1,66 @@
+"""Joining a search from another process or machine: `autometa worker --db URL --study NAME`.
+
+Every worker points at the same database URL (PostgreSQL for several machines; SQLite serves
+one machine). The study stores how to rebuild its data split and search space, so a worker
+needs only the URL, the study name and the data file at the same path (or ``--data``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import optuna
+from optuna.trial import TrialState
+
+from autometa.errors import SearchError
+from autometa.study import SearchSpec, build_runner
+from autometa.workers import FINISHED, DatabaseBudget, recover_orphans, resolve_devices, run_pool, storage_for
+
+
+def join(
+    db: str,
+    study: str,
+    *,
+    devices: str = "auto",
+    trials_per_device: int = 1,
+    trial_timeout: float | None = None,
+    data: str | None = None,
+    say=lambda message: print(message, file=sys.stderr),
+) -> int:
+    """Run trials of an existing study until its budget is used; returns the finished count."""
+    storage = storage_for(db)
+    names = [s.study_name for s in storage.get_all_studies()]
+    if study not in names:
+        raise SearchError(f"no study {study!r} in {db}; studies there: {', '.join(names) or 'none'}")
+    optuna_study = optuna.load_study(study_name=study, storage=storage)
+    stored = optuna_study.user_attrs.get("spec")
+    if stored is None:
+        raise SearchError(f"study {study!r} was not created by `autometa search` (it has no stored search settings)")
+    spec = SearchSpec.from_json(stored)
+    if data is not None:
+        spec.data = data
+    if spec.data is None:
+        raise SearchError(f"study {study!r} was searched on in-memory data; pass --data PATH to the same data file")
+    slots = resolve_devices(devices, trials_per_device)
+    recover_orphans(optuna_study, say)
+    budget = DatabaseBudget(db, study, spec.budget)
+    say(f"joining study {study!r} on {', '.join(s.label for s in slots)}: {max(0, budget.remaining())} trial(s) of the budget of {spec.budget} left")
+
+    def show(frozen_states=FINISHED):
+        return len(optuna_study.get_trials(deepcopy=False, states=frozen_states))
+
+    seen = {t.number for t in optuna_study.get_trials(deepcopy=False, states=FINISHED)}
+
+    def on_poll() -> None:
+        for t in optuna_study.get_trials(deepcopy=False, states=FINISHED):
+            if t.number not in seen:
+                seen.add(t.number)
+                value = f"validation {100 * t.value:.1f}%" if t.state == TrialState.COMPLETE else t.state.name.lower()
+                say(f"trial {t.number:>3} {value} on {t.user_attrs.get('worker', '?')}")
+
+    existing = show()
+    run_pool(
+        optuna_study, db, slots, budget, build_runner, (spec, None, None, None, existing),
+        timeout=None, trial_timeout=trial_timeout, on_event=lambda event: None, on_poll=on_poll, say=say,
+    )
+    return show()
