@@ -12,6 +12,7 @@ import sys
 import optuna
 from optuna.trial import TrialState
 
+from autometa.data import load_dataset
 from autometa.errors import SearchError
 from autometa.study import SearchSpec, build_runner
 from autometa.workers import FINISHED, DatabaseBudget, recover_orphans, resolve_devices, run_pool, storage_for
@@ -42,9 +43,21 @@ def join(
     if spec.data is None:
         raise SearchError(f"study {study!r} was searched on in-memory data; pass --data PATH to the same data file")
     slots = resolve_devices(devices, trials_per_device)
+    # Every worker reloads the data; check it here once, so that a missing file or another
+    # version of the data is one clear error instead of workers failing, or searching the wrong data.
+    dataset = load_dataset(spec.data, spec.label, group=spec.group, columns=spec.columns, image_size=spec.image_size)
+    expected = optuna_study.user_attrs.get("fingerprint")
+    if expected is not None and dataset.fingerprint != expected:
+        raise SearchError(
+            f"{spec.data} is not the data study {study!r} was searched on (content fingerprint {dataset.fingerprint[:10]}, "
+            f"the study's is {expected[:10]}); pass --data PATH to a copy of that file"
+        )
     recover_orphans(optuna_study, say)
     budget = DatabaseBudget(db, study, spec.budget)
-    say(f"joining study {study!r} on {', '.join(s.label for s in slots)}: {max(0, budget.remaining())} trial(s) of the budget of {spec.budget} left")
+    left = budget.remaining()
+    say(f"joining study {study!r} on {', '.join(s.label for s in slots)}: {max(0, left)} trial(s) of the budget of {spec.budget} left")
+    if left <= 0:
+        return len(optuna_study.get_trials(deepcopy=False, states=FINISHED))
 
     def show(frozen_states=FINISHED):
         return len(optuna_study.get_trials(deepcopy=False, states=frozen_states))

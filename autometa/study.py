@@ -357,7 +357,12 @@ class TrialRunner:
 
     def __call__(self, trial: optuna.Trial) -> float:
         spec = self.spec
-        config = sample_config(trial, self.registry, spec.choices)
+        try:
+            config = sample_config(trial, self.registry, spec.choices)
+        except Exception as exc:  # a plugin's suggest() or a queued value outside the choices
+            trial.set_user_attr("wall_time_s", 0.0)
+            trial.set_user_attr("fail_reason", f"sampling the configuration failed: {failure_reason(exc, self.device)}")
+            raise
         trial_seed = spec.seed * 1_000_003 + trial.number
         for key, value in (("seed", trial_seed), ("device", self.device), ("steps", spec.steps),
                            ("worker", self.label), ("pid", os.getpid()), ("host", platform.node())):

@@ -10,6 +10,7 @@ reason and re-queued when the study is opened again. Other machines join the sam
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing as mp
 import os
 import platform
@@ -17,15 +18,19 @@ import queue
 import signal
 import sqlite3
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
 import optuna
+import sqlalchemy
 import torch
+from optuna.storages._rdb import models as optuna_models
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
@@ -34,6 +39,7 @@ from autometa.errors import AutometaError, SearchError
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 HEARTBEAT_S = 10
 GRACE_S = 60
+MAX_STRIKES = 3  # deaths in a row before any trial, after which a slot is given up
 
 
 @dataclass
@@ -79,8 +85,16 @@ def threads_per_worker(slots: list[Slot]) -> int:
     Oversubscribing cores stalls (second-order) autograd badly, so never more than a fair share.
     """
     cpu_workers = sum(1 for s in slots if s.device == "cpu")
-    cores = os.cpu_count() or 1
-    return max(1, cores // max(1, cpu_workers)) if cpu_workers else max(1, min(4, cores // len(slots)))
+    try:
+        cores = len(os.sched_getaffinity(0))  # what this process may use (taskset, container limits)
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    threads = max(1, cores // max(1, cpu_workers)) if cpu_workers else max(1, min(4, cores // len(slots)))
+    # OMP_NUM_THREADS is how users (and other searches on the same machine) ask for fewer.
+    try:
+        return max(1, min(threads, int(os.environ["OMP_NUM_THREADS"])))
+    except (KeyError, ValueError):
+        return threads
 
 
 def storage_for(db: str) -> optuna.storages.RDBStorage:
@@ -107,21 +121,68 @@ def storage_for(db: str) -> optuna.storages.RDBStorage:
                 raise SearchError(f"--db {db}: folder {path.parent} is not writable")
             _enable_wal(path, db)
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
+    # Optuna renamed the stale-trial callback (4.9); either re-queues a trial no heartbeat vouches for.
+    accepted = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
+    callback = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in accepted else "failed_trial_callback"
+    kwargs[callback] = _requeue_stale
     try:
         with warnings.catch_warnings():  # heartbeats are flagged experimental but long stable
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-            db,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
-            **kwargs,
-            )
+            warnings.simplefilter("ignore", FutureWarning)
+            return _Storage(db, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **kwargs)
     except AutometaError:
         raise
     except Exception as exc:
         cause = exc.__cause__ or exc
+        if isinstance(cause, ModuleNotFoundError):
+            extra = ' (pip install "autometa[postgres]")' if url.get_backend_name() == "postgresql" else ""
+            raise SearchError(
+                f"--db {url.render_as_string(hide_password=True)}: its database driver {cause.name!r} is not installed{extra}"
+            ) from exc
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise SearchError(f"cannot open the study database {db}: {type(cause).__name__}: {first}") from exc
+        raise SearchError(
+            f"cannot open the study database {url.render_as_string(hide_password=True)}: {type(cause).__name__}: {first}"
+        ) from exc
+
+
+class _Storage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage with an atomic claim of waiting trials and reasons for stale ones."""
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        if state != TrialState.RUNNING or values is not None:
+            return super().set_trial_state_values(trial_id, state, values)
+        # Optuna pops a waiting (enqueued or re-queued) trial by reading its state, then writing
+        # RUNNING under SELECT ... FOR UPDATE, which SQLite ignores: two processes could both run
+        # the same trial and the second one's tell would crash. One conditional UPDATE is atomic
+        # on every database.
+        table = optuna_models.TrialModel.__table__
+        with self.engine.begin() as connection:
+            claimed = connection.execute(
+                sqlalchemy.update(table)
+                .where(table.c.trial_id == trial_id, table.c.state == TrialState.WAITING)
+                .values(state=TrialState.RUNNING, datetime_start=datetime.now())
+            ).rowcount
+        if claimed == 1:
+            return True
+        return super().set_trial_state_values(trial_id, state, values)  # False, or raises for a finished trial
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        grace = self.grace_period or 2 * (self.heartbeat_interval or 0)
+        # Whoever fails these next (Optuna in any worker, or recover_orphans) leaves this reason.
+        for trial_id in stale:
+            try:
+                self.set_trial_user_attr(
+                    trial_id, "fail_reason", f"no heartbeat from its worker for over {grace}s (host or worker lost); re-queued"
+                )
+            except RuntimeError:
+                pass  # failed meanwhile
+        return stale
+
+
+def _requeue_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    if trial.params:
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
 
 
 def _enable_wal(path: Path, db: str) -> None:
@@ -167,7 +228,14 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A dead worker whose parent died too stays a zombie where PID 1 does not reap (containers):
+    # it still answers signal 0, yet its trial is orphaned.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 def fail_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str, requeue: bool = False) -> None:
@@ -225,7 +293,7 @@ class WorkerJob:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def worker_main(job: WorkerJob, claim, events) -> None:
+def worker_main(job: WorkerJob, budget: "Budget", events) -> None:
     """Run trials until the budget is claimed away or the parent disappears."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     torch.set_num_threads(job.threads)
@@ -239,8 +307,19 @@ def worker_main(job: WorkerJob, claim, events) -> None:
         study_name=job.study, storage=storage_for(job.db),
         sampler=getattr(objective, "sampler", None), pruner=getattr(objective, "pruner", None),
     )
-    while os.getppid() == job.parent_pid and claim():
-        study.optimize(objective, n_trials=1, catch=(Exception,))
+
+    def run(trial: optuna.Trial) -> float:
+        budget.release()  # the trial is in the database now: the next local worker can count it
+        # Who runs it, first thing: a trial whose process dies is recognised by these.
+        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("host", platform.node())
+        return objective(trial)
+
+    while parent_alive(job.parent_pid) and budget.claim(study, job.parent_pid):
+        try:
+            study.optimize(run, n_trials=1, catch=(Exception,))
+        finally:
+            budget.release()
         if objective.stop_requested:
             break
 
@@ -249,52 +328,66 @@ def parent_alive(parent_pid: int) -> bool:
     return os.getppid() == parent_pid
 
 
-class SharedBudget:
-    """Trials left to start, shared by the local workers (exact: one claim per trial)."""
+class Budget:
+    """Trials this host's workers may still start: the study's total budget minus the trials in
+    the database, finished or running.
 
-    def __init__(self, context, count: int):
-        self.value = context.Value("i", count)
+    A worker holds the claim lock from that count until its trial exists in the database, so
+    this host's workers never overshoot the budget together. Other hosts are seen only through
+    the database: two hosts claiming the last trial at once may run one extra.
+    """
 
-    def __call__(self) -> bool:
-        with self.value.get_lock():
-            if self.value.value <= 0:
+    def __init__(self, context, total: int):
+        self.total = total
+        self._lock = context.Lock()
+        self._holder = context.Value("i", 0, lock=False)
+        self._cancelled = context.Value("b", 0, lock=False)
+
+    def remaining(self, study: optuna.Study) -> int:
+        if self._cancelled.value:
+            return 0
+        return self.total - len(study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,)))
+
+    def claim(self, study: optuna.Study, parent_pid: int | None = None) -> bool:
+        """Take the claim lock if a trial is left (then ``release`` once the trial exists)."""
+        while not self._lock.acquire(timeout=1.0):
+            if parent_pid is not None and not parent_alive(parent_pid):
                 return False
-            self.value.value -= 1
-            return True
+        self._holder.value = os.getpid()
+        try:
+            if self.remaining(study) > 0:
+                return True
+        except BaseException:
+            self.release()
+            raise
+        self.release()
+        return False
+
+    def release(self) -> None:
+        if self._holder.value == os.getpid():
+            self._holder.value = 0
+            self._lock.release()
+
+    def release_for(self, pid: int | None) -> None:
+        """Free the claim lock a dead worker took with it."""
+        if pid and self._holder.value == pid:
+            self._holder.value = 0
+            self._lock.release()
 
     def cancel(self) -> None:
-        with self.value.get_lock():
-            self.value.value = 0
-
-    def remaining(self) -> int:
-        return self.value.value
+        self._cancelled.value = 1
 
 
 class DatabaseBudget:
-    """Trials left by the study's stored budget, counted in the database (for workers on other
-    machines, which share no memory: two hosts claiming the last trial at once may run one extra)."""
+    """The study's total budget, for workers joining from another process or machine (they run
+    trials until the study holds ``budget`` finished or running ones)."""
 
     def __init__(self, db: str, study: str, budget: int):
         self.db, self.study, self.budget = db, study, budget
-        self.cancelled = False
-        self._study: optuna.Study | None = None
 
     def remaining(self) -> int:
-        if self.cancelled:
-            return 0
-        if self._study is None:
-            self._study = optuna.load_study(study_name=self.study, storage=storage_for(self.db))
-        used = len(self._study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,)))
-        return self.budget - used
-
-    def __call__(self) -> bool:
-        return self.remaining() > 0
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def __getstate__(self):
-        return {"db": self.db, "study": self.study, "budget": self.budget, "cancelled": self.cancelled, "_study": None}
+        stored = optuna.load_study(study_name=self.study, storage=storage_for(self.db))
+        return self.budget - len(stored.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,)))
 
 
 @contextmanager
@@ -342,12 +435,18 @@ def run_pool(
     on_poll: Callable[[], None],
     say: Callable[[str], None],
 ) -> None:
-    """Run ``n_trials`` trials of ``study`` on worker processes, one per slot, replacing dead ones.
+    """Run ``n_trials`` more trials of ``study`` on worker processes, one per slot, replacing dead ones.
 
-    ``n_trials`` may be a DatabaseBudget instead, for workers joining from another machine.
+    ``n_trials`` may be a DatabaseBudget instead: trials until the study holds its budget
+    (workers joining from another machine). Either way trials run elsewhere on the same study
+    count: the budget is the study's, not this process's.
     """
     context = mp.get_context("spawn")
-    budget = SharedBudget(context, n_trials) if isinstance(n_trials, int) else n_trials
+    if isinstance(n_trials, DatabaseBudget):
+        total = n_trials.budget
+    else:
+        total = len(study.get_trials(deepcopy=False, states=FINISHED)) + n_trials
+    budget = Budget(context, total)
     events = context.Queue()
     threads = threads_per_worker(slots)
     workers: dict[str, mp.Process] = {}
@@ -356,55 +455,95 @@ def run_pool(
     def start(slot: Slot) -> None:
         job = WorkerJob(build, build_args, db, study.study_name, slot, threads, os.getpid())
         process = context.Process(target=worker_main, args=(job, budget, events), name=f"autometa-{slot.label}", daemon=True)
-        with _without_main_module():
+        with _without_main_module(), _sigint_ignored():
             process.start()
         workers[slot.label] = process
 
-    def running_of(pid: int) -> list[optuna.trial.FrozenTrial]:
-        return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.user_attrs.get("pid") == pid]
+    def running_by_pid() -> dict[int, list[optuna.trial.FrozenTrial]]:
+        running: dict[int, list[optuna.trial.FrozenTrial]] = {}
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            running.setdefault(trial.user_attrs.get("pid"), []).append(trial)
+        return running
+
+    errors: dict[str, str] = {}  # why a slot's worker could not start
+    strikes: dict[str, int] = {}  # deaths in a row of a slot's workers before any trial
+    timed_out: set[int] = set()
+
+    def handle(event: tuple) -> None:
+        if event[0] == "error":
+            errors[event[1]] = event[2]
+        on_event(event)
+
+    def drain(seconds: float) -> None:
+        try:
+            deadline = time.monotonic() + seconds  # a chatty queue must not starve the checks below
+            while time.monotonic() < deadline:
+                handle(events.get(timeout=0.2))
+        except queue.Empty:
+            pass
 
     for slot in slots:
         start(slot)
     by_label = {s.label: s for s in slots}
     try:
         while workers:
-            try:
-                while True:
-                    on_event(events.get(timeout=0.2))
-            except queue.Empty:
-                pass
+            drain(1.0)
             on_poll()
             if timeout is not None and time.monotonic() - started > timeout:
                 budget.cancel()  # workers finish their current trial and stop
+            running = running_by_pid() if trial_timeout is not None else None
             for label, process in list(workers.items()):
                 if trial_timeout is not None and process.is_alive():
-                    for trial in running_of(process.pid):
+                    for trial in running.get(process.pid, []):
                         began = trial.datetime_start.timestamp() if trial.datetime_start else time.time()
                         if time.time() - began > trial_timeout:
                             process.kill()
                             process.join(10)
+                            timed_out.add(process.pid)
                             fail_trial(study, trial, f"exceeded --trial-timeout of {trial_timeout:g}s on {label}; its worker was replaced")
                 if process.is_alive():
                     continue
                 process.join()
                 del workers[label]
-                if process.exitcode != 0:
-                    for trial in running_of(process.pid):
-                        fail_trial(
-                            study, trial,
-                            f"its worker process on {label} {_exit_reason(process.exitcode)} during the trial "
-                            "(crash, out of memory or a kill); the search went on with a fresh worker",
-                        )
-                    if budget.remaining() > 0:
-                        say(f"worker {label} {_exit_reason(process.exitcode)}; starting a fresh one")
-                        start(by_label[label])
+                budget.release_for(process.pid)
+                if process.exitcode == 0:
+                    continue
+                orphaned = running_by_pid().get(process.pid, [])
+                for trial in orphaned:
+                    fail_trial(
+                        study, trial,
+                        f"its worker process on {label} {_exit_reason(process.exitcode)} during the trial "
+                        "(crash, out of memory or a kill); the search went on with a fresh worker",
+                    )
+                # A worker that cannot even build its objective, or keeps dying before any trial,
+                # would do so again: give its slot up rather than restart it forever.
+                if process.exitcode == 3:
+                    strikes[label] = MAX_STRIKES
+                elif orphaned or process.pid in timed_out or _ran_a_trial(study, process.pid):
+                    strikes[label] = 0
+                else:
+                    strikes[label] = strikes.get(label, 0) + 1
+                if strikes[label] >= MAX_STRIKES:
+                    drain(0.5)  # its last words may still be in the queue
+                    reason = errors.get(label) or f"{_exit_reason(process.exitcode)} before running a trial"
+                    if workers:
+                        say(f"worker {label} could not start ({reason}); going on without it")
+                        continue
+                    if budget.remaining(study) > 0:
+                        raise SearchError(f"worker {label} could not start: {reason}")
+                    continue
+                if budget.remaining(study) > 0:
+                    say(f"worker {label} {_exit_reason(process.exitcode)}; starting a fresh one")
+                    start(by_label[label])
     except KeyboardInterrupt:
         budget.cancel()
         for process in workers.values():
             process.terminate()
-        for label, process in workers.items():
+        for process in workers.values():
             process.join(10)
-            for trial in running_of(process.pid):
+        running = running_by_pid()
+        for process in workers.values():
+            for trial in running.get(process.pid, []):
                 fail_trial(study, trial, "interrupted (Ctrl-C) while running; run the search again to resume")
         raise
     finally:
@@ -412,3 +551,22 @@ def run_pool(
             if process.is_alive():
                 process.kill()
         events.close()
+
+
+def _ran_a_trial(study: optuna.Study, pid: int) -> bool:
+    return any(t.user_attrs.get("pid") == pid for t in study.get_trials(deepcopy=False))
+
+
+@contextmanager
+def _sigint_ignored():
+    """Start a worker with SIGINT ignored: a spawned Python then never installs its Ctrl-C
+    handler, so a Ctrl-C while it is still importing cannot kill it with a traceback (the
+    parent stops its workers itself)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
