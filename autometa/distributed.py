@@ -59,8 +59,8 @@ def join(
     if left <= 0:
         return len(optuna_study.get_trials(deepcopy=False, states=FINISHED))
 
-    def show(frozen_states=FINISHED):
-        return len(optuna_study.get_trials(deepcopy=False, states=frozen_states))
+    def finished() -> int:
+        return len(optuna_study.get_trials(deepcopy=False, states=FINISHED))
 
     seen = {t.number for t in optuna_study.get_trials(deepcopy=False, states=FINISHED)}
 
@@ -71,9 +71,9 @@ def join(
                 value = f"validation {100 * t.value:.1f}%" if t.state == TrialState.COMPLETE else t.state.name.lower()
                 say(f"trial {t.number:>3} {value} on {t.user_attrs.get('worker', '?')}")
 
-    existing = show()
+    existing = finished()
     run_pool(
         optuna_study, db, slots, budget, build_runner, (spec, None, None, None, existing),
         timeout=None, trial_timeout=trial_timeout, on_event=lambda event: None, on_poll=on_poll, say=say,
     )
-    return show()
+    return finished()

@@ -401,7 +401,7 @@ class TrialRunner:
         finally:
             self._emit("end", self.label, trial.number)
         trial.set_user_attr("wall_time_s", time.perf_counter() - started)
-        trial.set_user_attr("parameters", sum(sum(p.numel() for p in m.parameters()) for m in algorithm.modules().values()))
+        trial.set_user_attr("parameters", count_parameters(algorithm))
         if self.cache is not None:
             _keep_best(self.cache, trial.number, score.mean, algorithm, self.top_k)
         return score.mean
@@ -551,7 +551,7 @@ def search(
     if not optuna_study.get_trials(deepcopy=False):
         for params in default_trials(registry, choices)[: max(0, remaining)]:
             optuna_study.enqueue_trial(params, skip_if_exists=True)
-    cache: dict[int, MetaAlgorithm] = {}
+    cache: dict[int, tuple[float, MetaAlgorithm]] = {}
     if remaining > 0:
         if isolate:
             _optimize_pool(optuna_study, db, slots, spec, dataset, custom, existing, remaining, timeout, trial_timeout,
@@ -694,11 +694,17 @@ def _optimize_pool(study, db, slots, spec, dataset, custom, existing, n_trials, 
         bar.close()
 
 
-def _keep_best(cache: dict[int, MetaAlgorithm], number: int, value: float, algorithm: MetaAlgorithm, top_k: int) -> None:
-    algorithm._validation = value  # noqa: SLF001 - only used to rank the cache
-    cache[number] = algorithm
-    for stale in sorted(cache, key=lambda n: cache[n]._validation, reverse=True)[top_k:]:
+def _keep_best(cache: dict[int, tuple[float, MetaAlgorithm]], number: int, value: float, algorithm: MetaAlgorithm,
+               top_k: int) -> None:
+    """Keep the ``top_k`` best trained models of this run (by validation), so the leaderboard
+    need not retrain them."""
+    cache[number] = (value, algorithm)
+    for stale in sorted(cache, key=lambda n: cache[n][0], reverse=True)[top_k:]:
         del cache[stale]
+
+
+def count_parameters(algorithm: MetaAlgorithm) -> int:
+    return sum(p.numel() for m in algorithm.modules().values() for p in m.parameters())
 
 
 def _leaderboard(study, split, registry, choices, top_k, steps, eval_every, cache, say) -> list[LeaderboardEntry]:
@@ -718,14 +724,14 @@ def _leaderboard(study, split, registry, choices, top_k, steps, eval_every, cach
     entries = []
     for rank, t in enumerate(chosen, start=1):
         config = sample_config(FixedTrial(t.params), registry, choices)
-        algorithm = cache.get(t.number)
+        algorithm = cache[t.number][1] if t.number in cache else None
         if algorithm is None:  # trained in an earlier run: retrain it from its parameters and seed
             algorithm, _ = train(
                 config, split, seed=t.user_attrs.get("seed", t.number), steps=t.user_attrs.get("steps", steps),
                 eval_every=eval_every, registry=registry,
             )
         test = evaluate(algorithm, split.test)
-        parameters = sum(sum(p.numel() for p in m.parameters()) for m in algorithm.modules().values())
+        parameters = count_parameters(algorithm)
         entries.append(LeaderboardEntry(rank, t.number, config, t.value, test, parameters, algorithm))
     return entries
 

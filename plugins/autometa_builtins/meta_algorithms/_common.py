@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from autometa.components import Backbone
+from autometa.errors import ProtocolError
+from autometa.tasks import TrainingPool
 
 EMBED_BATCH = 1024
 
@@ -18,7 +20,8 @@ def embed(backbone: Backbone, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def placement(backbone: Backbone, device: torch.device) -> dict:
-    """Device and dtype for new tensors: the backbone's, or the data's for a parameterless one."""
+    """Device and dtype for new tensors: the backbone's, or torch's default for a parameterless one
+    (``embedding_placement`` finds a parameterless backbone's real output dtype)."""
     first = next(backbone.parameters(), None)
     return {"device": device, "dtype": first.dtype if first is not None else torch.get_default_dtype()}
 
@@ -38,3 +41,39 @@ def make_optimizer(params, **kwargs) -> torch.optim.Optimizer | None:
 
 def first_task(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {m: t[0] for m, t in inputs.items()}
+
+
+def embedding_placement(backbone: Backbone, pool: TrainingPool) -> dict:
+    """Device and dtype of the backbone's embeddings, for heads built on top of them.
+
+    A parameterless backbone (identity ▶ concat) passes its inputs' dtype through, which
+    ``placement`` cannot know, so one training row is embedded to find out. A pool without
+    rows (a saved model rebuilt from ``PoolInfo``) gets ``placement``'s default dtype.
+    """
+    if next(backbone.parameters(), None) is not None or getattr(pool, "features", None) is None:
+        return placement(backbone, pool.device)
+    with torch.no_grad():
+        probe = backbone(pool.features.take(torch.as_tensor(pool.rows[:1], device=pool.device)))
+    return {"device": probe.device, "dtype": probe.dtype}
+
+
+def training_shape(
+    pool: TrainingPool, shape: tuple[int, int, int], ways: int | None = None, shots: int | None = None
+) -> tuple[int, int, int]:
+    """The episode shape to train on: the protocol's ``shape`` with ``ways``/``shots`` overriding.
+
+    Ways and queries shrink to what the pool can supply (``pool.episode_shape``). Shots asked
+    above the protocol's fall back towards the protocol's; at or below it, a shape the pool
+    cannot supply is the protocol's error to report, as it would be without the override.
+    """
+    protocol_ways, protocol_shots, queries = shape
+    ways = protocol_ways if ways is None else ways
+    wanted = protocol_shots if shots is None else shots
+    floor = min(wanted, protocol_shots)
+    for n_shots in range(wanted, floor - 1, -1):
+        try:
+            return pool.episode_shape(ways, n_shots, queries)
+        except ProtocolError:
+            if n_shots == floor:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -13,8 +13,8 @@ from torch import nn
 
 from autometa.components import Backbone, MetaAlgorithm, suggest_value
 from autometa.tasks import Task, TrainingPool
-from autometa_builtins.meta_algorithms._common import embed, make_optimizer, step
-from autometa_builtins.meta_algorithms.metric import class_means, cosine_matrix, embedding_placement
+from autometa_builtins.meta_algorithms._common import embed, embedding_placement, make_optimizer, step
+from autometa_builtins.meta_algorithms.metric import class_means, cosine_matrix
 
 
 class CosineClassifier(nn.Module):

@@ -29,9 +29,8 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
 from autometa.components import Backbone, MetaAlgorithm
-from autometa.errors import ProtocolError
 from autometa.tasks import Task, TrainingPool
-from autometa_builtins.meta_algorithms._common import EMBED_BATCH, make_optimizer, placement
+from autometa_builtins.meta_algorithms._common import EMBED_BATCH, make_optimizer, placement, training_shape
 
 Params = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -103,22 +102,9 @@ class GradientMetaLearner(MetaAlgorithm):
     def setup(self, backbone: Backbone, pool: TrainingPool, shape: tuple[int, int, int]) -> None:
         self.backbone = backbone
         self.device = pool.device
-        self.shape = self._training_shape(pool, shape)
+        self.shape = training_shape(pool, shape, self.train_ways, self.train_shots)
         self._build()
         self.optimizer = make_optimizer(self._meta_parameters(), lr=self.lr)
-
-    def _training_shape(self, pool: TrainingPool, shape: tuple[int, int, int]) -> tuple[int, int, int]:
-        ways, shots, queries = shape
-        ways = self.train_ways or ways
-        wanted = self.train_shots or shots
-        # episode_shape lowers ways and queries but not shots; a searched shot count above the
-        # protocol's that the pool cannot supply falls back towards it rather than failing.
-        for candidate in range(wanted, min(wanted, shots), -1):
-            try:
-                return pool.episode_shape(ways, candidate, queries)
-            except ProtocolError:
-                continue
-        return pool.episode_shape(ways, min(wanted, shots), queries)
 
     def _build(self) -> None:
         """Create learned state beyond the backbone (before the optimiser is made)."""

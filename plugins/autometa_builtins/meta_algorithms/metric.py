@@ -18,9 +18,15 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from torch import nn
 
 from autometa.components import Backbone, MetaAlgorithm
-from autometa.errors import ProtocolError
 from autometa.tasks import Task, TrainingPool
-from autometa_builtins.meta_algorithms._common import embed, first_task, make_optimizer, placement, step
+from autometa_builtins.meta_algorithms._common import (
+    embed,
+    embedding_placement,
+    first_task,
+    make_optimizer,
+    step,
+    training_shape,
+)
 
 # Elements of the largest intermediate tensor while scoring one chunk of queries (64 MiB in float32).
 CHUNK_ELEMENTS = 2**24
@@ -50,42 +56,6 @@ def squared_distance_logits(query: torch.Tensor, prototypes: torch.Tensor) -> to
 def prototype_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, n_way: int) -> torch.Tensor:
     """Negative squared euclidean distance from each query to each class mean of the support."""
     return squared_distance_logits(query, class_means(support, support_y, n_way))
-
-
-def embedding_placement(backbone: Backbone, pool: TrainingPool) -> dict:
-    """Device and dtype of the backbone's embeddings, for heads built on top of them.
-
-    A parameterless backbone (identity ▶ concat) passes its inputs' dtype through, which
-    ``placement`` cannot know, so one training row is embedded to find out. A pool without
-    rows (a saved model rebuilt from ``PoolInfo``) gets ``placement``'s default dtype.
-    """
-    if next(backbone.parameters(), None) is not None or getattr(pool, "features", None) is None:
-        return placement(backbone, pool.device)
-    with torch.no_grad():
-        probe = backbone(pool.features.take(torch.as_tensor(pool.rows[:1], device=pool.device)))
-    return {"device": probe.device, "dtype": probe.dtype}
-
-
-def training_shape(
-    pool: TrainingPool, shape: tuple[int, int, int], ways: int | None = None, shots: int | None = None
-) -> tuple[int, int, int]:
-    """The episode shape to train on: the protocol's ``shape`` with ``ways``/``shots`` overriding.
-
-    Ways and queries shrink to what the pool can supply (``pool.episode_shape``). Shots asked
-    above the protocol's fall back towards the protocol's; at or below it, a shape the pool
-    cannot supply is the protocol's error to report, as it would be without the override.
-    """
-    protocol_ways, protocol_shots, queries = shape
-    ways = protocol_ways if ways is None else ways
-    wanted = protocol_shots if shots is None else shots
-    floor = min(wanted, protocol_shots)
-    for n_shots in range(wanted, floor - 1, -1):
-        try:
-            return pool.episode_shape(ways, n_shots, queries)
-        except ProtocolError:
-            if n_shots == floor:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class LearnableScale(nn.Module):
