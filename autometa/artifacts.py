@@ -204,7 +204,8 @@ class Model:
             for m in config["encoders"]
         }
         fusion = self._build("fusion", {m: e.out_dim for m, e in encoders.items()}, **config["fusion_params"])
-        backbone = Backbone(encoders, fusion, input_keys)
+        # A model saved before cross-modal mapping existed has no weight: no mapper.
+        backbone = Backbone(encoders, fusion, input_keys, crossmodal_weight=config.get("crossmodal_weight", 0.0))
         algorithm = self._build("meta_algorithm", **config["meta_params"])
         pool = PoolInfo(len(self.document["training_classes"]))
         shape = tuple(self.document["episode_shape"])

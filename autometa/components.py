@@ -20,6 +20,9 @@ from optuna.distributions import (
 )
 from torch import nn
 
+from autometa.crossmodal import CrossModalMapper
+from autometa.errors import DataError
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -144,20 +147,71 @@ def derived_key(modality: str, encoder: str) -> str:
 
 
 class Backbone(nn.Module):
-    """encoders ▶ fusion: maps a dict of modality inputs to one embedding per row."""
+    """encoders ▶ fusion: maps a dict of modality inputs to one embedding per row.
 
-    def __init__(self, encoders: dict[str, Encoder], fusion: Fusion, input_keys: dict[str, str] | None = None):
+    With ``crossmodal_weight`` > 0 and two or more modalities it also owns a
+    :class:`~autometa.crossmodal.CrossModalMapper` (``self.mapper``): a row's absent modality
+    (mask False, or no input at all) is imputed from the others before fusion, and
+    ``embed_with_aux`` returns ``crossmodal_weight`` × the mapping loss for training.
+    """
+
+    def __init__(
+        self,
+        encoders: dict[str, Encoder],
+        fusion: Fusion,
+        input_keys: dict[str, str] | None = None,
+        *,
+        crossmodal_weight: float = 0.0,
+    ):
         super().__init__()
+        if not crossmodal_weight >= 0:
+            raise ValueError(f"crossmodal_weight must be zero or positive, got {crossmodal_weight}")
         self.encoders = nn.ModuleDict(encoders)
         self.fusion = fusion
         self.out_dim = fusion.out_dim
         # Which input each encoder reads: its modality, or its own derived input (see prepare).
         self.input_keys = {m: (input_keys or {}).get(m, m) for m in encoders}
+        self.crossmodal_weight = float(crossmodal_weight)
+        self.mapper = None
+        if crossmodal_weight > 0 and len(encoders) >= 2:
+            self.mapper = CrossModalMapper({m: enc.out_dim for m, enc in encoders.items()})
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        embeddings = {m: enc(inputs[self.input_keys[m]]) for m, enc in self.encoders.items()}
-        masks = {m: inputs[MASK_PREFIX + m] for m in self.encoders if MASK_PREFIX + m in inputs}
-        return self.fusion(embeddings, masks or None)
+    def forward(self, inputs: dict[str, torch.Tensor], *, aux: bool = False):
+        """``[..., batch, out_dim]`` features, or ``(features, aux_loss)`` when ``aux`` (the
+        keyword lets ``torch.func.functional_call`` ask for it: see ``embed_with_aux``)."""
+        embeddings, masks = self._embed(inputs)
+        aux_loss = None
+        if self.mapper is not None and (aux or masks):
+            predictions = self.mapper.predict(embeddings, masks)
+            if aux:
+                aux_loss = self.crossmodal_weight * self.mapper.loss(embeddings, masks, predictions)
+            embeddings, masks = self.mapper.impute(embeddings, masks, predictions)
+        features = self.fusion(embeddings, masks or None)
+        if not aux:
+            return features
+        return features, features.new_zeros(()) if aux_loss is None else aux_loss
+
+    def embed_with_aux(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, auxiliary loss already weighted) for a meta-algorithm's training loss.
+
+        The loss is a 0-dim tensor, exactly zero without a mapper, so adding it changes nothing
+        then. Under ``torch.func`` call ``functional_call(backbone, params, (inputs,), {"aux": True})``.
+        """
+        return self(inputs, aux=True)
+
+    def _embed(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Each modality's embedding and presence masks; a modality without an input is absent
+        from every row (zeros in its place, which fusions and the mapper ignore)."""
+        embeddings = {m: enc(inputs[self.input_keys[m]]) for m, enc in self.encoders.items() if self.input_keys[m] in inputs}
+        if not embeddings:
+            raise DataError(f"the model got none of its inputs ({', '.join(self.input_keys.values())}); give at least one")
+        masks = {m: inputs[MASK_PREFIX + m] for m in embeddings if MASK_PREFIX + m in inputs}
+        like = next(iter(embeddings.values()))
+        for m, enc in self.encoders.items():
+            if m not in embeddings:
+                embeddings[m] = like.new_zeros(like.shape[:-1] + (enc.out_dim,))
+                masks[m] = torch.zeros(like.shape[:-1], dtype=torch.bool, device=like.device)
+        return {m: embeddings[m] for m in self.encoders}, masks
 
 
 class MetaAlgorithm(Component):
@@ -168,6 +222,9 @@ class MetaAlgorithm(Component):
     """
 
     protocols: ClassVar[tuple[str, ...]] = ("fewshot", "grouped", "standard")
+    # True when the training loss adds the backbone's auxiliary loss (``Backbone.embed_with_aux``);
+    # only then does the search try cross-modal mapping weights with this meta-algorithm.
+    uses_auxiliary_loss: ClassVar[bool] = False
 
     def setup(self, backbone: Backbone, pool: "TrainingPool", shape: tuple[int, int, int]) -> None:  # pragma: no cover
         """Build heads and optimisers for ``backbone``; ``shape`` is the protocol's

@@ -1,36 +1,204 @@
-"""Read-only queries over a study database, for `autometa db ...` (more arrive with the
-database issue: datasets, similar datasets, read-only SQL)."""
+"""Read-only queries over a study database, for `autometa db ...`.
+
+Each function returns rows (a list of dicts) for the CLI to print as a table, JSON or CSV
+(:func:`format_rows`). The database is only read: SQLite files are opened in SQLite's
+read-only mode (as for reports), and :func:`sql` runs user SQL behind SQLite's authorizer
+or in a PostgreSQL ``READ ONLY`` transaction.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import csv
+import difflib
+import functools
+import io
+import json
+import math
+import re
+import sqlite3
+import time
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, Iterator, Mapping
+from urllib.parse import urlencode
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
+from autometa import schema
 from autometa.errors import SearchError
-from autometa.report import open_storage
+from autometa.report import configuration_label, open_storage, read_only_url
+
+# Float columns that hold accuracies: shown as percentages in tables.
+PERCENT_COLUMNS = {"value", "validation", "best_validation", "best_test", "best_test_ci95", "test_mean", "test_ci95"}
+# Meta-features every dataset has, shown by `autometa db datasets`.
+KEY_META_FEATURES = ("class_entropy", "imbalance_ratio", "missing_rate")
+SQL_ROW_LIMIT = 1000
 
 
-def studies(db: str) -> list[dict[str, Any]]:
-    """One row per study: dataset, protocol, trial counts, best validation and test scores."""
+# --- formatting -------------------------------------------------------------------------------
+
+
+def format_rows(rows: list[Mapping[str, Any]], fmt: str, *, raw: bool = False) -> str:
+    """``rows`` as an aligned text table, JSON or CSV (every row has the first row's columns).
+
+    Tables show accuracies (``PERCENT_COLUMNS``) as percentages unless ``raw``."""
+    if fmt == "json":
+        return json.dumps([dict(r) for r in rows], indent=2, default=_plain) + "\n"
+    if not rows:
+        return "(no rows)\n" if fmt == "table" else ""
+    header = list(rows[0])
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(header)
+        writer.writerows([[_cell(r.get(h), h, percent=False, table=False) for h in header] for r in rows])
+        return buffer.getvalue()
+    table = [[_cell(r.get(h), h, percent=not raw) for h in header] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
+    return "".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() + "\n" for line in [header, *table])
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+def _cell(value: Any, column: str, percent: bool, table: bool = True) -> str:
+    if value is None:
+        return "-" if table else ""
+    if isinstance(value, float):
+        if percent and column in PERCENT_COLUMNS and math.isfinite(value):
+            return f"{100 * value:.1f}%"
+        return f"{value:.4g}" if table else repr(value)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=_plain)
+    if isinstance(value, datetime):
+        return _plain(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def _reading(db: str) -> Iterator[Connection]:
+    """A connection that only reads (SQLite files in read-only mode)."""
+    url = read_only_url(db)
+    engine = create_engine(url, poolclass=NullPool)
     try:
-        return _studies(db)
+        with engine.connect() as connection:
+            yield connection
+    except SQLAlchemyError as exc:
+        raise SearchError(f"cannot read {_shown(db)}: {_first_line(exc.orig if hasattr(exc, 'orig') else exc)}") from exc
+    finally:
+        engine.dispose()
+
+
+def _shown(db: str) -> str:
+    return make_url(db).render_as_string(hide_password=True)
+
+
+def _first_line(exc: BaseException | None) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _require_tables(connection: Connection, db: str) -> None:
+    version = schema.stored_version(connection)
+    if version == 0:
+        raise SearchError(
+            f"{_shown(db)} has no autometa tables (written by autometa 0.1); `autometa db upgrade --db {db}` "
+            "adds them, filled from its studies (any new search on it does the same)"
+        )
+    if version > schema.SCHEMA_VERSION:
+        raise SearchError(
+            f"{_shown(db)} was written by a newer autometa (schema version {version}, this one knows "
+            f"{schema.SCHEMA_VERSION}); upgrade autometa"
+        )
+
+
+def _storage(db: str) -> optuna.storages.RDBStorage:
+    return open_storage(db)
+
+
+def _studies_in(storage: optuna.storages.RDBStorage, db: str) -> list[optuna.study.StudySummary]:
+    try:
+        return optuna.study.get_all_study_summaries(storage, include_best_trial=True)
     except optuna.exceptions.StorageInternalError as exc:
         cause = exc.__cause__ or exc
-        raise SearchError(f"cannot read the studies in {db}: {str(cause).splitlines()[0]} (the file was not changed)") from exc
+        raise SearchError(f"cannot read the studies in {db}: {_first_line(cause)} (the file was not changed)") from exc
 
 
-def _studies(db: str) -> list[dict[str, Any]]:
-    storage = open_storage(db)
+def _unknown(kind: str, kinds: str, name: str, known: list[str], db: str) -> SearchError:
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    listed = ", ".join(known[:30]) + (f" … and {len(known) - 30} more" if len(known) > 30 else "")
+    return SearchError(f"no {kind} {name!r} in {_shown(db)}; {hint}{kinds} there: {listed or 'none'}")
+
+
+def _load_study(storage, name: str, db: str) -> optuna.Study:
+    names = sorted(s.study_name for s in _studies_in(storage, db))
+    if name not in names:
+        raise _unknown("study", "studies", name, names, db)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _latest_searches(connection: Connection) -> dict[str, dict[str, Any]]:
+    """Per study: status of its latest run, first start, last end, number of runs."""
+    found: dict[str, dict[str, Any]] = {}
+    for row in connection.execute(select(schema.searches).order_by(schema.searches.c.id)):
+        entry = found.setdefault(row.study, {"runs": 0, "started_at": schema.as_utc(row.started_at)})
+        entry["runs"] += 1
+        entry["status"] = row.status
+        entry["ended_at"] = schema.as_utc(row.ended_at)
+        entry["dataset_id"] = row.dataset_id
+    return found
+
+
+def _clear_errors(query):
+    """A damaged database fails inside Optuna's storage: say which database, in one line."""
+    @functools.wraps(query)
+    def wrapped(db: str, *args, **kwargs):
+        try:
+            return query(db, *args, **kwargs)
+        except optuna.exceptions.StorageInternalError as exc:
+            cause = exc.__cause__ or exc
+            raise SearchError(f"cannot read the studies in {db}: {_first_line(cause)} (the file was not changed)") from exc
+    return wrapped
+
+
+@_clear_errors
+def studies(db: str) -> list[dict[str, Any]]:
+    """One row per study: dataset, protocol, trial counts, best validation and test scores, and
+    (with autometa's tables) the status and times of its search runs."""
+    storage = _storage(db)
+    try:
+        return _studies(storage, db)
+    finally:
+        storage.engine.dispose()
+
+
+def _studies(storage: optuna.storages.RDBStorage, db: str) -> list[dict[str, Any]]:
+    with _reading(db) as connection:
+        runs = _latest_searches(connection) if schema.stored_version(connection) >= 1 else {}
     rows = []
-    for summary in optuna.study.get_all_study_summaries(storage, include_best_trial=False):
+    for summary in _studies_in(storage, db):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         attrs = study.user_attrs
         trials = study.get_trials(deepcopy=False)
         states = [t.state for t in trials]
         complete = [t.value for t in trials if t.state == TrialState.COMPLETE]
         best = (attrs.get("leaderboard") or [{}])[0]
+        run = runs.get(summary.study_name, {})
         rows.append({
             "study": summary.study_name,
             "dataset": attrs.get("dataset"),
@@ -42,6 +210,10 @@ def _studies(db: str) -> list[dict[str, Any]]:
             "best_validation": max(complete) if complete else None,
             "best_test": best.get("test_accuracy"),
             "best_test_ci95": best.get("test_ci95"),
+            "status": run.get("status"),
+            "runs": run.get("runs"),
+            "started_at": run.get("started_at"),
+            "ended_at": run.get("ended_at"),
             "model_path": attrs.get("model_path"),
         })
     return rows
@@ -54,3 +226,343 @@ def models(db: str) -> list[dict[str, Any]]:
         for row in studies(db)
         if row["model_path"]
     ]
+
+
+@_clear_errors
+def datasets(db: str) -> list[dict[str, Any]]:
+    """One row per stored dataset: where it came from, its size, modalities, key meta-features,
+    how often it was searched and the best validation accuracy reached on it."""
+    with _reading(db) as connection:
+        _require_tables(connection, db)
+        stored = schema.stored_datasets(connection)
+        runs = dict(connection.execute(
+            select(schema.searches.c.dataset_id, func.count()).group_by(schema.searches.c.dataset_id)
+        ).all())
+        sizes = {row.id: (row.rows, row.classes) for row in connection.execute(
+            select(schema.datasets.c.id, schema.datasets.c.rows, schema.datasets.c.classes))}
+    storage = _storage(db)
+    try:
+        summaries = {s.study_name: s for s in _studies_in(storage, db)}
+    finally:
+        storage.engine.dispose()
+    rows = []
+    for d in stored:
+        on_it = [summaries[study] for study, _ in d.studies if study in summaries]
+        values = [s.best_trial.value for s in on_it if s.best_trial is not None and s.best_trial.value is not None]
+        modalities = sorted({m for m in d.columns.values() if m != "ignore"})
+        rows.append({
+            "dataset": d.name,
+            "fingerprint": d.fingerprint[:10],
+            "source": d.source,
+            "rows": sizes[d.id][0],
+            "classes": sizes[d.id][1],
+            "modalities": ",".join(modalities),
+            **{k: d.meta_features.get(k) for k in KEY_META_FEATURES},
+            "studies": len(d.studies),
+            "searches": runs.get(d.id, 0),
+            "trials": sum(s.n_trials for s in on_it),
+            "best_validation": max(values) if values else None,
+        })
+    return rows
+
+
+def _reason(trial: FrozenTrial) -> str | None:
+    return trial.user_attrs.get("fail_reason") or trial.user_attrs.get("prune_reason")
+
+
+@_clear_errors
+def trials(db: str, study: str) -> list[dict[str, Any]]:
+    """A study's trials: state, validation accuracy, configuration, where and how long it ran."""
+    storage = _storage(db)
+    try:
+        loaded = _load_study(storage, study, db)
+        frozen = loaded.get_trials(deepcopy=False)
+    finally:
+        storage.engine.dispose()
+    facts = _facts(db, study)
+    rows = []
+    for t in frozen:
+        fact = facts.get(t.number, {})
+        encoders = {k.split(".", 1)[1]: v for k, v in t.params.items() if k.startswith("encoder.") and k.count(".") == 1}
+        rows.append({
+            "number": t.number,
+            "state": t.state.name.lower(),
+            "value": t.value,
+            "meta_algorithm": t.params.get("meta_algorithm"),
+            "fusion": t.params.get("fusion"),
+            "encoders": ", ".join(f"{m}={e}" for m, e in encoders.items()) or None,
+            "device": fact.get("device", t.user_attrs.get("device")),
+            "wall_time_s": fact.get("wall_time_s", t.user_attrs.get("wall_time_s")),
+            "parameters": fact.get("parameters", t.user_attrs.get("parameters")),
+            "reason": _reason(t),
+        })
+    return rows
+
+
+def _facts(db: str, study: str) -> dict[int, dict[str, Any]]:
+    """autometa_trial_facts rows of ``study`` by trial number (none on a 0.1 database)."""
+    with _reading(db) as connection:
+        if schema.stored_version(connection) < 1:
+            return {}
+        table = schema.trial_facts
+        found = {}
+        for row in connection.execute(select(table).where(table.c.study == study)):
+            found[row.number] = {k: v for k, v in row._mapping.items() if v is not None}
+        return found
+
+
+@_clear_errors
+def leaderboard(db: str, study: str) -> list[dict[str, Any]]:
+    """The finalists of a study's latest leaderboard with their test accuracy ± 95% CI."""
+    storage = _storage(db)
+    try:
+        loaded = _load_study(storage, study, db)
+        by_number = {t.number: t for t in loaded.get_trials(deepcopy=False)}
+        stored = loaded.user_attrs.get("leaderboard") or []
+    finally:
+        storage.engine.dispose()
+    facts = _facts(db, study)
+    finalists = sorted((f["finalist_rank"], n) for n, f in facts.items() if "finalist_rank" in f)
+    if not finalists:  # a 0.1 database: the leaderboard is in the study's attributes only
+        entries = [(e.get("rank"), e.get("trial"), e) for e in stored if isinstance(e, dict)]
+    else:
+        entries = [(rank, n, {"test_accuracy": facts[n].get("test_mean"), "test_ci95": facts[n].get("test_ci95"),
+                              "test_units": facts[n].get("test_units"), "parameters": facts[n].get("parameters")})
+                   for rank, n in finalists]
+    rows = []
+    for rank, number, entry in entries:
+        trial = by_number.get(number)
+        rows.append({
+            "rank": rank,
+            "trial": number,
+            "validation": trial.value if trial is not None else entry.get("validation_accuracy"),
+            "test_mean": entry.get("test_accuracy"),
+            "test_ci95": entry.get("test_ci95"),
+            "test_units": entry.get("test_units"),
+            "parameters": entry.get("parameters"),
+            "configuration": configuration_label(trial.params) if trial is not None else None,
+        })
+    return rows
+
+
+@_clear_errors
+def best(db: str, dataset: str, protocol: str | None = None) -> list[dict[str, Any]]:
+    """The best configuration found on ``dataset`` (a name or a fingerprint prefix), one row per
+    protocol: its validation accuracy, test accuracy ± CI when it was a finalist, and parameters."""
+    with _reading(db) as connection:
+        _require_tables(connection, db)
+        stored = schema.stored_datasets(connection)
+    matches = [d for d in stored if d.name == dataset] or [
+        d for d in stored if len(dataset) >= 4 and d.fingerprint.startswith(dataset.lower())
+    ]
+    if not matches:
+        raise _unknown("dataset", "datasets", dataset, sorted({d.name for d in stored}), db)
+    if len(matches) > 1:
+        listed = ", ".join(f"{d.name} ({d.fingerprint[:10]})" for d in matches)
+        raise SearchError(f"{dataset!r} names {len(matches)} datasets in {_shown(db)}: {listed}; pass a fingerprint prefix")
+    chosen = matches[0]
+    studies_on = [(s, p) for s, p in chosen.studies if protocol is None or p == protocol]
+    if not studies_on:
+        done = ", ".join(sorted({p for _, p in chosen.studies})) or "none"
+        raise SearchError(f"no {protocol} search on dataset {chosen.name!r} in {_shown(db)}; protocols searched: {done}")
+    storage = _storage(db)
+    top: dict[str, tuple[FrozenTrial, str]] = {}
+    try:
+        for name, proto in studies_on:
+            try:
+                loaded = optuna.load_study(study_name=name, storage=storage)
+            except KeyError:
+                continue  # the study was deleted from Optuna's tables
+            for t in loaded.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                if proto not in top or t.value > top[proto][0].value:
+                    top[proto] = (t, name)
+    finally:
+        storage.engine.dispose()
+    rows = []
+    for proto, (trial, name) in sorted(top.items()):
+        fact = _facts(db, name).get(trial.number, {})
+        rows.append({
+            "dataset": chosen.name,
+            "protocol": proto,
+            "study": name,
+            "trial": trial.number,
+            "validation": trial.value,
+            "test_mean": fact.get("test_mean"),
+            "test_ci95": fact.get("test_ci95"),
+            "configuration": configuration_label(trial.params),
+            "params": dict(trial.params),
+        })
+    if not rows:
+        raise SearchError(f"no trial completed on dataset {chosen.name!r} in {_shown(db)} yet")
+    return rows
+
+
+# --- read-only SQL ----------------------------------------------------------------------------
+
+# SQLite authorizer actions a read needs; every other action (writes, DDL, ATTACH, transactions,
+# most PRAGMAs) is denied. PRAGMAs that only describe the schema are allowed.
+_READ_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, getattr(sqlite3, "SQLITE_RECURSIVE", 33)}
+_SCHEMA_PRAGMAS = {"table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo", "foreign_key_list"}
+_ACTION_NAMES = {
+    1: "CREATE INDEX", 2: "CREATE TABLE", 3: "CREATE TEMP INDEX", 4: "CREATE TEMP TABLE", 5: "CREATE TEMP TRIGGER",
+    6: "CREATE TEMP VIEW", 7: "CREATE TRIGGER", 8: "CREATE VIEW", 9: "DELETE", 10: "DROP INDEX", 11: "DROP TABLE",
+    12: "DROP TEMP INDEX", 13: "DROP TEMP TABLE", 14: "DROP TEMP TRIGGER", 15: "DROP TEMP VIEW", 16: "DROP TRIGGER",
+    17: "DROP VIEW", 18: "INSERT", 19: "PRAGMA", 22: "BEGIN/COMMIT/ROLLBACK", 23: "UPDATE", 24: "ATTACH", 25: "DETACH",
+    26: "ALTER TABLE", 27: "REINDEX", 28: "ANALYZE", 29: "CREATE VIRTUAL TABLE", 30: "DROP VIRTUAL TABLE", 32: "SAVEPOINT",
+}
+# PostgreSQL: statements that only read (inside a READ ONLY transaction, as a second guard).
+_PG_READ_KEYWORDS = {"select", "with", "values", "table", "explain", "show"}
+
+
+def split_statements(text: str) -> list[str]:
+    """``text`` split at semicolons outside quotes, dollar quotes and comments; empty parts dropped."""
+    parts, current, i = [], [], 0
+    while i < len(text):
+        c = text[i]
+        if c in "'\"`[":
+            close = "]" if c == "[" else c
+            end = text.find(close, i + 1)
+            while end != -1 and close != "]" and text[end + 1:end + 2] == close:  # '' escapes a quote
+                end = text.find(close, end + 2)
+            end = len(text) if end == -1 else end + 1
+        elif text.startswith("--", i):
+            end = text.find("\n", i)
+            end = len(text) if end == -1 else end
+            current.append(" ")
+            i = end
+            continue
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            i = len(text) if end == -1 else end + 2
+            current.append(" ")
+            continue
+        elif c == "$" and (m := re.match(r"\$[A-Za-z_]*\$", text[i:])):
+            end = text.find(m.group(), i + len(m.group()))
+            end = len(text) if end == -1 else end + len(m.group())
+        elif c == ";":
+            parts.append("".join(current))
+            current, i = [], i + 1
+            continue
+        else:
+            end = i + 1
+        current.append(text[i:end])
+        i = end
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def sql(db: str, statement: str, *, limit: int = SQL_ROW_LIMIT, timeout: float = 30.0) -> tuple[list[dict[str, Any]], bool]:
+    """Run one read-only SQL statement; return its first ``limit`` rows and whether more were cut.
+
+    It cannot write: SQLite files are opened read only and an authorizer denies every action
+    but reading; PostgreSQL runs it in a READ ONLY transaction. It cannot lock writers out for
+    long either: it is stopped after ``timeout`` seconds (search databases use SQLite's WAL
+    mode, where readers never block writers).
+    """
+    if limit < 1:
+        raise SearchError("--limit must be at least 1")
+    statements = split_statements(statement)
+    if not statements:
+        raise SearchError("no SQL statement given; e.g. autometa db sql \"SELECT study_name FROM studies\"")
+    if len(statements) > 1:
+        raise SearchError(
+            f"autometa db sql runs one statement at a time; this has {len(statements)} (separated by ';'): run them one by one"
+        )
+    url = read_only_url(db)
+    if url.get_backend_name() == "sqlite":
+        return _sqlite_sql(db, url, statements[0], limit, timeout)
+    if url.get_backend_name() == "postgresql":
+        return _postgres_sql(db, url, statements[0], limit, timeout)
+    raise SearchError(f"autometa db sql supports SQLite and PostgreSQL databases, not {url.get_backend_name()}")
+
+
+def _columns(description) -> list[str]:
+    names: list[str] = []
+    for column in description:
+        name, n = column[0], 2
+        while name in names:  # SELECT * over a join repeats names: keep every column
+            name, n = f"{column[0]}_{n}", n + 1
+        names.append(name)
+    return names
+
+
+def _read_only_refusal(denied: list[str]) -> SearchError:
+    return SearchError(
+        f"autometa db sql is read only: {denied[0]} is not allowed; only queries that read (SELECT, WITH … SELECT, "
+        "and schema PRAGMAs such as table_info) run"
+    )
+
+
+def _sqlite_sql(db: str, url, statement: str, limit: int, timeout: float) -> tuple[list[dict[str, Any]], bool]:
+    denied: list[str] = []
+
+    def authorize(action: int, arg1, arg2, database, trigger) -> int:
+        if action in _READ_ACTIONS and not (action == sqlite3.SQLITE_FUNCTION and arg2 == "load_extension"):
+            return sqlite3.SQLITE_OK
+        if action == sqlite3.SQLITE_PRAGMA and arg1 in _SCHEMA_PRAGMAS:
+            return sqlite3.SQLITE_OK
+        what = _ACTION_NAMES.get(action, f"SQLite action {action}")
+        if action == sqlite3.SQLITE_PRAGMA:
+            what = f"PRAGMA {arg1}" + (f" = {arg2}" if arg2 is not None else "")
+        elif action == sqlite3.SQLITE_FUNCTION:
+            what = f"the function {arg2}()"
+        elif arg1 in ("sqlite_master", "sqlite_schema", "sqlite_temp_master"):
+            # DDL reaches the authorizer as a write to the schema table first (and so does a
+            # pragma_*() table function; PRAGMA table_info(NAME) is the allowed way).
+            what = "changing the database schema (CREATE, DROP, ALTER or a pragma_*() function)"
+        elif arg1 and action not in (22, 32):
+            what = f"{what} ({arg1})"
+        denied.append(what)
+        return sqlite3.SQLITE_DENY
+
+    options = {**{k: v for k, v in url.query.items() if k != "uri"}, "mode": "ro"}
+    connection = sqlite3.connect(f"{url.database}?{urlencode(options)}", uri=True, timeout=5)
+    deadline = time.monotonic() + timeout
+    connection.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+    connection.set_authorizer(authorize)
+    try:
+        cursor = connection.execute(statement)
+        rows = cursor.fetchmany(limit + 1)
+        names = _columns(cursor.description or [])
+    except sqlite3.ProgrammingError as exc:
+        if "one statement" in str(exc):
+            raise SearchError("autometa db sql runs one statement at a time: run them one by one") from exc
+        raise SearchError(f"SQL error: {exc}") from exc
+    except sqlite3.DatabaseError as exc:
+        if denied:
+            raise _read_only_refusal(denied) from exc
+        if "interrupted" in str(exc):
+            raise SearchError(f"the query ran longer than {timeout:g}s and was stopped; narrow it or pass --timeout") from exc
+        if "readonly" in str(exc) or "read-only" in str(exc):
+            raise _read_only_refusal(["writing"]) from exc
+        raise SearchError(f"SQL error: {exc} (in {_shown(db)})") from exc
+    finally:
+        connection.close()  # no lock outlives the call
+    return [dict(zip(names, row)) for row in rows[:limit]], len(rows) > limit
+
+
+def _postgres_sql(db: str, url, statement: str, limit: int, timeout: float) -> tuple[list[dict[str, Any]], bool]:
+    keyword = (re.match(r"\s*\(*\s*([A-Za-z]+)", statement) or [None, ""])[1].lower()
+    if keyword not in _PG_READ_KEYWORDS:
+        raise _read_only_refusal([keyword.upper() or "this statement"])
+    engine = create_engine(url, poolclass=NullPool)  # no session state outlives the call
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+            connection.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout * 1000)}")
+            try:
+                result = connection.exec_driver_sql(statement.replace("%", "%%"))
+                names = _columns([(k,) for k in result.keys()]) if result.returns_rows else []
+                rows = result.fetchmany(limit + 1) if result.returns_rows else []
+            except SQLAlchemyError as exc:
+                cause = getattr(exc, "orig", exc)
+                if "read-only transaction" in str(cause) or "read-write mode" in str(cause):
+                    raise _read_only_refusal([_first_line(cause)]) from exc
+                raise SearchError(f"SQL error: {_first_line(cause)} (in {_shown(db)})") from exc
+            finally:
+                connection.rollback()
+    except SQLAlchemyError as exc:
+        raise SearchError(f"cannot read {_shown(db)}: {_first_line(getattr(exc, 'orig', exc))}") from exc
+    finally:
+        engine.dispose()
+    return [dict(zip(names, tuple(row))) for row in rows[:limit]], len(rows) > limit

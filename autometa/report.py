@@ -18,7 +18,6 @@ import statistics
 import sys
 import warnings
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -36,12 +35,13 @@ import optuna
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from autometa import __version__
 from autometa.errors import SearchError
 from autometa.study import DEFAULT_DB
+from autometa.warmstart import Neighbour, rank_by_meta_features  # noqa: F401 - part of this module's API
 
 SECTIONS = ("summary", "history", "leaderboard", "plugins", "importance", "trials", "dataset")
 NEAREST = 10
@@ -69,8 +69,9 @@ def build_report(study: str, db: str = DEFAULT_DB, output: Path | str | None = N
 # --- reading the database -------------------------------------------------------------------
 
 
-def open_storage(db: str) -> optuna.storages.RDBStorage:
-    """Optuna's storage for ``db``, never creating tables; SQLite files are opened read only."""
+def read_only_url(db: str) -> URL:
+    """``db`` as a URL to read from: an SQLite file is opened in SQLite's read-only mode, so a
+    report or query can never take a write lock on a live search's database."""
     try:
         url = make_url(db)
     except ArgumentError as exc:
@@ -85,8 +86,14 @@ def open_storage(db: str) -> optuna.storages.RDBStorage:
                 raise SearchError(
                     f"no study database at {shown} ({path} does not exist); pass the --db URL the search used"
                 )
-            # SQLite's read-only mode: a report can never take a write lock on a live search's DB.
             url = url.set(database="file:" + quote(str(path.resolve())), query={**url.query, "mode": "ro", "uri": "true"})
+    return url
+
+
+def open_storage(db: str) -> optuna.storages.RDBStorage:
+    """Optuna's storage for ``db``, never creating tables; SQLite files are opened read only."""
+    url = read_only_url(db)
+    shown = make_url(db).render_as_string(hide_password=True)
     try:
         return optuna.storages.RDBStorage(url.render_as_string(hide_password=False), skip_table_creation=True)
     except Exception as exc:
@@ -142,56 +149,6 @@ def _entry_label(entry: Mapping[str, Any]) -> str:
 
 def _hyperparameters(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if not is_component_key(k)}
-
-
-# --- nearest datasets -----------------------------------------------------------------------
-
-
-@dataclass
-class Neighbour:
-    study: str
-    distance: float
-    shared: int
-
-
-def rank_by_meta_features(current: Mapping[str, Any], others: Mapping[str, Mapping[str, Any]]) -> list[Neighbour]:
-    """Other studies ordered by scaled distance to ``current`` over the meta-features both have.
-
-    Each feature is standardised over every study that has it (the current one included), so
-    row counts do not drown entropies. The distance is the root mean square of the standardised
-    differences: the mean, not the sum, so a pair sharing fewer features is not closer for it.
-    Non-numeric and non-finite values are ignored; studies sharing nothing are left out.
-    """
-    vectors = {name: _numeric(features) for name, features in others.items()}
-    mine = _numeric(current)
-    pooled: dict[str, list[float]] = defaultdict(list)
-    for features in [mine, *vectors.values()]:
-        for key, value in features.items():
-            pooled[key].append(value)
-    scale = {key: (float(np.mean(v)), float(np.std(v))) for key, v in pooled.items()}
-
-    def z(key: str, value: float) -> float:
-        mean, std = scale[key]
-        return (value - mean) / std if std > 0 else 0.0  # the same everywhere: no difference
-
-    ranked = []
-    for name, features in vectors.items():
-        shared = sorted(set(mine) & set(features))
-        if not shared:
-            continue
-        squares = [(z(k, mine[k]) - z(k, features[k])) ** 2 for k in shared]
-        ranked.append(Neighbour(name, math.sqrt(sum(squares) / len(squares)), len(shared)))
-    return sorted(ranked, key=lambda n: (n.distance, n.study))
-
-
-def _numeric(features: Mapping[str, Any] | None) -> dict[str, float]:
-    out = {}
-    for key, value in (features or {}).items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if math.isfinite(value):
-            out[str(key)] = float(value)
-    return out
 
 
 # --- figures --------------------------------------------------------------------------------

@@ -26,14 +26,16 @@ import torch
 from optuna.trial import FixedTrial, TrialState
 from tqdm.auto import tqdm
 
-from autometa import __version__
+from autometa import __version__, crossmodal
 from autometa.artifacts import save_model
 from autometa.components import MASK_PREFIX, Backbone, MetaAlgorithm
 from autometa.data import Dataset, load_dataset
 from autometa.errors import AutometaError, PluginError, SearchError
 from autometa.evaluation import Score, evaluate, majority_baseline
 from autometa.metafeatures import describe
+from autometa import schema
 from autometa.plugins import Registry, get_registry
+from autometa import warmstart
 from autometa.tasks import Split, choose_protocol, make_split
 from autometa.workers import Slot, checkpoint, recover_orphans, resolve_devices, run_pool, storage_for
 
@@ -52,10 +54,13 @@ class Config:
     meta_params: dict[str, Any] = field(default_factory=dict)
     fusion_params: dict[str, Any] = field(default_factory=dict)
     encoder_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Weight of the backbone's cross-modal mapping loss; 0: no mapper (see autometa.crossmodal).
+    crossmodal_weight: float = 0.0
 
     def label(self) -> str:
         encoders = ", ".join(f"{m}={e}" for m, e in self.encoders.items())
-        return f"{self.meta_algorithm} + {self.fusion} [{encoders}]"
+        mapping = f" + cross-modal mapping ×{self.crossmodal_weight:.3g}" if self.crossmodal_weight > 0 else ""
+        return f"{self.meta_algorithm} + {self.fusion} [{encoders}]{mapping}"
 
 
 def sample_config(trial: optuna.Trial | FixedTrial, registry: Registry, choices: dict[str, list[str]]) -> Config:
@@ -64,13 +69,15 @@ def sample_config(trial: optuna.Trial | FixedTrial, registry: Registry, choices:
     fusion = trial.suggest_categorical("fusion", choices["fusion"])
     modalities = [key.split(".", 1)[1] for key in choices if key.startswith("encoder.")]
     encoders = {m: trial.suggest_categorical(f"encoder.{m}", choices[f"encoder.{m}"]) for m in modalities}
+    meta_cls = registry.get("meta_algorithm", meta).cls
     return Config(
         meta,
         fusion,
         encoders,
-        registry.get("meta_algorithm", meta).cls.suggest(trial, f"meta.{meta}."),
+        meta_cls.suggest(trial, f"meta.{meta}."),
         registry.get("fusion", fusion).cls.suggest(trial, f"fusion.{fusion}."),
         {m: registry.get("encoder", e).cls.suggest(trial, f"encoder.{m}.{e}.") for m, e in encoders.items()},
+        crossmodal.suggest_weight(trial, modalities) if meta_cls.uses_auxiliary_loss else 0.0,
     )
 
 
@@ -131,8 +138,10 @@ def default_trials(registry: Registry, choices: dict[str, list[str]]) -> list[di
             e = next(i.name for i in registry.encoders_for(m) if i.name in names)
             shared[key] = e
             shared.update(_defaults(registry.get("encoder", e).cls, f"encoder.{m}.{e}."))
+    multimodal = sum(key.startswith("encoder.") for key in choices) >= 2
     return [
-        {"meta_algorithm": name, **shared, **_defaults(registry.get("meta_algorithm", name).cls, f"meta.{name}.")}
+        {"meta_algorithm": name, **shared, **_defaults(registry.get("meta_algorithm", name).cls, f"meta.{name}."),
+         **(crossmodal.DEFAULT_PARAMS if multimodal and registry.get("meta_algorithm", name).cls.uses_auxiliary_loss else {})}
         for name in choices["meta_algorithm"]
     ]
 
@@ -188,7 +197,7 @@ def train(
         registry, "fusion", config.fusion,
         lambda: registry.get("fusion", config.fusion).cls({m: enc.out_dim for m, enc in encoders.items()}, **config.fusion_params),
     )
-    backbone = Backbone(encoders, fusion, input_keys).to(pool.device)
+    backbone = Backbone(encoders, fusion, input_keys, crossmodal_weight=config.crossmodal_weight).to(pool.device)
     _probe(backbone, pool, config, registry)
     algorithm = _plugin_call(
         registry, "meta_algorithm", config.meta_algorithm,
@@ -485,14 +494,24 @@ def search(
     output: str | Path | None = "autometa-output",
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    warm_start: bool = True,
+    warm_start_k: int = warmstart.DEFAULT_K,
+    warm_start_configs: int = warmstart.DEFAULT_CONFIGS,
+    warm_start_prior: str | Path | None = warmstart.PRIOR_PATH,
 ) -> SearchResult:
     """Search encoders × fusion × meta-algorithm on ``data`` and report the best on test tasks.
 
     Trials run in worker processes, ``trials_per_device`` on each of ``devices`` (``isolate``:
     a crash, out-of-memory abort or ``trial_timeout`` fails only that trial); ``isolate=False``
     runs them in this process, one at a time.
+
+    ``warm_start``: a new study's first trials are the best configurations of the
+    ``warm_start_k`` most similar datasets in ``db`` and ``warm_start_prior`` (None: the
+    database only), ``warm_start_configs`` in all (see :mod:`autometa.warmstart`).
     """
     say = echo or (lambda msg: print(msg, file=sys.stderr))
+    if warm_start and (warm_start_k < 1 or warm_start_configs < 1):
+        raise SearchError("--warm-start-k and --warm-start-configs must be at least 1")
     if trials < 1:
         raise SearchError("--trials must be at least 1")
     if steps < 1 or eval_every < 1:
@@ -531,6 +550,7 @@ def search(
     name = study or study_name_for(dataset, split.protocol)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = storage_for(db)
+    schema.recording_engine(db)  # autometa's tables: made, upgraded from 0.1, or a newer schema refused
     existing = _finished_trials(name, storage)
     custom = (sampler, pruner)
     # A resumed study gets a new seed so it does not replay the first random trials.
@@ -549,31 +569,54 @@ def search(
         say(f"study {name!r} in {db}: {trials} trial(s) on {where}")
 
     if not optuna_study.get_trials(deepcopy=False):
-        for params in default_trials(registry, choices)[: max(0, remaining)]:
+        seeded = 0
+        if warm_start and remaining > 0:
+            # Before the defaults: with a tiny budget, the neighbours' best take the first slots.
+            seeded = warmstart.seed_study(
+                optuna_study, optuna_study.user_attrs.get("meta_features") or describe(dataset), registry, choices,
+                db=db, prior=warm_start_prior, k=warm_start_k, configs=min(warm_start_configs, remaining), say=say,
+            )
+        for params in default_trials(registry, choices)[: max(0, remaining - seeded)]:
             optuna_study.enqueue_trial(params, skip_if_exists=True)
-    cache: dict[int, tuple[float, MetaAlgorithm]] = {}
-    if remaining > 0:
-        if isolate:
-            _optimize_pool(optuna_study, db, slots, spec, dataset, custom, existing, remaining, timeout, trial_timeout,
-                           registry, progress, say)
-        else:
-            runner = TrialRunner(split, registry, spec, str(device), cache=cache, top_k=top_k)
-            _optimize_here(optuna_study, runner, remaining, timeout, registry, choices, progress, say)
+    # Every run of the search is a row of autometa_searches (a resumed one adds another).
+    search_id = schema.begin_search(
+        db, study=name, dataset=dataset, source=data_path or (str(dataset.path) if dataset.path else None),
+        protocol=split.protocol, budget=trials, seed=seed, plugins=schema.plugin_versions(registry, choices),
+        host=host_info(), autometa_version=__version__,
+        describe=lambda d: optuna_study.user_attrs.get("meta_features") or describe(d),  # computed once
+    )
+    try:
+        cache: dict[int, tuple[float, MetaAlgorithm]] = {}
+        if remaining > 0:
+            if isolate:
+                _optimize_pool(optuna_study, db, slots, spec, dataset, custom, existing, remaining, timeout, trial_timeout,
+                               registry, progress, say)
+            else:
+                runner = TrialRunner(split, registry, spec, str(device), cache=cache, top_k=top_k)
+                _optimize_here(optuna_study, runner, remaining, timeout, registry, choices, progress, say, db)
 
-    leaderboard = _leaderboard(optuna_study, split, registry, choices, top_k, steps, eval_every, cache, say)
-    majority = majority_baseline(split.test)
-    optuna_study.set_user_attr("leaderboard", [e.as_dict() for e in leaderboard])
-    optuna_study.set_user_attr("majority_baseline", {"test_accuracy": majority.mean, "test_ci95": majority.ci95})
-    model_path = None
-    if output is not None and leaderboard:
-        best = leaderboard[0]
-        model_path = save_model(
-            Path(output) / name, best.algorithm, best.config, split, registry=registry, study=name, label=dataset.label_column,
-            image_size=image_size,
-            scores={"validation": best.validation, "test": best.test.mean, "test_ci95": best.test.ci95, "trial": best.trial},
-        )
-        optuna_study.set_user_attr("model_path", str(model_path.resolve()))
-        say(f"best model (trial {best.trial}) saved to {model_path}; use it with `autometa predict {model_path} DATA`")
+        leaderboard = _leaderboard(optuna_study, split, registry, choices, top_k, steps, eval_every, cache, say)
+        majority = majority_baseline(split.test)
+        optuna_study.set_user_attr("leaderboard", [e.as_dict() for e in leaderboard])
+        optuna_study.set_user_attr("majority_baseline", {"test_accuracy": majority.mean, "test_ci95": majority.ci95})
+        schema.record_finalists(db, name, [e.as_dict() for e in leaderboard])
+        model_path = None
+        if output is not None and leaderboard:
+            best = leaderboard[0]
+            model_path = save_model(
+                Path(output) / name, best.algorithm, best.config, split, registry=registry, study=name,
+                label=dataset.label_column, image_size=image_size,
+                scores={"validation": best.validation, "test": best.test.mean, "test_ci95": best.test.ci95, "trial": best.trial},
+            )
+            optuna_study.set_user_attr("model_path", str(model_path.resolve()))
+            say(f"best model (trial {best.trial}) saved to {model_path}; use it with `autometa predict {model_path} DATA`")
+    except KeyboardInterrupt:
+        schema.end_search(db, search_id, "interrupted")
+        raise
+    except BaseException:
+        schema.end_search(db, search_id, "failed")
+        raise
+    schema.end_search(db, search_id, "finished")
     checkpoint(db)
     return SearchResult(optuna_study, dataset, split, leaderboard, majority, max(0, remaining), model_path)
 
@@ -620,12 +663,12 @@ def _trial_line(frozen: optuna.trial.FrozenTrial, registry: Registry, choices: d
         outcome = frozen.user_attrs.get("prune_reason", "pruned")
     else:
         outcome = f"failed: {frozen.user_attrs.get('fail_reason', 'see log')}"
-    config = sample_config(FixedTrial(frozen.params), registry, choices) if frozen.params else None
+    config = sample_config(FixedTrial({**crossmodal.DEFAULT_PARAMS, **frozen.params}), registry, choices) if frozen.params else None
     where = f" on {frozen.user_attrs['worker']}" if "worker" in frozen.user_attrs else ""
     return f"trial {frozen.number:>3} {outcome} ({took:.1f}s{where}) {config.label() if config else ''}"
 
 
-def _optimize_here(study, runner: TrialRunner, n_trials, timeout, registry, choices, progress, say):
+def _optimize_here(study, runner: TrialRunner, n_trials, timeout, registry, choices, progress, say, db):
     """Trials one after another in this process (no isolation)."""
     bar = tqdm(total=n_trials, desc="search", unit="trial", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     runner.bar = bar
@@ -641,7 +684,8 @@ def _optimize_here(study, runner: TrialRunner, n_trials, timeout, registry, choi
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines report every trial
     try:
-        study.optimize(runner, n_trials=n_trials, timeout=timeout, catch=(Exception,), callbacks=[on_trial_end])
+        study.optimize(runner, n_trials=n_trials, timeout=timeout, catch=(Exception,),
+                       callbacks=[schema.TrialRecorder(db), on_trial_end])
     except KeyboardInterrupt:
         say("interrupted: finished trials are saved; run the same command again to resume")
         raise
@@ -723,7 +767,7 @@ def _leaderboard(study, split, registry, choices, top_k, steps, eval_every, cach
     say(f"scoring the top {len(chosen)} configuration(s) on {len(split.test)} held-out test task(s)")
     entries = []
     for rank, t in enumerate(chosen, start=1):
-        config = sample_config(FixedTrial(t.params), registry, choices)
+        config = sample_config(FixedTrial({**crossmodal.DEFAULT_PARAMS, **t.params}), registry, choices)
         algorithm = cache[t.number][1] if t.number in cache else None
         if algorithm is None:  # trained in an earlier run: retrain it from its parameters and seed
             algorithm, _ = train(

@@ -34,6 +34,7 @@ from optuna.storages._rdb import models as optuna_models
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
+from autometa import schema
 from autometa.errors import AutometaError, SearchError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -238,14 +239,18 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def fail_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str, requeue: bool = False) -> None:
-    """Mark a RUNNING trial FAILED with ``reason`` (and optionally queue its parameters again)."""
+def fail_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str, requeue: bool = False,
+               db: str | None = None) -> None:
+    """Mark a RUNNING trial FAILED with ``reason`` (and optionally queue its parameters again);
+    with ``db``, record its facts too (its own process, which would have, is gone)."""
     storage = study._storage  # noqa: SLF001 - Optuna's public Study has no way to fail another trial
     try:
         storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)  # noqa: SLF001
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # noqa: SLF001
     except RuntimeError:
         return  # it finished meanwhile
+    if db is not None:
+        schema.record_trial(db, study.study_name, storage.get_trial(trial._trial_id))  # noqa: SLF001
     if requeue and trial.params:
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
 
@@ -317,7 +322,7 @@ def worker_main(job: WorkerJob, budget: "Budget", events) -> None:
 
     while parent_alive(job.parent_pid) and budget.claim(study, job.parent_pid):
         try:
-            study.optimize(run, n_trials=1, catch=(Exception,))
+            study.optimize(run, n_trials=1, catch=(Exception,), callbacks=[schema.TrialRecorder(job.db)])
         finally:
             budget.release()
         if objective.stop_requested:
@@ -500,7 +505,8 @@ def run_pool(
                             process.kill()
                             process.join(10)
                             timed_out.add(process.pid)
-                            fail_trial(study, trial, f"exceeded --trial-timeout of {trial_timeout:g}s on {label}; its worker was replaced")
+                            fail_trial(study, trial, f"exceeded --trial-timeout of {trial_timeout:g}s on {label}; its worker was replaced",
+                                       db=db)
                 if process.is_alive():
                     continue
                 process.join()
@@ -513,7 +519,7 @@ def run_pool(
                     fail_trial(
                         study, trial,
                         f"its worker process on {label} {_exit_reason(process.exitcode)} during the trial "
-                        "(crash, out of memory or a kill); the search went on with a fresh worker",
+                        "(crash, out of memory or a kill); the search went on with a fresh worker", db=db,
                     )
                 # A worker that cannot even build its objective, or keeps dying before any trial,
                 # would do so again: give its slot up rather than restart it forever.
@@ -544,7 +550,7 @@ def run_pool(
         running = running_by_pid()
         for process in workers.values():
             for trial in running.get(process.pid, []):
-                fail_trial(study, trial, "interrupted (Ctrl-C) while running; run the search again to resume")
+                fail_trial(study, trial, "interrupted (Ctrl-C) while running; run the search again to resume", db=db)
         raise
     finally:
         for process in workers.values():

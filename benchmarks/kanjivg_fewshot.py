@@ -42,10 +42,19 @@ HYPERPARAMETERS = {
     "maml": {"inner_lr": 0.1, "inner_steps": 3, "lr": 1e-3, "meta_batch": 4, "first_order": False},
     "anil": {"inner_lr": 0.1, "inner_steps": 5, "lr": 1e-3, "meta_batch": 4, "first_order": False},
     "finetune": {"lr": 1e-3, "batch_size": 64, "head_steps": 100, "head_lr": 1e-2},
+    # The learned rule runs an LSTM over every coordinate (113k for conv4): 8 units, not the
+    # paper's 20, keep a step about as dear as MAML's.
+    "metalstm": {"inner_lr": 0.1, "inner_steps": 3, "lr": 1e-3, "meta_batch": 4, "hidden_size": 8, "first_order": True},
+    # One transfer step: its source term is computed once per trained model, so each test task
+    # pays only for its own term.
+    "metatransfer": {"inner_lr": 0.1, "inner_steps": 3, "lr": 1e-3, "meta_batch": 4, "first_order": True,
+                     "target_weight": 1.0, "transfer_steps": 1, "transfer_lr": 1e-3, "source_tasks": 4},
+    "mann": {"lr": 1e-3, "key_dim": 32, "heads": 2, "sharpness": 10.0},
+    "snail": {"lr": 3e-3, "meta_batch": 2, "key_size": 64, "value_size": 32, "blocks": 2, "views": 4},
 }
 # Sized so the default run (4 algorithms × 1- and 5-shot, 600 test tasks each) takes about
 # 25 minutes on 2 CPU cores; a GPU or more time allows many more steps.
-DEFAULT_STEPS = {"protonet": 1000, "maml": 200, "anil": 300, "finetune": 1000}
+DEFAULT_STEPS = {"protonet": 1000, "maml": 200, "anil": 300, "finetune": 1000, "mann": 1000, "snail": 600, "metalstm": 100, "metatransfer": 200}
 FALLBACK_STEPS = 300
 
 

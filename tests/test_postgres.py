@@ -171,3 +171,46 @@ def test_workers_on_three_processes_finish_a_search_on_postgresql(postgres_url, 
     assert listing.returncode == 0, listing.stderr
     rows = json.loads(listing.stdout)
     assert [(row["study"], row["trials"]) for row in rows] == [(study, len(trials))]
+
+
+def test_autometa_tables_on_postgresql(postgres_url, tmp_path):
+    """A short search records autometa's tables on PostgreSQL; `db` queries read them and `db
+    sql` runs in a READ ONLY transaction. (A database of its own: the search above lists its studies.)"""
+    import sqlalchemy
+
+    from autometa import queries, schema
+    from autometa.errors import SearchError
+    from autometa.study import search
+
+    server = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with server.connect() as connection:
+        connection.exec_driver_sql("DROP DATABASE IF EXISTS autometa_tables")
+        connection.exec_driver_sql("CREATE DATABASE autometa_tables")
+    server.dispose()
+    db = postgres_url.rsplit("/", 1)[0] + "/autometa_tables"
+    result = search(write_csv(tmp_path / "tiny.csv"), "y", trials=2, db=db, isolate=False, output=None, steps=20,
+                    eval_every=10, progress=False, echo=lambda message: None, warm_start=False,
+                    include={"meta_algorithm": ["protonet"], "fusion": ["concat"], "encoder.tabular": ["linear"]})
+    name = result.study.study_name
+
+    engine = schema.engine_for(db)
+    with engine.connect() as connection:
+        assert schema.stored_version(connection) == schema.SCHEMA_VERSION
+        [run] = connection.execute(sqlalchemy.select(schema.searches)).all()
+        facts = connection.execute(sqlalchemy.select(schema.trial_facts).order_by(schema.trial_facts.c.number)).all()
+    schema.ensure(engine)  # idempotent here too
+    engine.dispose()
+    assert (run.study, run.status, run.budget) == (name, "finished", 2)
+    assert [(f.number, f.device) for f in facts] == [(0, "cpu"), (1, "cpu")]
+    assert facts[result.best.trial].test_mean == result.best.test.mean
+
+    [dataset] = queries.datasets(db)
+    assert (dataset["dataset"], dataset["rows"], dataset["trials"]) == ("tiny", 60, 2)
+    rows, _ = queries.sql(db, "SELECT f.number, t.state FROM autometa_trial_facts f JOIN trials t ON t.number = f.number "
+                              "ORDER BY f.number")
+    assert rows == [{"number": 0, "state": "COMPLETE"}, {"number": 1, "state": "COMPLETE"}]
+    for statement in ("DELETE FROM autometa_trial_facts", "WITH gone AS (DELETE FROM trials RETURNING 1) SELECT * FROM gone",
+                      "SELECT set_config('transaction_read_only', 'off', true)", "SELECT 1; SELECT 2"):
+        with pytest.raises(SearchError, match="read only|one statement at a time"):
+            queries.sql(db, statement)
+    assert len(queries.sql(db, "SELECT * FROM autometa_trial_facts")[0]) == 2

@@ -45,6 +45,7 @@ class FineTune(MetaAlgorithm):
     """
 
     name = "finetune"
+    uses_auxiliary_loss = True
     heads = ("linear", "cosine")
     search_space = {
         "lr": FloatDistribution(1e-4, 1e-2, log=True),
@@ -103,7 +104,8 @@ class FineTune(MetaAlgorithm):
 
     def train_step(self, pool: TrainingPool, rng: np.random.Generator) -> float:
         x, y = pool.rows_batch(self.batch_size, rng)
-        loss = F.cross_entropy(self.head(self.backbone(x)), y)
+        features, aux = self.backbone.embed_with_aux(x)
+        loss = F.cross_entropy(self.head(features), y) + aux
         step(self.optimizer, loss)
         return loss.item()
 

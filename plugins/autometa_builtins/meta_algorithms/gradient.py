@@ -74,6 +74,7 @@ class GradientMetaLearner(MetaAlgorithm):
     """
 
     protocols = ("fewshot", "grouped")
+    uses_auxiliary_loss = True
     # Drop the inner loop's second-order terms (MAML's option; fixed by other members).
     first_order: bool = False
 
@@ -125,12 +126,23 @@ class GradientMetaLearner(MetaAlgorithm):
     def _features(self, body: dict[str, torch.Tensor], x: dict[str, torch.Tensor]) -> torch.Tensor:
         return functional_call(self.backbone, body, (x,))
 
+    def _features_and_aux(self, body: dict[str, torch.Tensor], x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and the backbone's weighted auxiliary loss (zero without one)."""
+        return functional_call(self.backbone, body, (x,), {"aux": True})
+
     def _logits(self, params: Params, x: dict[str, torch.Tensor]) -> torch.Tensor:
         body, head = params
         return _head_logits(head, self._features(body, x))
 
     def _loss(self, params: Params, x, y) -> torch.Tensor:
         return F.cross_entropy(self._logits(params, x), y)
+
+    def _outer_loss(self, params: Params, x, y) -> torch.Tensor:
+        """The training objective: ``_loss`` plus the backbone's auxiliary loss (the inner loop
+        fits the task alone)."""
+        body, head = params
+        features, aux = self._features_and_aux(body, x)
+        return F.cross_entropy(_head_logits(head, features), y) + aux
 
     def _update(self, params: Params, grads: Params) -> Params:
         """One inner SGD step."""
@@ -147,7 +159,7 @@ class GradientMetaLearner(MetaAlgorithm):
         return params
 
     def _task_loss(self, params: Params, sx, sy, qx, qy) -> torch.Tensor:
-        return self._loss(self.adapt(params, sx, sy), qx, qy)
+        return self._outer_loss(self.adapt(params, sx, sy), qx, qy)
 
     def _map_tasks(self, fn: Callable, params, *batched):
         """``fn(params, *task)`` for every task of a batch, results stacked on a leading dim."""
@@ -201,11 +213,16 @@ class GradientMetaLearner(MetaAlgorithm):
     def train_step(self, pool: TrainingPool, rng: np.random.Generator) -> float:
         return self.meta_step(pool.episodes(self.meta_batch, *self.shape, rng))
 
+    def _predict_initial(self, task: Task) -> Params:
+        """The parameters ``predict`` adapts to ``task`` from: the meta-learned initialisation."""
+        return _detach(self._initial(task.n_way))
+
     def predict(self, task: Task) -> torch.Tensor:
+        start = self._predict_initial(task)
         # torch.func.grad ignores an outer no_grad, so the inner loop still runs while nothing
         # meta-learned (learning rates included) records a graph.
         with torch.no_grad():
-            fast = self.adapt(_detach(self._initial(task.n_way)), task.support_inputs(), task.support_y)
+            fast = self.adapt(start, task.support_inputs(), task.support_y)
             query = task.query_inputs()
             n = next(iter(query.values())).shape[0]
             # One task at a time, so grouped tasks of any size work; slices bound the memory.
@@ -325,10 +342,10 @@ class ANIL(GradientMetaLearner):
     def _task_loss(self, params: Params, sx, sy, qx, qy) -> torch.Tensor:
         body, head = params
         # Support and query rows in one forward pass: the encoders treat rows independently.
-        features = self._features(body, _concat(sx, qx))
+        features, aux = self._features_and_aux(body, _concat(sx, qx))
         n_support = sy.shape[0]
         head = self._adapt_head(head, features[:n_support], sy)
-        return _head_loss(head, features[n_support:], qy)
+        return _head_loss(head, features[n_support:], qy) + aux
 
     def predict(self, task: Task) -> torch.Tensor:
         with torch.no_grad():
@@ -446,20 +463,22 @@ class Reptile(GradientMetaLearner):
         # The outer update is an interpolation, not an optimiser step.
         self.optimizer = None
 
-    def _inner(self, params: Params, x, y, steps: int | None = None) -> tuple[Params, torch.Tensor]:
-        """The adapted parameters and the loss before the last step."""
+    def _inner(self, params: Params, x, y, steps: int | None = None, *, training: bool = False) -> tuple[Params, torch.Tensor]:
+        """The adapted parameters and the loss before the last step. Reptile's meta-update follows
+        the inner loop, so in training the inner loss carries the auxiliary loss too."""
         steps = self.inner_steps if steps is None else steps
+        objective = self._outer_loss if training else self._loss
         loss = torch.zeros((), **placement(self.backbone, self.device))
         if self.inner_optimizer == "sgd":
             for _ in range(steps):
-                grads, loss = grad_and_value(self._loss)(_detach(params), x, y)
+                grads, loss = grad_and_value(objective)(_detach(params), x, y)
                 params = self._update(params, grads)
             return params, loss
         beta1, beta2 = self.ADAM_BETAS
         m = tree_map(torch.zeros_like, params)
         v = tree_map(torch.zeros_like, params)
         for t in range(1, steps + 1):
-            grads, loss = grad_and_value(self._loss)(_detach(params), x, y)
+            grads, loss = grad_and_value(objective)(_detach(params), x, y)
             m = tree_map(lambda a, g: beta1 * a + (1 - beta1) * g, m, grads)
             v = tree_map(lambda a, g: beta2 * a + (1 - beta2) * g * g, v, grads)
             c1, c2 = 1 - beta1**t, 1 - beta2**t
@@ -472,7 +491,7 @@ class Reptile(GradientMetaLearner):
         return self._inner(params, x, y, steps)[0]
 
     def _task_update(self, params: Params, x, y) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        (body, _), loss = self._inner(params, x, y)
+        (body, _), loss = self._inner(params, x, y, training=True)
         return {n: body[n] - params[0][n] for n in body}, loss
 
     def meta_update(self, task: Task) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -83,6 +83,7 @@ class _MetricLearner(MetaAlgorithm):
     """
 
     head: nn.Module | None = None
+    uses_auxiliary_loss = True
 
     def __init__(
         self,
@@ -139,9 +140,10 @@ class _MetricLearner(MetaAlgorithm):
 
     def train_step(self, pool: TrainingPool, rng: np.random.Generator) -> float:
         task = pool.episodes(1, *self.shape, rng)
-        support = self.backbone(first_task(task.support_inputs()))
-        query = self.backbone(first_task(task.query_inputs()))
+        support, support_aux = self.backbone.embed_with_aux(first_task(task.support_inputs()))
+        query, query_aux = self.backbone.embed_with_aux(first_task(task.query_inputs()))
         loss = self.loss(self.score(self.prepare(support, task.support_y[0], task.n_way), query), task.query_y[0])
+        loss = loss + (support_aux + query_aux) / 2
         step(self.optimizer, loss)
         return loss.item()
 

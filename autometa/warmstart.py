@@ -1,0 +1,432 @@
+"""Warm start: begin a new search with what worked on the most similar datasets seen before.
+
+Experiences come from two places: the user's study database (every search records its dataset
+and meta-features) and the prior that ships with autometa (``prior/knowledge.json``, built by
+``autometa kb build`` + ``autometa kb export`` from a public collection of tables). The same
+dataset in both counts once, the user's own searches winning.
+
+A new dataset is compared with them by a scaled distance over the meta-features both have
+(auto-sklearn's meta-learning warm start, with the distance below). From the ``k`` nearest
+datasets that have a usable configuration, their best distinct configurations are translated
+to this search (plugins installed now, this data's modalities, this search's choices and
+ranges) and enqueued as the first trials, round-robin: the nearest dataset's best, the second
+nearest's best, ..., then each one's second best, until ``configs`` are seeded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import optuna
+from optuna.distributions import (
+    BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution,
+)
+from optuna.trial import TrialState
+
+from autometa.errors import SearchError
+
+PRIOR_FORMAT = "autometa-knowledge-1"
+PRIOR_PATH = Path(__file__).parent / "prior" / "knowledge.json"
+DEFAULT_K = 3  # nearest datasets drawn from
+DEFAULT_CONFIGS = 3  # configurations seeded in all (one from each of the 3 nearest by default)
+SOURCE_ATTR = "knowledge_source"  # study user attribute naming where a knowledge-base dataset came from
+
+# --- distance -------------------------------------------------------------------------------
+
+
+@dataclass
+class Neighbour:
+    study: str  # the key the item was given: a study, or a dataset's key in warm start
+    distance: float
+    shared: int
+
+
+def rank_by_meta_features(current: Mapping[str, Any], others: Mapping[str, Mapping[str, Any]]) -> list[Neighbour]:
+    """Others ordered by scaled distance to ``current`` over the meta-features both have.
+
+    Each feature is standardised over every item that has it (the current one included), so
+    row counts do not drown entropies. The distance is the root mean square of the standardised
+    differences: the mean, not the sum, so a pair sharing fewer features is not closer for it.
+    Non-numeric and non-finite values are ignored; items sharing nothing are left out.
+    """
+    vectors = {name: _numeric(features) for name, features in others.items()}
+    mine = _numeric(current)
+    pooled: dict[str, list[float]] = defaultdict(list)
+    for features in [mine, *vectors.values()]:
+        for key, value in features.items():
+            pooled[key].append(value)
+    scale = {key: (float(np.mean(v)), float(np.std(v))) for key, v in pooled.items()}
+
+    def z(key: str, value: float) -> float:
+        mean, std = scale[key]
+        return (value - mean) / std if std > 0 else 0.0  # the same everywhere: no difference
+
+    ranked = []
+    for name, features in vectors.items():
+        shared = sorted(set(mine) & set(features))
+        if not shared:
+            continue
+        squares = [(z(k, mine[k]) - z(k, features[k])) ** 2 for k in shared]
+        ranked.append(Neighbour(name, math.sqrt(sum(squares) / len(squares)), len(shared)))
+    return sorted(ranked, key=lambda n: (n.distance, n.study))
+
+
+def _numeric(features: Mapping[str, Any] | None) -> dict[str, float]:
+    out = {}
+    for key, value in (features or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(value):
+            out[str(key)] = float(value)
+    return out
+
+
+# --- experiences ----------------------------------------------------------------------------
+
+
+@dataclass
+class Experience:
+    """A dataset searched before: its meta-features and its completed configurations."""
+
+    name: str
+    source: str | None
+    fingerprint: str
+    protocol: str
+    modalities: list[str]
+    meta_features: dict[str, float]
+    configurations: list[tuple[dict[str, Any], float]]  # (Optuna params, validation accuracy), best first
+    origin: str  # "database" or "prior"
+    study: str | None = None
+
+
+def structure(params: Mapping[str, Any]) -> tuple:
+    """The components of a configuration (meta-algorithm, fusion, encoder per modality)."""
+    encoders = sorted((k, v) for k, v in params.items() if k.startswith("encoder.") and k.count(".") == 1)
+    return params.get("meta_algorithm"), params.get("fusion"), tuple(encoders)
+
+
+def distinct_best(configurations: Iterable[tuple[dict[str, Any], float]]) -> list[tuple[dict[str, Any], float]]:
+    """The best configuration of each distinct set of components, best first (ties: first seen).
+
+    Distinct by components rather than by every hyperparameter, so the seeds a dataset gives
+    are different models, not one model at three learning rates.
+    """
+    best: dict[tuple, tuple[dict[str, Any], float]] = {}
+    for params, value in configurations:
+        key = structure(params)
+        if key not in best or value > best[key][1]:
+            best[key] = (params, value)
+    return sorted(best.values(), key=lambda pv: -pv[1])
+
+
+def database_experiences(db: str, *, exclude_study: str | None = None) -> list[Experience]:
+    """Every study in ``db`` with completed trials and meta-features (read only; none if the
+    database does not exist yet).
+
+    Datasets and meta-features come from autometa's tables (``autometa.schema``); a study those
+    tables do not list (written before them) is described by its own user attributes.
+    """
+    from sqlalchemy import inspect as sql_inspect
+    from sqlalchemy.engine import make_url
+
+    from autometa import schema
+    from autometa.report import open_storage
+
+    url = make_url(db)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
+        return []
+    storage = open_storage(db)
+    studies = {s.study_name: s for s in storage.get_all_studies()}
+    described: dict[str, schema.StoredDataset] = {}
+    with storage.engine.connect() as connection:
+        if sql_inspect(connection).has_table(schema.datasets.name):
+            for stored in schema.stored_datasets(connection):
+                for study, _protocol in stored.studies:
+                    described[study] = stored
+
+    found = []
+    for name, frozen in studies.items():
+        if name == exclude_study:
+            continue
+        attrs = frozen.user_attrs
+        stored = described.get(name)
+        features = (stored.meta_features if stored else None) or attrs.get("meta_features")
+        fingerprint = stored.fingerprint if stored else attrs.get("fingerprint")
+        if not features or not fingerprint:
+            continue
+        trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        configurations = [(dict(t.params), float(t.value)) for t in sorted(trials, key=lambda t: (-t.value, t.number))]
+        if not configurations:
+            continue
+        columns = (stored.columns if stored else None) or attrs.get("columns") or {}
+        found.append(Experience(
+            name=(stored.name if stored else None) or attrs.get("dataset") or name,
+            source=attrs.get(SOURCE_ATTR) or (stored.source if stored else None),
+            fingerprint=fingerprint,
+            protocol=attrs.get("protocol") or "standard",
+            modalities=sorted(set(columns.values())) or sorted(
+                k.split(".", 1)[1] for k in configurations[0][0] if k.startswith("encoder.") and k.count(".") == 1),
+            meta_features=dict(features),
+            configurations=configurations,
+            origin="database",
+            study=name,
+        ))
+    return found
+
+
+def prior_experiences(path: str | Path = PRIOR_PATH) -> list[Experience]:
+    """The datasets of a prior written by ``autometa kb export`` (the shipped one by default)."""
+    path = Path(path)
+    try:
+        prior = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SearchError(f"no warm-start prior at {path}; build one with `autometa kb export`") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SearchError(f"{path}: not a readable warm-start prior ({exc}); write it with `autometa kb export`") from exc
+    if not isinstance(prior, dict) or prior.get("format") != PRIOR_FORMAT:
+        raise SearchError(f"{path}: not a warm-start prior of format {PRIOR_FORMAT!r}; write it with `autometa kb export`")
+    return [
+        Experience(
+            name=d["name"], source=d.get("source"), fingerprint=d["fingerprint"], protocol=d["protocol"],
+            modalities=list(d.get("modalities") or []), meta_features=dict(d["meta_features"]),
+            configurations=[(dict(c["params"]), float(c["value"])) for c in d["configurations"]], origin="prior",
+        )
+        for d in prior["datasets"]
+    ]
+
+
+def gather(db: str | None, prior: str | Path | None = PRIOR_PATH, *, exclude_study: str | None = None) -> list[Experience]:
+    """The user's stored searches plus the prior; a dataset in both is taken from the user's."""
+    mine = database_experiences(db, exclude_study=exclude_study) if db else []
+    own = {e.fingerprint for e in mine}
+    return mine + [e for e in (prior_experiences(prior) if prior else []) if e.fingerprint not in own]
+
+
+# --- translation ----------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Stands in for an Optuna trial while a plugin's ``suggest`` walks its space: answers with
+    the stored value when this search's distribution contains it, and notes what it drops."""
+
+    def __init__(self, values: Mapping[str, Any]):
+        self.values, self.kept, self.dropped = dict(values), {}, []
+
+    def _answer(self, name: str, distribution: BaseDistribution, fallback: Any) -> Any:
+        if name in self.values:
+            value = self.values[name]
+            try:
+                if distribution._contains(distribution.to_internal_repr(value)):  # noqa: SLF001 - no public check
+                    self.kept[name] = value
+                    return value
+            except (ValueError, TypeError):
+                pass
+            self.dropped.append(name)
+        return fallback  # left for the sampler to choose; only steers a conditional space here
+
+    def suggest_float(self, name, low, high, *, step=None, log=False):
+        return self._answer(name, FloatDistribution(low, high, step=step, log=log), low)
+
+    def suggest_int(self, name, low, high, *, step=1, log=False):
+        return self._answer(name, IntDistribution(low, high, step=step, log=log), low)
+
+    def suggest_categorical(self, name, choices):
+        return self._answer(name, CategoricalDistribution(choices), choices[0])
+
+
+@dataclass
+class Translation:
+    params: dict[str, Any] | None  # None: not usable here (see note)
+    note: str | None = None
+    dropped: list[str] = field(default_factory=list)
+
+
+def translate(params: Mapping[str, Any], registry, choices: Mapping[str, list[str]]) -> Translation:
+    """``params`` (stored Optuna parameters) as parameters of this search, or why it cannot be.
+
+    Components must be installed, available and among this search's choices. Encoders map by
+    modality: this data's modalities keep the stored encoder, take the default one where the
+    stored data lacked the modality, and the stored data's other modalities are dropped.
+    Hyperparameters are kept where this search's space has them and the value is in range;
+    values out of range are left to the sampler, and parameters the stored configuration never
+    had (a new modality's encoder, a newer plugin's option) take their defaults.
+    """
+    from autometa.study import default_trials, sample_config
+
+    fixed: dict[str, Any] = {}
+    for key in ("meta_algorithm", "fusion"):
+        name = params.get(key)
+        if name is None:
+            return Translation(None, f"records no {key.replace('_', '-')}")
+        problem = _unusable(registry, key, name, choices[key])
+        if problem:
+            return Translation(None, problem)
+        fixed[key] = name
+    for key, names in choices.items():
+        if not key.startswith("encoder."):
+            continue
+        modality = key.split(".", 1)[1]
+        name = params.get(key)
+        if name is None:  # the stored data lacked this modality: the default encoder, as default_trials has it
+            name = next(i.name for i in registry.encoders_for(modality) if i.name in names)
+        else:
+            problem = _unusable(registry, "encoder", name, names, modality)
+            if problem:
+                return Translation(None, problem)
+        fixed[key] = name
+    defaults: dict[str, Any] = {}
+    for trial in default_trials(registry, dict(choices)):
+        defaults.update(trial)
+    recorder = _Recorder({**defaults, **params, **fixed})
+    sample_config(recorder, registry, dict(choices))
+    return Translation(recorder.kept, dropped=recorder.dropped)
+
+
+def _unusable(registry, kind: str, name: str, allowed: list[str], modality: str | None = None) -> str | None:
+    what = f"{kind.replace('_', '-')} {name!r}" + (f" for {modality}" if modality else "")
+    info = registry.components[kind].get(name)
+    if info is None:
+        return f"needs {what}, which no installed plugin provides (install the plugin that registers it)"
+    reason = info.cls.unavailable()
+    if reason:
+        return f"needs {what} from plugin {info.plugin!r}, unavailable here: {reason}"
+    if name not in allowed:
+        return f"needs {what}, which this search does not use (protocol, modality or restriction)"
+    return None
+
+
+def label(params: Mapping[str, Any]) -> str:
+    """``protonet + concat [tabular=mlp]``, as a search prints configurations."""
+    encoders = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in params.items() if k.startswith("encoder.") and k.count(".") == 1)
+    return f"{params.get('meta_algorithm')} + {params.get('fusion')} [{encoders}]"
+
+
+# --- the plan -------------------------------------------------------------------------------
+
+
+@dataclass
+class Seed:
+    """One configuration to enqueue, and where it came from."""
+
+    params: dict[str, Any]
+    experience: Experience
+    distance: float
+    value: float  # its validation accuracy on that dataset
+
+    def describe(self) -> str:
+        origin = "prior" if self.experience.origin == "prior" else f"study {self.experience.study!r}"
+        return (f"{label(self.params)} from {self.experience.name} ({origin}; distance {self.distance:.2f}; "
+                f"validation {100 * self.value:.1f}% there)")
+
+
+@dataclass
+class WarmStart:
+    seeds: list[Seed]
+    notes: list[str]
+    neighbours: list[tuple[Experience, float]]
+
+
+def plan(
+    meta_features: Mapping[str, Any],
+    experiences: list[Experience],
+    registry,
+    choices: Mapping[str, list[str]],
+    *,
+    k: int = DEFAULT_K,
+    configs: int = DEFAULT_CONFIGS,
+) -> WarmStart:
+    """The configurations to seed: from the ``k`` nearest experiences with a usable
+    configuration, round-robin over them until ``configs`` distinct ones are chosen."""
+    if k < 1 or configs < 1:
+        raise SearchError("--warm-start-k and --warm-start-configs must be at least 1")
+    ranked = rank_by_meta_features(meta_features, {str(i): e.meta_features for i, e in enumerate(experiences)})
+    neighbours, notes = [], []
+    for near in ranked:
+        experience = experiences[int(near.study)]
+        usable = []
+        for params, value in distinct_best(experience.configurations)[:configs]:
+            translated = translate(params, registry, choices)
+            if translated.params is None:
+                notes.append(f"skipped {label(params)} from {experience.name}: {translated.note}")
+            else:
+                usable.append((translated.params, value))
+        if usable:
+            neighbours.append((experience, near.distance, usable))
+        if len(neighbours) == k:
+            break
+    seeds, seen = [], set()
+    for rank in range(configs):
+        for experience, distance, usable in neighbours:
+            if rank < len(usable) and len(seeds) < configs:
+                params, value = usable[rank]
+                key = json.dumps(params, sort_keys=True, default=str)
+                if key not in seen:  # two neighbours may agree after translation: seed it once
+                    seen.add(key)
+                    seeds.append(Seed(params, experience, distance, value))
+    return WarmStart(seeds, notes, [(e, d) for e, d, _ in neighbours])
+
+
+# --- similar datasets -----------------------------------------------------------------------
+
+
+def similar(data, label_column: str, *, db: str | None, prior: str | Path | None = PRIOR_PATH, k: int = 10,
+            group: str | None = None, columns: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """The stored datasets nearest to ``data`` (a file), nearest first, with their distances."""
+    from autometa.data import load_dataset
+    from autometa.metafeatures import describe
+
+    if k < 1:
+        raise SearchError("--k must be at least 1")
+    dataset = load_dataset(data, label_column, group=group, columns=columns)
+    experiences = gather(db, prior)
+    ranked = rank_by_meta_features(describe(dataset), {str(i): e.meta_features for i, e in enumerate(experiences)})
+    rows = []
+    for near in ranked[:k]:
+        e = experiences[int(near.study)]
+        best = e.configurations[0] if e.configurations else None
+        rows.append({
+            "rank": len(rows) + 1,
+            "dataset": e.name,
+            "distance": round(near.distance, 4),
+            "shared_features": near.shared,
+            "origin": e.origin,
+            "study": e.study,
+            "protocol": e.protocol,
+            "source": e.source,
+            "same_data": e.fingerprint == dataset.fingerprint,
+            "best_validation": best[1] if best else None,
+            "best_configuration": label(best[0]) if best else None,
+        })
+    return rows
+
+
+def seed_study(study: optuna.Study, meta_features: Mapping[str, Any], registry, choices: Mapping[str, list[str]], *,
+               db: str | None, prior: str | Path | None = PRIOR_PATH, k: int = DEFAULT_K, configs: int = DEFAULT_CONFIGS,
+               say=print) -> int:
+    """Enqueue the warm-start configurations as ``study``'s next trials, say which and from
+    where, and return how many were enqueued."""
+    if prior is not None and Path(prior) == PRIOR_PATH and not PRIOR_PATH.is_file():
+        say(f"warm start: the shipped prior is missing ({PRIOR_PATH}); using this database only")
+        prior = None
+    experiences = gather(db, prior, exclude_study=study.study_name)
+    if not experiences:
+        say("warm start: no searched dataset to learn from yet")
+        return 0
+    warm = plan(meta_features, experiences, registry, choices, k=k, configs=configs)
+    for note in warm.notes:
+        say(f"warm start: {note}")
+    if not warm.seeds:
+        say(f"warm start: none of the {len(experiences)} known datasets has a configuration usable here")
+        return 0
+    start = len(study.get_trials(deepcopy=False))
+    for number, seed in enumerate(warm.seeds, start=start):
+        origin = f"{seed.experience.name} ({seed.experience.origin}, distance {seed.distance:.3f})"
+        study.enqueue_trial(seed.params, user_attrs={"warm_start": origin}, skip_if_exists=True)
+        say(f"warm start: trial {number} is {seed.describe()}")
+    return len(warm.seeds)

