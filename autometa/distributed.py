@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from autometa.data import load_dataset
 from autometa.errors import SearchError
 from autometa.study import SearchSpec, build_runner
-from autometa.workers import FINISHED, DatabaseBudget, recover_orphans, resolve_devices, run_pool, storage_for
+from autometa.workers import FINISHED, DatabaseBudget, budget_used, recover_orphans, resolve_devices, run_pool, storage_for
 
 
 def join(
@@ -57,10 +57,10 @@ def join(
     left = budget.remaining()
     say(f"joining study {study!r} on {', '.join(s.label for s in slots)}: {max(0, left)} trial(s) of the budget of {spec.budget} left")
     if left <= 0:
-        return len(optuna_study.get_trials(deepcopy=False, states=FINISHED))
+        return budget_used(optuna_study, running=False)
 
     def finished() -> int:
-        return len(optuna_study.get_trials(deepcopy=False, states=FINISHED))
+        return budget_used(optuna_study, running=False)
 
     seen = {t.number for t in optuna_study.get_trials(deepcopy=False, states=FINISHED)}
 

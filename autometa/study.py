@@ -37,7 +37,7 @@ from autometa import schema
 from autometa.plugins import Registry, get_registry
 from autometa import warmstart
 from autometa.tasks import Split, choose_protocol, make_split
-from autometa.workers import Slot, checkpoint, recover_orphans, resolve_devices, run_pool, storage_for
+from autometa.workers import Slot, budget_used, checkpoint, recover_orphans, resolve_devices, run_pool, storage_for
 
 DEFAULT_DB = "sqlite:///studies.db"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -624,8 +624,7 @@ def search(
 def _finished_trials(name: str, storage: optuna.storages.BaseStorage) -> int:
     if not any(s.study_name == name for s in storage.get_all_studies()):
         return 0
-    stored = optuna.load_study(study_name=name, storage=storage)
-    return len(stored.get_trials(deepcopy=False, states=FINISHED))
+    return budget_used(optuna.load_study(study_name=name, storage=storage), running=False)
 
 
 def _check_resume(study: optuna.Study, dataset: Dataset, split: Split, choices: dict, name: str, spec: SearchSpec) -> None:

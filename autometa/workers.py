@@ -333,9 +333,19 @@ def parent_alive(parent_pid: int) -> bool:
     return os.getppid() == parent_pid
 
 
+def budget_used(study: optuna.Study, *, running: bool = True) -> int:
+    """Trials that count against the study's budget: finished ones (and running ones, unless
+    ``running`` is False), except a trial that failed and was re-queued: its retry takes its
+    place, so a worker lost mid-trial does not cost the user a trial."""
+    trials = study.get_trials(deepcopy=False)
+    replaced = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    counted = FINISHED + ((TrialState.RUNNING,) if running else ())
+    return sum(t.state in counted and t.number not in replaced for t in trials)
+
+
 class Budget:
     """Trials this host's workers may still start: the study's total budget minus the trials in
-    the database, finished or running.
+    the database that use it (see ``budget_used``).
 
     A worker holds the claim lock from that count until its trial exists in the database, so
     this host's workers never overshoot the budget together. Other hosts are seen only through
@@ -351,7 +361,7 @@ class Budget:
     def remaining(self, study: optuna.Study) -> int:
         if self._cancelled.value:
             return 0
-        return self.total - len(study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,)))
+        return self.total - budget_used(study)
 
     def claim(self, study: optuna.Study, parent_pid: int | None = None) -> bool:
         """Take the claim lock if a trial is left (then ``release`` once the trial exists)."""
@@ -392,7 +402,7 @@ class DatabaseBudget:
 
     def remaining(self) -> int:
         stored = optuna.load_study(study_name=self.study, storage=storage_for(self.db))
-        return self.budget - len(stored.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,)))
+        return self.budget - budget_used(stored)
 
 
 @contextmanager
@@ -450,7 +460,7 @@ def run_pool(
     if isinstance(n_trials, DatabaseBudget):
         total = n_trials.budget
     else:
-        total = len(study.get_trials(deepcopy=False, states=FINISHED)) + n_trials
+        total = budget_used(study, running=False) + n_trials
     budget = Budget(context, total)
     events = context.Queue()
     threads = threads_per_worker(slots)

@@ -231,6 +231,31 @@ def test_a_trial_without_heartbeat_is_failed_with_its_reason_and_requeued(tmp_pa
     assert retry.system_attrs["fixed_params"] == lost.params
 
 
+def test_a_failed_and_requeued_trial_gives_its_budget_slot_to_its_retry(tmp_path):
+    study = optuna.create_study(study_name="b", storage=f"sqlite:///{tmp_path}/b.db", direction="maximize")
+    for value in (0.5, 0.6):
+        study.enqueue_trial({"x": value})
+        trial = study.ask()
+        study.tell(trial, trial.suggest_float("x", 0, 1))
+    lost = study.ask()
+    lost.suggest_float("x", 0, 1)
+    running = study.ask()
+    running.suggest_float("x", 0, 1)
+    assert workers.budget_used(study) == 4
+    assert workers.budget_used(study, running=False) == 2
+    workers.fail_trial(study, study.get_trials()[2], "worker lost", requeue=True)
+    # The failed trial no longer counts; its retry (waiting) does once it runs.
+    assert workers.budget_used(study) == 3
+    assert workers.budget_used(study, running=False) == 2
+    retry = study.ask()
+    assert retry.number == 4 and study.get_trials()[4].user_attrs["retry_of"] == 2
+    study.tell(retry, retry.suggest_float("x", 0, 1))
+    assert workers.budget_used(study, running=False) == 3
+    # A failure that was not re-queued (a crash in the trial) uses its slot.
+    workers.fail_trial(study, study.get_trials()[3], "raised", requeue=False)
+    assert workers.budget_used(study, running=False) == 4
+
+
 def _stale_callback() -> str:
     accepted = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
     return "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in accepted else "failed_trial_callback"
@@ -305,9 +330,9 @@ def test_killed_search_is_resumed_and_its_orphans_requeued(data, tmp_path, launc
     finished = {t.number: (t.state, t.value) for t in before if t.state in FINISHED}
     orphans = [t.number for t in before if t.state == TrialState.RUNNING]
     assert finished and orphans, states(before)
-    # A failed orphan uses the budget like any finished trial, and so does its retry: with two
-    # workers at most 2 finished + 2 orphans + 2 retries, so a budget of 6 runs every retry.
-    assert len(finished) + 2 * len(orphans) <= 6, states(before)
+    # A failed orphan's retry takes its budget slot: with two workers at most 2 finished + 2
+    # orphans, so a budget of 6 runs every retry and 6 trials that count.
+    assert len(finished) + len(orphans) <= 6, states(before)
 
     messages: list[str] = []
     result = autometa.search(data, "y", trials=6, db=db, study="kill-search", devices="cpu", trials_per_device=2,
@@ -317,7 +342,7 @@ def test_killed_search_is_resumed_and_its_orphans_requeued(data, tmp_path, launc
     assert any("resumed" in m for m in messages), messages
     trials = final(db, "kill-search")
     assert all(t.state in FINISHED for t in trials), states(trials)
-    assert len(trials) == 6
+    assert len(trials) == 6 + len(orphans)
     for number, kept in finished.items():
         assert (trials[number].state, trials[number].value) == kept
     for number in orphans:
