@@ -65,8 +65,11 @@ def autometa_runs(dataset, seed: int, trials: int, db: str) -> dict[str, float]:
     }
     out = {}
     for name, columns in variants.items():
+        # A database per search: each is warm-started from the shipped prior only, never from
+        # the other variants' searches on this same table.
         result = autometa.search(
-            DATA, LABEL, columns=columns, protocol="standard", trials=trials, seed=seed, db=db,
+            DATA, LABEL, columns=columns, protocol="standard", trials=trials, seed=seed,
+            db=db.replace(".db", f"-{len(out)}-{seed}.db"),
             study=f"bench-{name}-{seed}", progress=False, echo=lambda msg: None, top_k=1,
         )
         out[name] = result.best.test.mean
