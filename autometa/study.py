@@ -26,16 +26,14 @@ import torch
 from optuna.trial import FixedTrial, TrialState
 from tqdm.auto import tqdm
 
-from autometa import __version__, crossmodal
+from autometa import __version__, crossmodal, schema, warmstart
 from autometa.artifacts import save_model
 from autometa.components import MASK_PREFIX, Backbone, MetaAlgorithm
 from autometa.data import Dataset, load_dataset
 from autometa.errors import AutometaError, PluginError, SearchError
 from autometa.evaluation import Score, evaluate, majority_baseline
 from autometa.metafeatures import describe
-from autometa import schema
 from autometa.plugins import Registry, get_registry
-from autometa import warmstart
 from autometa.tasks import Split, choose_protocol, make_split
 from autometa.workers import Slot, budget_used, checkpoint, recover_orphans, resolve_devices, run_pool, storage_for
 
