@@ -132,6 +132,11 @@ WEIGHT = FloatDistribution(1e-2, 10.0, log=True)
 DEFAULT_PARAMS = {USE_PARAM: False}
 
 
+def label_suffix(weight: float) -> str:
+    """What a configuration's label says about the mapping (nothing when it is off)."""
+    return f" + cross-modal mapping ×{weight:.3g}" if weight > 0 else ""
+
+
 def suggest_weight(trial: optuna.Trial | FixedTrial, modalities: list[str]) -> float:
     """The cross-modal loss weight of one trial: 0 (no mapper) or log-uniform in ``WEIGHT``."""
     if len(modalities) < 2 or not trial.suggest_categorical(USE_PARAM, [False, True]):

@@ -38,7 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from autometa import __version__
+from autometa import __version__, crossmodal
 from autometa.errors import SearchError
 from autometa.study import DEFAULT_DB
 from autometa.warmstart import Neighbour, rank_by_meta_features  # noqa: F401 - part of this module's API
@@ -139,12 +139,14 @@ def configuration_label(params: Mapping[str, Any]) -> str:
     if "meta_algorithm" not in params:
         return "-"
     encoders = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in params.items() if k.startswith("encoder.") and is_component_key(k))
-    return f"{params['meta_algorithm']} + {params.get('fusion', '?')} [{encoders}]"
+    weight = params.get(crossmodal.WEIGHT_PARAM, 0.0) if params.get(crossmodal.USE_PARAM) else 0.0
+    return f"{params['meta_algorithm']} + {params.get('fusion', '?')} [{encoders}]{crossmodal.label_suffix(weight)}"
 
 
 def _entry_label(entry: Mapping[str, Any]) -> str:
     encoders = ", ".join(f"{m}={e}" for m, e in (entry.get("encoders") or {}).items())
-    return f"{entry.get('meta_algorithm', '?')} + {entry.get('fusion', '?')} [{encoders}]"
+    mapping = crossmodal.label_suffix(entry.get("crossmodal_weight") or 0.0)
+    return f"{entry.get('meta_algorithm', '?')} + {entry.get('fusion', '?')} [{encoders}]{mapping}"
 
 
 def _hyperparameters(params: Mapping[str, Any]) -> dict[str, Any]:

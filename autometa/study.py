@@ -57,8 +57,7 @@ class Config:
 
     def label(self) -> str:
         encoders = ", ".join(f"{m}={e}" for m, e in self.encoders.items())
-        mapping = f" + cross-modal mapping ×{self.crossmodal_weight:.3g}" if self.crossmodal_weight > 0 else ""
-        return f"{self.meta_algorithm} + {self.fusion} [{encoders}]{mapping}"
+        return f"{self.meta_algorithm} + {self.fusion} [{encoders}]{crossmodal.label_suffix(self.crossmodal_weight)}"
 
 
 def sample_config(trial: optuna.Trial | FixedTrial, registry: Registry, choices: dict[str, list[str]]) -> Config:
@@ -271,6 +270,7 @@ class LeaderboardEntry:
             "meta_algorithm": self.config.meta_algorithm,
             "fusion": self.config.fusion,
             "encoders": self.config.encoders,
+            "crossmodal_weight": self.config.crossmodal_weight,
             "validation_accuracy": self.validation,
             "test_accuracy": self.test.mean,
             "test_ci95": self.test.ci95,

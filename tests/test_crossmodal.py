@@ -26,6 +26,7 @@ from autometa.errors import DataError
 from autometa.evaluation import evaluate
 from autometa.features import Features
 from autometa.plugins import get_registry
+from autometa.report import _entry_label, configuration_label
 from autometa.study import Config, default_trials, sample_config, train
 from autometa.tasks import Task, TrainingPool, make_split
 from autometa_builtins.encoders import Identity, TabularMLP, VectorMLP
@@ -303,6 +304,14 @@ def test_weight_is_searched_only_with_two_modalities_and_a_learner_that_uses_it(
     assert 0.0 in weights and any(w > 0 for w in weights)
     config = Config("protonet", "concat", {"tabular": "mlp"}, crossmodal_weight=0.25)
     assert config.label() == "protonet + concat [tabular=mlp] + cross-modal mapping ×0.25"
+    # The database commands and the report label stored trials and leaderboard entries the same way.
+    stored = {"meta_algorithm": "protonet", "fusion": "concat", "encoder.tabular": "mlp",
+              crossmodal.USE_PARAM: True, crossmodal.WEIGHT_PARAM: 0.25}
+    assert configuration_label(stored) == config.label()
+    assert configuration_label({**stored, crossmodal.USE_PARAM: False}) == "protonet + concat [tabular=mlp]"
+    entry = {"meta_algorithm": "protonet", "fusion": "concat", "encoders": {"tabular": "mlp"}, "crossmodal_weight": 0.25}
+    assert _entry_label(entry) == config.label()
+    assert _entry_label({**entry, "crossmodal_weight": 0.0}) == "protonet + concat [tabular=mlp]"
 
     one = {k: v for k, v in CHOICES.items() if k != "encoder.vector"}
     trial = study.ask()
