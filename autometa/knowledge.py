@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import optuna
-
 from autometa import __version__
 from autometa.errors import DataError, SearchError
 from autometa.warmstart import PRIOR_FORMAT, SOURCE_ATTR, Experience, database_experiences, distinct_best
@@ -87,7 +85,7 @@ def build(
     its model; any other resumes (``trials`` is each study's total budget).
     """
     from autometa.data import load_dataset
-    from autometa.study import search, study_name_for
+    from autometa.study import finished_trials, search, study_name_for
     from autometa.tasks import choose_protocol
     from autometa.workers import storage_for
 
@@ -98,7 +96,7 @@ def build(
     for index, entry in enumerate(entries, start=1):
         dataset = load_dataset(entry.path, entry.label)
         name = study_name_for(dataset, choose_protocol(dataset, protocol))
-        done = _finished(storage, name)
+        done = finished_trials(name, storage)
         where = f"[{index}/{len(entries)}] {dataset.name}"
         if done >= trials:
             say(f"{where}: study {name!r} already has {done} finished trial(s) of {trials}; skipped")
@@ -111,20 +109,11 @@ def build(
         )
         if entry.source:
             result.study.set_user_attr(SOURCE_ATTR, entry.source)
-        finished = _finished(storage, name)
+        finished = finished_trials(name, storage)
         best = f"best validation {100 * result.study.best_value:.1f}%" if result.leaderboard else "no trial completed"
         say(f"{where}: {finished} trial(s) finished, {best}")
         outcomes.append(BuildOutcome(dataset.name, name, finished, finished - done))
     return outcomes
-
-
-def _finished(storage: optuna.storages.BaseStorage, name: str) -> int:
-    """Trials of study ``name`` that count against its budget, as ``search`` counts them."""
-    from autometa.workers import budget_used
-
-    if not any(s.study_name == name for s in storage.get_all_studies()):
-        return 0
-    return budget_used(optuna.load_study(study_name=name, storage=storage), running=False)
 
 
 def export(db: str, output: str | Path, *, configurations: int = 5, command: str | None = None) -> dict[str, Any]:

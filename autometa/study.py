@@ -549,7 +549,7 @@ def search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = storage_for(db)
     schema.recording_engine(db)  # autometa's tables: made, upgraded from 0.1, or a newer schema refused
-    existing = _finished_trials(name, storage)
+    existing = finished_trials(name, storage)
     custom = (sampler, pruner)
     # A resumed study gets a new seed so it does not replay the first random trials.
     sampler = sampler or default_sampler(spec, offset=7919 * existing)
@@ -557,7 +557,7 @@ def search(
     optuna_study = open_study(name, storage, db, sampler, pruner)
     _check_resume(optuna_study, dataset, split, choices, name, spec)
     recover_orphans(optuna_study, say)
-    existing = _finished_trials(name, storage)
+    existing = finished_trials(name, storage)
 
     remaining = trials - existing
     where = ", ".join(s.label for s in slots) if isolate else str(device)
@@ -619,7 +619,8 @@ def search(
     return SearchResult(optuna_study, dataset, split, leaderboard, majority, max(0, remaining), model_path)
 
 
-def _finished_trials(name: str, storage: optuna.storages.BaseStorage) -> int:
+def finished_trials(name: str, storage: optuna.storages.BaseStorage) -> int:
+    """Trials of study ``name`` that count against its budget (0 when there is no such study)."""
     if not any(s.study_name == name for s in storage.get_all_studies()):
         return 0
     return budget_used(optuna.load_study(study_name=name, storage=storage), running=False)

@@ -303,8 +303,9 @@ def _unusable(registry, kind: str, name: str, allowed: list[str], modality: str 
 
 def label(params: Mapping[str, Any]) -> str:
     """``protonet + concat [tabular=mlp]``, as a search prints configurations."""
-    encoders = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in params.items() if k.startswith("encoder.") and k.count(".") == 1)
-    return f"{params.get('meta_algorithm')} + {params.get('fusion')} [{encoders}]"
+    from autometa.report import configuration_label  # late: report imports this module
+
+    return configuration_label(params)
 
 
 # --- the plan -------------------------------------------------------------------------------
