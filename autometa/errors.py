@@ -19,3 +19,9 @@ class ProtocolError(AutometaError):
 
 class SearchError(AutometaError):
     """The search cannot run as configured (no usable plugins, bad devices, bad database)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type's name when it has none: the part of a
+    library's error worth quoting in one of ours."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

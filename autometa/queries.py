@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from autometa import schema
-from autometa.errors import SearchError
+from autometa.errors import SearchError, first_line
 from autometa.report import configuration_label, open_storage, read_only_url
 
 # Float columns that hold accuracies: shown as percentages in tables.
@@ -99,17 +99,13 @@ def _reading(db: str) -> Iterator[Connection]:
         with engine.connect() as connection:
             yield connection
     except SQLAlchemyError as exc:
-        raise SearchError(f"cannot read {_shown(db)}: {_first_line(exc.orig if hasattr(exc, 'orig') else exc)}") from exc
+        raise SearchError(f"cannot read {_shown(db)}: {first_line(exc.orig if hasattr(exc, 'orig') else exc)}") from exc
     finally:
         engine.dispose()
 
 
 def _shown(db: str) -> str:
     return make_url(db).render_as_string(hide_password=True)
-
-
-def _first_line(exc: BaseException | None) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _require_tables(connection: Connection, db: str) -> None:
@@ -126,16 +122,9 @@ def _require_tables(connection: Connection, db: str) -> None:
         )
 
 
-def _storage(db: str) -> optuna.storages.RDBStorage:
-    return open_storage(db)
-
-
-def _studies_in(storage: optuna.storages.RDBStorage, db: str) -> list[optuna.study.StudySummary]:
-    try:
-        return optuna.study.get_all_study_summaries(storage, include_best_trial=True)
-    except optuna.exceptions.StorageInternalError as exc:
-        cause = exc.__cause__ or exc
-        raise SearchError(f"cannot read the studies in {db}: {_first_line(cause)} (the file was not changed)") from exc
+def _studies_in(storage: optuna.storages.RDBStorage) -> list[optuna.study.StudySummary]:
+    # A damaged file fails here; every public query's _clear_errors says so in one line.
+    return optuna.study.get_all_study_summaries(storage, include_best_trial=True)
 
 
 def _unknown(kind: str, kinds: str, name: str, known: list[str], db: str) -> SearchError:
@@ -146,7 +135,7 @@ def _unknown(kind: str, kinds: str, name: str, known: list[str], db: str) -> Sea
 
 
 def _load_study(storage, name: str, db: str) -> optuna.Study:
-    names = sorted(s.study_name for s in _studies_in(storage, db))
+    names = sorted(s.study_name for s in _studies_in(storage))
     if name not in names:
         raise _unknown("study", "studies", name, names, db)
     return optuna.load_study(study_name=name, storage=storage)
@@ -172,7 +161,7 @@ def _clear_errors(query):
             return query(db, *args, **kwargs)
         except optuna.exceptions.StorageInternalError as exc:
             cause = exc.__cause__ or exc
-            raise SearchError(f"cannot read the studies in {db}: {_first_line(cause)} (the file was not changed)") from exc
+            raise SearchError(f"cannot read the studies in {db}: {first_line(cause)} (the file was not changed)") from exc
     return wrapped
 
 
@@ -180,7 +169,7 @@ def _clear_errors(query):
 def studies(db: str) -> list[dict[str, Any]]:
     """One row per study: dataset, protocol, trial counts, best validation and test scores, and
     (with autometa's tables) the status and times of its search runs."""
-    storage = _storage(db)
+    storage = open_storage(db)
     try:
         return _studies(storage, db)
     finally:
@@ -191,7 +180,7 @@ def _studies(storage: optuna.storages.RDBStorage, db: str) -> list[dict[str, Any
     with _reading(db) as connection:
         runs = _latest_searches(connection) if schema.stored_version(connection) >= 1 else {}
     rows = []
-    for summary in _studies_in(storage, db):
+    for summary in _studies_in(storage):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         attrs = study.user_attrs
         trials = study.get_trials(deepcopy=False)
@@ -240,9 +229,9 @@ def datasets(db: str) -> list[dict[str, Any]]:
         ).all())
         sizes = {row.id: (row.rows, row.classes) for row in connection.execute(
             select(schema.datasets.c.id, schema.datasets.c.rows, schema.datasets.c.classes))}
-    storage = _storage(db)
+    storage = open_storage(db)
     try:
-        summaries = {s.study_name: s for s in _studies_in(storage, db)}
+        summaries = {s.study_name: s for s in _studies_in(storage)}
     finally:
         storage.engine.dispose()
     rows = []
@@ -273,7 +262,7 @@ def _reason(trial: FrozenTrial) -> str | None:
 @_clear_errors
 def trials(db: str, study: str) -> list[dict[str, Any]]:
     """A study's trials: state, validation accuracy, configuration, where and how long it ran."""
-    storage = _storage(db)
+    storage = open_storage(db)
     try:
         loaded = _load_study(storage, study, db)
         frozen = loaded.get_trials(deepcopy=False)
@@ -314,7 +303,7 @@ def _facts(db: str, study: str) -> dict[int, dict[str, Any]]:
 @_clear_errors
 def leaderboard(db: str, study: str) -> list[dict[str, Any]]:
     """The finalists of a study's latest leaderboard with their test accuracy ± 95% CI."""
-    storage = _storage(db)
+    storage = open_storage(db)
     try:
         loaded = _load_study(storage, study, db)
         by_number = {t.number: t for t in loaded.get_trials(deepcopy=False)}
@@ -365,7 +354,7 @@ def best(db: str, dataset: str, protocol: str | None = None) -> list[dict[str, A
     if not studies_on:
         done = ", ".join(sorted({p for _, p in chosen.studies})) or "none"
         raise SearchError(f"no {protocol} search on dataset {chosen.name!r} in {_shown(db)}; protocols searched: {done}")
-    storage = _storage(db)
+    storage = open_storage(db)
     top: dict[str, tuple[FrozenTrial, str]] = {}
     try:
         for name, proto in studies_on:
@@ -557,12 +546,12 @@ def _postgres_sql(db: str, url, statement: str, limit: int, timeout: float) -> t
             except SQLAlchemyError as exc:
                 cause = getattr(exc, "orig", exc)
                 if "read-only transaction" in str(cause) or "read-write mode" in str(cause):
-                    raise _read_only_refusal([_first_line(cause)]) from exc
-                raise SearchError(f"SQL error: {_first_line(cause)} (in {_shown(db)})") from exc
+                    raise _read_only_refusal([first_line(cause)]) from exc
+                raise SearchError(f"SQL error: {first_line(cause)} (in {_shown(db)})") from exc
             finally:
                 connection.rollback()
     except SQLAlchemyError as exc:
-        raise SearchError(f"cannot read {_shown(db)}: {_first_line(getattr(exc, 'orig', exc))}") from exc
+        raise SearchError(f"cannot read {_shown(db)}: {first_line(getattr(exc, 'orig', exc))}") from exc
     finally:
         engine.dispose()
     return [dict(zip(names, tuple(row))) for row in rows[:limit]], len(rows) > limit

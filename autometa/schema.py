@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from autometa.errors import AutometaError, SearchError
+from autometa.errors import AutometaError, SearchError, first_line
 
 SCHEMA_VERSION = 1
 STATUSES = ("running", "finished", "interrupted", "failed")
@@ -321,8 +321,7 @@ def _shown(engine: Engine) -> str:
 
 
 def _cause(exc: SQLAlchemyError) -> str:
-    cause = getattr(exc, "orig", None) or exc
-    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return first_line(getattr(exc, "orig", None) or exc)
 
 
 @dataclass

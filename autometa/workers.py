@@ -35,7 +35,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from autometa import schema
-from autometa.errors import AutometaError, SearchError
+from autometa.errors import AutometaError, SearchError, first_line
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 HEARTBEAT_S = 10
@@ -140,9 +140,8 @@ def storage_for(db: str) -> optuna.storages.RDBStorage:
             raise SearchError(
                 f"--db {url.render_as_string(hide_password=True)}: its database driver {cause.name!r} is not installed{extra}"
             ) from exc
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise SearchError(
-            f"cannot open the study database {url.render_as_string(hide_password=True)}: {type(cause).__name__}: {first}"
+            f"cannot open the study database {url.render_as_string(hide_password=True)}: {type(cause).__name__}: {first_line(cause)}"
         ) from exc
 
 
