@@ -78,6 +78,11 @@ def sample_config(trial: optuna.Trial | FixedTrial, registry: Registry, choices:
     )
 
 
+def stored_config(params: Mapping[str, Any], registry: Registry, choices: dict[str, list[str]]) -> Config:
+    """The configuration of a stored trial (trials stored before cross-modal mapping existed had none)."""
+    return sample_config(FixedTrial({**crossmodal.DEFAULT_PARAMS, **params}), registry, choices)
+
+
 def search_choices(
     registry: Registry, protocol: str, modalities: list[str], include: Mapping[str, list[str]] | None = None
 ) -> dict[str, list[str]]:
@@ -661,7 +666,7 @@ def _trial_line(frozen: optuna.trial.FrozenTrial, registry: Registry, choices: d
         outcome = frozen.user_attrs.get("prune_reason", "pruned")
     else:
         outcome = f"failed: {frozen.user_attrs.get('fail_reason', 'see log')}"
-    config = sample_config(FixedTrial({**crossmodal.DEFAULT_PARAMS, **frozen.params}), registry, choices) if frozen.params else None
+    config = stored_config(frozen.params, registry, choices) if frozen.params else None
     where = f" on {frozen.user_attrs['worker']}" if "worker" in frozen.user_attrs else ""
     return f"trial {frozen.number:>3} {outcome} ({took:.1f}s{where}) {config.label() if config else ''}"
 
@@ -765,7 +770,7 @@ def _leaderboard(study, split, registry, choices, top_k, steps, eval_every, cach
     say(f"scoring the top {len(chosen)} configuration(s) on {len(split.test)} held-out test task(s)")
     entries = []
     for rank, t in enumerate(chosen, start=1):
-        config = sample_config(FixedTrial({**crossmodal.DEFAULT_PARAMS, **t.params}), registry, choices)
+        config = stored_config(t.params, registry, choices)
         algorithm = cache[t.number][1] if t.number in cache else None
         if algorithm is None:  # trained in an earlier run: retrain it from its parameters and seed
             algorithm, _ = train(
