@@ -66,6 +66,8 @@ def cli() -> None:
               help="Save the best model to DIR/STUDY (for `autometa predict`).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--no-progress", is_flag=True, help="Do not show the live progress bar.")
+@click.option("--no-defaults", is_flag=True,
+              help="Do not start a new study with one default-parameter trial per meta-algorithm.")
 @click.option("--no-warm-start", is_flag=True,
               help="Do not seed a new study with the best configurations of similar datasets.")
 @click.option("--warm-start-k", type=int, default=3, show_default=True, metavar="N",
@@ -77,7 +79,8 @@ def cli() -> None:
 def search(data, label, group, columns, protocol, trials, timeout, seed, db, study, devices, trials_per_device,
            trial_timeout, in_process, steps, eval_every,
            ways, shots, queries, validation_tasks, test_tasks, top_k, image_size, meta_algorithms, fusions,
-           encoders, output, fmt, no_progress, no_warm_start, warm_start_k, warm_start_configs, warm_start_prior):
+           encoders, output, fmt, no_progress, no_defaults, no_warm_start, warm_start_k, warm_start_configs,
+           warm_start_prior):
     """Search encoders, fusion and meta-algorithm for DATA (CSV, Parquet, JSON Lines or .npz)."""
     from autometa.data import parse_column_overrides
     from autometa.study import search as run_search
@@ -89,8 +92,8 @@ def search(data, label, group, columns, protocol, trials, timeout, seed, db, stu
         ways=ways, shots=shots, queries=queries, validation_tasks=validation_tasks, test_tasks=test_tasks,
         top_k=top_k, image_size=(image_size, image_size), progress=not no_progress,
         include=_restrictions(meta_algorithms, fusions, encoders), output=output,
-        warm_start=not no_warm_start, warm_start_k=warm_start_k, warm_start_configs=warm_start_configs,
-        **({"warm_start_prior": warm_start_prior} if warm_start_prior else {}),
+        defaults=not no_defaults, warm_start=not no_warm_start, warm_start_k=warm_start_k,
+        warm_start_configs=warm_start_configs, **({"warm_start_prior": warm_start_prior} if warm_start_prior else {}),
     )
     if fmt == "json":
         click.echo(json.dumps({

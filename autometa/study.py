@@ -8,7 +8,9 @@ fixed validation tasks; only the leaderboard's finalists are scored on the test 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
+import json
 import os
 import logging
 import math
@@ -146,6 +148,17 @@ def default_trials(registry: Registry, choices: dict[str, list[str]]) -> list[di
          **(crossmodal.DEFAULT_PARAMS if multimodal and registry.get("meta_algorithm", name).cls.uses_auxiliary_loss else {})}
         for name in choices["meta_algorithm"]
     ]
+
+
+def configuration_seed(study_seed: int, params: Mapping[str, Any]) -> int:
+    """The training seed of a configuration (its sampled parameters) in a study seeded ``study_seed``.
+
+    Keyed on the configuration, not the trial number, so a configuration scores the same in
+    whichever trial, worker or study (same data, same seed) runs it: a warm-started or resumed
+    search that repeats a configuration reproduces its score instead of drawing a new one.
+    """
+    key = json.dumps([study_seed, dict(params)], sort_keys=True, default=str)
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")  # < 2**32: numpy's limit
 
 
 def _defaults(cls: type, prefix: str) -> dict[str, Any]:
@@ -375,7 +388,7 @@ class TrialRunner:
             trial.set_user_attr("wall_time_s", 0.0)
             trial.set_user_attr("fail_reason", f"sampling the configuration failed: {failure_reason(exc, self.device)}")
             raise
-        trial_seed = spec.seed * 1_000_003 + trial.number
+        trial_seed = configuration_seed(spec.seed, trial.params)
         for key, value in (("seed", trial_seed), ("device", self.device), ("steps", spec.steps),
                            ("worker", self.label), ("pid", os.getpid()), ("host", platform.node())):
             trial.set_user_attr(key, value)
@@ -497,6 +510,7 @@ def search(
     output: str | Path | None = "autometa-output",
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    defaults: bool = True,
     warm_start: bool = True,
     warm_start_k: int = warmstart.DEFAULT_K,
     warm_start_configs: int = warmstart.DEFAULT_CONFIGS,
@@ -508,7 +522,9 @@ def search(
     a crash, out-of-memory abort or ``trial_timeout`` fails only that trial); ``isolate=False``
     runs them in this process, one at a time.
 
-    ``warm_start``: a new study's first trials are the best configurations of the
+    ``defaults``: a new study runs one trial per meta-algorithm at default parameters before
+    the sampler explores (False: the sampler chooses every trial). ``warm_start``: a new
+    study's first trials are the best configurations of the
     ``warm_start_k`` most similar datasets in ``db`` and ``warm_start_prior`` (None: the
     database only), ``warm_start_configs`` in all (see :mod:`autometa.warmstart`).
     """
@@ -579,7 +595,7 @@ def search(
                 optuna_study, optuna_study.user_attrs.get("meta_features") or describe(dataset), registry, choices,
                 db=db, prior=warm_start_prior, k=warm_start_k, configs=min(warm_start_configs, remaining), say=say,
             )
-        for params in default_trials(registry, choices)[: max(0, remaining - seeded)]:
+        for params in default_trials(registry, choices)[: max(0, remaining - seeded)] if defaults else []:
             optuna_study.enqueue_trial(params, skip_if_exists=True)
     # Every run of the search is a row of autometa_searches (a resumed one adds another).
     search_id = schema.begin_search(

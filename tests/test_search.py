@@ -125,7 +125,7 @@ def test_search_end_to_end_standard(first_search, standard_csv):
     assert len(trials) == 3
     assert all(t.state == TrialState.COMPLETE for t in trials), [t.user_attrs for t in trials]
     for t in trials:
-        assert t.user_attrs["seed"] == 0 * 1_000_003 + t.number
+        assert t.user_attrs["seed"] == search_module.configuration_seed(0, t.params)
         assert t.user_attrs["device"] == "cpu"
         assert t.user_attrs["wall_time_s"] > 0
         assert t.user_attrs["steps"] == 20
@@ -164,6 +164,26 @@ def test_leaderboard_scores_reproduce_by_retraining(first_search):
         )
         assert validation.mean == trial.value
         assert evaluate(algorithm, result.split.test) == entry.test
+
+
+def test_a_repeated_configuration_reproduces_its_score(first_search):
+    """The training seed follows the configuration, not the trial number: run again at other
+    trial numbers, in another study, a configuration scores what it scored before."""
+    result = first_search["result"]
+    spec = search_module.SearchSpec.from_json(first_search["attrs"]["spec"])
+    runner = search_module.TrialRunner(result.split, search_module.get_registry(), spec, "cpu")
+    first, last = first_search["trials"][0], first_search["trials"][-1]
+    assert first.user_attrs["seed"] != last.user_attrs["seed"]
+    again = optuna.create_study(direction="maximize")
+    for trial in (last, first, last):
+        again.enqueue_trial(trial.params)
+    again.optimize(runner, n_trials=3)
+    rerun = again.get_trials()
+    assert [t.number for t in rerun] == [0, 1, 2]
+    assert [t.value for t in rerun] == [last.value, first.value, last.value]
+    assert [t.user_attrs["seed"] for t in rerun] == [t.user_attrs["seed"] for t in (last, first, last)]
+    # A different study seed trains the same configuration differently.
+    assert search_module.configuration_seed(1, first.params) != first.user_attrs["seed"]
 
 
 def test_resume_adds_only_the_missing_trials(first_search, standard_csv, tmp_path):

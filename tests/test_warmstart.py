@@ -178,6 +178,28 @@ def test_no_warm_start_seeds_nothing(tmp_path):
     assert trial.params["meta_algorithm"] == default["meta_algorithm"]
 
 
+def test_no_defaults_leaves_every_trial_to_the_sampler(tmp_path):
+    """--no-defaults --no-warm-start: nothing is enqueued, TPE proposes from the first trial."""
+    data = write_table(tmp_path / "first.csv", 120, seed=0, shift=2.0)
+    db = f"sqlite:///{tmp_path / 'studies.db'}"
+    result = CliRunner().invoke(cli, [
+        "search", str(data), "--label", "y", "--db", db, "--trials", "2", "--steps", "4", "--eval-every", "2",
+        "--protocol", "standard", "--validation-tasks", "1", "--test-tasks", "1", "--top-k", "1", "--in-process",
+        "--no-progress", "--output", str(tmp_path / "out"), "--no-warm-start", "--no-defaults",
+    ])
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name=study_name_for(load_dataset(data, "y"), "standard"), storage=db)
+    trials = study.get_trials()
+    assert len(trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert not any("fixed_params" in t.system_attrs for t in trials)  # sampled, not enqueued
+    # With the defaults (the same search otherwise), the first trial is the first default, enqueued.
+    with_defaults = search(data, "y", trials=1, db=f"sqlite:///{tmp_path / 'd.db'}", warm_start=False,
+                           echo=lambda s: None, **FAST)
+    [first] = with_defaults.study.get_trials()
+    default = default_trials(get_registry(), with_defaults.study.user_attrs["choices"])[0]
+    assert first.system_attrs["fixed_params"] == default
+
+
 def test_shipped_prior_loads_and_translates_for_the_bundled_example(registry):
     assert PRIOR_PATH.is_file(), "autometa/prior/knowledge.json is package data; build it with `autometa kb export`"
     prior = prior_experiences()
