@@ -119,7 +119,8 @@ def minilm_embeddings(texts: list[str]) -> np.ndarray:
             if len(pending) > _PROGRESS_MIN:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=len(pending), desc="MiniLM text embeddings", unit="text")
+                # disable=None: shown on a terminal, left out of logs and pipes.
+                bar = tqdm(total=len(pending), desc="MiniLM text embeddings", unit="text", disable=None)
             try:
                 for start in range(0, len(pending), _BATCH):
                     batch = pending[start : start + _BATCH]
