@@ -15,7 +15,9 @@ from optuna.trial import TrialState
 from autometa.data import load_dataset
 from autometa.errors import SearchError
 from autometa.study import SearchSpec, build_runner
-from autometa.workers import FINISHED, DatabaseBudget, budget_used, recover_orphans, resolve_devices, run_pool, storage_for
+from autometa.workers import (
+    FINISHED, DatabaseBudget, budget_used, recover_orphans, resolve_devices, run_pool, storage_for, worker_label,
+)
 
 
 def join(
@@ -69,7 +71,7 @@ def join(
             if t.number not in seen:
                 seen.add(t.number)
                 value = f"validation {100 * t.value:.1f}%" if t.state == TrialState.COMPLETE else t.state.name.lower()
-                say(f"trial {t.number:>3} {value} on {t.user_attrs.get('worker', '?')}")
+                say(f"trial {t.number:>3} {value} on {worker_label(t.user_attrs)}")
 
     existing = finished()
     run_pool(

@@ -37,7 +37,9 @@ from autometa.evaluation import Score, evaluate, majority_baseline
 from autometa.metafeatures import describe
 from autometa.plugins import Registry, get_registry
 from autometa.tasks import Split, choose_protocol, make_split
-from autometa.workers import Slot, budget_used, checkpoint, recover_orphans, resolve_devices, run_pool, storage_for
+from autometa.workers import (
+    Slot, budget_used, checkpoint, recover_orphans, resolve_devices, run_pool, storage_for, worker_label,
+)
 
 DEFAULT_DB = "sqlite:///studies.db"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -683,7 +685,7 @@ def _trial_line(frozen: optuna.trial.FrozenTrial, registry: Registry, choices: d
     else:
         outcome = f"failed: {frozen.user_attrs.get('fail_reason', 'see log')}"
     config = stored_config(frozen.params, registry, choices) if frozen.params else None
-    where = f" on {frozen.user_attrs['worker']}" if "worker" in frozen.user_attrs else ""
+    where = f" on {worker_label(frozen.user_attrs)}" if "worker" in frozen.user_attrs else ""
     return f"trial {frozen.number:>3} {outcome} ({took:.1f}s{where}) {config.label() if config else ''}"
 
 

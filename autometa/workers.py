@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import optuna
 import sqlalchemy
@@ -53,6 +53,13 @@ class Slot:
     @property
     def label(self) -> str:
         return f"{self.device}#{self.index}"
+
+
+def worker_label(attrs: Mapping[str, Any]) -> str:
+    """Where a trial ran, for trial lines: its worker slot (``cpu#0``), with ``@host`` when that
+    is another machine sharing the study (every machine has its own ``cpu#0``)."""
+    label, host = attrs.get("worker", "?"), attrs.get("host")
+    return f"{label}@{host}" if host and host != platform.node() else label
 
 
 def resolve_devices(spec: str, per_device: int) -> list[Slot]:

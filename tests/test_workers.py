@@ -11,6 +11,7 @@ import inspect
 import json
 import multiprocessing as mp
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -269,6 +270,14 @@ def test_a_zombie_worker_counts_as_gone():
         assert _alive(os.getpid())
     finally:
         child.wait()
+
+
+def test_trial_lines_name_the_host_of_a_worker_on_another_machine():
+    here = platform.node()
+    assert workers.worker_label({"worker": "cpu#0", "host": here}) == "cpu#0"
+    assert workers.worker_label({"worker": "cuda:1#0", "host": "gpu-box-7"}) == "cuda:1#0@gpu-box-7"
+    assert workers.worker_label({"worker": "cpu#1"}) == "cpu#1"  # stored before hosts were recorded
+    assert workers.worker_label({}) == "?"
 
 
 # -------------------------------------------------------------------------- many workers
