@@ -24,9 +24,7 @@ import time
 from datetime import timezone
 from pathlib import Path
 
-import numpy as np
 import optuna
-import pandas as pd
 import pytest
 from click.testing import CliRunner
 from optuna.trial import TrialState
@@ -38,6 +36,7 @@ from autometa.data import load_dataset
 from autometa.errors import SearchError
 from autometa.metafeatures import describe
 from autometa.study import search
+from helpers import write_blobs_csv
 
 FIXTURE = Path(__file__).parent / "data" / "studies-0.1.db"
 TABULAR = "tabular-standard-5994a753f4"
@@ -80,14 +79,6 @@ def upgraded(tmp_path_factory) -> Path:
     shutil.copyfile(FIXTURE, copy)
     schema.ensure(schema.engine_for(url(copy)))
     return copy
-
-
-def write_csv(path: Path, per_class: int = 20, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    rows = [{"x1": c * 1.5 + rng.normal(), "x2": rng.normal(), "y": label}
-            for c, label in enumerate("abc") for _ in range(per_class)]
-    pd.DataFrame(rows).sample(frac=1, random_state=seed).to_csv(path, index=False)
-    return path
 
 
 # --- the upgrade from autometa 0.1 --------------------------------------------------------------
@@ -213,7 +204,7 @@ def test_db_upgrade_command(old_db, tmp_path):
 
 
 def test_search_records_dataset_search_and_trial_facts(tmp_path):
-    data = write_csv(tmp_path / "blobs.csv")
+    data = write_blobs_csv(tmp_path / "blobs.csv", shift=1.5)
     db = url(tmp_path / "s.db")
     result = search(data, "y", trials=2, db=db, seed=3, isolate=False, output=None, **FAST)
     dataset = load_dataset(data, "y")
@@ -261,7 +252,7 @@ def test_search_records_dataset_search_and_trial_facts(tmp_path):
 
 @pytest.mark.parametrize("stop, status", [(KeyboardInterrupt, "interrupted"), (RuntimeError, "failed")])
 def test_a_search_stopped_on_the_way_is_marked(tmp_path, stop, status):
-    data = write_csv(tmp_path / "blobs.csv")
+    data = write_blobs_csv(tmp_path / "blobs.csv", shift=1.5)
     db = url(tmp_path / "s.db")
 
     def echo(message: str) -> None:
@@ -280,7 +271,7 @@ def test_a_search_stopped_on_the_way_is_marked(tmp_path, stop, status):
 
 @pytest.mark.slow  # worker processes take seconds to start
 def test_pool_workers_record_trial_facts(tmp_path):
-    data = write_csv(tmp_path / "blobs.csv")
+    data = write_blobs_csv(tmp_path / "blobs.csv", shift=1.5)
     db = url(tmp_path / "s.db")
     result = search(data, "y", trials=2, db=db, devices="cpu", output=None, **FAST)
     engine = schema.engine_for(db)
@@ -302,7 +293,7 @@ def test_a_search_refuses_a_newer_schema_before_creating_its_study(tmp_path):
     connection.commit()
     connection.close()
     with pytest.raises(SearchError, match="newer autometa"):
-        search(write_csv(tmp_path / "blobs.csv"), "y", trials=1, db=db, isolate=False, output=None, **FAST)
+        search(write_blobs_csv(tmp_path / "blobs.csv", shift=1.5), "y", trials=1, db=db, isolate=False, output=None, **FAST)
     assert optuna.get_all_study_names(db) == []
 
 

@@ -24,6 +24,7 @@ from autometa.tasks import Task, TrainingPool
 from autometa_builtins.encoders import Conv4, TabularMLP
 from autometa_builtins.fusions import Concat
 from autometa_builtins.meta_algorithms import ANIL, FOMAML, MAML, META_ALGORITHMS, MetaSGD, Reptile
+from helpers import run_sequential, training_pool
 
 INNER_LR = 0.3
 INNER_STEPS = 2
@@ -36,29 +37,7 @@ FAMILY = {"maml": MAML, "fomaml": FOMAML, "anil": ANIL, "metasgd": MetaSGD, "rep
 def body_forward(backbone: Backbone, params: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The single encoder's ``net`` applied layer by layer with the tensors in ``params``."""
     (modality, encoder), = backbone.encoders.items()
-    x = inputs[modality]
-    for index, layer in enumerate(encoder.net):
-        key = f"encoders.{modality}.net.{index}"
-        if isinstance(layer, nn.Linear):
-            x = x @ params[f"{key}.weight"].T + params[f"{key}.bias"]
-        elif isinstance(layer, nn.Conv2d):
-            x = F.conv2d(x, params[f"{key}.weight"], params[f"{key}.bias"], padding=1)
-        elif isinstance(layer, nn.GroupNorm):
-            mean = x.mean(dim=(1, 2, 3), keepdim=True)
-            var = x.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
-            x = (x - mean) / torch.sqrt(var + layer.eps)
-            x = x * params[f"{key}.weight"].view(1, -1, 1, 1) + params[f"{key}.bias"].view(1, -1, 1, 1)
-        elif isinstance(layer, nn.ReLU):
-            x = x.clamp_min(0)
-        elif isinstance(layer, nn.MaxPool2d):
-            x = F.max_pool2d(x, 2)
-        elif isinstance(layer, nn.AdaptiveAvgPool2d):
-            x = x.mean(dim=(2, 3), keepdim=True)
-        elif isinstance(layer, nn.Flatten):
-            x = x.flatten(1)
-        else:  # pragma: no cover - a layer this reference does not know
-            raise AssertionError(f"reference forward does not handle {layer!r}")
-    return x
+    return run_sequential(encoder.net, f"encoders.{modality}.net", params, inputs[modality])
 
 
 def _rows(task: Task, t: int):
@@ -114,12 +93,6 @@ def reference_meta_grads(alg, task: Task, *, algorithm: str, first_order: bool) 
 
 
 # -- tiny problems ------------------------------------------------------------------------------
-def _pool(features: Features, labels: torch.Tensor) -> TrainingPool:
-    rows = np.arange(len(labels))
-    by_class = {int(c): rows[labels.numpy() == c] for c in labels.unique()}
-    return TrainingPool(features, labels, rows, [by_class])
-
-
 def _problem(kind: str) -> tuple[Backbone, Features, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     n = N_CLASSES * ROWS_PER_CLASS
@@ -139,7 +112,7 @@ def _problem(kind: str) -> tuple[Backbone, Features, torch.Tensor]:
 
 def _setup(algorithm: str, kind: str = "mlp", **options):
     backbone, features, labels = _problem(kind)
-    pool = _pool(features, labels)
+    pool = training_pool(features, labels)
     alg = FAMILY[algorithm](inner_lr=INNER_LR, inner_steps=INNER_STEPS, meta_batch=N_TASKS, **options)
     alg.setup(backbone, pool, (N_WAY, SHOTS, QUERIES))
     assert alg.shape == (N_WAY, SHOTS, QUERIES)
@@ -336,7 +309,7 @@ def test_registration_and_search_spaces():
 
 def test_training_shape_is_clamped_to_the_pool():
     backbone, features, labels = _problem("mlp")
-    pool = _pool(features, labels)  # 5 classes of 5 rows
+    pool = training_pool(features, labels)  # 5 classes of 5 rows
     alg = MAML(train_ways=10, train_shots=5)
     alg.setup(backbone, pool, (3, 2, 2))
     ways, shots, queries = alg.shape

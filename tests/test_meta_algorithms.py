@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from autometa.components import Backbone, InputSpec
 from autometa.features import Features
-from autometa.tasks import Task, TrainingPool
+from autometa.tasks import Task
 from autometa_builtins.encoders import Conv4, Identity, TabularMLP
 from autometa_builtins.fusions import Concat
 from autometa_builtins.meta_algorithms import MAML, FineTune, ProtoNet, prototype_logits
+from helpers import run_sequential, training_pool
 
 INNER_LR = 0.3
 INNER_STEPS = 2
@@ -27,34 +27,6 @@ ROWS_PER_CLASS, N_CLASSES = 5, 5
 
 
 # -- hand-written forward pass ------------------------------------------------------------------
-def _run_sequential(net: nn.Sequential, prefix: str, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Apply ``net``'s layers functionally with the tensors in ``params`` (by parameter name)."""
-    for index, layer in enumerate(net):
-        key = f"{prefix}.{index}"
-        if isinstance(layer, nn.Linear):
-            x = x @ params[f"{key}.weight"].T + params[f"{key}.bias"]
-        elif isinstance(layer, nn.Conv2d):
-            assert layer.kernel_size == (3, 3) and layer.padding == (1, 1) and layer.stride == (1, 1)
-            x = F.conv2d(x, params[f"{key}.weight"], params[f"{key}.bias"], padding=1)
-        elif isinstance(layer, nn.GroupNorm):
-            assert layer.num_groups == 1
-            mean = x.mean(dim=(1, 2, 3), keepdim=True)
-            var = x.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
-            x = (x - mean) / torch.sqrt(var + layer.eps)
-            x = x * params[f"{key}.weight"].view(1, -1, 1, 1) + params[f"{key}.bias"].view(1, -1, 1, 1)
-        elif isinstance(layer, nn.ReLU):
-            x = x.clamp_min(0)
-        elif isinstance(layer, nn.MaxPool2d):
-            x = F.max_pool2d(x, 2)
-        elif isinstance(layer, nn.AdaptiveAvgPool2d):
-            x = x.mean(dim=(2, 3), keepdim=True)
-        elif isinstance(layer, nn.Flatten):
-            x = x.flatten(1)
-        else:  # pragma: no cover - a layer this reference does not know
-            raise AssertionError(f"reference forward does not handle {layer!r}")
-    return x
-
-
 def reference_forward(backbone: Backbone, params: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """encoders ▶ concat, then the linear head ``params['head.weight'] / ['head.bias']``."""
     assert isinstance(backbone.fusion, Concat)
@@ -64,7 +36,7 @@ def reference_forward(backbone: Backbone, params: dict[str, torch.Tensor], input
         if isinstance(encoder, Identity):
             parts.append(inputs[modality])
         else:
-            parts.append(_run_sequential(encoder.net, f"encoders.{modality}.net", params, inputs[modality]))
+            parts.append(run_sequential(encoder.net, f"encoders.{modality}.net", params, inputs[modality]))
     embedding = torch.cat(parts, dim=-1)
     return embedding @ params["head.weight"].T + params["head.bias"]
 
@@ -99,12 +71,6 @@ def _labels() -> torch.Tensor:
     return torch.arange(N_CLASSES).repeat_interleave(ROWS_PER_CLASS)
 
 
-def _pool(features: Features, labels: torch.Tensor) -> TrainingPool:
-    rows = np.arange(len(labels))
-    by_class = {int(c): rows[labels.numpy() == c] for c in labels.unique()}
-    return TrainingPool(features, labels, rows, [by_class])
-
-
 def _problem(kind: str) -> tuple[Backbone, Features, torch.Tensor]:
     """A float64 backbone and the inputs of N_CLASSES * ROWS_PER_CLASS rows."""
     gen = torch.Generator().manual_seed(1)
@@ -136,7 +102,7 @@ def _problem(kind: str) -> tuple[Backbone, Features, torch.Tensor]:
 
 def _maml(kind: str, **options) -> tuple[MAML, Task]:
     backbone, features, labels = _problem(kind)
-    pool = _pool(features, labels)
+    pool = training_pool(features, labels)
     alg = MAML(inner_lr=INNER_LR, inner_steps=INNER_STEPS, **options)
     alg.setup(backbone, pool, (N_WAY, SHOTS, QUERIES))
     assert alg.shape == (N_WAY, SHOTS, QUERIES)
@@ -219,7 +185,7 @@ def test_maml_first_order_gradient(kind, vectorize):
 def test_maml_train_step_applies_adam_to_meta_gradient():
     """One train_step equals one hand-computed Adam step on the reference meta-gradient."""
     backbone, features, labels = _problem("mlp")
-    pool = _pool(features, labels)
+    pool = training_pool(features, labels)
     alg = MAML(inner_lr=INNER_LR, inner_steps=INNER_STEPS, lr=0.01, meta_batch=N_TASKS)
     alg.setup(backbone, pool, (N_WAY, SHOTS, QUERIES))
     before = {f"backbone.{n}": p.detach().clone() for n, p in backbone.named_parameters()}
@@ -256,7 +222,7 @@ def test_maml_predict_adapts_to_support_set():
     torch.manual_seed(0)
     backbone = Backbone({"tabular": TabularMLP(spec, hidden=16, out_dim=8, layers=2, dropout=0.0)}, Concat({"tabular": 8}))
     alg = MAML(inner_lr=0.5, inner_steps=3)
-    alg.setup(backbone, _pool(features, y), (2, 5, 5))
+    alg.setup(backbone, training_pool(features, y), (2, 5, 5))
     task = Task(features, support, y[support], query, y[query], 2)
     before = {n: p.detach().clone() for n, p in backbone.named_parameters()}
 
@@ -319,12 +285,12 @@ def test_protonet_predict_with_identity_backbone():
 def test_protonet_train_step_loss_matches_hand_computation():
     """The loss train_step returns is the cross-entropy of prototype logits of one episode."""
     backbone, features, labels = _problem("mlp")
-    pool = _pool(features, labels)
+    pool = training_pool(features, labels)
     alg = ProtoNet(lr=1e-3)
     alg.setup(backbone, pool, (N_WAY, SHOTS, QUERIES))
     task = pool.episodes(1, *alg.shape, np.random.default_rng(11))
     params = {n: p.detach().clone() for n, p in backbone.named_parameters()}
-    embed = lambda rows: _run_sequential(backbone.encoders["tabular"].net, "encoders.tabular.net", params, features.inputs["tabular"][rows])  # noqa: E731
+    embed = lambda rows: run_sequential(backbone.encoders["tabular"].net, "encoders.tabular.net", params, features.inputs["tabular"][rows])  # noqa: E731
     s, q = embed(task.support[0]), embed(task.query[0])
     protos = torch.stack([s[task.support_y[0] == c].mean(0) for c in range(N_WAY)])
     logits = -((q[:, None, :] - protos[None]) ** 2).sum(-1)
@@ -341,7 +307,7 @@ def test_finetune_standard_task_uses_trained_head():
     features = Features({"tabular": x}, {"tabular": spec})
     torch.manual_seed(0)
     backbone = Backbone({"tabular": TabularMLP(spec, hidden=16, out_dim=8, layers=2, dropout=0.0)}, Concat({"tabular": 8}))
-    pool = _pool(features, labels)
+    pool = training_pool(features, labels)
     alg = FineTune(lr=1e-2, batch_size=8, head_steps=50)
     alg.setup(backbone, pool, (3, 5, 5))
     rng = np.random.default_rng(0)
@@ -352,7 +318,7 @@ def test_finetune_standard_task_uses_trained_head():
     head_before = alg.head.weight.detach().clone()
     logits = alg.predict(task)
     params = {n: p.detach() for n, p in backbone.named_parameters()}
-    embedding = _run_sequential(backbone.encoders["tabular"].net, "encoders.tabular.net", params, x[test])
+    embedding = run_sequential(backbone.encoders["tabular"].net, "encoders.tabular.net", params, x[test])
     expected = embedding @ alg.head.weight.detach().T + alg.head.bias.detach()
     torch.testing.assert_close(logits, expected)
     assert torch.equal(alg.head.weight, head_before)
@@ -367,7 +333,7 @@ def test_finetune_new_task_fits_new_head():
     torch.manual_seed(0)
     backbone = Backbone({"vector": TabularMLP(spec, hidden=16, out_dim=8, layers=2, dropout=0.0)}, Concat({"vector": 8}))
     alg = FineTune(head_steps=100, head_lr=0.05)
-    alg.setup(backbone, _pool(pool_features, pool_labels), (3, 5, 5))
+    alg.setup(backbone, training_pool(pool_features, pool_labels), (3, 5, 5))
     assert alg.head.out_features == 3
     head_before = (alg.head.weight.detach().clone(), alg.head.bias.detach().clone())
     features = Features({"vector": x}, {"vector": spec})

@@ -15,31 +15,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import optuna
-import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-CLI = [sys.executable, "-c", "from autometa.cli import main; main()"]
+from helpers import CLI, ENV, FINISHED, write_blobs_csv
 
-
-def write_csv(path: Path, per_class: int = 20) -> Path:
-    rng = np.random.default_rng(0)
-    rows = [
-        {"x1": c * 0.8 + rng.normal(), "x2": rng.normal(), "y": label}
-        for c, label in enumerate(("a", "b", "c"))
-        for _ in range(per_class)
-    ]
-    pd.DataFrame(rows).sample(frac=1, random_state=0).to_csv(path, index=False)
-    return path
 
 
 def _postgres_bin() -> Path | None:
@@ -116,7 +101,7 @@ def _finished(db: str, study: str) -> int:
 
 @pytest.mark.slow
 def test_workers_on_three_processes_finish_a_search_on_postgresql(postgres_url, tmp_path):
-    data = write_csv(tmp_path / "tiny.csv")
+    data = write_blobs_csv(tmp_path / "tiny.csv")
     budget, study = 9, "pg-search"
     search = _launch(
         [*CLI, "search", str(data), "--label", "y", "--trials", str(budget), "--db", postgres_url, "--study", study,
@@ -188,7 +173,7 @@ def test_autometa_tables_on_postgresql(postgres_url, tmp_path):
         connection.exec_driver_sql("CREATE DATABASE autometa_tables")
     server.dispose()
     db = postgres_url.rsplit("/", 1)[0] + "/autometa_tables"
-    result = search(write_csv(tmp_path / "tiny.csv"), "y", trials=2, db=db, isolate=False, output=None, steps=20,
+    result = search(write_blobs_csv(tmp_path / "tiny.csv"), "y", trials=2, db=db, isolate=False, output=None, steps=20,
                     eval_every=10, progress=False, echo=lambda message: None, warm_start=False,
                     include={"meta_algorithm": ["protonet"], "fusion": ["concat"], "encoder.tabular": ["linear"]})
     name = result.study.study_name

@@ -19,9 +19,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import optuna
-import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
@@ -34,8 +32,8 @@ from autometa.errors import SearchError
 from autometa.report import open_storage
 from autometa.study import SearchSpec, build_runner
 from autometa.workers import _alive, storage_for
+from helpers import CLI, ENV, FINISHED, write_blobs_csv
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # One cheap configuration: 100 trials of it take seconds, and protonet ▶ linear has nothing to
 # sample that could fail, so a FAIL below is the fault a test caused.
 CHEAP = {"meta_algorithm": ["protonet"], "fusion": ["concat"], "encoder.tabular": ["linear"]}
@@ -43,25 +41,12 @@ SMALL = dict(validation_tasks=2, test_tasks=2, top_k=1, output=None, progress=Fa
 # About 1.5-3 s a trial here (0.6 ms a step): long enough to be caught running, reported every
 # 200 steps so that a worker whose search died notices it within a fraction of a second.
 SLOW = dict(steps=2400, eval_every=200)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SEARCH = "import json, sys, autometa; autometa.search(**json.loads(sys.argv[1]))"
-CLI = [sys.executable, "-c", "from autometa.cli import main; main()"]
-
-
-def write_csv(path: Path, per_class: int = 20) -> Path:
-    rng = np.random.default_rng(0)
-    rows = [
-        {"x1": c * 0.8 + rng.normal(), "x2": rng.normal(), "y": label}
-        for c, label in enumerate(("a", "b", "c"))
-        for _ in range(per_class)
-    ]
-    pd.DataFrame(rows).sample(frac=1, random_state=0).to_csv(path, index=False)
-    return path
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return write_csv(tmp_path_factory.mktemp("data") / "tiny.csv")
+    return write_blobs_csv(tmp_path_factory.mktemp("data") / "tiny.csv")
 
 
 class Reader:
@@ -459,7 +444,7 @@ def test_worker_checks_its_data_and_budget_before_starting_workers(finished_stud
     assert "0 trial(s) of the budget of 1 left" in done.stderr
     assert "budget reached (1 trials finished)" in done.stdout
 
-    other = write_csv(tmp_path / "other.csv", per_class=21)
+    other = write_blobs_csv(tmp_path / "other.csv", per_class=21)
     wrong = runner.invoke(cli, ["worker", "--db", db, "--study", name, "--data", str(other)])
     assert wrong.exit_code == 1
     assert f"{other} is not the data study 'done' was searched on" in wrong.stderr
