@@ -597,8 +597,9 @@ def search(
                 optuna_study, optuna_study.user_attrs.get("meta_features") or describe(dataset), registry, choices,
                 db=db, prior=warm_start_prior, k=warm_start_k, configs=min(warm_start_configs, remaining), say=say,
             )
-        for params in default_trials(registry, choices)[: max(0, remaining - seeded)] if defaults else []:
-            optuna_study.enqueue_trial(params, skip_if_exists=True)
+        if defaults:
+            for params in default_trials(registry, choices)[: max(0, remaining - seeded)]:
+                optuna_study.enqueue_trial(params, skip_if_exists=True)
     # Every run of the search is a row of autometa_searches (a resumed one adds another).
     search_id = schema.begin_search(
         db, study=name, dataset=dataset, source=data_path or (str(dataset.path) if dataset.path else None),

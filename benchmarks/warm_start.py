@@ -80,17 +80,15 @@ def run_search(entry, db: str, trials: int, seed: int, options: dict, **how) -> 
 def seed_spread(entry, params: dict, choices: dict, seed: int, seeds: int, options: dict) -> list[float]:
     """Validation accuracy of one configuration retrained under ``seeds`` other training seeds
     (same data split): how much of a score is the configuration and how much the draw."""
-    from optuna.trial import FixedTrial
-
     from autometa.data import load_dataset
     from autometa.plugins import get_registry
-    from autometa.study import configuration_seed, sample_config, train
+    from autometa.study import configuration_seed, stored_config, train
     from autometa.tasks import make_split
 
     _one_thread()
     registry = get_registry()
     split = make_split(load_dataset(entry.path, entry.label), "standard", validation_tasks=1, test_tasks=1, seed=seed)
-    config = sample_config(FixedTrial(params), registry, choices)
+    config = stored_config(params, registry, choices)
     return [
         train(config, split, seed=configuration_seed(seed + draw, params), steps=options["steps"],
               eval_every=options["eval_every"], registry=registry)[1].mean
@@ -108,17 +106,9 @@ def trials_to_reach(values: list[float | None], target: float) -> int | None:
     return next((n for n, value in enumerate(values, start=1) if value is not None and value >= target), None)
 
 
-def prior_without(experiences, fingerprint: str, path: Path) -> Path:
-    """A prior file of every experience but the held-out dataset's."""
-    from autometa.warmstart import PRIOR_FORMAT, distinct_best
-
-    datasets = [
-        {"name": e.name, "source": e.source, "fingerprint": e.fingerprint, "protocol": e.protocol,
-         "modalities": e.modalities, "meta_features": e.meta_features,
-         "configurations": [{"value": v, "params": p} for p, v in distinct_best(e.configurations)[:5]]}
-        for e in experiences if e.fingerprint != fingerprint
-    ]
-    path.write_text(json.dumps({"format": PRIOR_FORMAT, "datasets": datasets}))
+def prior_without(prior: dict, fingerprint: str, path: Path) -> Path:
+    """The exported knowledge base (``autometa kb export``) without the held-out dataset."""
+    path.write_text(json.dumps({**prior, "datasets": [d for d in prior["datasets"] if d["fingerprint"] != fingerprint]}))
     return path
 
 
@@ -184,9 +174,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from autometa.data import load_dataset
-    from autometa.knowledge import collection_entries
+    from autometa.knowledge import collection_entries, export
     from autometa.study import study_name_for
-    from autometa.warmstart import database_experiences
 
     args.work.mkdir(parents=True, exist_ok=True)
     kb = f"sqlite:///{args.work / 'kb.db'}"
@@ -203,11 +192,11 @@ def main() -> None:
             for entry, d in zip(entries, datasets)
         ]
         print(f"knowledge base ready ({knowledge.result():.0f}s of building)", flush=True)
-        experiences = database_experiences(kb)
+        prior = export(kb, args.work / "knowledge.json")  # what `autometa kb export` would ship
         warm = [
             pool.submit(run_search, entry, f"sqlite:///{args.work / f'warm-{d.name}.db'}", args.trials, args.seed,
                         options, warm_start_k=args.k, warm_start_configs=args.configs,
-                        warm_start_prior=prior_without(experiences, d.fingerprint,
+                        warm_start_prior=prior_without(prior, d.fingerprint,
                                                        args.work / f"prior-without-{d.name}.json"))
             for entry, d in zip(entries, datasets)
         ]
