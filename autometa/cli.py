@@ -296,15 +296,17 @@ def db_best(dataset, protocol, url, fmt):
 @click.argument("statement")
 @click.option("--limit", type=int, default=1000, show_default=True, help="Print at most this many rows.")
 @click.option("--timeout", type=float, default=30.0, show_default=True, metavar="S", help="Stop the query after S seconds.")
+@click.option("--max-bytes", type=int, default=10_000_000, show_default=True, metavar="N",
+              help="Print at most N bytes; a larger single value is refused.")
 @_with_db_options
-def db_sql(statement, limit, timeout, url, fmt):
+def db_sql(statement, limit, timeout, max_bytes, url, fmt):
     """Run one read-only SQL STATEMENT (SELECT ...) over Optuna's and autometa's tables."""
     from autometa.queries import sql
 
-    rows, truncated = sql(url, statement, limit=limit, timeout=timeout)
+    rows, cut = sql(url, statement, limit=limit, timeout=timeout, max_bytes=max_bytes)
     _emit(rows, fmt, raw=True)
-    if truncated:
-        click.echo(f"(only the first {limit} rows; --limit N for more)", err=True)
+    if cut:
+        click.echo(f"({cut})", err=True)
 
 
 @db.command("upgrade")

@@ -38,6 +38,9 @@ PERCENT_COLUMNS = {"value", "validation", "best_validation", "best_test", "best_
 # Meta-features every dataset has, shown by `autometa db datasets`.
 KEY_META_FEATURES = ("class_entropy", "imbalance_ratio", "missing_rate")
 SQL_ROW_LIMIT = 1000
+# `db sql` output cap (bytes as printed; also the largest single value): a query must not be
+# able to fill the memory or the terminal (`SELECT randomblob(1000000000)`).
+SQL_MAX_BYTES = 10_000_000
 
 
 # --- formatting -------------------------------------------------------------------------------
@@ -391,6 +394,9 @@ def best(db: str, dataset: str, protocol: str | None = None) -> list[dict[str, A
 # SQLite authorizer actions a read needs; every other action (writes, DDL, ATTACH, transactions,
 # most PRAGMAs) is denied. PRAGMAs that only describe the schema are allowed.
 _READ_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, getattr(sqlite3, "SQLITE_RECURSIVE", 33)}
+# Functions a read may not call: loading native code, and fts3_tokenizer, which returns a
+# pointer into this process (an address to print is a gift to an exploit).
+_DENIED_FUNCTIONS = {"load_extension", "fts3_tokenizer"}
 _SCHEMA_PRAGMAS = {"table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo", "foreign_key_list"}
 _ACTION_NAMES = {
     1: "CREATE INDEX", 2: "CREATE TABLE", 3: "CREATE TEMP INDEX", 4: "CREATE TEMP TABLE", 5: "CREATE TEMP TRIGGER",
@@ -440,16 +446,25 @@ def split_statements(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def sql(db: str, statement: str, *, limit: int = SQL_ROW_LIMIT, timeout: float = 30.0) -> tuple[list[dict[str, Any]], bool]:
-    """Run one read-only SQL statement; return its first ``limit`` rows and whether more were cut.
+def sql(
+    db: str, statement: str, *, limit: int = SQL_ROW_LIMIT, timeout: float = 30.0, max_bytes: int = SQL_MAX_BYTES,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Run one read-only SQL statement; return its first rows and, when some were left out,
+    a note saying why and how to see more (None when every row is there).
 
     It cannot write: SQLite files are opened read only and an authorizer denies every action
     but reading; PostgreSQL runs it in a READ ONLY transaction. It cannot lock writers out for
     long either: it is stopped after ``timeout`` seconds (search databases use SQLite's WAL
-    mode, where readers never block writers).
+    mode, where readers never block writers). Nor can it fill the memory: at most ``limit``
+    rows and ``max_bytes`` of output (as printed) are read, and a single value larger than
+    ``max_bytes`` is refused before it is built (SQLite) or sent (PostgreSQL).
     """
     if limit < 1:
         raise SearchError("--limit must be at least 1")
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise SearchError(f"--timeout {timeout}: give a positive number of seconds, e.g. --timeout 30")
+    if max_bytes < 1:
+        raise SearchError("--max-bytes must be at least 1")
     statements = split_statements(statement)
     if not statements:
         raise SearchError("no SQL statement given; e.g. autometa db sql \"SELECT study_name FROM studies\"")
@@ -459,10 +474,43 @@ def sql(db: str, statement: str, *, limit: int = SQL_ROW_LIMIT, timeout: float =
         )
     url = read_only_url(db)
     if url.get_backend_name() == "sqlite":
-        return _sqlite_sql(db, url, statements[0], limit, timeout)
+        return _sqlite_sql(db, url, statements[0], limit, timeout, max_bytes)
     if url.get_backend_name() == "postgresql":
-        return _postgres_sql(db, url, statements[0], limit, timeout)
+        return _postgres_sql(db, url, statements[0], limit, timeout, max_bytes)
     raise SearchError(f"autometa db sql supports SQLite and PostgreSQL databases, not {url.get_backend_name()}")
+
+
+def _printed_size(value: Any) -> int:
+    """About how many bytes ``value`` takes once printed (bytes are printed in hex)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return 2 * len(value)
+    if isinstance(value, str):
+        return len(value)
+    return len(str(value)) if value is not None else 1
+
+
+def _take(rows: Iterator[tuple], limit: int, max_bytes: int) -> tuple[list[tuple], str | None]:
+    """The first ``limit`` rows within ``max_bytes`` of output, and why the rest was left out."""
+    taken: list[tuple] = []
+    size = 0
+    for row in rows:
+        if len(taken) == limit:
+            return taken, f"only the first {limit} rows; --limit N for more"
+        size += sum(_printed_size(v) for v in row) + len(row)
+        if size > max_bytes:
+            return taken, (
+                f"output stopped after {len(taken)} row(s): the next would pass {max_bytes:,} bytes; "
+                "--max-bytes N for more"
+            )
+        taken.append(tuple(row))
+    return taken, None
+
+
+def _too_big(max_bytes: int) -> SearchError:
+    return SearchError(
+        f"a value in the result is larger than {max_bytes:,} bytes (the --max-bytes cap); select a part of it "
+        "(e.g. substr(value, 1, 1000) or length(value)) or pass a larger --max-bytes"
+    )
 
 
 def _columns(description) -> list[str]:
@@ -482,11 +530,12 @@ def _read_only_refusal(denied: list[str]) -> SearchError:
     )
 
 
-def _sqlite_sql(db: str, url, statement: str, limit: int, timeout: float) -> tuple[list[dict[str, Any]], bool]:
+def _sqlite_sql(db: str, url, statement: str, limit: int, timeout: float,
+                max_bytes: int) -> tuple[list[dict[str, Any]], str | None]:
     denied: list[str] = []
 
     def authorize(action: int, arg1, arg2, database, trigger) -> int:
-        if action in _READ_ACTIONS and not (action == sqlite3.SQLITE_FUNCTION and arg2 == "load_extension"):
+        if action in _READ_ACTIONS and not (action == sqlite3.SQLITE_FUNCTION and arg2.lower() in _DENIED_FUNCTIONS):
             return sqlite3.SQLITE_OK
         if action == sqlite3.SQLITE_PRAGMA and arg1 in _SCHEMA_PRAGMAS:
             return sqlite3.SQLITE_OK
@@ -509,9 +558,11 @@ def _sqlite_sql(db: str, url, statement: str, limit: int, timeout: float) -> tup
     deadline = time.monotonic() + timeout
     connection.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
     connection.set_authorizer(authorize)
+    # No string or blob may grow past the output cap, so randomblob(1e9) fails before it is made.
+    connection.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max(max_bytes, 1_000_000))
     try:
         cursor = connection.execute(statement)
-        rows = cursor.fetchmany(limit + 1)
+        rows, cut = _take(cursor, limit, max_bytes)
         names = _columns(cursor.description or [])
     except sqlite3.ProgrammingError as exc:
         if "one statement" in str(exc):
@@ -524,29 +575,42 @@ def _sqlite_sql(db: str, url, statement: str, limit: int, timeout: float) -> tup
             raise SearchError(f"the query ran longer than {timeout:g}s and was stopped; narrow it or pass --timeout") from exc
         if "readonly" in str(exc) or "read-only" in str(exc):
             raise _read_only_refusal(["writing"]) from exc
+        if "too big" in str(exc):
+            raise _too_big(max_bytes) from exc
         raise SearchError(f"SQL error: {exc} (in {_shown(db)})") from exc
     finally:
         connection.close()  # no lock outlives the call
-    return [dict(zip(names, row)) for row in rows[:limit]], len(rows) > limit
+    return [dict(zip(names, row)) for row in rows], cut
 
 
-def _postgres_sql(db: str, url, statement: str, limit: int, timeout: float) -> tuple[list[dict[str, Any]], bool]:
+def _postgres_sql(db: str, url, statement: str, limit: int, timeout: float,
+                  max_bytes: int) -> tuple[list[dict[str, Any]], str | None]:
     keyword = (re.match(r"\s*\(*\s*([A-Za-z]+)", statement) or [None, ""])[1].lower()
     if keyword not in _PG_READ_KEYWORDS:
         raise _read_only_refusal([keyword.upper() or "this statement"])
+    statement = statement.replace("%", "%%")  # psycopg2 reads % as a parameter marker
     engine = create_engine(url, poolclass=NullPool)  # no session state outlives the call
     try:
         with engine.connect() as connection:
             connection.exec_driver_sql("SET TRANSACTION READ ONLY")
-            connection.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout * 1000)}")
+            connection.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, math.ceil(timeout * 1000))}")
             try:
-                result = connection.exec_driver_sql(statement.replace("%", "%%"))
-                names = _columns([(k,) for k in result.keys()]) if result.returns_rows else []
-                rows = result.fetchmany(limit + 1) if result.returns_rows else []
+                names, capped = _pg_capped(connection, statement, keyword, max_bytes)
+                # A query runs in a server-side cursor: its rows arrive as they are read, not all at
+                # once. (EXPLAIN and SHOW cannot; their output is small.)
+                streamed = connection.execution_options(stream_results=True, max_row_buffer=100) if capped else connection
+                result = streamed.exec_driver_sql(capped or statement)
+                if names is None:
+                    names = _columns([(k,) for k in result.keys()]) if result.returns_rows else []
+                rows = iter(result.fetchone, None) if result.returns_rows else iter(())
+                rows, cut = _take(_refuse_too_big(rows, max_bytes) if capped else rows, limit, max_bytes)
+                result.close()
             except SQLAlchemyError as exc:
                 cause = getattr(exc, "orig", exc)
                 if "read-only transaction" in str(cause) or "read-write mode" in str(cause):
                     raise _read_only_refusal([first_line(cause)]) from exc
+                if "statement timeout" in str(cause):
+                    raise SearchError(f"the query ran longer than {timeout:g}s and was stopped; narrow it or pass --timeout") from exc
                 raise SearchError(f"SQL error: {first_line(cause)} (in {_shown(db)})") from exc
             finally:
                 connection.rollback()
@@ -554,4 +618,29 @@ def _postgres_sql(db: str, url, statement: str, limit: int, timeout: float) -> t
         raise SearchError(f"cannot read {_shown(db)}: {first_line(getattr(exc, 'orig', exc))}") from exc
     finally:
         engine.dispose()
-    return [dict(zip(names, tuple(row))) for row in rows[:limit]], len(rows) > limit
+    return [dict(zip(names, row)) for row in rows], cut
+
+
+def _refuse_too_big(rows: Iterator[tuple], max_bytes: int) -> Iterator[tuple]:
+    """Rows of a statement from :func:`_pg_capped`, its size column dropped; a value past the cap is an error."""
+    for row in rows:
+        if row[-1] is not None and row[-1] > max_bytes:
+            raise _too_big(max_bytes)
+        yield tuple(row)[:-1]
+
+
+def _pg_capped(connection: Connection, statement: str, keyword: str, max_bytes: int) -> tuple[list[str] | None, str | None]:
+    """``statement`` rewritten so that the server never sends a value larger than ``max_bytes``:
+    each column of a query (SELECT, WITH, VALUES, TABLE) becomes NULL past the cap, and a last
+    column holds the widest value's size, for :func:`_refuse_too_big`. Returns the column names
+    too; (None, None) for EXPLAIN and SHOW, whose output is small, and a query without columns."""
+    if keyword not in ("select", "with", "values", "table"):
+        return None, None
+    names = _columns([(k,) for k in connection.exec_driver_sql(f"SELECT * FROM ({statement}) AS q LIMIT 0").keys()])
+    if not names:
+        return None, None
+    # Columns renamed by position: a join may repeat a name, and any name may need quoting.
+    columns = [f"c{i}" for i in range(len(names))]
+    sizes = [f"octet_length({c}::text)" for c in columns]
+    capped = [f"CASE WHEN {size} > {max_bytes} THEN NULL ELSE {c} END" for c, size in zip(columns, sizes)]
+    return names, f"SELECT {', '.join(capped)}, greatest({', '.join(sizes)}) FROM ({statement}) AS q({', '.join(columns)})"

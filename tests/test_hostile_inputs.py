@@ -19,6 +19,8 @@ import re
 import shutil
 import sqlite3
 import struct
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -775,3 +777,64 @@ def test_predict_reads_a_mixed_column_as_written(saved_model, tmp_path):
     pd.testing.assert_frame_equal(from_file, from_frame)
     dataset = load_for_prediction(path, model.preprocessor.columns)
     assert dataset.frame["kind"].tolist()[:2] == ["1", "2"]
+
+
+# ------------------------------------------------------------------------------- db sql
+@pytest.fixture
+def small_db(tmp_path) -> str:
+    path = tmp_path / "small.db"
+    with closing(sqlite3.connect(path)) as connection:
+        connection.execute("CREATE TABLE trials (number INTEGER)")
+        connection.executemany("INSERT INTO trials VALUES (?)", [(i,) for i in range(10)])
+        connection.commit()
+    return url(path)
+
+
+def test_db_sql_refuses_a_value_larger_than_the_output_cap(small_db):
+    started = time.perf_counter()
+    result = invoke("db", "sql", "SELECT randomblob(1000000000)", "--db", small_db, "--timeout", "5")
+    assert time.perf_counter() - started < 5  # refused as the value is made, not after 42 s
+    assert_one_line_error(result, "larger than 10,000,000 bytes (the --max-bytes cap)", "--max-bytes")
+    assert result.stdout == ""
+    # Under a raised cap it is read (and printed in hex).
+    result = invoke("db", "sql", "SELECT randomblob(3000000) AS blob", "--db", small_db, "--max-bytes", "7000000")
+    assert result.exit_code == 0 and len(result.stdout) > 6_000_000
+
+
+def test_db_sql_output_stops_at_the_byte_cap_and_says_how_to_raise_it(small_db):
+    many = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 300) "
+            "SELECT x, hex(zeroblob(50000)) AS filler FROM c")
+    result = invoke("db", "sql", many, "--db", small_db, "--format", "csv")
+    assert result.exit_code == 0, result.output
+    assert 9_000_000 < len(result.stdout.encode()) <= 10_000_000 + 1000
+    assert "--max-bytes N for more" in result.stderr and "output stopped after 99 row(s)" in result.stderr
+    result = invoke("db", "sql", many, "--db", small_db, "--format", "csv", "--max-bytes", "1000000")
+    assert len(result.stdout.splitlines()) == 1 + 9
+    result = invoke("db", "sql", many, "--db", small_db, "--format", "csv", "--max-bytes", "40000000")
+    assert len(result.stdout.splitlines()) == 1 + 300 and result.stderr == ""
+
+
+@pytest.mark.parametrize("timeout", ["nan", "0", "-1", "inf", "-inf"])
+def test_db_sql_refuses_a_timeout_that_is_not_a_positive_number(small_db, timeout):
+    # nan compared false with the deadline, so it disabled the timeout.
+    result = invoke("db", "sql", "SELECT 1", "--db", small_db, "--timeout", timeout)
+    assert_one_line_error(result, f"--timeout {float(timeout)}: give a positive number of seconds")
+
+
+def test_db_sql_prints_no_memory_address(small_db):
+    for statement in ("SELECT fts3_tokenizer('simple')", "SELECT hex(FTS3_TOKENIZER('porter'))"):
+        result = invoke("db", "sql", statement, "--db", small_db)
+        assert_one_line_error(result, "the function", "is not allowed")
+        assert result.stdout == ""
+
+
+def test_db_sql_peak_memory_on_randomblob_stays_small():
+    """The figures of benchmarks/db_sql_memory.py's randomblob case (printed with -s)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "db_sql_memory.py"
+    run = subprocess.run([sys.executable, str(script), "--case", "randomblob", "--json"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    figures = json.loads(run.stdout)
+    print(f"db sql randomblob(1e9): {figures}")
+    assert figures["outcome"].startswith("refused: a value in the result is larger than")
+    assert figures["cost_mb"] < 200 and figures["seconds"] < 5

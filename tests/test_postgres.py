@@ -199,3 +199,25 @@ def test_autometa_tables_on_postgresql(postgres_url, tmp_path):
         with pytest.raises(SearchError, match="read only|one statement at a time"):
             queries.sql(db, statement)
     assert len(queries.sql(db, "SELECT * FROM autometa_trial_facts")[0]) == 2
+
+
+def test_db_sql_on_postgresql_is_bounded_in_value_size_output_and_time(postgres_url):
+    from autometa import queries
+    from autometa.errors import SearchError
+
+    # The server never sends a value past the cap (about 300 MB would arrive otherwise).
+    with pytest.raises(SearchError, match=r"larger than 10,000,000 bytes \(the --max-bytes cap\)"):
+        queries.sql(postgres_url, "SELECT 1 AS n, repeat('x', 300000000) AS big")
+    rows, cut = queries.sql(postgres_url, "SELECT 1 AS n, repeat('x', 300000) AS big", max_bytes=400_000)
+    assert rows == [{"n": 1, "big": "x" * 300000}] and cut is None
+    # Many rows under the cap: output stops at the cap, read from a server-side cursor.
+    rows, cut = queries.sql(postgres_url, "SELECT g, repeat('y', 100000) FROM generate_series(1, 100000) g")
+    assert len(rows) == 99 and "--max-bytes N for more" in cut
+    rows, cut = queries.sql(postgres_url, "SELECT g AS a, g AS a FROM generate_series(1, 5) g ORDER BY g DESC", limit=3)
+    assert rows == [{"a": 5, "a_2": 5}, {"a": 4, "a_2": 4}, {"a": 3, "a_2": 3}] and "--limit" in cut
+    assert queries.sql(postgres_url, "SHOW server_encoding")[0] == [{"server_encoding": "UTF8"}]
+    assert queries.sql(postgres_url, "SELECT '100%' AS p")[0] == [{"p": "100%"}]
+    with pytest.raises(SearchError, match="ran longer than 0.5s and was stopped"):
+        queries.sql(postgres_url, "SELECT pg_sleep(5)", timeout=0.5)
+    with pytest.raises(SearchError, match="--timeout nan"):
+        queries.sql(postgres_url, "SELECT 1", timeout=float("nan"))
