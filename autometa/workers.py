@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import optuna
 import sqlalchemy
@@ -37,10 +37,16 @@ from sqlalchemy.engine import make_url
 from autometa import schema
 from autometa.errors import AutometaError, SearchError, first_line
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; searches there start one at a time
+    fcntl = None
+
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 HEARTBEAT_S = 10
 GRACE_S = 60
 MAX_STRIKES = 3  # deaths in a row before any trial, after which a slot is given up
+_TABLES_LOCK = 7346312831  # PostgreSQL advisory lock key while Optuna's tables are made (schema's is ...830)
 
 
 @dataclass
@@ -134,7 +140,7 @@ def storage_for(db: str) -> optuna.storages.RDBStorage:
     callback = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in accepted else "failed_trial_callback"
     kwargs[callback] = _requeue_stale
     try:
-        with warnings.catch_warnings():  # heartbeats are flagged experimental but long stable
+        with warnings.catch_warnings(), _creating_tables(url):  # heartbeats: flagged experimental, long stable
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             warnings.simplefilter("ignore", FutureWarning)
             return _Storage(db, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **kwargs)
@@ -150,6 +156,46 @@ def storage_for(db: str) -> optuna.storages.RDBStorage:
         raise SearchError(
             f"cannot open the study database {url.render_as_string(hide_password=True)}: {type(cause).__name__}: {first_line(cause)}"
         ) from exc
+
+
+@contextmanager
+def _creating_tables(url) -> Iterator[None]:
+    """Hold a lock while Optuna's storage creates (or checks) its tables.
+
+    Optuna creates its tables and stamps their version without a lock: two searches started
+    together on a new database both create them, and one fails ("table studies already
+    exists"). On SQLite the lock is an flock on the database's folder: it leaves no file
+    behind and does not touch the database file itself, whose POSIX locks SQLite owns (see
+    ``_enable_wal``); on PostgreSQL, a session advisory lock.
+    """
+    backend = url.get_backend_name()
+    if backend == "sqlite" and fcntl is not None:
+        try:
+            folder = os.open(Path(url.database).parent, os.O_RDONLY)
+        except OSError:  # an unreadable folder: go on unlocked rather than refuse
+            yield
+            return
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(folder)  # releases the lock
+    elif backend == "postgresql":
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            connection = engine.connect()
+            connection.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({_TABLES_LOCK})"))
+        except Exception:  # noqa: BLE001 - opening the storage next says why the database cannot be used
+            engine.dispose()
+            yield
+            return
+        try:
+            yield
+        finally:
+            connection.close()  # ends the session, and its lock
+            engine.dispose()
+    else:
+        yield
 
 
 class _Storage(optuna.storages.RDBStorage):

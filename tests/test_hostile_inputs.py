@@ -14,6 +14,7 @@ import importlib
 import inspect
 import io
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -838,3 +839,31 @@ def test_db_sql_peak_memory_on_randomblob_stays_small():
     print(f"db sql randomblob(1e9): {figures}")
     assert figures["outcome"].startswith("refused: a value in the result is larger than")
     assert figures["cost_mb"] < 200 and figures["seconds"] < 5
+
+
+# ------------------------------------------------------------- searches started together
+def _open_storage_after(barrier, db: str, outcomes) -> None:
+    from autometa.workers import storage_for
+
+    barrier.wait(30)
+    try:
+        storage_for(db).engine.dispose()
+        outcomes.put("ok")
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        outcomes.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_opening_a_new_sqlite_file_together_all_succeed(tmp_path):
+    # Optuna creates its tables without a lock: all but one failed with "table studies already exists".
+    context = multiprocessing.get_context("fork")
+    for attempt in range(3):
+        db = url(tmp_path / f"new{attempt}.db")
+        barrier, outcomes = context.Barrier(4), context.Queue()
+        processes = [context.Process(target=_open_storage_after, args=(barrier, db, outcomes)) for _ in range(4)]
+        for p in processes:
+            p.start()
+        for p in processes:
+            p.join(60)
+        assert [outcomes.get(timeout=5) for _ in processes] == ["ok"] * 4
+    assert {p.name for p in tmp_path.glob("*.db")} == {"new0.db", "new1.db", "new2.db"}
+    assert not list(tmp_path.glob("*.lock"))  # the lock leaves nothing beside the database

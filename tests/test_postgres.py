@@ -221,3 +221,35 @@ def test_db_sql_on_postgresql_is_bounded_in_value_size_output_and_time(postgres_
         queries.sql(postgres_url, "SELECT pg_sleep(5)", timeout=0.5)
     with pytest.raises(SearchError, match="--timeout nan"):
         queries.sql(postgres_url, "SELECT 1", timeout=float("nan"))
+
+
+def _open_storage_after(barrier, db: str, outcomes) -> None:
+    from autometa.workers import storage_for
+
+    barrier.wait(30)
+    try:
+        storage_for(db).engine.dispose()
+        outcomes.put("ok")
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        outcomes.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_opening_a_new_postgresql_database_together_all_succeed(postgres_url):
+    import multiprocessing as mp
+
+    import sqlalchemy
+
+    server = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with server.connect() as connection:
+        connection.exec_driver_sql("DROP DATABASE IF EXISTS autometa_race")
+        connection.exec_driver_sql("CREATE DATABASE autometa_race")
+    server.dispose()
+    db = postgres_url.rsplit("/", 1)[0] + "/autometa_race"
+    context = mp.get_context("fork")
+    barrier, outcomes = context.Barrier(4), context.Queue()
+    processes = [context.Process(target=_open_storage_after, args=(barrier, db, outcomes)) for _ in range(4)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(60)
+    assert [outcomes.get(timeout=5) for _ in processes] == ["ok"] * 4
