@@ -46,6 +46,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 HEARTBEAT_S = 10
 GRACE_S = 60
 MAX_STRIKES = 3  # deaths in a row before any trial, after which a slot is given up
+REQUEUED = "requeued"  # user attribute of a trial failed because its worker was lost: not counted
 _TABLES_LOCK = 7346312831  # PostgreSQL advisory lock key while Optuna's tables are made (schema's is ...830)
 
 
@@ -228,6 +229,7 @@ class _Storage(optuna.storages.RDBStorage):
                 self.set_trial_user_attr(
                     trial_id, "fail_reason", f"no heartbeat from its worker for over {grace}s (host or worker lost); re-queued"
                 )
+                self.set_trial_user_attr(trial_id, REQUEUED, True)
             except RuntimeError:
                 pass  # failed meanwhile
         return stale
@@ -298,6 +300,8 @@ def fail_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str
     storage = study._storage  # noqa: SLF001 - Optuna's public Study has no way to fail another trial
     try:
         storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)  # noqa: SLF001
+        if requeue:
+            storage.set_trial_user_attr(trial._trial_id, REQUEUED, True)  # noqa: SLF001
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # noqa: SLF001
     except RuntimeError:
         return  # it finished meanwhile
@@ -307,11 +311,31 @@ def fail_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
 
 
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None  # gone, or no /proc (then only a dead worker counts as gone)
+
+
+def _worker_gone(pid: int, search_pid: int | None) -> bool:
+    """A worker is gone when its process is, or when its search process is: it then stops at its
+    next check (``parent_alive``) without finishing its trial."""
+    if not _alive(pid):
+        return True
+    if search_pid is None or search_pid == pid:
+        return False
+    parent = _parent_of(pid)
+    return parent is not None and parent != search_pid
+
+
 def recover_orphans(study: optuna.Study, say: Callable[[str], None]) -> int:
     """Fail (with a reason) and re-queue RUNNING trials whose worker is gone.
 
-    On this host a worker is gone when its process no longer exists; elsewhere when its
-    Optuna heartbeat is older than the grace period.
+    On this host a worker is gone when its process, or the search that started it, no longer
+    exists (a search resumed right after a kill finds the old workers still finishing a step);
+    elsewhere when its Optuna heartbeat is older than the grace period.
     """
     host = platform.node()
     stale = set()
@@ -321,8 +345,8 @@ def recover_orphans(study: optuna.Study, say: Callable[[str], None]) -> int:
         pass
     recovered = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        pid, where = trial.user_attrs.get("pid"), trial.user_attrs.get("host")
-        if where == host and pid is not None and not _alive(int(pid)):
+        pid, where, search_pid = (trial.user_attrs.get(key) for key in ("pid", "host", "search_pid"))
+        if where == host and pid is not None and _worker_gone(int(pid), search_pid):
             reason = f"its worker (pid {pid} on {host}) stopped while the trial ran; re-queued"
         elif trial._trial_id in stale:  # noqa: SLF001
             reason = f"no heartbeat from its worker on {where or 'an unknown host'} for over {GRACE_S}s; re-queued"
@@ -370,6 +394,7 @@ def worker_main(job: WorkerJob, budget: "Budget", events) -> None:
         # Who runs it, first thing: a trial whose process dies is recognised by these.
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("host", platform.node())
+        trial.set_user_attr("search_pid", job.parent_pid)
         return objective(trial)
 
     while parent_alive(job.parent_pid) and budget.claim(study, job.parent_pid):
@@ -387,12 +412,14 @@ def parent_alive(parent_pid: int) -> bool:
 
 def budget_used(study: optuna.Study, *, running: bool = True) -> int:
     """Trials that count against the study's budget: finished ones (and running ones, unless
-    ``running`` is False), except a trial that failed and was re-queued: its retry takes its
-    place, so a worker lost mid-trial does not cost the user a trial."""
+    ``running`` is False), except a trial whose worker was lost and that was failed and
+    re-queued: its retry takes its place (or, when it had not sampled its parameters yet, the
+    sampler's next trial does), so a kill never costs the user a trial."""
     trials = study.get_trials(deepcopy=False)
+    # retry_of alone marks the re-queued trials of databases written before REQUEUED existed.
     replaced = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
     counted = FINISHED + ((TrialState.RUNNING,) if running else ())
-    return sum(t.state in counted and t.number not in replaced for t in trials)
+    return sum(t.state in counted and t.number not in replaced and not t.user_attrs.get(REQUEUED) for t in trials)
 
 
 class Budget:

@@ -348,6 +348,73 @@ def test_killed_search_is_resumed_and_its_orphans_requeued(data, tmp_path, launc
     assert result.leaderboard
 
 
+def _orphan(study: optuna.Study, *, pid: int, search_pid: int | None, sample: bool) -> int:
+    """A RUNNING trial as a killed search leaves it: its worker's pid (and search's), and its
+    parameters when the worker had sampled them already."""
+    trial = study.ask()
+    if sample:
+        for name, values in CHEAP.items():
+            trial.suggest_categorical(name, values)
+    trial.set_user_attr("pid", pid)
+    trial.set_user_attr("host", platform.node())
+    if search_pid is not None:
+        trial.set_user_attr("search_pid", search_pid)
+    return trial.number
+
+
+def test_a_resumed_search_finishes_exactly_its_budget_whatever_its_orphans_were_doing(data, tmp_path):
+    """The budget survives a kill exactly: an orphan that had not sampled its parameters has
+    nothing to re-queue, and a worker still alive whose search is gone will never finish its
+    trial; neither may cost a slot."""
+    db = f"sqlite:///{tmp_path}/o.db"
+    fast = dict(devices="cpu", isolate=False, steps=5, eval_every=5, include=CHEAP, **SMALL)
+    autometa.search(data, "y", trials=3, db=db, study="orphans", echo=lambda m: None, **fast)
+    study = optuna.load_study(study_name="orphans", storage=db)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    # Alive, but not a child of the search it names (that one is gone): a worker about to stop.
+    stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        unsampled = _orphan(study, pid=gone.pid, search_pid=None, sample=False)
+        abandoned = _orphan(study, pid=stray.pid, search_pid=gone.pid, sample=True)
+        mine = _orphan(study, pid=os.getpid(), search_pid=os.getppid(), sample=True)  # a live worker of a live search
+        assert workers.budget_used(study, running=False) == 3
+
+        messages: list[str] = []
+        autometa.search(data, "y", trials=6, db=db, study="orphans", echo=messages.append, **fast)
+    finally:
+        stray.kill()
+        stray.wait()
+    assert any("2 trial(s) left running by a stopped worker were marked failed and queued again" in m for m in messages)
+    trials = final(db, "orphans")
+    counted = [t for t in trials if t.number not in (unsampled, abandoned, mine)]
+    assert len(counted) == 6 and states(counted)["COMPLETE"] + states(counted)["PRUNED"] == 6, states(trials)
+    assert workers.budget_used(optuna.load_study(study_name="orphans", storage=db), running=False) == 6
+    assert [trials[n].state for n in (unsampled, abandoned, mine)] == [TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING]
+    assert [t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs] == [abandoned]
+
+
+@pytest.mark.slow
+def test_budget_is_exact_after_a_sigkill_and_an_immediate_resume(data, tmp_path, launch):
+    db = f"sqlite:///{tmp_path}/e.db"
+    quick = dict(steps=1200, eval_every=200)  # half of SLOW: the orphans need not be caught mid-trial
+    proc = launch(search_args(data, db, "exact", 8, trials_per_device=2, **quick), "search")
+    reader = Reader(db, "exact")
+    wait_for(lambda: sum(t.state in FINISHED for t in reader.trials()) >= 6, "six finished trials", proc)
+    pids = workers_of(proc.pid)
+    proc.kill()  # SIGKILL; its workers notice only at their next validation
+    proc.wait()
+    assert any(map(is_running, pids))
+    # Resumed at once, while the old workers still run (in this process: the recovery is the same).
+    autometa.search(data, "y", trials=8, db=db, study="exact", devices="cpu", isolate=False, include=CHEAP,
+                    echo=lambda m: None, **SMALL, **quick)
+    trials = final(db, "exact")
+    assert all(t.state in FINISHED for t in trials), states(trials)
+    kept = [t for t in trials if not t.user_attrs.get("requeued")]
+    assert len(kept) == 8 and states(kept)["COMPLETE"] + states(kept)["PRUNED"] == 8, states(trials)
+    assert workers.budget_used(optuna.load_study(study_name="exact", storage=db), running=False) == 8
+
+
 @pytest.mark.slow
 def test_ctrl_c_exits_130_and_the_search_resumes(data, tmp_path, launch):
     db = f"sqlite:///{tmp_path}/c.db"
