@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +21,13 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # Subprocesses run the installed command line with one thread each (2-core machines).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 CLI = [sys.executable, "-c", "from autometa.cli import main; main()"]
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of launched commands that a test interrupts: a shell running pytest in the
+    background ignores SIGINT, its children inherit that, and a Python started with SIGINT
+    ignored never installs its Ctrl-C handler. Default handling, as from a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def write_blobs_csv(path: Path, per_class: int = 20, seed: int = 0, shift: float = 0.8) -> Path:

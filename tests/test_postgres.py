@@ -23,7 +23,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from helpers import CLI, ENV, FINISHED, write_blobs_csv
+from helpers import CLI, ENV, FINISHED, default_sigint, write_blobs_csv
 
 
 
@@ -86,7 +86,8 @@ def postgres_url():
 
 def _launch(args: list[str], log: Path) -> subprocess.Popen:
     with open(log, "w") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=ENV, cwd=log.parent)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=ENV,
+                                preexec_fn=default_sigint, cwd=log.parent)
     proc.log = log
     return proc
 

@@ -32,7 +32,7 @@ from autometa.errors import SearchError
 from autometa.report import open_storage
 from autometa.study import SearchSpec, build_runner
 from autometa.workers import _alive, storage_for
-from helpers import CLI, ENV, FINISHED, write_blobs_csv
+from helpers import CLI, ENV, FINISHED, default_sigint, write_blobs_csv
 
 # One cheap configuration: 100 trials of it take seconds, and protonet ▶ linear has nothing to
 # sample that could fail, so a FAIL below is the fault a test caused.
@@ -114,7 +114,8 @@ def launch(tmp_path):
     def start(args: list[str], name: str) -> subprocess.Popen:
         log = tmp_path / f"{name}.log"
         with open(log, "w") as out:
-            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=ENV, cwd=tmp_path)
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=ENV,
+                                    preexec_fn=default_sigint, cwd=tmp_path)
         proc.log = log
         started.append(proc)
         return proc
