@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,12 @@ SUPPORT = "support."
 
 class ModelError(AutometaError):
     """A saved model cannot be read or used."""
+
+
+def folder_name(text: str) -> str:
+    """``text`` (e.g. a study name) as one safe folder or file name: no path separators, no
+    leading dots, so ``output / folder_name(study)`` stays inside ``output``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "study"
 
 
 def save_model(
@@ -113,6 +120,11 @@ class Model:
             document = json.loads((folder / CONFIG_FILE).read_text())
         except (ValueError, UnicodeDecodeError) as exc:
             raise ModelError(f"{folder / CONFIG_FILE}: not valid JSON ({exc})") from exc
+        except RecursionError as exc:
+            raise ModelError(
+                f"{folder / CONFIG_FILE}: nested too deeply to be an autometa model file (edited or damaged); "
+                "use the folder `autometa search` wrote"
+            ) from exc
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             raise ModelError(f"{folder / CONFIG_FILE}: not an autometa model file")
         version = document.get("format_version", 0)

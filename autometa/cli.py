@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 import click
 
 from autometa import __version__
-from autometa.errors import AutometaError
+from autometa.errors import AutometaError, DataError
 
 
 class _Errors(click.Group):
@@ -116,17 +118,40 @@ def search(data, label, group, columns, protocol, trials, timeout, seed, db, stu
               help="Write predictions here (.csv or .json); default: CSV on standard output.")
 def predict(model, data, support, output):
     """Predict DATA's rows with a MODEL saved by `autometa search`."""
-    from autometa.artifacts import load
+    from autometa.artifacts import CONFIG_FILE, WEIGHTS_FILE, load
 
+    if output is not None:  # checked first: a wrong path must not cost a model load
+        model_files = [Path(model)] + [Path(model) / name for name in (CONFIG_FILE, WEIGHTS_FILE)]
+        _check_output_file(output, [("data", data), ("--support", support), *(("model", m) for m in model_files)])
     result = load(model).predict(data, support=support)
     if output is None:
         click.echo(result.to_csv(index=False), nl=False)
-    elif output.endswith(".json"):
-        result.to_json(output, orient="records", indent=2)
-        click.echo(f"{len(result)} predictions written to {output}", err=True)
-    else:
-        result.to_csv(output, index=False)
-        click.echo(f"{len(result)} predictions written to {output}", err=True)
+        return
+    try:
+        if output.endswith(".json"):
+            result.to_json(output, orient="records", indent=2)
+        else:
+            result.to_csv(output, index=False)
+    except OSError as exc:
+        raise DataError(f"cannot write --output {output}: {exc.strerror or exc}; give another file") from exc
+    click.echo(f"{len(result)} predictions written to {output}", err=True)
+
+
+def _check_output_file(output: str, inputs: list[tuple[str, str | None]]) -> None:
+    """``output`` must be a file in an existing folder, and none of the command's input files."""
+    target = Path(output)
+    if target.is_dir():
+        raise DataError(f"--output {output} is a folder; give a file in it, e.g. --output {target / 'predictions.csv'}")
+    for what, given in inputs:
+        if given is not None and target.exists() and Path(given).exists() and os.path.samefile(target, given):
+            raise DataError(
+                f"--output {output} is the {what} file {given}: the predictions would overwrite it; give another --output file"
+            )
+    folder = target.parent
+    if not folder.exists():
+        raise DataError(f"--output {output}: folder {folder} does not exist; create it (mkdir -p {folder}) or give another path")
+    if not folder.is_dir():
+        raise DataError(f"--output {output}: {folder} is a file, not a folder; give another path")
 
 
 @cli.command()

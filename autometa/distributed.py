@@ -31,7 +31,7 @@ def join(
     say=lambda message: print(message, file=sys.stderr),
 ) -> int:
     """Run trials of an existing study until its budget is used; returns the finished count."""
-    storage = storage_for(db)
+    storage = storage_for(db, create=False)
     names = [s.study_name for s in storage.get_all_studies()]
     if study not in names:
         raise SearchError(f"no study {study!r} in {db}; studies there: {', '.join(names) or 'none'}")

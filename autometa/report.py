@@ -13,7 +13,6 @@ import io
 import logging
 import math
 import os
-import re
 import statistics
 import sys
 import warnings
@@ -39,6 +38,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from autometa import __version__, crossmodal
+from autometa.artifacts import folder_name
 from autometa.errors import SearchError
 from autometa.study import DEFAULT_DB
 from autometa.warmstart import Neighbour, rank_by_meta_features  # noqa: F401 - part of this module's API
@@ -56,7 +56,7 @@ def build_report(study: str, db: str = DEFAULT_DB, output: Path | str | None = N
     storage = open_storage(db)
     try:
         loaded = _load_study(storage, study, db)
-        folder = Path(output) if output is not None else Path(f"report-{_slug(study)}")
+        folder = Path(output) if output is not None else Path(f"report-{folder_name(study)}")
         folder.mkdir(parents=True, exist_ok=True)
         page = _Report(loaded, storage, db, folder).render()
     finally:
@@ -252,10 +252,6 @@ def _seconds(value: float | None) -> str:
         return f"{minutes} min {seconds} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes} min"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "study"
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]], numeric: Iterable[int] = (), cls: str = "") -> str:
@@ -460,7 +456,7 @@ class _Report:
             groups = sorted(by_name.items(), key=lambda kv: -statistics.median(kv[1]))
             out.append(f"<h3>{_e(title)}</h3>")
             if len(groups) > 1:
-                out.append(self.drawn(f"plugins_{_slug(key)}", f"validation accuracy by {key}", "",
+                out.append(self.drawn(f"plugins_{folder_name(key)}", f"validation accuracy by {key}", "",
                                       lambda groups=groups, title=title: _box_figure(title, groups)))
             elif groups:
                 out.append(_note(f"Every complete trial used {groups[0][0]}: nothing to compare."))

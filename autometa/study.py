@@ -29,7 +29,7 @@ from optuna.trial import FixedTrial, TrialState
 from tqdm.auto import tqdm
 
 from autometa import __version__, crossmodal, schema, warmstart
-from autometa.artifacts import save_model
+from autometa.artifacts import folder_name, save_model
 from autometa.components import MASK_PREFIX, Backbone, MetaAlgorithm
 from autometa.data import Dataset, load_dataset
 from autometa.errors import AutometaError, PluginError, SearchError
@@ -626,7 +626,7 @@ def search(
         if output is not None and leaderboard:
             best = leaderboard[0]
             model_path = save_model(
-                Path(output) / name, best.algorithm, best.config, split, registry=registry, study=name,
+                Path(output) / folder_name(name), best.algorithm, best.config, split, registry=registry, study=name,
                 label=dataset.label_column, image_size=image_size,
                 scores={"validation": best.validation, "test": best.test.mean, "test_ci95": best.test.ci95, "trial": best.trial},
             )

@@ -187,18 +187,23 @@ def prior_experiences(path: str | Path = PRIOR_PATH) -> list[Experience]:
         prior = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SearchError(f"no warm-start prior at {path}; build one with `autometa kb export`") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SearchError(f"{path}: not a readable warm-start prior ({exc}); write it with `autometa kb export`") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not JSON, or not UTF-8
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise SearchError(f"{path}: not a readable warm-start prior ({reason}); write it with `autometa kb export`") from exc
     if not isinstance(prior, dict) or prior.get("format") != PRIOR_FORMAT:
         raise SearchError(f"{path}: not a warm-start prior of format {PRIOR_FORMAT!r}; write it with `autometa kb export`")
-    return [
-        Experience(
-            name=d["name"], source=d.get("source"), fingerprint=d["fingerprint"], protocol=d["protocol"],
-            modalities=list(d.get("modalities") or []), meta_features=dict(d["meta_features"]),
-            configurations=[(dict(c["params"]), float(c["value"])) for c in d["configurations"]], origin="prior",
-        )
-        for d in prior["datasets"]
-    ]
+    try:
+        return [
+            Experience(
+                name=d["name"], source=d.get("source"), fingerprint=d["fingerprint"], protocol=d["protocol"],
+                modalities=list(d.get("modalities") or []), meta_features=dict(d["meta_features"]),
+                configurations=[(dict(c["params"]), float(c["value"])) for c in d["configurations"]], origin="prior",
+            )
+            for d in prior["datasets"]
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        what = f"missing {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise SearchError(f"{path}: an incomplete or edited warm-start prior ({what}); write it with `autometa kb export`") from exc
 
 
 def gather(db: str | None, prior: str | Path | None = PRIOR_PATH, *, exclude_study: str | None = None) -> list[Experience]:

@@ -112,9 +112,12 @@ def threads_per_worker(slots: list[Slot]) -> int:
         return threads
 
 
-def storage_for(db: str) -> optuna.storages.RDBStorage:
+def storage_for(db: str, *, create: bool = True) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage with what parallel workers need: WAL and a busy timeout on SQLite
-    (no "database is locked"), and heartbeats so a dead worker's trial is noticed."""
+    (no "database is locked"), and heartbeats so a dead worker's trial is noticed.
+
+    ``create=False`` opens only a database that a search has written (``autometa worker``: a
+    mistyped URL must not leave a new, empty database behind)."""
     try:
         url = make_url(db)
     except Exception as exc:
@@ -128,14 +131,19 @@ def storage_for(db: str) -> optuna.storages.RDBStorage:
             )
         if url.database:
             path = Path(url.database)
+            if not create and not path.is_file():
+                raise SearchError(f"no study database at {db} ({path} does not exist); pass the --db URL the search used")
             if not path.parent.exists():
-                raise SearchError(f"--db {db}: folder {path.parent} does not exist")
+                raise SearchError(f"--db {db}: folder {path.parent} does not exist; create it or pass another --db")
             if path.parent.is_file():
-                raise SearchError(f"--db {db}: {path.parent} is a file, not a folder")
+                raise SearchError(f"--db {db}: {path.parent} is a file, not a folder; pass another --db")
             if not os.access(path.parent, os.W_OK):
-                raise SearchError(f"--db {db}: folder {path.parent} is not writable")
-            _enable_wal(path, db)
+                raise SearchError(f"--db {db}: folder {path.parent} is not writable; pass another --db")
+            if create:  # a database a search wrote is in WAL mode already; another is not changed
+                _enable_wal(path, db)
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
+    if not create:
+        kwargs["skip_table_creation"] = True
     # Optuna renamed the stale-trial callback (4.9); either re-queues a trial no heartbeat vouches for.
     accepted = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
     callback = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in accepted else "failed_trial_callback"
@@ -154,9 +162,11 @@ def storage_for(db: str) -> optuna.storages.RDBStorage:
             raise SearchError(
                 f"--db {url.render_as_string(hide_password=True)}: its database driver {cause.name!r} is not installed{extra}"
             ) from exc
-        raise SearchError(
-            f"cannot open the study database {url.render_as_string(hide_password=True)}: {type(cause).__name__}: {first_line(cause)}"
-        ) from exc
+        shown = url.render_as_string(hide_password=True)
+        missing_table = "no such table" in str(cause) or ("relation" in str(cause) and "does not exist" in str(cause))
+        if not create and missing_table:
+            raise SearchError(f"{shown} holds no Optuna studies; pass the --db URL the search used") from exc
+        raise SearchError(f"cannot open the study database {shown}: {type(cause).__name__}: {first_line(cause)}") from exc
 
 
 @contextmanager

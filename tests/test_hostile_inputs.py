@@ -867,3 +867,85 @@ def test_processes_opening_a_new_sqlite_file_together_all_succeed(tmp_path):
         assert [outcomes.get(timeout=5) for _ in processes] == ["ok"] * 4
     assert {p.name for p in tmp_path.glob("*.db")} == {"new0.db", "new1.db", "new2.db"}
     assert not list(tmp_path.glob("*.lock"))  # the lock leaves nothing beside the database
+
+
+# --------------------------------------------------------------- files land where the user said
+@pytest.mark.parametrize("study", ["../../escaped", "/tmp/absolute", "a/../../b", ".."])
+def test_a_study_name_cannot_put_the_model_outside_the_output_folder(tmp_path, study):
+    work = tmp_path / "one" / "two"
+    data = write(work / "t.csv", table().to_csv(index=False))
+    output = work / "out"
+    result = search(data, "y", trials=1, db=url(work / "s.db"), study=study, include=ONLY_BUILTINS,
+                    **fast(output=output))
+    assert result.model_path is not None and result.model_path.resolve().parent == output.resolve()
+    assert (result.model_path / "model.json").is_file()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_dir()) == sorted(
+        ["one", "two", "out", result.model_path.name])
+    assert result.study.study_name == study  # the study keeps its name; only the folder is made safe
+
+
+def test_predict_refuses_to_overwrite_its_input_files(saved_model, tmp_path):
+    rows = write(tmp_path / "rows.csv", saved_model.frame.head(3).to_csv(index=False))
+    before = rows.read_bytes()
+    assert_one_line_error(invoke("predict", saved_model.path, rows, "--output", rows),
+                          f"--output {rows} is the data file {rows}", "give another --output file")
+    link = tmp_path / "link.csv"
+    link.symlink_to(rows)
+    assert_one_line_error(invoke("predict", saved_model.path, rows, "--output", link), "is the data file")
+    support = write(tmp_path / "support.csv", table().head(6).to_csv(index=False))
+    assert_one_line_error(invoke("predict", saved_model.path, rows, "--support", support, "--output", support),
+                          "is the --support file")
+    assert_one_line_error(invoke("predict", saved_model.path, rows, "--output", saved_model.path / "model.json"),
+                          "is the model file")
+    assert rows.read_bytes() == before
+
+
+def test_predict_output_in_a_missing_folder_is_one_clear_error(saved_model, tmp_path):
+    rows = write(tmp_path / "rows.csv", saved_model.frame.head(3).to_csv(index=False))
+    target = tmp_path / "missing_dir" / "x.csv"
+    assert_one_line_error(invoke("predict", saved_model.path, rows, "--output", target),
+                          f"folder {target.parent} does not exist", "mkdir -p")
+    assert_one_line_error(invoke("predict", saved_model.path, rows, "--output", tmp_path), "is a folder; give a file in it")
+    assert_one_line_error(invoke("predict", saved_model.path, rows, "--output", rows / "x.csv"), "is a file, not a folder")
+    assert not target.parent.exists()
+    written = invoke("predict", saved_model.path, rows, "--output", tmp_path / "p.json")
+    assert written.exit_code == 0 and len(json.loads((tmp_path / "p.json").read_text())) == 3
+
+
+def test_worker_refuses_a_database_that_does_not_exist(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(invoke("worker", "--db", "sqlite:///typo.db", "--study", "s"),
+                          "no study database at sqlite:///typo.db", "pass the --db URL the search used")
+    assert not list(tmp_path.iterdir())  # no empty database was created
+    with closing(sqlite3.connect(tmp_path / "other.db")) as connection:
+        connection.execute("CREATE TABLE notes (x INTEGER)")
+    before = digest(tmp_path / "other.db")
+    assert_one_line_error(invoke("worker", "--db", "sqlite:///other.db", "--study", "s"),
+                          "sqlite:///other.db holds no Optuna studies")
+    assert digest(tmp_path / "other.db") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]
+
+
+def _deeply_nested(depth: int = 100_000) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_deeply_nested_model_json_is_a_clear_error(model_copy, saved_model, tmp_path):
+    (model_copy / "model.json").write_text(_deeply_nested())
+    with pytest.raises(ModelError, match=r"model\.json: nested too deeply to be an autometa model file"):
+        autometa.load(model_copy)
+    rows = write(tmp_path / "rows.csv", saved_model.frame.head(3).to_csv(index=False))
+    assert_one_line_error(invoke("predict", model_copy, rows), "nested too deeply")
+
+
+def test_deeply_nested_or_edited_warm_start_prior_is_a_clear_error(tmp_path):
+    from autometa.warmstart import prior_experiences
+
+    deep = write(tmp_path / "deep.json", _deeply_nested())
+    with pytest.raises(SearchError, match=r"deep\.json: not a readable warm-start prior \(nested too deeply\)"):
+        prior_experiences(deep)
+    shipped = json.loads(Path(autometa.warmstart.PRIOR_PATH).read_text())
+    del shipped["datasets"][0]["fingerprint"]
+    edited = write(tmp_path / "edited.json", json.dumps(shipped))
+    with pytest.raises(SearchError, match=r"edited\.json: an incomplete or edited warm-start prior \(missing 'fingerprint'\)"):
+        prior_experiences(edited)
