@@ -430,7 +430,7 @@ def main() -> None:
     try:
         from autometa.plugins import default_host
 
-        default_host().pm.hook.register_commands(cli=cli)
+        default_host().add_commands(cli)
     except AutometaError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)

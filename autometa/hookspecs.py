@@ -24,3 +24,9 @@ def register_meta_algorithms(register):
 @hookspec
 def register_commands(cli):
     """Add commands to the ``autometa`` command line (a click group)."""
+
+
+def hook_names() -> list[str]:
+    """Every hook a plugin may implement (the functions above that pluggy marks as specs)."""
+    marker = f"{hookspec.project_name}_spec"
+    return sorted(name for name, obj in globals().items() if callable(obj) and hasattr(obj, marker))

@@ -1,12 +1,16 @@
 """The plugin host: one pluggy manager, entry-point discovery, component validation.
 
 Built-in plugins are an ordinary entry point (``autometa_builtins``) in the ``autometa`` group,
-loaded exactly like third-party packages. A plugin that fails to load or registers an invalid
-component is skipped with a one-line warning; ``AUTOMETA_STRICT_PLUGINS=1`` makes it fatal.
+loaded exactly like third-party packages, but first: they keep their names whatever else is
+installed. Third-party plugins follow in a fixed order (entry-point name, then distribution).
+A plugin that fails to load or registers an invalid component is skipped with a one-line
+warning, a component whose name is taken is refused alone (blaming the plugin that brings
+it); ``AUTOMETA_STRICT_PLUGINS=1`` makes either fatal.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import inspect
 import logging
@@ -25,6 +29,7 @@ from autometa.components import MODALITIES, Encoder, Fusion, InputSpec, MetaAlgo
 from autometa.errors import PluginError
 
 ENTRY_POINT_GROUP = "autometa"
+BUILTINS_MODULE = "autometa_builtins"
 STRICT_ENV = "AUTOMETA_STRICT_PLUGINS"
 TRACE_ENV = "AUTOMETA_TRACE_PLUGINS"
 logger = logging.getLogger("autometa.plugins")
@@ -197,33 +202,50 @@ class PluginHost:
             self.pm.enable_tracing()
         self.origins: dict[str, tuple[str | None, str | None]] = {}
         self.problems: list[str] = []
+        # Per plugin name: its problems, and whether it was skipped whole (for `plugins --by plugin`).
+        self.plugin_problems: dict[str, list[str]] = {}
+        self.failed: set[str] = set()
 
-    def _problem(self, message: str, exc: BaseException | None = None) -> None:
+    def _problem(self, message: str, exc: BaseException | None = None, *, plugin: str | None = None,
+                 failed: bool = True) -> None:
         # One line per problem, even when an exception's text spans several.
         message = " | ".join(line.strip() for line in message.splitlines() if line.strip())
         if self.strict:
             raise PluginError(f"{message} (strict mode: unset {STRICT_ENV} to skip it)") from exc
         logger.warning("%s; skipped", message)
         self.problems.append(message)
+        if plugin is not None:
+            self.plugin_problems.setdefault(plugin, []).append(message)
+            if failed:
+                self.failed.add(plugin)
+
+    def _where(self, name: str) -> str:
+        dist, version = self.origins.get(name, (None, None))
+        return f" (from {dist} {version})" if dist else ""
 
     def add(self, plugin: Any, name: str, origin: tuple[str | None, str | None] = (None, None)) -> bool:
         """Register one plugin object (module or instance); False if it was rejected."""
+        self.origins.setdefault(name, origin)  # kept for the listing of a plugin that fails below
         try:
             hash(plugin)
         except TypeError:
-            self._problem(f"plugin {name!r} is a {type(plugin).__name__}, which pluggy cannot register "
-                          "(it must be hashable: use a module or a class instance)")
+            self._problem(f"plugin {name!r}{self._where(name)} is a {type(plugin).__name__}, which pluggy cannot "
+                          "register (it must be hashable: use a module or a class instance)", plugin=name)
             return False
         try:
             self.pm.register(plugin, name=name)
         except Exception as exc:
-            self._problem(f"plugin {name!r} could not be registered: {exc}", exc)
+            # When the name is taken, the plugin registered under it stays loaded.
+            self._problem(f"plugin {name!r}{self._where(name)} could not be registered: {exc}", exc, plugin=name,
+                          failed=self.pm.get_plugin(name) is None)
             return False
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
+            unknown = sorted(c.name for c in self.pm.get_hookcallers(plugin) or [] if not c.has_spec())
             self.pm.unregister(name=name)
-            self._problem(f"plugin {name!r} implements an unknown hook: {exc}", exc)
+            self._problem(f"plugin {name!r}{self._where(name)} implements an unknown hook: {_misspelled(unknown, exc)}",
+                          exc, plugin=name)
             return False
         self.origins[name] = origin
         return True
@@ -231,16 +253,16 @@ class PluginHost:
     def load_entry_points(self, entry_points: Iterable[importlib.metadata.EntryPoint] | None = None) -> None:
         if entry_points is None:
             entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-        for ep in entry_points:
+        for ep in sorted(entry_points, key=_load_order):
             dist = getattr(ep, "dist", None)
             origin = (dist.name, dist.version) if dist is not None else (None, None)
-            where = f" (from {origin[0]} {origin[1]})" if origin[0] else ""
             try:
                 plugin = ep.load()
             except Exception as exc:
+                self.origins.setdefault(ep.name, origin)
                 self._problem(
-                    f"plugin {ep.name!r}{where} failed to import {ep.value}: {type(exc).__name__}: {exc}",
-                    exc,
+                    f"plugin {ep.name!r}{self._where(ep.name)} failed to import {ep.value}: {type(exc).__name__}: {exc}",
+                    exc, plugin=ep.name,
                 )
                 continue
             if origin == (None, None):
@@ -248,10 +270,15 @@ class PluginHost:
             self.add(plugin, ep.name, origin)
 
     def build_registry(self) -> Registry:
+        """Every valid component, the built-ins' first: a name already taken is refused for the
+        plugin that brings it again, which keeps its other components."""
         registry = Registry(problems=self.problems)
-        for plugin_name, plugin in list(self.pm.list_name_plugin()):
+        plugins = sorted(self.pm.list_name_plugin(), key=lambda item: not _is_builtin(item[1]))  # stable
+        for plugin_name, plugin in plugins:
             dist, version = self.origins.get(plugin_name, (None, None))
+            where = f" ({dist} {version})" if dist else ""
             staged: list[ComponentInfo] = []
+            refused: list[str] = []
             try:
                 for kind, (_, hook) in KINDS.items():
                     others = [p for p in self.pm.get_plugins() if p is not plugin]
@@ -262,23 +289,68 @@ class PluginHost:
                         clash = registry.components[_kind].get(cls.name) or next(
                             (s for s in staged if s.kind == _kind and s.name == cls.name), None
                         )
-                        if clash is not None:
-                            raise PluginError(
-                                f"{_kind.replace('_', '-')} name {cls.name!r} is already registered "
-                                f"by plugin {clash.plugin!r}; choose another name"
-                            )
-                        staged.append(ComponentInfo(_kind, cls, plugin_name, dist, version))
+                        if clash is None:
+                            staged.append(ComponentInfo(_kind, cls, plugin_name, dist, version))
+                            return
+                        message = (f"{_kind.replace('_', '-')} name {cls.name!r} is already registered "
+                                   f"by plugin {clash.plugin!r}; choose another name")
+                        if self.strict:
+                            raise PluginError(message)
+                        refused.append(message)
 
                     caller(register=register)
             except Exception as exc:
                 self.pm.unregister(name=plugin_name)
-                where = f" ({dist} {version})" if dist else ""
                 detail = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
-                self._problem(f"plugin {plugin_name!r}{where}: {detail}", exc)
+                self._problem(f"plugin {plugin_name!r}{where}: {detail}", exc, plugin=plugin_name)
                 continue
+            for message in refused:
+                self._problem(f"plugin {plugin_name!r}{where}: {message}", plugin=plugin_name, failed=False)
             for info in staged:
                 registry.components[info.kind][info.name] = info
         return registry
+
+    def add_commands(self, cli: Any) -> None:
+        """Let each plugin add its commands (``register_commands``): one that raises, or that
+        would replace a command already there, is skipped alone."""
+        for plugin_name, plugin in list(self.pm.list_name_plugin()):
+            others = [p for p in self.pm.get_plugins() if p is not plugin]
+            caller = self.pm.subset_hook_caller("register_commands", remove_plugins=others)
+            before = dict(cli.commands)
+            try:
+                caller(cli=cli)
+                replaced = sorted(n for n, command in before.items() if cli.commands.get(n) is not command)
+                if replaced:
+                    raise PluginError(f"command(s) {', '.join(replaced)} exist already; choose another name")
+            except Exception as exc:
+                cli.commands.clear()
+                cli.commands.update(before)
+                detail = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
+                self._problem(f"plugin {plugin_name!r}{self._where(plugin_name)}: register_commands: {detail}", exc,
+                              plugin=plugin_name, failed=False)
+
+
+def _is_builtin(plugin: Any) -> bool:
+    return getattr(plugin, "__name__", None) == BUILTINS_MODULE
+
+
+def _load_order(ep: importlib.metadata.EntryPoint) -> tuple:
+    """Built-ins first, then by entry-point name and distribution: the same on every machine,
+    whatever order ``importlib.metadata`` finds them in."""
+    dist = getattr(ep, "dist", None)
+    return (ep.module != BUILTINS_MODULE, ep.name, dist.name if dist is not None else "", ep.value)
+
+
+def _misspelled(unknown: list[str], exc: BaseException) -> str:
+    """Name the unknown hooks and the hook each one was probably meant to be."""
+    if not unknown:
+        return str(exc)
+    known = hookspecs.hook_names()
+    parts = []
+    for hook in unknown:
+        meant = difflib.get_close_matches(hook, known, n=1)
+        parts.append(f"{hook!r}" + (f" (did you mean {meant[0]!r}?)" if meant else ""))
+    return f"{', '.join(parts)}; the hooks are {', '.join(known)}"
 
 
 _default: tuple[PluginHost, Registry] | None = None

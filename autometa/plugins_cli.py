@@ -15,20 +15,15 @@ from typing import Any
 
 import click
 
-from autometa import __version__, hookspecs
+from autometa import __version__
 from autometa.components import MODALITIES
 from autometa.errors import PluginError
+from autometa.hookspecs import hook_names  # noqa: F401 - part of this module's API
 
 SCAFFOLD_KINDS = ("encoder", "fusion", "meta-algorithm")
 # Stricter than a component name (no leading, trailing or doubled underscores), because it
 # also becomes the distribution name autometa-<words-joined-by-dashes>, which PEP 508 limits.
 _SCAFFOLD_NAME = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
-
-
-def hook_names() -> list[str]:
-    """Every hook a plugin may implement, from the hookspecs module (pluggy marks them)."""
-    marker = f"{hookspecs.hookspec.project_name}_spec"
-    return sorted(name for name, obj in vars(hookspecs).items() if callable(obj) and hasattr(obj, marker))
 
 
 # --------------------------------------------------------------------------- listing
@@ -43,7 +38,9 @@ def component_rows(hook: str | None = None) -> list[dict[str, Any]]:
 
 
 def plugin_rows(hook: str | None = None) -> list[dict[str, Any]]:
-    """One row per loaded plugin: distribution, version, hooks implemented, components by kind."""
+    """One row per plugin: distribution, version, hooks implemented, components by kind, and
+    status: "loaded", or "failed" for a plugin that was skipped (``problems`` say why; a loaded
+    plugin may have problems too, e.g. a component refused because its name was taken)."""
     from autometa.plugins import KINDS, default_host, get_registry
 
     host, registry = default_host(), get_registry()
@@ -52,18 +49,19 @@ def plugin_rows(hook: str | None = None) -> list[dict[str, Any]]:
     for name, plugin in host.pm.list_name_plugin():
         if keep is not None and name not in keep:
             continue
-        distribution, version = host.origins.get(name, (None, None))
-        rows.append({
-            "plugin": name,
-            "distribution": distribution,
-            "version": version,
-            "hooks": sorted(caller.name for caller in host.pm.get_hookcallers(plugin) or []),
-            "components": {
-                kind: [info.name for info in registry.components[kind].values() if info.plugin == name]
-                for kind in KINDS
-            },
-        })
+        rows.append(_plugin_row(host, name, "loaded", sorted(c.name for c in host.pm.get_hookcallers(plugin) or []), {
+            kind: [info.name for info in registry.components[kind].values() if info.plugin == name] for kind in KINDS
+        }))
+    if keep is None:  # a failed plugin's hooks are unknown: it is listed unfiltered only
+        for name in sorted(host.failed - {n for n, _ in host.pm.list_name_plugin()}):
+            rows.append(_plugin_row(host, name, "failed", [], {kind: [] for kind in KINDS}))
     return rows
+
+
+def _plugin_row(host, name: str, status: str, hooks: list[str], components: dict[str, list[str]]) -> dict[str, Any]:
+    distribution, version = host.origins.get(name, (None, None))
+    return {"plugin": name, "distribution": distribution, "version": version, "status": status, "hooks": hooks,
+            "components": components, "problems": host.plugin_problems.get(name, [])}
 
 
 def _plugins_implementing(hook: str | None) -> set[str] | None:
@@ -87,11 +85,12 @@ def _list(fmt: str, by: str, hook: str | None) -> None:
             click.echo(json.dumps(rows, indent=2))
             return
         _echo_table(
-            ("plugin", "distribution", "version", "hooks", "components"),
+            ("plugin", "distribution", "version", "hooks", "components", "status"),
             [
                 (r["plugin"], r["distribution"] or "-", r["version"] or "-", ", ".join(r["hooks"]) or "-",
                  "; ".join(f"{kind.replace('_', '-')}: {', '.join(names)}"
-                           for kind, names in r["components"].items() if names) or "-")
+                           for kind, names in r["components"].items() if names) or "-",
+                 "; ".join([r["status"], *r["problems"]]))
                 for r in rows
             ],
         )

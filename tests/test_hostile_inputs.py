@@ -949,3 +949,155 @@ def test_deeply_nested_or_edited_warm_start_prior_is_a_clear_error(tmp_path):
     edited = write(tmp_path / "edited.json", json.dumps(shipped))
     with pytest.raises(SearchError, match=r"edited\.json: an incomplete or edited warm-start prior \(missing 'fingerprint'\)"):
         prior_experiences(edited)
+
+
+# -------------------------------------------------------------- one plugin cannot take others down
+CLASHING_PLUGIN = '''
+from torch import nn
+
+from autometa import Fusion, hookimpl
+from autometa_builtins.fusions import FUSIONS
+
+CONCAT = next(cls for cls in FUSIONS if cls.name == "concat")
+
+
+class Impostor(CONCAT):
+    """Claims the built-in's name."""
+
+
+class Extra(CONCAT):
+    name = "{extra}"
+
+
+@hookimpl
+def register_fusions(register):
+    register(Impostor)
+    register(Extra)
+'''
+
+
+def install(root: Path, module: str, dist: str, version: str, entry_point: str, source: str) -> None:
+    """A distribution with an ``autometa`` entry point, importable once ``root`` is on sys.path."""
+    (root / f"{module}.py").write_text(source)
+    info = root / f"{module}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[autometa]\n{entry_point} = {module}\n")
+
+
+@pytest.fixture
+def fresh_plugins(monkeypatch):
+    """The global registry rebuilt from what is installed now (and forgotten afterwards)."""
+    monkeypatch.delenv("AUTOMETA_STRICT_PLUGINS", raising=False)
+    autometa.plugins.reset()
+    yield
+    autometa.plugins.reset()
+
+
+def test_a_plugin_claiming_a_builtin_name_loses_that_component_only(tmp_path, monkeypatch, fresh_plugins):
+    install(tmp_path, "clash_plugin", "autometa-clash", "3.1.4", "aaa_clash",
+            CLASHING_PLUGIN.replace("{extra}", "clash_extra"))
+    monkeypatch.syspath_prepend(str(tmp_path))  # found before autometa itself: it used to load first and win
+    registry = autometa.plugins.get_registry()
+    builtin_names = {cls.name for cls in autometa_builtins.FUSIONS}
+    assert {name for name, info in registry.components["fusion"].items() if info.plugin == "builtins"} == builtin_names
+    assert registry.get("fusion", "concat").cls.__module__.startswith("autometa_builtins")
+    assert registry.get("fusion", "clash_extra").plugin == "aaa_clash"  # the rest of the plugin works
+    assert registry.problems == [
+        "plugin 'aaa_clash' (autometa-clash 3.1.4): fusion name 'concat' is already registered by plugin 'builtins'; "
+        "choose another name"
+    ]
+    data = write(tmp_path / "t.csv", table().to_csv(index=False))
+    result = search(data, "y", trials=1, db=url(tmp_path / "s.db"), include=ONLY_BUILTINS, **fast())
+    assert [t.state for t in result.study.trials] == [TrialState.COMPLETE]
+
+
+def test_plugins_clashing_with_each_other_resolve_in_a_fixed_order(tmp_path, monkeypatch, fresh_plugins):
+    # Entry-point name decides, not where importlib.metadata happens to find each distribution.
+    for first, second in (("a", "b"), ("b", "a")):
+        autometa.plugins.reset()
+        root = tmp_path / f"{first}{second}"
+        for folder, (module, ep) in ((first, ("mod_one", "one")), (second, ("mod_two", "two"))):
+            (root / folder).mkdir(parents=True)
+            install(root / folder, f"{module}_{first}{second}", f"dist-{ep}", "1.0", ep,
+                    CLASHING_PLUGIN.replace("{extra}", "shared_name"))
+        with monkeypatch.context() as patch:
+            patch.syspath_prepend(str(root / second))
+            patch.syspath_prepend(str(root / first))
+            registry = autometa.plugins.get_registry()
+        assert registry.get("fusion", "shared_name").plugin == "one", (first, second)
+        assert any(p.startswith("plugin 'two' (dist-two 1.0): fusion name 'shared_name' is already registered by "
+                                "plugin 'one'") for p in registry.problems), registry.problems
+
+
+BROKEN_PLUGIN = 'raise ImportError("needs frobnicate")\n'
+
+TYPO_PLUGIN = '''
+from autometa import hookimpl
+
+
+@hookimpl
+def register_fusion(register):
+    pass
+'''
+
+
+def test_plugins_by_plugin_lists_failed_plugins_with_their_reason(tmp_path, monkeypatch, fresh_plugins):
+    install(tmp_path, "broken_mod", "autometa-broken", "0.2.0", "broken", BROKEN_PLUGIN)
+    install(tmp_path, "typo_mod", "autometa-typo", "0.3.0", "typo", TYPO_PLUGIN)
+    install(tmp_path, "clash_mod", "autometa-clash", "1.0.0", "clash", CLASHING_PLUGIN.replace("{extra}", "clash_extra"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = invoke("plugins", "--by", "plugin", "--format", "json")
+    assert result.exit_code == 0, result.output
+    rows = {row["plugin"]: row for row in json.loads(result.stdout)}
+    assert rows["builtins"]["status"] == "loaded" and rows["builtins"]["problems"] == []
+    assert (rows["broken"]["status"], rows["broken"]["distribution"], rows["broken"]["version"]) == (
+        "failed", "autometa-broken", "0.2.0")
+    assert rows["broken"]["problems"] == [
+        "plugin 'broken' (from autometa-broken 0.2.0) failed to import broken_mod: ImportError: needs frobnicate"]
+    assert rows["typo"]["status"] == "failed"
+    [typo] = rows["typo"]["problems"]
+    # The misspelled-hook warning names the distribution, its version and the hook meant.
+    assert typo.startswith("plugin 'typo' (from autometa-typo 0.3.0) implements an unknown hook: "
+                           "'register_fusion' (did you mean 'register_fusions'?)")
+    assert rows["clash"]["status"] == "loaded" and rows["clash"]["components"]["fusion"] == ["clash_extra"]
+    assert "fusion name 'concat' is already registered by plugin 'builtins'" in rows["clash"]["problems"][0]
+    table_lines = invoke("plugins", "--by", "plugin").stdout.splitlines()
+    broken = next(line for line in table_lines if line.startswith("broken "))
+    assert "failed; plugin 'broken' (from autometa-broken 0.2.0) failed to import" in broken
+
+
+COMMANDS_PLUGIN = '''
+import click
+
+from autometa import hookimpl
+
+
+@hookimpl
+def register_commands(cli):
+    @cli.command("search")
+    def search():
+        click.echo("hijacked")
+
+    @cli.command("{name}")
+    def extra():
+        click.echo("extra")
+'''
+
+
+def test_a_plugin_cannot_replace_or_break_the_commands(tmp_path, monkeypatch, fresh_plugins):
+    install(tmp_path, "hijack_mod", "autometa-hijack", "1.0", "hijack", COMMANDS_PLUGIN.replace("{name}", "hijack-extra"))
+    install(tmp_path, "raising_mod", "autometa-raising", "1.0", "raising",
+            "from autometa import hookimpl\n\n@hookimpl\ndef register_commands(cli):\n    raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import click
+
+    from autometa.cli import cli as real
+
+    group = click.Group("autometa", commands=dict(real.commands))  # not the real one: a test must not add to it
+    autometa.plugins.default_host().add_commands(group)
+    assert group.commands["search"] is real.commands["search"]
+    assert "hijack-extra" not in group.commands  # the plugin's commands are skipped together
+    problems = autometa.plugins.default_host().problems
+    assert "plugin 'hijack' (from autometa-hijack 1.0): register_commands: command(s) search exist already" in problems[0]
+    assert "plugin 'raising' (from autometa-raising 1.0): register_commands: RuntimeError: boom" in problems[1]

@@ -514,21 +514,22 @@ def test_non_strict_dropped_plugin_frees_its_names_for_later_plugins():
     assert len(registry.problems) == 1 and registry.problems[0].startswith("plugin 'dropped'")
 
 
-def test_non_strict_duplicate_keeps_first_plugin_and_drops_second(caplog):
+def test_non_strict_duplicate_keeps_first_plugin_and_refuses_only_the_clashing_component(caplog):
     class Dup(GoodEncoder):
         name = "good_encoder"
 
     caplog.set_level(logging.WARNING, logger=LOGGER)
-    _, registry = build(
+    host, registry = build(
         ("first", make_plugin(encoders=[GoodEncoder])),
         ("second", make_plugin(encoders=[Dup], fusions=[GoodFusion])),
         strict=False,
     )
     assert registry.get("encoder", "good_encoder").cls is GoodEncoder
-    assert registry.components["fusion"] == {}  # second's valid fusion goes too
+    assert registry.get("fusion", "good_fusion").plugin == "second"  # second's other component stays
     assert registry.problems == [
         "plugin 'second': encoder name 'good_encoder' is already registered by plugin 'first'; choose another name"
     ]
+    assert host.pm.get_plugin("second") is not None and host.failed == set()
 
 
 def test_strict_comes_from_environment(monkeypatch):

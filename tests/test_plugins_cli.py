@@ -96,8 +96,9 @@ def test_by_plugin_json(installed):
     assert "mlp" in builtins["components"]["encoder"] and "concat" in builtins["components"]["fusion"]
     assert "protonet" in builtins["components"]["meta_algorithm"]
     assert rows["encoders"] == {
-        "plugin": "encoders", "distribution": "autometa-listed", "version": "2.0.1", "hooks": ["register_encoders"],
-        "components": {"encoder": ["listed_encoder"], "fusion": [], "meta_algorithm": []},
+        "plugin": "encoders", "distribution": "autometa-listed", "version": "2.0.1", "status": "loaded",
+        "hooks": ["register_encoders"], "components": {"encoder": ["listed_encoder"], "fusion": [], "meta_algorithm": []},
+        "problems": [],
     }
     assert rows["commands"]["hooks"] == ["register_commands"]
     assert rows["commands"]["distribution"] is None
@@ -106,11 +107,12 @@ def test_by_plugin_json(installed):
 
 def test_by_plugin_table(installed):
     lines = invoke("--by", "plugin").splitlines()
-    assert lines[0].split() == ["plugin", "distribution", "version", "hooks", "components"]
+    assert lines[0].split() == ["plugin", "distribution", "version", "hooks", "components", "status"]
     row = next(line for line in lines if line.startswith("encoders "))
-    assert row.split() == ["encoders", "autometa-listed", "2.0.1", "register_encoders", "encoder:", "listed_encoder"]
+    assert row.split() == ["encoders", "autometa-listed", "2.0.1", "register_encoders", "encoder:", "listed_encoder",
+                           "loaded"]
     row = next(line for line in lines if line.startswith("commands "))
-    assert row.split() == ["commands", "-", "-", "register_commands", "-"]
+    assert row.split() == ["commands", "-", "-", "register_commands", "-", "loaded"]
 
 
 def test_hook_filters_plugins(installed):

@@ -358,7 +358,7 @@ def test_example_is_listed(installed):
     assert line.split()[:5] == ["fusion", "bilinear", "-", "bilinear", "0.1.0"]
     result = CliRunner().invoke(autometa.cli.cli, ["plugins", "--by", "plugin", "--hook", "register_fusions"])
     line = next(line for line in result.stdout.splitlines() if line.startswith("bilinear "))
-    assert line.split() == ["bilinear", "autometa-bilinear", "0.1.0", "register_fusions", "fusion:", "bilinear"]
+    assert line.split() == ["bilinear", "autometa-bilinear", "0.1.0", "register_fusions", "fusion:", "bilinear", "loaded"]
 
 
 @pytest.mark.slow
