@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from autometa import __version__
-from autometa.errors import AutometaError, DataError
+from autometa.errors import AutometaError, DataError, SearchError
 
 
 class _Errors(click.Group):
@@ -97,6 +97,10 @@ def search(data, label, group, columns, protocol, trials, timeout, seed, db, stu
         defaults=not no_defaults, warm_start=not no_warm_start, warm_start_k=warm_start_k,
         warm_start_configs=warm_start_configs, **({"warm_start_prior": warm_start_prior} if warm_start_prior else {}),
     )
+    if not result.leaderboard:  # nothing to show or save: a failure, not an empty success
+        name = result.study.study_name
+        raise SearchError(f"no trial of study {name!r} completed: {result.outcomes()}; "
+                          f"`autometa db trials {name} --db {db}` lists every trial with its reason")
     if fmt == "json":
         click.echo(json.dumps({
             "study": result.study.study_name,

@@ -110,6 +110,9 @@ def read_table(path: Path, strings: tuple[str, ...] = ()) -> pd.DataFrame:
         if suffix == ".csv":
             frame = _read_csv(path, encoding, strings)
         elif suffix in (".parquet", ".pq"):
+            import pyarrow.parquet  # pandas' Parquet engine
+
+            _refuse_duplicate_names(path, pyarrow.parquet.read_schema(path).names)  # else pyarrow fails on them
             frame = pd.read_parquet(path)
         elif suffix in (".jsonl", ".ndjson"):
             frame = _read_jsonl(path, encoding)
@@ -133,7 +136,22 @@ def read_table(path: Path, strings: tuple[str, ...] = ()) -> pd.DataFrame:
     if frame.empty or len(frame.columns) == 0:
         raise DataError(f"{path} has no data rows (only a header?); add at least one row per example")
     frame.columns = [str(c) for c in frame.columns]
+    _refuse_duplicate_names(path, list(frame.columns))
     return frame
+
+
+def _refuse_duplicate_names(path: Path, names: list[str]) -> None:
+    """Two columns of one name would be renamed (pandas: ``a``, ``a.1``) or merged silently."""
+    seen: dict[str, list[int]] = {}
+    for position, name in enumerate(names, start=1):
+        if name != "":  # empty header cells are named by position ("Unnamed: 3"), not merged
+            seen.setdefault(name, []).append(position)
+    for name, positions in seen.items():
+        if len(positions) > 1:
+            raise DataError(
+                f"{path}: {len(positions)} columns are named {name!r} (columns {', '.join(map(str, positions))}); "
+                "give each column its own name"
+            )
 
 
 # Leading bytes of formats people save under a table's name by mistake.
@@ -190,6 +208,9 @@ def _read_csv(path: Path, encoding: str | None, strings: tuple[str, ...] = ()) -
         width = len(frame.columns)
         where = _first_long_row(path, encoding, width) or f"some rows have more fields than the {width} the header names"
         raise DataError(f"{path}: {where}; quote cells that contain commas, or name every column in the header")
+    # The header as written: pandas has renamed a repeated name (a, a.1) by now.
+    header = pd.read_csv(path, encoding=encoding, header=None, nrows=1, dtype=str, na_filter=False, index_col=False)
+    _refuse_duplicate_names(path, header.iloc[0].tolist() if len(header) else [])
     return frame
 
 
@@ -229,26 +250,40 @@ def _read_jsonl(path: Path, encoding: str | None) -> pd.DataFrame:
         if problem:
             raise DataError(f"{path}: {problem}") from exc
         raise
-    if isinstance(frame.columns, pd.RangeIndex):  # lines of arrays: pandas numbers the columns
-        raise DataError(f"{path}: {_bad_jsonl_line(path, encoding)}")
+    # Lines of arrays (pandas numbers the columns), or a key twice in a line (pandas keeps the last).
+    problem = _bad_jsonl_line(path, encoding)
+    if problem:
+        raise DataError(f"{path}: {problem}")
     return frame
 
 
 def _bad_jsonl_line(path: Path, encoding: str | None) -> str | None:
+    """The first line that is not one JSON object with distinct keys, said plainly."""
     with open(path, encoding=encoding or "utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, object_pairs_hook=_Pairs)
             except ValueError as error:
                 return f"line {number} is not valid JSON ({error.msg}); every line must be one JSON object"
-            if not isinstance(record, dict):
+            except RecursionError:
+                return f"line {number} is nested too deeply to be a row; every line must be one JSON object"
+            if not isinstance(record, _Pairs):
                 return (
                     f"line {number} is a JSON {type(record).__name__}, not an object; "
                     'every line must be one {"column": value, ...} object'
                 )
+            seen: set[str] = set()
+            for key, _ in record:
+                if key in seen:
+                    return f"line {number} names column {key!r} twice; give each column its own name"
+                seen.add(key)
     return None
+
+
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs, repeated keys kept (``json.loads`` would keep the last)."""
 
 
 def _one_line(message: object) -> str:

@@ -100,6 +100,7 @@ def _reading(db: str) -> Iterator[Connection]:
     engine = create_engine(url, poolclass=NullPool)
     try:
         with engine.connect() as connection:
+            schema.warn_if_newer(connection, _shown(db))
             yield connection
     except SQLAlchemyError as exc:
         raise SearchError(f"cannot read {_shown(db)}: {first_line(exc.orig if hasattr(exc, 'orig') else exc)}") from exc
@@ -117,11 +118,6 @@ def _require_tables(connection: Connection, db: str) -> None:
         raise SearchError(
             f"{_shown(db)} has no autometa tables (written by autometa 0.1); `autometa db upgrade --db {db}` "
             "adds them, filled from its studies (any new search on it does the same)"
-        )
-    if version > schema.SCHEMA_VERSION:
-        raise SearchError(
-            f"{_shown(db)} was written by a newer autometa (schema version {version}, this one knows "
-            f"{schema.SCHEMA_VERSION}); upgrade autometa"
         )
 
 
@@ -473,6 +469,8 @@ def sql(
             f"autometa db sql runs one statement at a time; this has {len(statements)} (separated by ';'): run them one by one"
         )
     url = read_only_url(db)
+    with _reading(db):
+        pass  # a database written by a newer autometa: warn (its tables may differ from the docs)
     if url.get_backend_name() == "sqlite":
         return _sqlite_sql(db, url, statements[0], limit, timeout, max_bytes)
     if url.get_backend_name() == "postgresql":

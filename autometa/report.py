@@ -37,7 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from autometa import __version__, crossmodal
+from autometa import __version__, crossmodal, schema
 from autometa.artifacts import folder_name
 from autometa.errors import SearchError
 from autometa.study import DEFAULT_DB
@@ -95,7 +95,10 @@ def open_storage(db: str) -> optuna.storages.RDBStorage:
     url = read_only_url(db)
     shown = make_url(db).render_as_string(hide_password=True)
     try:
-        return optuna.storages.RDBStorage(url.render_as_string(hide_password=False), skip_table_creation=True)
+        storage = optuna.storages.RDBStorage(url.render_as_string(hide_password=False), skip_table_creation=True)
+        with storage.engine.connect() as connection:
+            schema.warn_if_newer(connection, shown)
+        return storage
     except Exception as exc:
         # An empty or foreign database fails where Optuna looks for its version table; the
         # wrapped database error says more than Optuna's generic wrapper.

@@ -140,6 +140,25 @@ def ensure(engine: Engine) -> None:
         connection.commit()
 
 
+_warned_newer: set[str] = set()
+
+
+def warn_if_newer(connection: Connection, shown: str) -> None:
+    """Read commands work on a database a newer autometa wrote, as far as this one understands
+    it (writing ones refuse it, see ``ensure``): say so, once per database and process."""
+    try:
+        version = stored_version(connection)
+    except SQLAlchemyError:
+        return  # not readable as autometa's: the command's own reading says why
+    if version > SCHEMA_VERSION and shown not in _warned_newer:
+        _warned_newer.add(shown)
+        logger.warning(
+            "%s was written by a newer autometa (autometa schema version %d, this one knows %d): what it added is "
+            "not shown and some figures may be missing; upgrade autometa (pip install -U autometa)",
+            shown, version, SCHEMA_VERSION,
+        )
+
+
 def _refuse_newer(engine: Engine, version: int) -> None:
     if version > SCHEMA_VERSION:
         raise SearchError(

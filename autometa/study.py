@@ -18,6 +18,7 @@ import platform
 import sys
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -313,6 +314,20 @@ class SearchResult:
     def best(self) -> LeaderboardEntry | None:
         return self.leaderboard[0] if self.leaderboard else None
 
+    def outcomes(self, shown: int = 3) -> str:
+        """The study's trials counted by what became of them, most common first, e.g. "3 failed:
+        RuntimeError: ...; 1 pruned" (for a search in which none completed)."""
+        words = {TrialState.FAIL: "failed", TrialState.PRUNED: "pruned", TrialState.RUNNING: "still running",
+                 TrialState.WAITING: "waiting"}
+        counts = Counter(
+            "completed" if t.state == TrialState.COMPLETE else f"{words[t.state]}: " + _shorten(
+                t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason") or "no reason recorded")
+            for t in self.study.get_trials(deepcopy=False)
+        )
+        listed = [f"{n} {what}" for what, n in counts.most_common(shown)]
+        rest = sum(counts.values()) - sum(n for _, n in counts.most_common(shown))
+        return "; ".join(listed + ([f"{rest} more with other reasons"] if rest else [])) or "no trials"
+
     def format_leaderboard(self) -> str:
         unit = "query rows" if len(self.split.test) == 1 else "test tasks"
         lines = [
@@ -432,6 +447,11 @@ class TrialRunner:
         if self.cache is not None:
             _keep_best(self.cache, trial.number, score.mean, algorithm, self.top_k)
         return score.mean
+
+
+def _shorten(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def failure_reason(exc: BaseException, device: str) -> str:

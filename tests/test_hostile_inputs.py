@@ -115,9 +115,16 @@ def cli_search(data: Path, db: str, *extra: str):
 
 
 # ------------------------------------------------------------------------------ data files
-def _parquet_bytes() -> bytes:
+def _parquet_bytes(names: tuple[str, ...] | None = None) -> bytes:
     buffer = io.BytesIO()
-    table().to_parquet(buffer)
+    if names is None:
+        table().to_parquet(buffer)
+    else:  # pandas cannot write repeated names; pyarrow can
+        import pyarrow
+        import pyarrow.parquet
+
+        frame = table()
+        pyarrow.parquet.write_table(pyarrow.table([pyarrow.array(frame[c]) for c in frame.columns], names=list(names)), buffer)
     return buffer.getvalue()
 
 
@@ -148,6 +155,15 @@ BROKEN_FILES = [
                  "vector column 'v' has 1 cell(s) that are not a flat list of finite numbers", id="vector-cell-not-numbers"),
     pytest.param("punctuation.csv", "x,note,y\n1,!!!,a\n2,...,b\n3,?!,a\n4,--,b\n",
                  "text column 'note' has no words in any row", id="text-column-without-words"),
+    # pandas renamed the second one 'x.1' (and a JSON object's repeated key kept the last value).
+    pytest.param("twice.csv", "x,z,x,y\n1,2,3,a\n4,5,6,b\n", "2 columns are named 'x' (columns 1, 3)",
+                 id="csv-duplicate-column"),
+    pytest.param("dotted.csv", "x,x.1,x,y\n1,2,3,a\n4,5,6,b\n", "2 columns are named 'x' (columns 1, 3)",
+                 id="csv-duplicate-column-beside-its-pandas-name"),
+    pytest.param("twice.jsonl", '{"x": 1, "y": "a"}\n{"x": 2, "x": 5, "y": "b"}\n',
+                 "line 2 names column 'x' twice", id="jsonl-duplicate-key"),
+    pytest.param("twice.parquet", lambda: _parquet_bytes(("x", "x", "y")), "2 columns are named 'x' (columns 1, 2)",
+                 id="parquet-duplicate-column"),
 ]
 
 
@@ -1101,3 +1117,43 @@ def test_a_plugin_cannot_replace_or_break_the_commands(tmp_path, monkeypatch, fr
     problems = autometa.plugins.default_host().problems
     assert "plugin 'hijack' (from autometa-hijack 1.0): register_commands: command(s) search exist already" in problems[0]
     assert "plugin 'raising' (from autometa-raising 1.0): register_commands: RuntimeError: boom" in problems[1]
+
+
+# ------------------------------------------------------------------- silent outcomes said aloud
+def test_a_search_whose_every_trial_failed_exits_non_zero_with_the_reasons_counted(hostile_registry, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(study_module, "get_registry", lambda: hostile_registry)
+    data = write(tmp_path / "t.csv", table().to_csv(index=False))
+    db = url(tmp_path / "s.db")
+    result = cli_search(data, db, "--in-process", "--trials", "2", "--meta-algorithm", "nan_logits", "--fusion", "concat",
+                        "--encoder", "tabular=mlp", "--no-warm-start")
+    line = assert_one_line_error(
+        result, "no trial of study 't-standard-",
+        "completed: 2 failed: meta-algorithm 'nan_logits' predicted non-finite logits (NaN or inf)",
+        f"`autometa db trials t-standard-", f"--db {db}` lists every trial with its reason")
+    assert "Leaderboard" not in result.stdout and not (tmp_path / "out").exists()
+    assert line.count("failed:") == 1  # one reason, counted, not listed twice
+
+
+def test_read_commands_warn_about_a_database_from_a_newer_autometa(base_study, study_copy, caplog):
+    from autometa import schema
+
+    with closing(sqlite3.connect(study_copy)) as connection:
+        connection.execute("UPDATE autometa_schema SET version = ?", (schema.SCHEMA_VERSION + 1,))
+        connection.commit()
+    before = digest(study_copy)
+    schema._warned_newer.discard(url(study_copy))  # noqa: SLF001 - warned once per process
+    caplog.set_level("WARNING", logger="autometa.schema")
+    for command in (["studies"], ["trials", base_study.study], ["leaderboard", base_study.study], ["datasets"],
+                    ["sql", "SELECT count(*) AS n FROM trials"]):
+        schema._warned_newer.clear()  # noqa: SLF001
+        caplog.clear()
+        result = invoke("db", *command, "--db", url(study_copy))
+        assert result.exit_code == 0, (command, result.output)
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1, (command, warnings)
+        assert f"{url(study_copy)} was written by a newer autometa (autometa schema version {schema.SCHEMA_VERSION + 1}, " \
+               f"this one knows {schema.SCHEMA_VERSION})" in warnings[0] and "pip install -U autometa" in warnings[0]
+    assert digest(study_copy) == before
+    # Writing commands refuse it, as before.
+    assert_one_line_error(cli_search(base_study.data, url(study_copy)), "newer autometa", "the database was not changed")
