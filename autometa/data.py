@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import re
+import shlex
 import tomllib
 import warnings
 from dataclasses import dataclass, field
@@ -67,7 +68,7 @@ class Dataset:
         return len(self.labels)
 
     def summary(self) -> str:
-        parts = [f"{m}: {', '.join(c.name for c in self.columns_of(m))}" for m in self.modalities]
+        parts = [f"{m}: {_listed(c.name for c in self.columns_of(m))}" for m in self.modalities]
         return (
             f"{self.name}: {len(self)} rows, {len(self.classes)} classes of {self.label_column!r}"
             + (f", {len(set(self.groups.tolist()))} groups of {self.group_column!r}" if self.groups is not None else "")
@@ -175,7 +176,10 @@ def _text_encoding(path: Path) -> str | None:
         if head.startswith(magic):
             raise DataError(f"{path} is {what}")
     if head.startswith(_UTF16_BOMS):
-        # A byte-order mark makes UTF-16 unambiguous (Excel's "Unicode text" export).
+        # A byte-order mark makes UTF-16 unambiguous (Excel's "Unicode text" export); its text
+        # may not hold NUL characters either, as UTF-8 text may not (below).
+        if "\x00" in head[: len(head) // 2 * 2].decode("utf-16", errors="replace"):
+            raise DataError(f"{path} holds NUL characters, not {path.suffix[1:].upper()} text; export it as UTF-8 text")
         return "utf-16"
     if b"\x00" in head:
         raise DataError(
@@ -290,6 +294,22 @@ def _one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
+def _listed(names) -> str:
+    """Column names for a one-line message: as written, or quoted (escapes shown) when a name
+    would blur the list (a comma, padding, a line break)."""
+    plain = lambda n: n and n.isprintable() and "," not in n and n.strip() == n  # noqa: E731
+    return ", ".join(n if plain(n) else repr(n) for n in map(str, names))
+
+
+def _column_option(name: str, kind: str) -> str:
+    """``--column NAME:KIND`` as a shell would need it typed."""
+    text = f"{name}:{kind}"
+    if text.isprintable():
+        return f"--column {shlex.quote(text)}"
+    escaped = text.encode("unicode_escape").decode("ascii").replace("'", "\\'")
+    return f"--column $'{escaped}'"  # bash/zsh ANSI-C quoting: a line break in a name stays one line here
+
+
 def _read_npz(path: Path) -> pd.DataFrame:
     """Each array is a column: 1-D → a scalar column, 2-D → vectors, 3-D/4-D → images."""
     with np.load(path, allow_pickle=False) as arrays:
@@ -370,21 +390,21 @@ def load_dataset(
     for col, kind in overrides.items():
         if kind not in COLUMN_TYPES:
             where = f"{path.name}.toml" if col not in (columns or {}) else "--column"
-            raise DataError(f"{where}: type override {col}:{kind}: type must be one of {', '.join(COLUMN_TYPES)}")
+            raise DataError(f"{where}: type override {_listed([f'{col}:{kind}'])}: type must be one of {', '.join(COLUMN_TYPES)}")
     if label not in frame.columns:
         raise DataError(
-            f"{path}: no label column {label!r}; columns are {', '.join(frame.columns)} (pass --label NAME)"
+            f"{path}: no label column {label!r}; columns are {_listed(frame.columns)} (pass --label NAME)"
             + _separator_hint(frame)
         )
     if group is not None and group not in frame.columns:
         raise DataError(
-            f"{path}: no group column {group!r}; columns are {', '.join(frame.columns)} (pass --group NAME)"
+            f"{path}: no group column {group!r}; columns are {_listed(frame.columns)} (pass --group NAME)"
         )
     unknown = set(overrides) - set(frame.columns)
     if unknown:
         raise DataError(
-            f"{path}: --column names unknown column(s) {', '.join(sorted(unknown))}; "
-            f"columns are {', '.join(frame.columns)}"
+            f"{path}: --column names unknown column(s) {_listed(sorted(unknown))}; "
+            f"columns are {_listed(frame.columns)}"
         )
 
     missing_label = frame[label].isna()
@@ -415,7 +435,7 @@ def load_dataset(
             continue
         if kind == "empty" or frame[col].isna().all():
             raise DataError(
-                f"{path}: column {col!r} is entirely empty (NaN); drop it or pass --column {col}:ignore"
+                f"{path}: column {col!r} is entirely empty (NaN); drop it or pass {_column_option(col, 'ignore')}"
             )
         sub = ""
         if kind == "tabular":
@@ -426,7 +446,7 @@ def load_dataset(
     images = [c for c in typed if c.modality == "image"]
     if len(images) > 1:
         raise DataError(
-            f"{path}: several image columns ({', '.join(c.name for c in images)}); autometa uses one image "
+            f"{path}: several image columns ({_listed(c.name for c in images)}); autometa uses one image "
             f"input: keep one and pass --column NAME:ignore for the others"
         )
 
@@ -439,7 +459,7 @@ def load_dataset(
             if not features[c.name].dropna().str.contains(r"\w", regex=True).any():
                 raise DataError(
                     f"{path}: text column {c.name!r} has no words in any row (only empty cells, spaces or "
-                    f"punctuation); drop it or pass --column {c.name}:ignore"
+                    f"punctuation); drop it or pass {_column_option(c.name, 'ignore')}"
                 )
         elif c.kind == "numeric":
             _check_finite(path, features[c.name], c.name)
@@ -624,13 +644,13 @@ def load_for_prediction(
     missing = [c.name for c in columns if c.name not in frame.columns]
     if missing:
         raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)} that the model was trained on; "
-            f"it needs {', '.join(c.name for c in columns)}"
+            f"{path}: missing column(s) {_listed(missing)} that the model was trained on; "
+            f"it needs {_listed(c.name for c in columns)}"
         )
     labels = np.asarray([""] * len(frame), dtype=object)
     if label is not None:
         if label not in frame.columns:
-            raise DataError(f"{path}: the support set needs its label column {label!r}; columns are {', '.join(frame.columns)}")
+            raise DataError(f"{path}: the support set needs its label column {label!r}; columns are {_listed(frame.columns)}")
         if frame[label].isna().any():
             raise DataError(f"{path}: {int(frame[label].isna().sum())} support row(s) have no label in {label!r}")
         values = frame[label]
