@@ -15,13 +15,20 @@ from autometa.errors import AutometaError, DataError, SearchError
 
 
 class _Errors(click.Group):
-    """Turn autometa's exceptions into one-line messages and exit code 1."""
+    """Turn autometa's exceptions, and a file that cannot be written or read, into one-line
+    messages and exit code 1."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except AutometaError as exc:
             click.echo(f"Error: {exc}", err=True)
+            ctx.exit(1)
+        except OSError as exc:
+            if exc.filename is None:  # not about a path the user gave: a bug to see in full
+                raise
+            click.echo(f"Error: {exc.filename}: {exc.strerror or exc}; check the path (and its folder) and try again",
+                       err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

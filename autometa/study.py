@@ -559,6 +559,8 @@ def search(
         raise SearchError("--steps and --eval-every must be at least 1")
     if trial_timeout is not None and trial_timeout <= 0:
         raise SearchError("--trial-timeout must be positive")
+    if output is not None:
+        _check_output_folder(Path(output))
     slots = resolve_devices(devices, trials_per_device)
     if not isolate and len(slots) > 1:
         raise SearchError("several workers need isolated worker processes; drop isolate=False")
@@ -661,6 +663,15 @@ def search(
     schema.end_search(db, search_id, "finished")
     checkpoint(db)
     return SearchResult(optuna_study, dataset, split, leaderboard, majority, max(0, remaining), model_path)
+
+
+def _check_output_folder(folder: Path) -> None:
+    """Before any trial runs: the folder the model goes to can be made (or is there)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        raise SearchError(f"--output {folder}: {existing} is a file, not a folder; pass another --output")
+    if not os.access(existing, os.W_OK):
+        raise SearchError(f"--output {folder}: folder {existing} is not writable; pass another --output")
 
 
 def finished_trials(name: str, storage: optuna.storages.BaseStorage) -> int:

@@ -1157,3 +1157,18 @@ def test_read_commands_warn_about_a_database_from_a_newer_autometa(base_study, s
     assert digest(study_copy) == before
     # Writing commands refuse it, as before.
     assert_one_line_error(cli_search(base_study.data, url(study_copy)), "newer autometa", "the database was not changed")
+
+
+def test_search_output_under_a_file_is_refused_before_any_trial(tmp_path):
+    data = write(tmp_path / "t.csv", table().to_csv(index=False))
+    blocker = write(tmp_path / "notes.txt", "not a folder\n")
+    with pytest.raises(SearchError, match=rf"--output {re.escape(str(blocker))}/models: {re.escape(str(blocker))} is a "
+                                          r"file, not a folder; pass another --output"):
+        search(data, "y", trials=1, db=url(tmp_path / "s.db"), include=ONLY_BUILTINS, **fast(output=blocker / "models"))
+    assert not (tmp_path / "s.db").exists()  # refused before the study was made
+
+
+def test_a_file_a_command_cannot_write_is_one_line_naming_it(tmp_path, base_study):
+    blocker = write(tmp_path / "notes.txt", "not a folder\n")
+    result = invoke("kb", "export", blocker / "prior.json", "--db", url(base_study.path))
+    assert_one_line_error(result, str(blocker), "check the path")
