@@ -605,7 +605,8 @@ def _postgres_sql(db: str, url, statement: str, limit: int, timeout: float,
                 result.close()
             except SQLAlchemyError as exc:
                 cause = getattr(exc, "orig", exc)
-                if "read-only transaction" in str(cause) or "read-write mode" in str(cause):
+                # (A data-modifying WITH is refused where the caps wrap it in a subquery.)
+                if any(text in str(cause) for text in ("read-only transaction", "read-write mode", "data-modifying")):
                     raise _read_only_refusal([first_line(cause)]) from exc
                 if "statement timeout" in str(cause):
                     raise SearchError(f"the query ran longer than {timeout:g}s and was stopped; narrow it or pass --timeout") from exc

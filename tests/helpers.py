@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import signal
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +78,37 @@ def training_pool(features: Features, labels: torch.Tensor) -> TrainingPool:
     rows = np.arange(len(labels))
     by_class = {int(c): rows[labels.numpy() == c] for c in labels.unique()}
     return TrainingPool(features, labels, rows, [by_class])
+
+
+def make_distribution(root: Path, module: str, dist_name: str, version: str, ep_name: str, source: str) -> None:
+    """An installed-looking distribution with an ``autometa`` entry point: importable (and found
+    by importlib.metadata) once ``root`` is on sys.path."""
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{module}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[autometa]\n{ep_name} = {module}\n")
+
+
+def _open_storage_after(barrier, db: str, outcomes) -> None:
+    from autometa.workers import storage_for
+
+    barrier.wait(30)
+    try:
+        storage_for(db).engine.dispose()
+        outcomes.put("ok")
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        outcomes.put(f"{type(exc).__name__}: {exc}")
+
+
+def open_storages_together(db: str, processes: int = 4) -> list[str]:
+    """``storage_for(db)`` in ``processes`` processes released at the same moment: "ok" or the
+    error of each (as two searches started together on a new database)."""
+    context = mp.get_context("fork")  # plain storage work: no need to pay for spawning
+    barrier, outcomes = context.Barrier(processes), context.Queue()
+    started = [context.Process(target=_open_storage_after, args=(barrier, db, outcomes)) for _ in range(processes)]
+    for p in started:
+        p.start()
+    for p in started:
+        p.join(60)
+    return [outcomes.get(timeout=5) for _ in started]

@@ -14,7 +14,6 @@ import importlib
 import inspect
 import io
 import json
-import multiprocessing
 import os
 import re
 import shutil
@@ -52,6 +51,7 @@ from autometa.features import MAX_TOKENS, tokenize
 from autometa.hookspecs import hookimpl
 from autometa.plugins import PluginHost
 from autometa.tasks import make_split
+from helpers import make_distribution, open_storages_together
 
 # The search engine module (``autometa.search`` is the function it defines).
 study_module = importlib.import_module("autometa.study")
@@ -858,29 +858,10 @@ def test_db_sql_peak_memory_on_randomblob_stays_small():
 
 
 # ------------------------------------------------------------- searches started together
-def _open_storage_after(barrier, db: str, outcomes) -> None:
-    from autometa.workers import storage_for
-
-    barrier.wait(30)
-    try:
-        storage_for(db).engine.dispose()
-        outcomes.put("ok")
-    except Exception as exc:  # noqa: BLE001 - reported to the test
-        outcomes.put(f"{type(exc).__name__}: {exc}")
-
-
 def test_processes_opening_a_new_sqlite_file_together_all_succeed(tmp_path):
     # Optuna creates its tables without a lock: all but one failed with "table studies already exists".
-    context = multiprocessing.get_context("fork")
     for attempt in range(3):
-        db = url(tmp_path / f"new{attempt}.db")
-        barrier, outcomes = context.Barrier(4), context.Queue()
-        processes = [context.Process(target=_open_storage_after, args=(barrier, db, outcomes)) for _ in range(4)]
-        for p in processes:
-            p.start()
-        for p in processes:
-            p.join(60)
-        assert [outcomes.get(timeout=5) for _ in processes] == ["ok"] * 4
+        assert open_storages_together(url(tmp_path / f"new{attempt}.db")) == ["ok"] * 4
     assert {p.name for p in tmp_path.glob("*.db")} == {"new0.db", "new1.db", "new2.db"}
     assert not list(tmp_path.glob("*.lock"))  # the lock leaves nothing beside the database
 
@@ -992,26 +973,8 @@ def register_fusions(register):
 '''
 
 
-def install(root: Path, module: str, dist: str, version: str, entry_point: str, source: str) -> None:
-    """A distribution with an ``autometa`` entry point, importable once ``root`` is on sys.path."""
-    (root / f"{module}.py").write_text(source)
-    info = root / f"{module}-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-    (info / "entry_points.txt").write_text(f"[autometa]\n{entry_point} = {module}\n")
-
-
-@pytest.fixture
-def fresh_plugins(monkeypatch):
-    """The global registry rebuilt from what is installed now (and forgotten afterwards)."""
-    monkeypatch.delenv("AUTOMETA_STRICT_PLUGINS", raising=False)
-    autometa.plugins.reset()
-    yield
-    autometa.plugins.reset()
-
-
-def test_a_plugin_claiming_a_builtin_name_loses_that_component_only(tmp_path, monkeypatch, fresh_plugins):
-    install(tmp_path, "clash_plugin", "autometa-clash", "3.1.4", "aaa_clash",
+def test_a_plugin_claiming_a_builtin_name_loses_that_component_only(tmp_path, monkeypatch, fresh_registry):
+    make_distribution(tmp_path, "clash_plugin", "autometa-clash", "3.1.4", "aaa_clash",
             CLASHING_PLUGIN.replace("{extra}", "clash_extra"))
     monkeypatch.syspath_prepend(str(tmp_path))  # found before autometa itself: it used to load first and win
     registry = autometa.plugins.get_registry()
@@ -1028,14 +991,14 @@ def test_a_plugin_claiming_a_builtin_name_loses_that_component_only(tmp_path, mo
     assert [t.state for t in result.study.trials] == [TrialState.COMPLETE]
 
 
-def test_plugins_clashing_with_each_other_resolve_in_a_fixed_order(tmp_path, monkeypatch, fresh_plugins):
+def test_plugins_clashing_with_each_other_resolve_in_a_fixed_order(tmp_path, monkeypatch, fresh_registry):
     # Entry-point name decides, not where importlib.metadata happens to find each distribution.
     for first, second in (("a", "b"), ("b", "a")):
         autometa.plugins.reset()
         root = tmp_path / f"{first}{second}"
         for folder, (module, ep) in ((first, ("mod_one", "one")), (second, ("mod_two", "two"))):
             (root / folder).mkdir(parents=True)
-            install(root / folder, f"{module}_{first}{second}", f"dist-{ep}", "1.0", ep,
+            make_distribution(root / folder, f"{module}_{first}{second}", f"dist-{ep}", "1.0", ep,
                     CLASHING_PLUGIN.replace("{extra}", "shared_name"))
         with monkeypatch.context() as patch:
             patch.syspath_prepend(str(root / second))
@@ -1058,10 +1021,10 @@ def register_fusion(register):
 '''
 
 
-def test_plugins_by_plugin_lists_failed_plugins_with_their_reason(tmp_path, monkeypatch, fresh_plugins):
-    install(tmp_path, "broken_mod", "autometa-broken", "0.2.0", "broken", BROKEN_PLUGIN)
-    install(tmp_path, "typo_mod", "autometa-typo", "0.3.0", "typo", TYPO_PLUGIN)
-    install(tmp_path, "clash_mod", "autometa-clash", "1.0.0", "clash", CLASHING_PLUGIN.replace("{extra}", "clash_extra"))
+def test_plugins_by_plugin_lists_failed_plugins_with_their_reason(tmp_path, monkeypatch, fresh_registry):
+    make_distribution(tmp_path, "broken_mod", "autometa-broken", "0.2.0", "broken", BROKEN_PLUGIN)
+    make_distribution(tmp_path, "typo_mod", "autometa-typo", "0.3.0", "typo", TYPO_PLUGIN)
+    make_distribution(tmp_path, "clash_mod", "autometa-clash", "1.0.0", "clash", CLASHING_PLUGIN.replace("{extra}", "clash_extra"))
     monkeypatch.syspath_prepend(str(tmp_path))
     result = invoke("plugins", "--by", "plugin", "--format", "json")
     assert result.exit_code == 0, result.output
@@ -1101,9 +1064,9 @@ def register_commands(cli):
 '''
 
 
-def test_a_plugin_cannot_replace_or_break_the_commands(tmp_path, monkeypatch, fresh_plugins):
-    install(tmp_path, "hijack_mod", "autometa-hijack", "1.0", "hijack", COMMANDS_PLUGIN.replace("{name}", "hijack-extra"))
-    install(tmp_path, "raising_mod", "autometa-raising", "1.0", "raising",
+def test_a_plugin_cannot_replace_or_break_the_commands(tmp_path, monkeypatch, fresh_registry):
+    make_distribution(tmp_path, "hijack_mod", "autometa-hijack", "1.0", "hijack", COMMANDS_PLUGIN.replace("{name}", "hijack-extra"))
+    make_distribution(tmp_path, "raising_mod", "autometa-raising", "1.0", "raising",
             "from autometa import hookimpl\n\n@hookimpl\ndef register_commands(cli):\n    raise RuntimeError('boom')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     import click

@@ -10,7 +10,6 @@ import json
 import logging
 import re
 import sys
-import textwrap
 import types
 
 import optuna
@@ -32,6 +31,7 @@ from autometa.components import Component, Encoder, Fusion, InputSpec, MetaAlgor
 from autometa.errors import PluginError
 from autometa.hookspecs import hookimpl
 from autometa.plugins import PluginHost
+from helpers import make_distribution
 
 # Every component the built-in plugin registers, from its own registration lists.
 BUILTINS = {
@@ -621,14 +621,6 @@ class TPEncoder(Encoder):
 def register_encoders(register):
     register(TPEncoder)
 '''
-
-
-def make_distribution(root, module, dist_name, version, ep_name, source):
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
-    info = root / f"{module}-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: {version}\n")
-    (info / "entry_points.txt").write_text(f"[autometa]\n{ep_name} = {module}\n")
 
 
 @pytest.fixture

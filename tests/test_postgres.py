@@ -23,7 +23,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from helpers import CLI, ENV, FINISHED, default_sigint, write_blobs_csv
+from helpers import CLI, ENV, FINISHED, default_sigint, open_storages_together, write_blobs_csv
 
 
 
@@ -82,6 +82,18 @@ def postgres_url():
     finally:
         _as_server_user(user, [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"])
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _new_database(postgres_url: str, name: str) -> str:
+    """The URL of an empty database ``name`` on the test server (dropped first if there)."""
+    import sqlalchemy
+
+    server = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with server.connect() as connection:
+        connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    server.dispose()
+    return postgres_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 def _launch(args: list[str], log: Path) -> subprocess.Popen:
@@ -168,12 +180,7 @@ def test_autometa_tables_on_postgresql(postgres_url, tmp_path):
     from autometa.errors import SearchError
     from autometa.study import search
 
-    server = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with server.connect() as connection:
-        connection.exec_driver_sql("DROP DATABASE IF EXISTS autometa_tables")
-        connection.exec_driver_sql("CREATE DATABASE autometa_tables")
-    server.dispose()
-    db = postgres_url.rsplit("/", 1)[0] + "/autometa_tables"
+    db = _new_database(postgres_url, "autometa_tables")
     result = search(write_blobs_csv(tmp_path / "tiny.csv"), "y", trials=2, db=db, isolate=False, output=None, steps=20,
                     eval_every=10, progress=False, echo=lambda message: None, warm_start=False,
                     include={"meta_algorithm": ["protonet"], "fusion": ["concat"], "encoder.tabular": ["linear"]})
@@ -224,33 +231,5 @@ def test_db_sql_on_postgresql_is_bounded_in_value_size_output_and_time(postgres_
         queries.sql(postgres_url, "SELECT 1", timeout=float("nan"))
 
 
-def _open_storage_after(barrier, db: str, outcomes) -> None:
-    from autometa.workers import storage_for
-
-    barrier.wait(30)
-    try:
-        storage_for(db).engine.dispose()
-        outcomes.put("ok")
-    except Exception as exc:  # noqa: BLE001 - reported to the test
-        outcomes.put(f"{type(exc).__name__}: {exc}")
-
-
 def test_processes_opening_a_new_postgresql_database_together_all_succeed(postgres_url):
-    import multiprocessing as mp
-
-    import sqlalchemy
-
-    server = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with server.connect() as connection:
-        connection.exec_driver_sql("DROP DATABASE IF EXISTS autometa_race")
-        connection.exec_driver_sql("CREATE DATABASE autometa_race")
-    server.dispose()
-    db = postgres_url.rsplit("/", 1)[0] + "/autometa_race"
-    context = mp.get_context("fork")
-    barrier, outcomes = context.Barrier(4), context.Queue()
-    processes = [context.Process(target=_open_storage_after, args=(barrier, db, outcomes)) for _ in range(4)]
-    for p in processes:
-        p.start()
-    for p in processes:
-        p.join(60)
-    assert [outcomes.get(timeout=5) for _ in processes] == ["ok"] * 4
+    assert open_storages_together(_new_database(postgres_url, "autometa_race")) == ["ok"] * 4

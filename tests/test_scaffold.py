@@ -53,14 +53,6 @@ SCAFFOLDS = {
 }
 
 
-@pytest.fixture
-def fresh_registry(monkeypatch):
-    monkeypatch.delenv("AUTOMETA_STRICT_PLUGINS", raising=False)
-    autometa.plugins.reset()
-    yield
-    autometa.plugins.reset()
-
-
 def new(*args):
     return CliRunner().invoke(autometa.cli.cli, ["plugins", "new", *args])
 
