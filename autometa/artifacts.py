@@ -204,7 +204,7 @@ class Model:
         except Exception as exc:
             raise ModelError(
                 f"{self.path}: {key.replace('_', '-')} {cls.name!r} cannot be rebuilt from {CONFIG_FILE} "
-                f"({type(exc).__name__}: {_one_line(exc)}); the file was edited or the plugin changed since it was saved"
+                f"({type(exc).__name__}: {one_line(exc)}); the file was edited or the plugin changed since it was saved"
             ) from exc
 
     def _rebuild(self, tensors: dict[str, torch.Tensor]) -> MetaAlgorithm:
@@ -226,7 +226,7 @@ class Model:
         except Exception as exc:
             raise ModelError(
                 f"{self.path}: meta-algorithm {algorithm.name!r} failed to set up the saved model "
-                f"({type(exc).__name__}: {_one_line(exc)})"
+                f"({type(exc).__name__}: {one_line(exc)})"
             ) from exc
         for name, module in algorithm.modules().items():
             state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
@@ -234,7 +234,7 @@ class Model:
                 module.load_state_dict(state, strict=True)
             except RuntimeError as exc:
                 raise ModelError(
-                    f"{self.path}: {WEIGHTS_FILE} does not fit the rebuilt {name!r} ({_one_line(exc)}); "
+                    f"{self.path}: {WEIGHTS_FILE} does not fit the rebuilt {name!r} ({one_line(exc)}); "
                     f"it belongs to another model or {CONFIG_FILE} was edited"
                 ) from exc
             module.eval()
@@ -296,7 +296,7 @@ class Model:
             raise
         except Exception as exc:
             raise ModelError(
-                f"{self.path}: meta-algorithm {name!r} failed to predict: {type(exc).__name__}: {_one_line(exc)}"
+                f"{self.path}: meta-algorithm {name!r} failed to predict: {type(exc).__name__}: {one_line(exc)}"
             ) from exc
         expected = (len(query), len(classes))
         if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
@@ -312,7 +312,8 @@ class Model:
         return result
 
 
-def _one_line(message: object, limit: int = 300) -> str:
+def one_line(message: object, limit: int = 300) -> str:
+    """``message`` on one line, cut to ``limit`` characters (for quoting it in another)."""
     text = " ".join(str(message).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

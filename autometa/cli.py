@@ -138,13 +138,10 @@ def predict(model, data, support, output):
     if output is None:
         click.echo(result.to_csv(index=False), nl=False)
         return
-    try:
-        if output.endswith(".json"):
-            result.to_json(output, orient="records", indent=2)
-        else:
-            result.to_csv(output, index=False)
-    except OSError as exc:
-        raise DataError(f"cannot write --output {output}: {exc.strerror or exc}; give another file") from exc
+    if output.endswith(".json"):
+        result.to_json(output, orient="records", indent=2)
+    else:
+        result.to_csv(output, index=False)
     click.echo(f"{len(result)} predictions written to {output}", err=True)
 
 

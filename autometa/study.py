@@ -30,7 +30,7 @@ from optuna.trial import FixedTrial, TrialState
 from tqdm.auto import tqdm
 
 from autometa import __version__, crossmodal, schema, warmstart
-from autometa.artifacts import folder_name, save_model
+from autometa.artifacts import folder_name, one_line, save_model
 from autometa.components import MASK_PREFIX, Backbone, MetaAlgorithm
 from autometa.data import Dataset, load_dataset
 from autometa.errors import AutometaError, PluginError, SearchError
@@ -320,8 +320,8 @@ class SearchResult:
         words = {TrialState.FAIL: "failed", TrialState.PRUNED: "pruned", TrialState.RUNNING: "still running",
                  TrialState.WAITING: "waiting"}
         counts = Counter(
-            "completed" if t.state == TrialState.COMPLETE else f"{words[t.state]}: " + _shorten(
-                t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason") or "no reason recorded")
+            "completed" if t.state == TrialState.COMPLETE else f"{words[t.state]}: " + one_line(
+                t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason") or "no reason recorded", 160)
             for t in self.study.get_trials(deepcopy=False)
         )
         listed = [f"{n} {what}" for what, n in counts.most_common(shown)]
@@ -447,11 +447,6 @@ class TrialRunner:
         if self.cache is not None:
             _keep_best(self.cache, trial.number, score.mean, algorithm, self.top_k)
         return score.mean
-
-
-def _shorten(text: str, limit: int = 160) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def failure_reason(exc: BaseException, device: str) -> str:

@@ -123,6 +123,7 @@ def storage_for(db: str, *, create: bool = True) -> optuna.storages.RDBStorage:
     except Exception as exc:
         raise SearchError(f"--db {db!r} is not a database URL; give one like sqlite:///studies.db") from exc
     kwargs: dict[str, Any] = {}
+    wal: Path | None = None  # the SQLite file to switch to WAL mode
     if url.get_backend_name() == "sqlite":
         if not url.database or url.database == ":memory:":
             raise SearchError(
@@ -140,7 +141,7 @@ def storage_for(db: str, *, create: bool = True) -> optuna.storages.RDBStorage:
             if not os.access(path.parent, os.W_OK):
                 raise SearchError(f"--db {db}: folder {path.parent} is not writable; pass another --db")
             if create:  # a database a search wrote is in WAL mode already; another is not changed
-                _enable_wal(path, db)
+                wal = path
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
     if not create:
         kwargs["skip_table_creation"] = True
@@ -150,6 +151,8 @@ def storage_for(db: str, *, create: bool = True) -> optuna.storages.RDBStorage:
     kwargs[callback] = _requeue_stale
     try:
         with warnings.catch_warnings(), _creating_tables(url):  # heartbeats: flagged experimental, long stable
+            if wal is not None:  # under the lock too: processes switching a new file at once deadlock
+                _enable_wal(wal, db)
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             warnings.simplefilter("ignore", FutureWarning)
             return _Storage(db, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **kwargs)
@@ -175,7 +178,8 @@ def _creating_tables(url) -> Iterator[None]:
 
     Optuna creates its tables and stamps their version without a lock: two searches started
     together on a new database both create them, and one fails ("table studies already
-    exists"). On SQLite the lock is an flock on the database's folder: it leaves no file
+    exists"; on SQLite switching the new file to WAL mode at once fails too, "database is
+    locked"). On SQLite the lock is an flock on the database's folder: it leaves no file
     behind and does not touch the database file itself, whose POSIX locks SQLite owns (see
     ``_enable_wal``); on PostgreSQL, a session advisory lock.
     """
