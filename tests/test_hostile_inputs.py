@@ -2,8 +2,9 @@
 plugin and the fix (a one-line ``Error:`` with exit code 1 on the command line), or a FAILED
 trial with its reason stored, and never corrupts or loses what a study database already holds.
 
-Searches are tiny (a few steps, one or two trials, in-process) so the whole file runs in well
-under a minute on two cores.
+Searches are tiny (a few steps, one or two trials, in-process) and processes are started only
+where the case needs them (a memory read, processes opening one database together), so the
+whole file runs in about a minute on two cores.
 """
 
 from __future__ import annotations

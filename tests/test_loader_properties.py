@@ -14,9 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
