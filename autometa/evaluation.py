@@ -174,8 +174,8 @@ def baselines(split: Split) -> list[Baseline]:
     x = split.pool.features.design_matrix()
     majority, linear = [], []
     if split.protocol == "fewshot":
-        # Balanced episodes over classes never seen in training: nothing beats a guess but the
-        # support itself, whose class means are the plain model.
+        # Balanced episodes of classes never seen in training: a majority rule can only guess
+        # (chance, 1/N), and the plain model is the support's class means.
         for task in split.test:
             support, query = task.support.cpu().numpy(), task.query.cpu().numpy()
             means = _class_means(x[support].toarray(), task.support_y.cpu().numpy(), task.n_way)

@@ -441,7 +441,7 @@ class _Report:
             ))
         for b in stored_baselines(self.attrs):
             rows.append(("", "", f"<em>baseline: {_e(b.get('label'))}</em>", "-", _e(_score(b)), "-"))
-        warnings_ = [w for w in self.attrs.get("test_warnings") or [] if isinstance(w, str)]
+        notes = [w for w in self.attrs.get("test_warnings") or [] if isinstance(w, str)]
         return "\n".join([
             f"<p>The top {len(self.leaderboard)} distinct configurations by validation accuracy, scored once on the "
             f"held-out test data (mean and 95% confidence interval{_e(over)}), then the baselines: what a simple "
@@ -449,7 +449,7 @@ class _Report:
             "these rows</strong>; every other accuracy in this report is a validation score.</p>",
             _table(("rank", "trial", "configuration", "validation", "test [95% CI]", "parameters"), rows,
                    numeric=(0, 1, 3, 4, 5), cls="leaderboard"),
-            *(_note(f"Note: {w}.") for w in warnings_),
+            *(_note(f"Note: {w}.") for w in notes),
         ])
 
     def plugins(self) -> str:

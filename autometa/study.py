@@ -398,7 +398,7 @@ class SearchSpec:
         if self.protocol == "fewshot":
             found.update(validation_tasks=self.validation_tasks, test_tasks=self.test_tasks)
         if "image" in self.columns.values():
-            found["image_size"] = list(self.image_size)
+            found["image_size"] = "×".join(map(str, self.image_size))
         return found
 
     def key(self) -> str:
