@@ -121,6 +121,7 @@ def open_storages_together(db: str, processes: int = 4) -> list[str]:
         p.join(60)
     return [outcomes.get(timeout=5) for _ in started]
 
+
 def hidden_clusters(n_classes: int = 16, per_class: int = 10, informative: int = 2, noise: int = 10, seed: int = 0):
     """``n_classes`` class clusters in 2 informative dimensions, hidden among 10 louder noise dimensions: a
     random body's features are dominated by the noise, so a few shots barely beat chance until
