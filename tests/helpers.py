@@ -112,3 +112,17 @@ def open_storages_together(db: str, processes: int = 4) -> list[str]:
     for p in started:
         p.join(60)
     return [outcomes.get(timeout=5) for _ in started]
+
+
+def requires(distribution_name: str, extra: str):
+    """Skip a test unless a pip distribution is installed; asks the package metadata, since a
+    data-only wheel (kanjivg) has no module that ``pytest.importorskip`` could import."""
+    import pytest
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution(distribution_name)
+        missing = False
+    except PackageNotFoundError:
+        missing = True
+    return pytest.mark.skipif(missing, reason=f'needs pip install "autometa[{extra}]"')

