@@ -52,7 +52,8 @@ def cli() -> None:
 @click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--db", default="sqlite:///studies.db", show_default=True, help="SQLAlchemy URL of the study database.")
-@click.option("--study", default=None, help="Study name (default: dataset-protocol-fingerprint).")
+@click.option("--study", default=None,
+              help="Study name (default: DATASET-PROTOCOL-KEY, KEY a hash of the data and the settings).")
 @click.option("--devices", default="auto", show_default=True, help="auto (every GPU, else the CPU), cpu or cuda:0,cuda:1,...")
 @click.option("--trials-per-device", type=int, default=1, show_default=True, help="Worker processes per device.")
 @click.option("--trial-timeout", type=float, default=None, metavar="S", help="Fail a trial that runs longer than S seconds.")
@@ -109,13 +110,7 @@ def search(data, label, group, columns, protocol, trials, timeout, seed, db, stu
         raise SearchError(f"no trial of study {name!r} completed: {result.outcomes()}; "
                           f"`autometa db trials {name} --db {db}` lists every trial with its reason")
     if fmt == "json":
-        click.echo(json.dumps({
-            "study": result.study.study_name,
-            "protocol": result.split.protocol,
-            "leaderboard": [e.as_dict() for e in result.leaderboard],
-            "majority_baseline": {"test_accuracy": result.majority.mean, "test_ci95": result.majority.ci95},
-            "model": str(result.model_path) if result.model_path else None,
-        }, indent=2))
+        click.echo(json.dumps(result.as_dict(), indent=2))
     else:
         click.echo(result.format_leaderboard())
 

@@ -141,6 +141,23 @@ class Fusion(Component, nn.Module):
         raise NotImplementedError
 
 
+# Modules whose batched second-order gradients under torch.func.vmap are wrong (in torch up to
+# at least 2.13; pytorch/functorch#534 for batch norm): a per-task loop gets them right.
+VMAP_UNSAFE: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
+
+
+def vmap_blocker(module: nn.Module) -> str | None:
+    """Why vmapping gradient-based inner loops over tasks must not be trusted with ``module``
+    (it or a submodule declares ``supports_vmap = False``, or is one of ``VMAP_UNSAFE``), or None."""
+    for name, sub in module.named_modules():
+        where = f"{type(sub).__name__}" + (f" ({name})" if name else "")
+        if getattr(sub, "supports_vmap", True) is False:
+            return f"{where} declares supports_vmap = False"
+        if isinstance(sub, VMAP_UNSAFE):
+            return f"{where} gives wrong batched second-order gradients under vmap"
+    return None
+
+
 def derived_key(modality: str, encoder: str) -> str:
     """The input name under which an encoder's prepared input is stored."""
     return f"{modality}@{encoder}"

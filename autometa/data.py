@@ -14,7 +14,7 @@ import re
 import shlex
 import tomllib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -51,6 +51,7 @@ class Dataset:
     group_column: str | None = None
     images: dict[str, np.ndarray] = field(default_factory=dict)  # column -> uint8 [N, H, W, C]
     fingerprint: str = ""
+    unlabelled: int = 0  # rows of the file left out for an empty label cell
 
     @property
     def classes(self) -> list[str]:
@@ -67,10 +68,20 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, rows: np.ndarray) -> "Dataset":
+        """The dataset of ``rows`` only (same name, columns and fingerprint)."""
+        return replace(
+            self, frame=self.frame.iloc[rows].reset_index(drop=True), labels=self.labels[rows],
+            groups=None if self.groups is None else self.groups[rows],
+            images={name: pixels[rows] for name, pixels in self.images.items()},
+        )
+
     def summary(self) -> str:
         parts = [f"{m}: {_listed(c.name for c in self.columns_of(m))}" for m in self.modalities]
         return (
-            f"{self.name}: {len(self)} rows, {len(self.classes)} classes of {self.label_column!r}"
+            f"{self.name}: {len(self)} rows"
+            + (f" ({self.unlabelled} more without a label left out)" if self.unlabelled else "")
+            + f", {len(self.classes)} classes of {self.label_column!r}"
             + (f", {len(set(self.groups.tolist()))} groups of {self.group_column!r}" if self.groups is not None else "")
             + "; " + "; ".join(parts)
         )
@@ -472,6 +483,7 @@ def load_dataset(
         label_column=label,
         groups=groups,
         group_column=group,
+        unlabelled=int(missing_label.sum()),
     )
     for c in images:
         dataset.images[c.name] = _load_images(path, features[c.name], c.name, image_size)

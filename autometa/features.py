@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from scipy import sparse
 from sklearn.impute import SimpleImputer
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from sklearn.utils import murmurhash3_32
@@ -89,6 +90,25 @@ class Features:
         self.inputs[key] = tensor.to(device)
         self.specs[key] = InputSpec(modality, tuple(tensor.shape[1:]))
         return key
+
+    def design_matrix(self) -> sparse.csr_matrix:
+        """Every row's inputs as one flat float64 row for a plain model (the baselines).
+
+        The dataset's modalities side by side, in their fixed order: tabular and vector columns
+        as preprocessed, text as a bag of its hashed words (counts per token id), images
+        flattened. Encoders' derived inputs are left out: they are not "the same inputs".
+        """
+        blocks = []
+        for m in self.modalities:
+            x = self.inputs[m].cpu()
+            if self.specs[m].vocab_size is not None:  # token ids, 0 padding
+                rows, positions = torch.nonzero(x, as_tuple=True)
+                ids = x[rows, positions].numpy()
+                shape = (len(x), self.specs[m].vocab_size)
+                blocks.append(sparse.csr_matrix((np.ones(len(ids)), (rows.numpy(), ids)), shape=shape))
+            else:
+                blocks.append(sparse.csr_matrix(x.reshape(len(x), -1).double().numpy()))
+        return sparse.hstack(blocks, format="csr")
 
     def subset(self, rows: torch.Tensor) -> "Features":
         return Features(self.take(rows), self.specs)

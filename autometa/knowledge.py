@@ -85,8 +85,7 @@ def build(
     its model; any other resumes (``trials`` is each study's total budget).
     """
     from autometa.data import load_dataset
-    from autometa.study import finished_trials, search, study_name_for
-    from autometa.tasks import choose_protocol
+    from autometa.study import finished_trials, search, study_name
     from autometa.workers import storage_for
 
     say = echo or (lambda message: print(message, file=sys.stderr))
@@ -95,7 +94,8 @@ def build(
     outcomes = []
     for index, entry in enumerate(entries, start=1):
         dataset = load_dataset(entry.path, entry.label)
-        name = study_name_for(dataset, choose_protocol(dataset, protocol))
+        options = {"output": None, "top_k": 1, **search_options}
+        name = study_name(dataset, entry.label, protocol=protocol, trials=trials, seed=seed, **options)
         done = finished_trials(name, storage)
         where = f"[{index}/{len(entries)}] {dataset.name}"
         if done >= trials:
@@ -105,7 +105,7 @@ def build(
         say(f"{where}: {'resuming' if done else 'searching'} ({done} of {trials} trials done)")
         result = search(
             str(entry.path), entry.label, protocol=protocol, trials=trials, seed=seed, db=db, study=name, warm_start=False,
-            echo=lambda message: say(f"  {message}"), **{"output": None, "top_k": 1, **search_options},
+            echo=lambda message: say(f"  {message}"), **options,
         )
         if entry.source:
             result.study.set_user_attr(SOURCE_ATTR, entry.source)

@@ -31,10 +31,11 @@ from sqlalchemy.pool import NullPool
 
 from autometa import schema
 from autometa.errors import SearchError, first_line
-from autometa.report import configuration_label, open_storage, read_only_url
+from autometa.report import configuration_label, open_storage, read_only_url, stored_baselines
 
 # Float columns that hold accuracies: shown as percentages in tables.
-PERCENT_COLUMNS = {"value", "validation", "best_validation", "best_test", "best_test_ci95", "test_mean", "test_ci95"}
+PERCENT_COLUMNS = {"value", "validation", "best_validation", "best_test", "best_test_low", "best_test_high", "test_mean",
+                   "test_low", "test_high"}
 # Meta-features every dataset has, shown by `autometa db datasets`.
 KEY_META_FEATURES = ("class_entropy", "imbalance_ratio", "missing_rate")
 SQL_ROW_LIMIT = 1000
@@ -196,8 +197,7 @@ def _studies(storage: optuna.storages.RDBStorage, db: str) -> list[dict[str, Any
             "pruned": states.count(TrialState.PRUNED),
             "failed": states.count(TrialState.FAIL),
             "best_validation": max(complete) if complete else None,
-            "best_test": best.get("test_accuracy"),
-            "best_test_ci95": best.get("test_ci95"),
+            **_best_test(schema.score_columns(best)),
             "status": run.get("status"),
             "runs": run.get("runs"),
             "started_at": run.get("started_at"),
@@ -207,10 +207,17 @@ def _studies(storage: optuna.storages.RDBStorage, db: str) -> list[dict[str, Any
     return rows
 
 
+def _best_test(score: Mapping[str, Any]) -> dict[str, Any]:
+    """The leaderboard winner's test score as `db studies` and `db models` name it."""
+    return {"best_test": score["test_mean"], "best_test_low": score["test_low"], "best_test_high": score["test_high"],
+            "best_test_unit": score["test_unit"]}
+
+
 def models(db: str) -> list[dict[str, Any]]:
     """Saved best models recorded in the database."""
     return [
-        {k: row[k] for k in ("study", "dataset", "protocol", "best_test", "best_test_ci95", "model_path")}
+        {k: row[k] for k in ("study", "dataset", "protocol", "best_test", "best_test_low", "best_test_high",
+                             "best_test_unit", "model_path")}
         for row in studies(db)
         if row["model_path"]
     ]
@@ -301,36 +308,50 @@ def _facts(db: str, study: str) -> dict[int, dict[str, Any]]:
 
 @_clear_errors
 def leaderboard(db: str, study: str) -> list[dict[str, Any]]:
-    """The finalists of a study's latest leaderboard with their test accuracy ± 95% CI."""
+    """The finalists of a study's latest leaderboard with their test accuracy and 95% interval
+    (over test rows, tasks or groups: ``test_unit``), then its baselines."""
     storage = open_storage(db)
     try:
         loaded = _load_study(storage, study, db)
         by_number = {t.number: t for t in loaded.get_trials(deepcopy=False)}
-        stored = loaded.user_attrs.get("leaderboard") or []
+        attrs = loaded.user_attrs
     finally:
         storage.engine.dispose()
     facts = _facts(db, study)
     finalists = sorted((f["finalist_rank"], n) for n, f in facts.items() if "finalist_rank" in f)
     if not finalists:  # a 0.1 database: the leaderboard is in the study's attributes only
-        entries = [(e.get("rank"), e.get("trial"), e) for e in stored if isinstance(e, dict)]
+        entries = [(e.get("rank"), e.get("trial"), schema.score_columns(e), e)
+                   for e in attrs.get("leaderboard") or [] if isinstance(e, dict)]
     else:
-        entries = [(rank, n, {"test_accuracy": facts[n].get("test_mean"), "test_ci95": facts[n].get("test_ci95"),
-                              "test_units": facts[n].get("test_units"), "parameters": facts[n].get("parameters")})
-                   for rank, n in finalists]
+        entries = [(rank, n, _fact_score(facts[n]), facts[n]) for rank, n in finalists]
     rows = []
-    for rank, number, entry in entries:
+    for rank, number, score, entry in entries:
         trial = by_number.get(number)
         rows.append({
             "rank": rank,
             "trial": number,
             "validation": trial.value if trial is not None else entry.get("validation_accuracy"),
-            "test_mean": entry.get("test_accuracy"),
-            "test_ci95": entry.get("test_ci95"),
-            "test_units": entry.get("test_units"),
+            **score,
             "parameters": entry.get("parameters"),
             "configuration": configuration_label(trial.params) if trial is not None else None,
         })
+    with _reading(db) as connection:
+        stored = schema.stored_baselines(connection, study)
+    if not stored:  # before schema version 2: the study's attributes
+        stored = [{"label": b.get("label"), **schema.score_columns(b)} for b in stored_baselines(attrs)]
+    for b in stored:
+        rows.append({"rank": None, "trial": None, "validation": None,
+                     **{k: b[k] for k in ("test_mean", "test_low", "test_high", "test_units", "test_unit")},
+                     "parameters": None, "configuration": f"baseline: {b['label']}"})
     return rows
+
+
+def _fact_score(fact: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial_facts row's test score; a database not yet upgraded to version 2 has mean ± test_ci95."""
+    if "test_low" in fact or "test_unit" in fact:
+        return {k: fact.get(k) for k in ("test_mean", "test_low", "test_high", "test_units", "test_unit")}
+    return schema.score_columns({"test_accuracy": fact.get("test_mean"), "test_ci95": fact.get("test_ci95"),
+                                 "test_units": fact.get("test_units")})
 
 
 @_clear_errors
@@ -375,8 +396,7 @@ def best(db: str, dataset: str, protocol: str | None = None) -> list[dict[str, A
             "study": name,
             "trial": trial.number,
             "validation": trial.value,
-            "test_mean": fact.get("test_mean"),
-            "test_ci95": fact.get("test_ci95"),
+            **{k: v for k, v in _fact_score(fact).items() if k != "test_units"},
             "configuration": configuration_label(trial.params),
             "params": dict(trial.params),
         })

@@ -40,6 +40,7 @@ from sqlalchemy.exc import ArgumentError
 from autometa import __version__, crossmodal, schema
 from autometa.artifacts import folder_name
 from autometa.errors import SearchError
+from autometa.evaluation import INTERVALS, format_score
 from autometa.study import DEFAULT_DB
 from autometa.warmstart import Neighbour, rank_by_meta_features  # noqa: F401 - part of this module's API
 
@@ -231,12 +232,20 @@ def _pct(value: Any) -> str:
     return f"{100 * value:.1f}%" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
 
 
-def _pm(mean: Any, ci: Any) -> str:
-    if not isinstance(mean, (int, float)) or not math.isfinite(mean):
-        return "-"
-    if isinstance(ci, (int, float)) and math.isfinite(ci):
-        return f"{100 * mean:.1f} ± {100 * ci:.1f}%"
-    return f"{100 * mean:.1f}%"
+def _score(entry: Mapping[str, Any]) -> str:
+    """A stored test score (a leaderboard or baseline entry) as the leaderboard prints it."""
+    columns = schema.score_columns(entry)
+    return format_score(columns["test_mean"], columns["test_low"], columns["test_high"])
+
+
+def stored_baselines(attrs: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The baselines a study's attributes hold (a study scored before baselines were stored
+    has the one majority baseline shown then, under its name then)."""
+    found = [b for b in attrs.get("baselines") or [] if isinstance(b, Mapping)]
+    old = attrs.get("majority_baseline")
+    if not found and isinstance(old, Mapping):
+        found = [{**old, "label": "majority class of the support set"}]
+    return found
 
 
 def _value(value: Any) -> str:
@@ -380,7 +389,7 @@ class _Report:
         top = self.leaderboard[0].get("trial") if self.leaderboard else None
         best = numbers[top] if top in numbers else max(self.complete, key=lambda t: t.value)
         finalist = next((e for e in self.leaderboard if e.get("trial") == best.number), None)
-        test = f"; test {_pm(finalist.get('test_accuracy'), finalist.get('test_ci95'))}" if finalist else ""
+        test = f"; test {_score(finalist)}" if finalist else ""
         out.append(
             f"<h3>Best configuration</h3><p class=best><strong>{_e(configuration_label(best.params))}</strong>"
             f" <span class=muted>trial {best.number}: validation {_e(_pct(best.value))}{_e(test)}</span></p>"
@@ -414,9 +423,10 @@ class _Report:
             why = ("no trial completed" if not self.complete else
                    "the search stopped before its finalists were scored; run the same `autometa search` again to score them")
             return _note(f"No leaderboard is stored: {why}.")
-        units = {e.get("test_units") for e in self.leaderboard} - {None}
-        unit_name = "query rows" if self.attrs.get("protocol") == "standard" else "test tasks"
-        over = f" over {', '.join(str(u) for u in sorted(units))} {unit_name}" if units else ""
+        first = schema.score_columns(self.leaderboard[0])
+        unit, units = first["test_unit"], first["test_units"]
+        over = (f" over {units} test {unit} ({INTERVALS[unit]})" if unit in INTERVALS else
+                f" over {units} test units" if units else "")
         params = {t.number: t.params for t in self.trials}
         rows = []
         for e in self.leaderboard:
@@ -425,19 +435,20 @@ class _Report:
                 _e(e.get("rank", "")), _e(e.get("trial", "")),
                 _e(_entry_label(e)) + _params_details(params.get(e.get("trial"), {})),
                 _e(_pct(e.get("validation_accuracy"))),
-                _e(_pm(e.get("test_accuracy"), e.get("test_ci95"))),
+                _e(_score(e)),
                 _e(f"{count:,}" if isinstance(count, int) else (count if count is not None else "-")),
             ))
-        majority = self.attrs.get("majority_baseline")
-        if isinstance(majority, Mapping):
-            rows.append(("", "", "<em>majority class of the support set (baseline)</em>", "-",
-                         _e(_pm(majority.get("test_accuracy"), majority.get("test_ci95"))), "-"))
+        for b in stored_baselines(self.attrs):
+            rows.append(("", "", f"<em>baseline: {_e(b.get('label'))}</em>", "-", _e(_score(b)), "-"))
+        notes = [w for w in self.attrs.get("test_warnings") or [] if isinstance(w, str)]
         return "\n".join([
             f"<p>The top {len(self.leaderboard)} distinct configurations by validation accuracy, scored once on the "
-            f"held-out test data (mean ± 95% confidence interval{_e(over)}). <strong>Test tasks were used only for "
-            "these finalists</strong>; every other accuracy in this report is a validation score.</p>",
-            _table(("rank", "trial", "configuration", "validation", "test ± 95% CI", "parameters"), rows,
+            f"held-out test data (mean and 95% confidence interval{_e(over)}), then the baselines: what a simple "
+            "rule or a plain linear model scores on the same test data. <strong>Test data was used only for "
+            "these rows</strong>; every other accuracy in this report is a validation score.</p>",
+            _table(("rank", "trial", "configuration", "validation", "test [95% CI]", "parameters"), rows,
                    numeric=(0, 1, 3, 4, 5), cls="leaderboard"),
+            *(_note(f"Note: {w}.") for w in notes),
         ])
 
     def plugins(self) -> str:

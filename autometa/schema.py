@@ -10,7 +10,9 @@ internal ids or schema.
 The schema is versioned in ``autometa_schema``; :func:`ensure` creates the tables or upgrades
 an older layout in place (see ``_UPGRADES``), and refuses a newer one without touching it.
 Version 0 is a database without these tables, e.g. one written by autometa 0.1, which kept
-everything in Optuna's user attributes: the upgrade to 1 fills the tables from them.
+everything in Optuna's user attributes: the upgrade to 1 fills the tables from them. Version 2
+stores test scores as an interval [low, high] with its unit (rows, tasks or groups), and the
+baselines of each study's latest leaderboard.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from autometa.errors import AutometaError, SearchError, first_line
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("running", "finished", "interrupted", "failed")
 logger = logging.getLogger("autometa.schema")
 
@@ -89,9 +91,27 @@ trial_facts = Table(
     Column("parameters", Integer),
     Column("finalist_rank", Integer),  # the latest leaderboard's rank; null: not a finalist
     Column("test_mean", Float),  # finalists only: scored on the held-out test tasks
-    Column("test_ci95", Float),
-    Column("test_units", Integer),  # test tasks (or query rows) the mean is over
+    Column("test_ci95", Float),  # before version 2: half-width of a normal-approximation interval
+    Column("test_units", Integer),  # how many test rows, tasks or groups the mean is over
+    Column("test_low", Float),  # version 2: the 95% confidence interval (null: undefined)
+    Column("test_high", Float),
+    Column("test_unit", String(16)),  # "rows" (Wilson interval), "tasks" or "groups" (Student's t)
 )
+
+baselines = Table(
+    "autometa_baselines", metadata,
+    Column("study", String(512), primary_key=True),
+    Column("kind", String(32), primary_key=True),  # "majority", "chance" or "linear"
+    Column("label", Text, nullable=False),  # what it is, as the leaderboard prints it
+    Column("test_mean", Float),
+    Column("test_low", Float),
+    Column("test_high", Float),
+    Column("test_units", Integer),
+    Column("test_unit", String(16)),
+)
+
+# Columns version 2 added to autometa_trial_facts.
+_INTERVAL_COLUMNS = {"test_low": "FLOAT", "test_high": "FLOAT", "test_unit": "VARCHAR(16)"}
 
 
 def now() -> datetime:
@@ -306,8 +326,35 @@ def _json_or_none(value: Any) -> str | None:
     return None if value is None else json.dumps(value)
 
 
+def _intervals_and_baselines(connection: Connection) -> None:
+    """1 → 2: test scores as [low, high] with their unit, and a table of baselines.
+
+    Finalists scored before keep the interval they were reported with (mean ± the normal
+    approximation's half-width, clipped to [0, 1]); their unit follows the study's protocol.
+    Their baselines are left empty: the next search of the study scores them.
+    """
+    present = {c["name"] for c in inspect(connection).get_columns(trial_facts.name)}
+    for name, sql_type in _INTERVAL_COLUMNS.items():
+        if name not in present:  # made by version 1's create_all in this same upgrade otherwise
+            connection.execute(text(f"ALTER TABLE {trial_facts.name} ADD COLUMN {name} {sql_type}"))
+    baselines.create(connection, checkfirst=True)
+    old = trial_facts.c
+    for row in connection.execute(select(old.study, old.number, old.test_mean, old.test_ci95).where(
+        old.test_mean.is_not(None), old.test_ci95.is_not(None), old.test_low.is_(None)
+    )).all():
+        interval = score_columns({"test_accuracy": row.test_mean, "test_ci95": row.test_ci95})
+        connection.execute(trial_facts.update().where(old.study == row.study, old.number == row.number).values(
+            test_low=interval["test_low"], test_high=interval["test_high"],
+        ))
+    protocols = dict(connection.execute(select(searches.c.study, searches.c.protocol)).all())
+    for study, protocol in protocols.items():
+        connection.execute(trial_facts.update().where(
+            old.study == study, old.test_mean.is_not(None), old.test_unit.is_(None)
+        ).values(test_unit={"standard": "rows", "fewshot": "tasks", "grouped": "groups"}.get(protocol)))
+
+
 # step → function bringing a database from version ``step`` to ``step + 1``, in one transaction.
-_UPGRADES: dict[int, Callable[[Connection], None]] = {0: _create_version_1}
+_UPGRADES: dict[int, Callable[[Connection], None]] = {0: _create_version_1, 1: _intervals_and_baselines}
 
 
 def engine_for(db: str) -> Engine:
@@ -485,20 +532,48 @@ class TrialRecorder:
         record_trial(self.db, study.study_name, trial)
 
 
-def record_finalists(db: str, study: str, finalists: list[Mapping[str, Any]]) -> None:
-    """Store the leaderboard (``LeaderboardEntry.as_dict()`` rows): rank and test mean ± CI."""
+def record_finalists(db: str, study: str, finalists: list[Mapping[str, Any]],
+                     scored_baselines: list[Mapping[str, Any]] = ()) -> None:
+    """Store the leaderboard (``LeaderboardEntry.as_dict()`` rows: rank and test score with its
+    interval) and its baselines (``Baseline.as_dict()`` rows), replacing the previous ones."""
     try:
         with recording_engine(db).begin() as connection:
             connection.execute(trial_facts.update().where(trial_facts.c.study == study).values(
-                finalist_rank=None, test_mean=None, test_ci95=None, test_units=None,
+                finalist_rank=None, test_mean=None, test_ci95=None, test_units=None, test_low=None, test_high=None,
+                test_unit=None,
             ))
             for entry in finalists:
                 _upsert(connection, trial_facts, {"study": study, "number": entry["trial"]}, {
-                    "finalist_rank": entry["rank"], "test_mean": entry["test_accuracy"], "test_ci95": entry["test_ci95"],
-                    "test_units": entry["test_units"], "parameters": entry["parameters"],
+                    "finalist_rank": entry["rank"], **score_columns(entry), "parameters": entry["parameters"],
                 })
+            connection.execute(baselines.delete().where(baselines.c.study == study))
+            for entry in scored_baselines:
+                connection.execute(baselines.insert().values(
+                    study=study, kind=entry["baseline"], label=entry["label"], **score_columns(entry),
+                ))
     except (SQLAlchemyError, AutometaError) as exc:
         logger.warning("could not record the leaderboard of %s in %s: %s", study, db, exc)
+
+
+def score_columns(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The test-score columns of a ``Score.as_dict()`` entry. An entry written before version 2
+    (mean ± ``test_ci95``, a normal approximation) keeps that interval, clipped to [0, 1]."""
+    mean, low, high = (_float(entry.get(k)) for k in ("test_accuracy", "test_ci95_low", "test_ci95_high"))
+    half = _float(entry.get("test_ci95"))
+    if low is None and high is None and mean is not None and half is not None:
+        low, high = max(0.0, mean - half), min(1.0, mean + half)
+    unit = entry.get("test_unit")
+    return {"test_mean": mean, "test_low": low, "test_high": high, "test_units": _int(entry.get("test_units")),
+            "test_unit": unit if isinstance(unit, str) else None}
+
+
+def stored_baselines(connection: Connection, study: str) -> list[dict[str, Any]]:
+    """The baselines of ``study``'s latest leaderboard (none before schema version 2)."""
+    if stored_version(connection) < 2:
+        return []
+    rows = connection.execute(select(baselines).where(baselines.c.study == study))
+    order = {"majority": 0, "chance": 0, "linear": 1}
+    return sorted((dict(row._mapping) for row in rows), key=lambda r: (order.get(r["kind"], 2), r["kind"]))
 
 
 def upgrade(db: str) -> tuple[int, int]:

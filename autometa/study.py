@@ -34,7 +34,7 @@ from autometa.artifacts import folder_name, one_line, save_model
 from autometa.components import MASK_PREFIX, Backbone, MetaAlgorithm
 from autometa.data import Dataset, load_dataset
 from autometa.errors import AutometaError, PluginError, SearchError
-from autometa.evaluation import Score, evaluate, majority_baseline
+from autometa.evaluation import INTERVALS, Baseline, Score, baselines, caveats, evaluate, score_unit
 from autometa.metafeatures import describe
 from autometa.plugins import Registry, get_registry
 from autometa.tasks import Split, choose_protocol, make_split
@@ -293,9 +293,7 @@ class LeaderboardEntry:
             "encoders": self.config.encoders,
             "crossmodal_weight": self.config.crossmodal_weight,
             "validation_accuracy": self.validation,
-            "test_accuracy": self.test.mean,
-            "test_ci95": self.test.ci95,
-            "test_units": self.test.n,
+            **self.test.as_dict(),
             "parameters": self.parameters,
         }
 
@@ -306,7 +304,7 @@ class SearchResult:
     dataset: Dataset
     split: Split
     leaderboard: list[LeaderboardEntry]
-    majority: Score
+    baselines: list[Baseline]
     new_trials: int
     model_path: Path | None = None
 
@@ -328,16 +326,42 @@ class SearchResult:
         rest = sum(counts.values()) - sum(n for _, n in counts.most_common(shown))
         return "; ".join(listed + ([f"{rest} more with other reasons"] if rest else [])) or "no trials"
 
+    @property
+    def majority(self) -> Score:
+        """The majority-class (few-shot: chance) baseline's test score."""
+        return self.baselines[0].score
+
+    @property
+    def warnings(self) -> list[str]:
+        return caveats(self.split)
+
     def format_leaderboard(self) -> str:
-        unit = "query rows" if len(self.split.test) == 1 else "test tasks"
+        unit = score_unit(self.split)
+        n = self.baselines[0].score.n
         lines = [
-            f"Leaderboard ({self.split.protocol} protocol; test accuracy ± 95% CI over {self.majority.n} {unit})",
-            f"{'rank':>4}  {'trial':>5}  {'validation':>10}  {'test':>15}  configuration",
+            f"Leaderboard ({self.split.protocol} protocol): test accuracy [95% confidence interval] over {n} test "
+            f"{unit} ({INTERVALS[unit]})",
+            f"{'rank':>4}  {'trial':>5}  {'validation':>10}  {'test':>20}  configuration",
         ]
         for e in self.leaderboard:
-            lines.append(f"{e.rank:>4}  {e.trial:>5}  {100 * e.validation:>9.1f}%  {str(e.test):>15}  {e.config.label()}")
-        lines.append(f"{'':>4}  {'':>5}  {'':>10}  {str(self.majority):>15}  majority class of the support set (baseline)")
+            lines.append(f"{e.rank:>4}  {e.trial:>5}  {100 * e.validation:>9.1f}%  {str(e.test):>20}  {e.config.label()}")
+        for b in self.baselines:
+            lines.append(f"{'':>4}  {'':>5}  {'':>10}  {str(b.score):>20}  baseline: {b.label}")
+        lines += [f"note: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The result as `autometa search --format json` prints it."""
+        return {
+            "study": self.study.study_name,
+            "protocol": self.split.protocol,
+            "test_unit": score_unit(self.split),
+            "interval": INTERVALS[score_unit(self.split)],
+            "leaderboard": [e.as_dict() for e in self.leaderboard],
+            "baselines": [b.as_dict() for b in self.baselines],
+            "warnings": self.warnings,
+            "model": str(self.model_path) if self.model_path else None,
+        }
 
 
 def open_study(name: str, storage, db: str, sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner) -> optuna.Study:
@@ -372,6 +396,30 @@ class SearchSpec:
     steps: int
     eval_every: int
     budget: int
+    fingerprint: str = ""  # the data's (specs stored before study keys lack it)
+
+    def settings(self) -> dict[str, Any]:
+        """What makes a study one experiment: everything that changes its split or its
+        objective. Not the budget, the timeouts or the devices, nor where the data file lies;
+        nor settings its protocol ignores (ways on the standard protocol, task counts outside
+        few-shot, the image size without images)."""
+        found = {
+            "label": self.label, "group": self.group, "columns": self.columns, "protocol": self.protocol,
+            "seed": self.seed, "shots": self.shots, "queries": self.queries, "steps": self.steps,
+            "eval_every": self.eval_every, "choices": self.choices,
+        }
+        if self.protocol != "standard":
+            found["ways"] = self.ways
+        if self.protocol == "fewshot":
+            found.update(validation_tasks=self.validation_tasks, test_tasks=self.test_tasks)
+        if "image" in self.columns.values():
+            found["image_size"] = "×".join(map(str, self.image_size))
+        return found
+
+    def key(self) -> str:
+        """A short hash of the data's fingerprint and :meth:`settings`: the study's identity."""
+        text = json.dumps([self.fingerprint, self.settings()], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -492,8 +540,61 @@ def build_runner(
     return runner
 
 
-def study_name_for(dataset: Dataset, protocol: str) -> str:
-    return f"{dataset.name}-{protocol}-{dataset.fingerprint[:10]}"
+def study_name_for(dataset: Dataset, spec: SearchSpec) -> str:
+    """``DATASET-PROTOCOL-KEY``: one study per data and settings (see :meth:`SearchSpec.key`)."""
+    return f"{dataset.name}-{spec.protocol}-{spec.key()}"
+
+
+def study_name(data: str | Path | Dataset, label: str | None = None, **options: Any) -> str:
+    """The study ``search(data, label, **options)`` opens: its ``study`` option, else the name of
+    its data and settings (the search's defaults fill the options not given)."""
+    args = inspect.signature(search).bind(data, label, **options)
+    args.apply_defaults()
+    a = args.arguments
+    if a["study"]:
+        return a["study"]
+    dataset, data_path = _load(data, label, a["group"], a["columns"], a["image_size"])
+    spec = _spec(dataset, data_path, get_registry(), **{k: a[k] for k in _SPEC_OPTIONS})
+    return study_name_for(dataset, spec)
+
+
+_SPEC_OPTIONS = ("protocol", "include", "image_size", "ways", "shots", "queries", "validation_tasks", "test_tasks",
+                 "seed", "steps", "eval_every", "trials")
+
+
+def _load(data, label, group, columns, image_size) -> tuple[Dataset, str | None]:
+    if isinstance(data, Dataset):
+        return data, None
+    if label is None:
+        raise SearchError("a label column is required (--label NAME)")
+    dataset = load_dataset(data, label, group=group, columns=columns, image_size=image_size)
+    return dataset, str(Path(data).resolve())
+
+
+def _spec(dataset: Dataset, data_path: str | None, registry: Registry, *, protocol, include, image_size, ways, shots,
+          queries, validation_tasks, test_tasks, seed, steps, eval_every, trials) -> SearchSpec:
+    protocol = choose_protocol(dataset, protocol)
+    return SearchSpec(
+        data_path, dataset.label_column, dataset.group_column, {c.name: c.modality for c in dataset.columns},
+        tuple(image_size), protocol, ways, shots, queries, validation_tasks, test_tasks, seed,
+        search_choices(registry, protocol, dataset.modalities, include), steps, eval_every, trials, dataset.fingerprint,
+    )
+
+
+class _TrainingMetaFeatures:
+    """The meta-features of the split's training rows, computed once when first asked for.
+
+    Training rows only: warm start seeds this search from them, so nothing about its
+    validation or test rows (their labels included) may reach them.
+    """
+
+    def __init__(self, dataset: Dataset, split: Split):
+        self.dataset, self.split, self.value = dataset, split, None
+
+    def __call__(self) -> dict[str, float]:
+        if self.value is None:
+            self.value = describe(self.dataset.subset(self.split.row_splits["train"]))
+        return self.value
 
 
 def search(
@@ -563,29 +664,20 @@ def search(
         raise SearchError("--trial-timeout needs isolated worker processes")
     device = torch.device(slots[0].device)
     registry = get_registry()
-    if isinstance(data, Dataset):
-        dataset, data_path = data, None
-    else:
-        if label is None:
-            raise SearchError("a label column is required (--label NAME)")
-        dataset = load_dataset(data, label, group=group, columns=columns, image_size=image_size)
-        data_path = str(Path(data).resolve())
+    dataset, data_path = _load(data, label, group, columns, image_size)
     say(dataset.summary())
-    protocol = choose_protocol(dataset, protocol)
-    choices = search_choices(registry, protocol, dataset.modalities, include)
+    spec = _spec(dataset, data_path, registry, protocol=protocol, include=include, image_size=image_size, ways=ways,
+                 shots=shots, queries=queries, validation_tasks=validation_tasks, test_tasks=test_tasks, seed=seed,
+                 steps=steps, eval_every=eval_every, trials=trials)
+    choices = spec.choices
     # Encoders that derive their own inputs (e.g. pretrained embeddings) do so when first chosen.
     split = make_split(
-        dataset, protocol, ways=ways, shots=shots, queries=queries,
+        dataset, spec.protocol, ways=ways, shots=shots, queries=queries,
         validation_tasks=validation_tasks, test_tasks=test_tasks, seed=seed, device=device,
     )
     say(split.describe())
-    spec = SearchSpec(
-        data_path, dataset.label_column, dataset.group_column, {c.name: c.modality for c in dataset.columns},
-        tuple(image_size), protocol, ways, shots, queries, validation_tasks, test_tasks, seed, choices, steps,
-        eval_every, trials,
-    )
-
-    name = study or study_name_for(dataset, split.protocol)
+    name = study or study_name_for(dataset, spec)
+    meta_features = _TrainingMetaFeatures(dataset, split)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = storage_for(db)
     schema.recording_engine(db)  # autometa's tables: made, upgraded from 0.1, or a newer schema refused
@@ -595,7 +687,7 @@ def search(
     sampler = sampler or default_sampler(spec, offset=7919 * existing)
     pruner = pruner or default_pruner(spec)
     optuna_study = open_study(name, storage, db, sampler, pruner)
-    _check_resume(optuna_study, dataset, split, choices, name, spec)
+    _check_resume(optuna_study, dataset, name, spec, meta_features)
     recover_orphans(optuna_study, say)
     existing = finished_trials(name, storage)
 
@@ -611,8 +703,9 @@ def search(
         if warm_start and remaining > 0:
             # Before the defaults: with a tiny budget, the neighbours' best take the first slots.
             seeded = warmstart.seed_study(
-                optuna_study, optuna_study.user_attrs.get("meta_features") or describe(dataset), registry, choices,
+                optuna_study, optuna_study.user_attrs.get("meta_features") or meta_features(), registry, choices,
                 db=db, prior=warm_start_prior, k=warm_start_k, configs=min(warm_start_configs, remaining), say=say,
+                fingerprint=dataset.fingerprint,
             )
         if defaults:
             for params in default_trials(registry, choices)[: max(0, remaining - seeded)]:
@@ -622,7 +715,7 @@ def search(
         db, study=name, dataset=dataset, source=data_path or (str(dataset.path) if dataset.path else None),
         protocol=split.protocol, budget=trials, seed=seed, plugins=schema.plugin_versions(registry, choices),
         host=host_info(), autometa_version=__version__,
-        describe=lambda d: optuna_study.user_attrs.get("meta_features") or describe(d),  # computed once
+        describe=lambda d: optuna_study.user_attrs.get("meta_features") or meta_features(),  # computed once
     )
     try:
         cache: dict[int, tuple[float, MetaAlgorithm]] = {}
@@ -635,17 +728,18 @@ def search(
                 _optimize_here(optuna_study, runner, remaining, timeout, registry, choices, progress, say, db)
 
         leaderboard = _leaderboard(optuna_study, split, registry, choices, top_k, steps, eval_every, cache, say)
-        majority = majority_baseline(split.test)
+        plain = baselines(split)
         optuna_study.set_user_attr("leaderboard", [e.as_dict() for e in leaderboard])
-        optuna_study.set_user_attr("majority_baseline", {"test_accuracy": majority.mean, "test_ci95": majority.ci95})
-        schema.record_finalists(db, name, [e.as_dict() for e in leaderboard])
+        optuna_study.set_user_attr("baselines", [b.as_dict() for b in plain])
+        optuna_study.set_user_attr("test_warnings", caveats(split))
+        schema.record_finalists(db, name, [e.as_dict() for e in leaderboard], [b.as_dict() for b in plain])
         model_path = None
         if output is not None and leaderboard:
             best = leaderboard[0]
             model_path = save_model(
                 Path(output) / folder_name(name), best.algorithm, best.config, split, registry=registry, study=name,
                 label=dataset.label_column, image_size=image_size,
-                scores={"validation": best.validation, "test": best.test.mean, "test_ci95": best.test.ci95, "trial": best.trial},
+                scores={"validation": best.validation, **best.test.as_dict(), "trial": best.trial},
             )
             optuna_study.set_user_attr("model_path", str(model_path.resolve()))
             say(f"best model (trial {best.trial}) saved to {model_path}; use it with `autometa predict {model_path} DATA`")
@@ -657,7 +751,7 @@ def search(
         raise
     schema.end_search(db, search_id, "finished")
     checkpoint(db)
-    return SearchResult(optuna_study, dataset, split, leaderboard, majority, max(0, remaining), model_path)
+    return SearchResult(optuna_study, dataset, split, leaderboard, plain, max(0, remaining), model_path)
 
 
 def _check_output_folder(folder: Path) -> None:
@@ -676,31 +770,65 @@ def finished_trials(name: str, storage: optuna.storages.BaseStorage) -> int:
     return budget_used(optuna.load_study(study_name=name, storage=storage), running=False)
 
 
-def _check_resume(study: optuna.Study, dataset: Dataset, split: Split, choices: dict, name: str, spec: SearchSpec) -> None:
+def _check_resume(study: optuna.Study, dataset: Dataset, name: str, spec: SearchSpec, meta_features) -> None:
+    """Record a new study's settings; refuse to go on with an existing one searched on other
+    data or settings (its trials would be ranked against another split's validation rows)."""
     attrs = study.user_attrs
     if "fingerprint" not in attrs:
         study.set_user_attr("spec", spec.to_json())  # for `autometa worker` on other machines
         study.set_user_attr("fingerprint", dataset.fingerprint)
         study.set_user_attr("dataset", dataset.name)
         study.set_user_attr("label", dataset.label_column)
-        study.set_user_attr("protocol", split.protocol)
-        study.set_user_attr("columns", {c.name: c.modality for c in dataset.columns})
-        study.set_user_attr("choices", choices)
+        study.set_user_attr("protocol", spec.protocol)
+        study.set_user_attr("columns", spec.columns)
+        study.set_user_attr("choices", spec.choices)
         study.set_user_attr("autometa_version", __version__)
         study.set_user_attr("host", host_info())
-        study.set_user_attr("meta_features", describe(dataset))
+        study.set_user_attr("meta_features", meta_features())
         return
     if attrs["fingerprint"] != dataset.fingerprint:
         raise SearchError(
             f"study {name!r} was created for other data (fingerprint {attrs['fingerprint'][:10]}); "
-            "pass a different --study name"
+            "drop --study to open this data's own study, or pass a new --study name"
         )
-    if attrs.get("choices") != choices:
+    try:
+        stored = SearchSpec.from_json(attrs["spec"]).settings()
+    except (KeyError, TypeError):
+        stored = {"choices": attrs.get("choices")}  # a study from before its settings were stored
+    stored, current = _flat_settings(stored), _flat_settings(spec.settings())
+    differing = [key for key in sorted(set(stored) | set(current)) if stored.get(key) != current.get(key)]
+    if differing:
         raise SearchError(
-            f"study {name!r} was started with other plugins installed ({attrs.get('choices')}); "
-            "Optuna cannot change a study's choices, so pass a new --study name to search with the current ones"
+            f"study {name!r} was created with other settings ("
+            + "; ".join(f"{_setting(key)} {_shown_setting(stored.get(key))}, now {_shown_setting(current.get(key))}"
+                        for key in differing)
+            + "); drop --study to search these settings in a study of their own, or pass a new --study name"
         )
-    study.set_user_attr("spec", spec.to_json())  # the latest budget, for `autometa worker`
+    study.set_user_attr("spec", spec.to_json())  # the latest budget and data path, for `autometa worker`
+
+
+def _flat_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings with each component's choices as a setting of its own, so a refusal names it."""
+    choices = settings.get("choices") or {}
+    return {**{k: v for k, v in settings.items() if k != "choices"}, **{f"choices.{k}": v for k, v in choices.items()}}
+
+
+def _setting(key: str) -> str:
+    if key.startswith("choices."):
+        what = key.split(".", 1)[1]
+        option = f"--encoder {what.split('.', 1)[1]}=" if what.startswith("encoder.") else "--" + what.replace("_", "-")
+        return f"{option} choices"
+    return {"columns": "column types"}.get(key, "--" + key.replace("_", "-"))
+
+
+def _shown_setting(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "/".join(map(str, value))
+    return str(value)
 
 
 def _trial_line(frozen: optuna.trial.FrozenTrial, registry: Registry, choices: dict) -> str:
@@ -822,7 +950,7 @@ def _leaderboard(study, split, registry, choices, top_k, steps, eval_every, cach
                 config, split, seed=t.user_attrs.get("seed", t.number), steps=t.user_attrs.get("steps", steps),
                 eval_every=eval_every, registry=registry,
             )
-        test = evaluate(algorithm, split.test)
+        test = evaluate(algorithm, split.test, score_unit(split))
         parameters = count_parameters(algorithm)
         entries.append(LeaderboardEntry(rank, t.number, config, t.value, test, parameters, algorithm))
     return entries

@@ -12,7 +12,6 @@ same validation tasks and test tasks are only used for the final report.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -25,7 +24,6 @@ from autometa.features import Features, Preprocessor
 
 PROTOCOLS = ("fewshot", "grouped", "standard")
 FEWSHOT_MIN_CLASSES = 20
-logger = logging.getLogger("autometa.tasks")
 
 
 @dataclass
@@ -68,6 +66,7 @@ class TrainingPool:
     rows: np.ndarray  # training rows
     sources: list[dict[int, np.ndarray]]  # per group (or one): class -> rows
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    protocol: str | None = None  # names the fix when episodes cannot be drawn
 
     def __post_init__(self):
         self.classes = np.unique(self.labels.cpu().numpy()[self.rows])
@@ -91,9 +90,16 @@ class TrainingPool:
             for n_query in range(queries, 0, -1):
                 if self._eligible(n_way, shots + n_query):
                     return n_way, shots, n_query
+        if self.protocol != "standard":
+            raise ProtocolError(
+                f"no training source has 2 classes with {shots + 1}+ examples for {shots}-shot episodes; "
+                "lower --shots or use --protocol standard"
+            )
+        second = sorted(len(r) for r in self.sources[0].values())[-2]  # the 2nd largest training class
+        lower = f"lower --shots to {second - 1} or less, or " if second >= 2 else ""
         raise ProtocolError(
-            f"no training source has 2 classes with {shots + 1}+ examples for {shots}-shot episodes; "
-            "lower --shots or use --protocol standard"
+            f"episodic learners need 2 training classes with {shots + 1}+ rows for {shots}-shot episodes, and the "
+            f"second largest has {second}; {lower}search only learners that train on rows (--meta-algorithm finetune)"
         )
 
     def _eligible(self, n_way: int, need: int) -> list[list[int]]:
@@ -158,6 +164,7 @@ class Split:
     classes: list[str] = field(default_factory=list)
     preprocessor: Preprocessor | None = None
     dataset: Dataset | None = None  # kept for inputs encoders derive on first use
+    notes: list[str] = field(default_factory=list)  # what the split left out or cut down, and why
 
     def describe(self) -> str:
         sizes = ", ".join(f"{k} {len(v)} rows" for k, v in self.row_splits.items())
@@ -170,7 +177,7 @@ class Split:
             extra += f" | {self.shots} support rows per class in held-out groups"
         return (
             f"protocol {self.protocol}: {sizes}{extra}; {len(self.validation)} validation and "
-            f"{len(self.test)} test tasks"
+            f"{len(self.test)} test tasks" + "".join(f"\n  note: {note}" for note in self.notes)
         )
 
 
@@ -238,7 +245,7 @@ def _standard(dataset, labels, classes, seed, device, shots, queries, derived) -
     train, val, test = _stratified_rows(labels, np.random.default_rng(seed))
     preprocessor, features = _features(dataset, train, derived, device)
     y = torch.as_tensor(labels, device=device)
-    pool = TrainingPool(features, y, train, [_by_class(train, labels)], device)
+    pool = TrainingPool(features, y, train, [_by_class(train, labels)], device, "standard")
     n = len(classes)
 
     def task(query_rows: np.ndarray) -> Task:
@@ -268,10 +275,11 @@ def _stratified_rows(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.n
 def _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, n_val, n_test, derived) -> Split:
     counts = np.bincount(labels, minlength=len(classes))
     usable = np.flatnonzero(counts >= shots + 1)
+    notes = []
     if len(usable) < len(classes):
-        logger.warning(
-            "%d of %d classes have fewer than %d examples and are left out of %d-shot episodes",
-            len(classes) - len(usable), len(classes), shots + 1, shots,
+        notes.append(
+            f"{len(classes) - len(usable)} of {len(classes)} classes ({int(counts.sum() - counts[usable].sum())} rows) "
+            f"have fewer than {shots + 1} rows and are left out of {shots}-shot episodes"
         )
     if len(usable) < 3 * ways:
         raise ProtocolError(
@@ -290,12 +298,19 @@ def _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, n_val,
     }
     preprocessor, features = _features(dataset, split_rows["train"], derived, device)
     y = torch.as_tensor(labels, device=device)
-    pool = TrainingPool(features, y, split_rows["train"], [_by_class(split_rows["train"], labels)], device)
+    pool = TrainingPool(features, y, split_rows["train"], [_by_class(split_rows["train"], labels)], device, "fewshot")
 
     def draw(name: str, count: int, offset: int) -> list[Task]:
         by_class = _by_class(split_rows[name], labels)
-        q = min(queries, min(len(r) for r in by_class.values()) - shots)
-        sampler = TrainingPool(features, y, split_rows[name], [by_class], device)
+        smallest = min(by_class, key=lambda c: (len(by_class[c]), c))
+        q = min(queries, len(by_class[smallest]) - shots)
+        if q < queries:
+            # Every task of a split has one shape, so its smallest class caps them all.
+            notes.append(
+                f"{name} tasks have {q} queries per class instead of {queries}: {name} class "
+                f"{classes[smallest]!r} has only {len(by_class[smallest])} rows ({shots} of them support)"
+            )
+        sampler = TrainingPool(features, y, split_rows[name], [by_class], device, "fewshot")
         batch = sampler.episodes(count, ways, shots, q, np.random.default_rng([rng.integers(2**31), offset]))
         return [
             Task(features, batch.support[i], batch.support_y[i], batch.query[i], batch.query_y[i], batch.n_way)
@@ -310,7 +325,7 @@ def _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, n_val,
             for name, cls in (("train", train_classes), ("validation", val_classes), ("test", test_classes))
         },
         ways=ways, shots=shots, queries=int(validation[0].query.numel() // ways), classes=classes,
-        preprocessor=preprocessor,
+        preprocessor=preprocessor, notes=notes,
     )
 
 
@@ -330,15 +345,18 @@ def _grouped(dataset, labels, classes, rng, device, ways, shots, queries, derive
     preprocessor, features = _features(dataset, split_rows["train"], derived, device)
     y = torch.as_tensor(labels, device=device)
     sources = [_by_class(rows[groups == g], labels) for g in split_groups["train"]]
-    pool = TrainingPool(features, y, split_rows["train"], sources, device)
+    pool = TrainingPool(features, y, split_rows["train"], sources, device, "grouped")
+    notes = []
 
     def held_out(name: str) -> list[Task]:
-        tasks = []
+        tasks, unscored_groups, small = [], [], Counter()
         for g in split_groups[name]:
-            by_class = {c: r for c, r in _by_class(rows[groups == g], labels).items() if len(r) >= shots + 1}
+            every = _by_class(rows[groups == g], labels)
+            by_class = {c: r for c, r in every.items() if len(r) >= shots + 1}
             if len(by_class) < 2:
-                logger.warning("group %r has fewer than 2 classes with %d+ rows; it is not scored", g, shots + 1)
+                unscored_groups.append(g)
                 continue
+            small.update(classes=len(every) - len(by_class), rows=sum(len(r) for c, r in every.items() if c not in by_class))
             support, query, sy, qy = [], [], [], []
             for local, (c, r) in enumerate(sorted(by_class.items())):
                 r = rng.permutation(r)
@@ -351,10 +369,20 @@ def _grouped(dataset, labels, classes, rng, device, ways, shots, queries, derive
             raise ProtocolError(
                 f"{dataset.path}: no {name} group has 2 classes with {shots + 1}+ rows; lower --shots"
             )
+        if small["classes"]:
+            notes.append(
+                f"{name} groups: {small['classes']} class(es) with fewer than {shots + 1} rows in their group "
+                f"({small['rows']} rows) are not scored"
+            )
+        if unscored_groups:
+            notes.append(
+                f"{len(unscored_groups)} {name} group(s) without 2 classes of {shots + 1}+ rows are not scored: "
+                + ", ".join(map(repr, unscored_groups[:5])) + (", …" if len(unscored_groups) > 5 else "")
+            )
         return tasks
 
     validation, test = held_out("validation"), held_out("test")
     return Split(
         "grouped", pool, validation, test, split_rows, group_splits=split_groups,
-        ways=ways, shots=shots, queries=queries, classes=classes, preprocessor=preprocessor,
+        ways=ways, shots=shots, queries=queries, classes=classes, preprocessor=preprocessor, notes=notes,
     )

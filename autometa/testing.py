@@ -38,7 +38,7 @@ A failed check raises AssertionError that names the component and the property, 
   per-task parameters, outputs and second-order (MAML-style) gradients equal a loop over tasks,
   and ``randomness="different"`` works. A component that cannot support this sets the class
   attribute ``supports_vmap = False``; the check is then skipped (functional_call still
-  applies) and gradient-based meta-algorithms should not vectorise over it.
+  applies) and the built-in gradient-based meta-algorithms loop over tasks for it.
 - meta-algorithms also: ``setup``, ``modules`` (covers every backbone parameter, as it is what
   gets saved), ``train_step`` (returns a finite float), ``predict`` (leaves the trained state
   unchanged; works for a new n_way, and for a ``same_classes_as_training`` task when

@@ -414,13 +414,23 @@ def similar(data, label_column: str, *, db: str | None, prior: str | Path | None
 
 def seed_study(study: optuna.Study, meta_features: Mapping[str, Any], registry, choices: Mapping[str, list[str]], *,
                db: str | None, prior: str | Path | None = PRIOR_PATH, k: int = DEFAULT_K, configs: int = DEFAULT_CONFIGS,
-               say=print) -> int:
+               say=print, fingerprint: str | None = None) -> int:
     """Enqueue the warm-start configurations as ``study``'s next trials, say which and from
-    where, and return how many were enqueued."""
+    where, and return how many were enqueued.
+
+    Searches of the same data (``fingerprint``) are left out: their configurations were chosen
+    on validation rows that may be this split's test rows (another seed or protocol).
+    """
     if prior is not None and Path(prior) == PRIOR_PATH and not PRIOR_PATH.is_file():
         say(f"warm start: the shipped prior is missing ({PRIOR_PATH}); using this database only")
         prior = None
     experiences = gather(db, prior, exclude_study=study.study_name)
+    same = [e for e in experiences if fingerprint is not None and e.fingerprint == fingerprint]
+    if same:
+        where = ", ".join(repr(e.study) if e.study else f"{e.name} (prior)" for e in same)
+        say(f"warm start: left out {len(same)} earlier search(es) of this same data ({where}): their "
+            "configurations were chosen on rows that may be this search's test rows")
+        experiences = [e for e in experiences if e.fingerprint != fingerprint]
     if not experiences:
         say("warm start: no searched dataset to learn from yet")
         return 0

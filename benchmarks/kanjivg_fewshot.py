@@ -3,8 +3,8 @@
 Builds (or reuses from the cache folder) a KanjiVG set, splits its characters into disjoint
 train / validation / test classes (autometa's fewshot protocol, 60/20/20), and for each
 meta-algorithm meta-trains a conv4 image model with fixed hyperparameters — no search —
-for 5-way 1-shot and 5-way 5-shot episodes. Prints test accuracy ± 95% CI over the test
-episodes side by side, with timings.
+for 5-way 1-shot and 5-way 5-shot episodes. Prints test accuracy with its 95% CI over the
+test episodes side by side, with timings.
 
     pip install "autometa[kanjivg]"
     python benchmarks/kanjivg_fewshot.py [--classes 1000] [--instances 20] [--steps N]
@@ -29,7 +29,7 @@ import torch
 
 from autometa.data import load_dataset
 from autometa.datasets.kanjivg import write_kanjivg
-from autometa.evaluation import evaluate
+from autometa.evaluation import evaluate, format_score
 from autometa.plugins import get_registry
 from autometa.study import Config, train
 from autometa.tasks import make_split
@@ -141,7 +141,7 @@ def main() -> None:
             test = evaluate(algorithm, split.test)
             t2 = time.perf_counter()
             results[name][shots] = {
-                "steps": steps, "validation": validation.mean, "test": test.mean, "ci95": test.ci95,
+                "steps": steps, "validation": validation.mean, "test": test.mean, "ci95": [test.low, test.high],
                 "test_tasks": test.n, "train_s": t1 - t0, "s_per_step": (t1 - t0) / steps,
                 "cpu_s_per_step": (cpu1 - cpu0) / steps, "test_s": t2 - t1,
                 "hyperparameters": config.meta_params,
@@ -154,15 +154,15 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     sizes = ", ".join(f"{k} {len(v)}" for k, v in split.class_splits.items())
     print(f"\nKanjiVG rendered glyphs, {args.classes} classes × {args.instances} ({args.size}×{args.size}); classes "
-          f"{sizes}; conv4, {args.queries} queries per class; test accuracy ± 95% CI over {args.test_tasks} "
-          f"test episodes; chance {100 / args.ways:.0f}%; {elapsed / 60:.1f} min in all")
+          f"{sizes}; conv4, {args.queries} queries per class; test accuracy [95% CI, Student's t] over "
+          f"{args.test_tasks} test episodes; chance {100 / args.ways:.0f}%; {elapsed / 60:.1f} min in all")
     settings = [f"{args.ways}-way {s}-shot" for s in args.shots]
     print("| algorithm | steps | " + " | ".join(settings) + " | ms/step (" + " / ".join(f"{s}-shot" for s in args.shots)
           + ") | train + test time |")
     print("|---|---|" + "---|" * len(settings) + "---|---|")
     for name in algorithms:
         runs = [results[name][s] for s in args.shots]
-        cells = [f"{100 * r['test']:.1f} ± {100 * r['ci95']:.1f}" for r in runs]
+        cells = [format_score(r["test"], *r["ci95"]) for r in runs]
         per_step = " / ".join(f"{1000 * r['s_per_step']:.0f}" for r in runs)
         total = sum(r["train_s"] + r["test_s"] for r in runs)
         print(f"| {name} | {runs[0]['steps']} | " + " | ".join(cells) + f" | {per_step} | {total / 60:.1f} min |")

@@ -175,7 +175,7 @@ def main() -> None:
 
     from autometa.data import load_dataset
     from autometa.knowledge import collection_entries, export
-    from autometa.study import study_name_for
+    from autometa.study import study_name
 
     args.work.mkdir(parents=True, exist_ok=True)
     kb = f"sqlite:///{args.work / 'kb.db'}"
@@ -200,7 +200,8 @@ def main() -> None:
                                                        args.work / f"prior-without-{d.name}.json"))
             for entry, d in zip(entries, datasets)
         ]
-        colds = [optuna.load_study(study_name=study_name_for(d, "standard"), storage=kb) for d in datasets]
+        colds = [optuna.load_study(study_name=study_name(d, d.label_column, protocol="standard", trials=args.trials,
+                                                         seed=args.seed, **options), storage=kb) for d in datasets]
         spreads = [pool.submit(seed_spread, entry, cold.best_params, cold.user_attrs["choices"], args.seed, args.seeds,
                                options) for entry, cold in zip(entries, colds)]
         rows = []

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from optuna.trial import TrialState
 from torch import nn
 
+from autometa.components import InputSpec
 from autometa.features import Features
 from autometa.tasks import TrainingPool
 
@@ -73,6 +74,13 @@ def run_sequential(net: nn.Sequential, prefix: str, params: dict[str, torch.Tens
     return x
 
 
+def prototype_head(features: torch.Tensor, y: torch.Tensor, n_way: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head the gradient learners (but ANIL) start a task at: w_k = 2 c_k, b_k = -|c_k|², c_k
+    the mean feature of class k (logits = |x|² - |x - c_k|²), by hand."""
+    means = torch.stack([features[y == k].mean(0) for k in range(n_way)])
+    return 2 * means, -(means * means).sum(1)
+
+
 def training_pool(features: Features, labels: torch.Tensor) -> TrainingPool:
     """Every row of ``features`` as one training pool, grouped by its label."""
     rows = np.arange(len(labels))
@@ -112,6 +120,24 @@ def open_storages_together(db: str, processes: int = 4) -> list[str]:
     for p in started:
         p.join(60)
     return [outcomes.get(timeout=5) for _ in started]
+
+
+def hidden_clusters(n_classes: int = 16, per_class: int = 10, informative: int = 2, noise: int = 10, seed: int = 0):
+    """``n_classes`` class clusters in 2 informative dimensions, hidden among 10 louder noise dimensions: a
+    random body's features are dominated by the noise, so a few shots barely beat chance until
+    meta-training teaches the body where to look."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_classes, informative, generator=gen)
+    labels = torch.arange(n_classes).repeat_interleave(per_class)
+    signal = centres[labels] + 0.1 * torch.randn(len(labels), informative, generator=gen)
+    x = torch.cat([signal, torch.randn(len(labels), noise, generator=gen)], dim=1)
+    return Features({"tabular": x}, {"tabular": InputSpec("tabular", (informative + noise,))}), labels
+
+
+def class_pool(features: Features, labels: torch.Tensor, classes: range) -> TrainingPool:
+    rows = np.arange(len(labels))
+    keep = np.isin(labels.numpy(), list(classes))
+    return TrainingPool(features, labels, rows[keep], [{c: rows[labels.numpy() == c] for c in classes}])
 
 
 def requires(distribution_name: str, extra: str):

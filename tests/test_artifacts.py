@@ -179,6 +179,8 @@ def test_saved_model_is_listed_by_the_query_command(standard):
     rows = json.loads(run.output)
     assert [r["model_path"] for r in rows] == [str(result.model_path.resolve())]
     assert rows[0]["best_test"] == pytest.approx(result.best.test.mean)
+    assert (rows[0]["best_test_low"], rows[0]["best_test_high"], rows[0]["best_test_unit"]) == (
+        pytest.approx(result.best.test.low), pytest.approx(result.best.test.high), "rows")
     table = CliRunner().invoke(cli, ["db", "studies", "--db", url])
     assert table.exit_code == 0 and result.study.study_name in table.output and "complete" in table.output
     csv_out = CliRunner().invoke(cli, ["db", "studies", "--db", url, "--format", "csv"])

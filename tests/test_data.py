@@ -370,6 +370,9 @@ def test_empty_label_column_and_dropped_unlabelled_rows(tmp_path):
     ds = load_dataset(write_csv(tmp_path / "u.csv", frame), "y")
     assert ds.labels.tolist() == ["a", "b", "a", "b"]
     assert ds.frame["x"].tolist() == [0.0, 2.0, 3.0, 5.0]
+    assert ds.unlabelled == 2
+    assert ds.summary() == "u: 4 rows (2 more without a label left out), 2 classes of 'y'; tabular: x"
+    assert "without a label" not in load_dataset(write_csv(tmp_path / "v.csv", simple_frame()), "y").summary()
 
 
 def test_all_nan_feature_column_suggests_ignore(tmp_path):

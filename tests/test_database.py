@@ -142,6 +142,11 @@ def test_upgrade_from_0_1_keeps_every_optuna_row_and_fills_the_tables(old_db):
         (1, 0.5), (2, 0.5833333333333334), (3, 0.4166666666666667)]
     assert facts[(TABULAR, 0)].test_ci95 == pytest.approx(0.2954811176862084)
     assert facts[(TABULAR, 0)].test_units == 12
+    # Version 2 keeps the interval 0.1 reported (mean ± its half-width), with its unit.
+    assert (facts[(TABULAR, 0)].test_low, facts[(TABULAR, 0)].test_high) == pytest.approx((0.5 - 0.2954811176862084,
+                                                                                            0.5 + 0.2954811176862084))
+    assert {f.test_unit for f in facts.values() if f.test_mean is not None} == {"rows"}
+    assert all(f.test_low is None for f in facts.values() if f.test_mean is None)
 
 
 def test_ensure_is_idempotent(old_db):
@@ -180,7 +185,8 @@ def test_a_newer_schema_is_refused_and_the_file_left_byte_identical(old_db):
     connection.commit()
     connection.close()
     digest = sha256(old_db)
-    with pytest.raises(SearchError, match=r"newer autometa \(autometa schema version 2, this one knows 1\).*not changed"):
+    newer, known = schema.SCHEMA_VERSION + 1, schema.SCHEMA_VERSION
+    with pytest.raises(SearchError, match=rf"newer autometa \(autometa schema version {newer}, this one knows {known}\).*not changed"):
         schema.ensure(schema.engine_for(url(old_db)))
     run = CliRunner().invoke(cli, ["db", "upgrade", "--db", url(old_db)])
     assert run.exit_code == 1 and "newer autometa" in run.output
@@ -192,12 +198,39 @@ def test_a_newer_schema_is_refused_and_the_file_left_byte_identical(old_db):
 def test_db_upgrade_command(old_db, tmp_path):
     run = CliRunner().invoke(cli, ["db", "upgrade", "--db", url(old_db)])
     assert run.exit_code == 0, run.output
-    assert "version 0 → 1" in run.output
+    assert "version 0 → 2" in run.output
     assert "already current" in CliRunner().invoke(cli, ["db", "upgrade", "--db", url(old_db)]).output
     missing = tmp_path / "nothere.db"
     run = CliRunner().invoke(cli, ["db", "upgrade", "--db", url(missing)])
     assert run.exit_code == 1 and "no study database at" in run.output and "--db" in run.output
     assert not missing.exists()
+
+
+def test_upgrade_from_version_1_adds_intervals_and_baselines(old_db):
+    """A version-1 database (the 0.1 fixture upgraded, then put back into version 1's layout)."""
+    schema.ensure(schema.engine_for(url(old_db)))
+    connection = sqlite3.connect(old_db)
+    for column in ("test_low", "test_high", "test_unit"):
+        connection.execute(f"ALTER TABLE autometa_trial_facts DROP COLUMN {column}")
+    connection.execute("DROP TABLE autometa_baselines")
+    connection.execute("UPDATE autometa_schema SET version = 1")
+    connection.commit()
+    connection.close()
+    before = table_contents(old_db)
+    run = CliRunner().invoke(cli, ["db", "upgrade", "--db", url(old_db)])
+    assert run.exit_code == 0 and "version 1 → 2" in run.output, run.output
+    after = table_contents(old_db)
+    assert {n: rows for n, rows in after.items() if n not in AUTOMETA_TABLES} == {
+        n: rows for n, rows in before.items() if n not in AUTOMETA_TABLES}
+    assert after["autometa_baselines"] == [] and after["autometa_schema"][0][0] == 2
+    engine = schema.engine_for(url(old_db))
+    with engine.connect() as connection:
+        facts = {(r.study, r.number): r for r in connection.execute(select(schema.trial_facts))}
+    engine.dispose()
+    first = facts[(TABULAR, 0)]
+    assert (first.test_mean, first.test_units, first.test_unit) == (0.5, 12, "rows")
+    assert (first.test_low, first.test_high) == pytest.approx((0.5 - 0.2954811176862084, 0.5 + 0.2954811176862084))
+    assert sum(f.test_low is not None for f in facts.values()) == 6  # every finalist of both studies
 
 
 # --- what a search records --------------------------------------------------------------------
@@ -214,7 +247,11 @@ def test_search_records_dataset_search_and_trial_facts(tmp_path):
         [run] = connection.execute(select(schema.searches)).all()
         facts = {r.number: r for r in connection.execute(select(schema.trial_facts))}
     assert stored.fingerprint == dataset.fingerprint and stored.source == str(data.resolve())
-    assert stored.meta_features == pytest.approx(describe(dataset))
+    # Described from the training rows only: warm start seeds the search from these.
+    train = result.split.row_splits["train"]
+    assert stored.meta_features == pytest.approx(describe(dataset.subset(train)))
+    assert stored.meta_features["rows"] == len(train) < len(dataset)
+    assert result.study.user_attrs["meta_features"] == stored.meta_features
     assert (run.study, run.protocol, run.budget, run.seed, run.status) == (result.study.study_name, "standard", 2, 3, "finished")
     assert json.loads(run.host)["pid"] == os.getpid()
     assert run.started_at <= run.ended_at
@@ -228,8 +265,18 @@ def test_search_records_dataset_search_and_trial_facts(tmp_path):
         assert facts[t.number].parameters == t.user_attrs["parameters"] > 0
     for entry in result.leaderboard:
         fact = facts[entry.trial]
-        assert (fact.finalist_rank, fact.test_mean, fact.test_ci95, fact.test_units) == (
-            entry.rank, entry.test.mean, entry.test.ci95, entry.test.n)
+        assert (fact.finalist_rank, fact.test_mean, fact.test_low, fact.test_high, fact.test_units, fact.test_unit) == (
+            entry.rank, entry.test.mean, entry.test.low, entry.test.high, entry.test.n, "rows")
+        assert fact.test_ci95 is None  # version 1's half-width: an interval is [low, high] now
+    with engine.connect() as connection:
+        stored_baselines = schema.stored_baselines(connection, result.study.study_name)
+    assert [(b["kind"], b["label"], b["test_mean"], b["test_low"], b["test_high"], b["test_units"], b["test_unit"])
+            for b in stored_baselines] == [(b.kind, b.label, b.score.mean, b.score.low, b.score.high, b.score.n, "rows")
+                                           for b in result.baselines]
+    board = queries.leaderboard(db, result.study.study_name)
+    assert [r["configuration"] for r in board[-2:]] == [
+        "baseline: majority class of the training rows", "baseline: logistic regression on the preprocessed inputs"]
+    assert board[-1]["test_mean"] == result.baselines[1].score.mean and board[-1]["rank"] is None
 
     # A search killed without a word (its process gone) is marked interrupted by the next one.
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -331,19 +378,26 @@ def test_db_trials_and_leaderboard(upgraded):
     ]
     assert rows[0]["value"] == pytest.approx(5 / 12) and rows[0]["parameters"] == 8835
     board = json.loads(invoke("db", "leaderboard", TABULAR, "--db", url(upgraded), "--format", "json"))
-    assert [(r["rank"], r["trial"], r["test_mean"], r["test_units"]) for r in board] == [
-        (1, 0, 0.5, 12), (2, 2, 0.5833333333333334, 12), (3, 1, 0.4166666666666667, 12)]
+    assert [(r["rank"], r["trial"], r["test_mean"], r["test_units"], r["test_unit"]) for r in board] == [
+        (1, 0, 0.5, 12, "rows"), (2, 2, 0.5833333333333334, 12, "rows"), (3, 1, 0.4166666666666667, 12, "rows"),
+        (None, None, pytest.approx(1 / 3), None, None)]
     assert board[0]["configuration"] == "finetune + concat [tabular=mlp]"
-    assert "50.0%" in invoke("db", "leaderboard", TABULAR, "--db", url(upgraded)).splitlines()[1]
+    # 0.1 stored only this baseline; it is shown under the name it had.
+    assert board[3]["configuration"] == "baseline: majority class of the support set"
+    assert (board[0]["test_low"], board[0]["test_high"]) == pytest.approx((0.2045188823137916, 0.7954811176862084))
+    table = invoke("db", "leaderboard", TABULAR, "--db", url(upgraded)).splitlines()
+    assert table[0].split() == ["rank", "trial", "validation", "test_mean", "test_low", "test_high", "test_units",
+                                "test_unit", "parameters", "configuration"]
+    assert table[1].split()[3:8] == ["50.0%", "20.5%", "79.5%", "12", "rows"]
 
 
 def test_queries_on_a_0_1_database_read_its_attributes_and_never_write(old_db):
     digest = sha256(old_db)
     [row] = [r for r in queries.studies(url(old_db)) if r["study"] == MIXED]
-    assert (row["trials"], row["status"], row["best_test"]) == (3, None, 0.5)
+    assert (row["trials"], row["status"], row["best_test"], row["best_test_unit"]) == (3, None, 0.5, None)
     board = queries.leaderboard(url(old_db), TABULAR)
-    assert [(r["rank"], r["trial"], r["test_mean"]) for r in board] == [(1, 0, 0.5), (2, 2, 0.5833333333333334),
-                                                                        (3, 1, 0.4166666666666667)]
+    assert [(r["rank"], r["trial"], r["test_mean"]) for r in board] == [
+        (1, 0, 0.5), (2, 2, 0.5833333333333334), (3, 1, 0.4166666666666667), (None, None, pytest.approx(1 / 3))]
     assert queries.trials(url(old_db), TABULAR)[0]["wall_time_s"] == 1.4200235419993987
     with pytest.raises(SearchError, match=r"no autometa tables \(written by autometa 0.1\); `autometa db upgrade"):
         queries.datasets(url(old_db))
@@ -423,7 +477,7 @@ def test_sql_reads_joining_autometa_and_optuna_tables(upgraded):
     assert [c["name"] for c in columns][:3] == ["id", "study", "dataset_id"]
     assert queries.sql(url(upgraded), "SELECT 'a;b' AS text;")[0] == [{"text": "a;b"}]
     csv_lines = invoke("db", "sql", "SELECT version FROM autometa_schema", "--db", url(upgraded), "--format", "csv").splitlines()
-    assert csv_lines == ["version", "1"]
+    assert csv_lines == ["version", str(schema.SCHEMA_VERSION)]
     run = CliRunner().invoke(cli, ["db", "sql", "SELECT number FROM trials", "--db", url(upgraded), "--limit", "2"])
     assert run.exit_code == 0 and "only the first 2 rows" in run.stderr and len(run.stdout.splitlines()) == 3
 

@@ -18,7 +18,7 @@ from autometa.tasks import Task
 from autometa_builtins.encoders import Conv4, Identity, TabularMLP
 from autometa_builtins.fusions import Concat
 from autometa_builtins.meta_algorithms import MAML, FineTune, ProtoNet, prototype_logits
-from helpers import run_sequential, training_pool
+from helpers import prototype_head, run_sequential, training_pool
 
 INNER_LR = 0.3
 INNER_STEPS = 2
@@ -29,6 +29,19 @@ ROWS_PER_CLASS, N_CLASSES = 5, 5
 # -- hand-written forward pass ------------------------------------------------------------------
 def reference_forward(backbone: Backbone, params: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """encoders ▶ concat, then the linear head ``params['head.weight'] / ['head.bias']``."""
+    return reference_embedding(backbone, params, inputs) @ params["head.weight"].T + params["head.bias"]
+
+
+def reference_start(backbone: Backbone, params: dict[str, torch.Tensor], x: dict[str, torch.Tensor], y: torch.Tensor,
+                    n_way: int) -> dict[str, torch.Tensor]:
+    """A task's fast weights before adaptation: clones of ``params`` (the inner gradients are
+    partial ones) and the head at the class means of the support's embeddings."""
+    weight, bias = prototype_head(reference_embedding(backbone, params, x), y, n_way)
+    return {**{k: v.clone() for k, v in params.items()}, "head.weight": weight, "head.bias": bias}
+
+
+def reference_embedding(backbone: Backbone, params: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """encoders ▶ concat, by hand."""
     assert isinstance(backbone.fusion, Concat)
     parts = []
     for modality in backbone.fusion.order:
@@ -37,8 +50,7 @@ def reference_forward(backbone: Backbone, params: dict[str, torch.Tensor], input
             parts.append(inputs[modality])
         else:
             parts.append(run_sequential(encoder.net, f"encoders.{modality}.net", params, inputs[modality]))
-    embedding = torch.cat(parts, dim=-1)
-    return embedding @ params["head.weight"].T + params["head.bias"]
+    return torch.cat(parts, dim=-1)
 
 
 def reference_meta_grads(alg: MAML, task: Task, *, first_order: bool) -> dict[str, torch.Tensor]:
@@ -50,10 +62,8 @@ def reference_meta_grads(alg: MAML, task: Task, *, first_order: bool) -> dict[st
     for t in range(task.support.shape[0]):
         support_x = {m: x[task.support[t]] for m, x in inputs.items()}
         query_x = {m: x[task.query[t]] for m, x in inputs.items()}
-        # Each task's head starts at zero (one row per class) and is adapted with the body.
-        fast = dict(leaves)
-        fast["head.weight"] = torch.zeros(task.n_way, backbone.out_dim, dtype=torch.float64, requires_grad=True)
-        fast["head.bias"] = torch.zeros(task.n_way, dtype=torch.float64, requires_grad=True)
+        # Each task's head starts at the support's class means and is adapted with the body.
+        fast = reference_start(backbone, leaves, support_x, task.support_y[t], task.n_way)
         for _ in range(INNER_STEPS):
             loss = F.cross_entropy(reference_forward(backbone, fast, support_x), task.support_y[t])
             keys = list(fast)
@@ -152,11 +162,8 @@ def test_maml_meta_loss_value_matches_reference():
     params = {name: p.detach() for name, p in alg.backbone.named_parameters()}
     losses = []
     for t in range(N_TASKS):
-        fast = dict(params)
-        fast["head.weight"] = torch.zeros(N_WAY, alg.backbone.out_dim, dtype=torch.float64)
-        fast["head.bias"] = torch.zeros(N_WAY, dtype=torch.float64)
-        fast = {k: v.clone().requires_grad_() for k, v in fast.items()}
         sx = {m: x[task.support[t]] for m, x in task.features.inputs.items()}
+        fast = {k: v.requires_grad_() for k, v in reference_start(alg.backbone, params, sx, task.support_y[t], N_WAY).items()}
         for _ in range(INNER_STEPS):
             keys = list(fast)
             grads = torch.autograd.grad(F.cross_entropy(reference_forward(alg.backbone, fast, sx), task.support_y[t]), [fast[k] for k in keys])
@@ -234,11 +241,12 @@ def test_maml_predict_adapts_to_support_set():
     unadapted = alg.adapt(params, task.support_inputs(), task.support_y, steps=0)
     with torch.no_grad():
         logits0 = alg._logits(unadapted, task.query_inputs())
-    # Each task's head starts at zero: without adaptation every class ties.
-    assert torch.equal(logits0, torch.zeros_like(logits0))
-    acc0 = (logits0.argmax(-1) == task.query_y).double().mean().item()
-    assert acc0 == 0.5
-    assert adapted_acc == 1.0 > acc0
+        support, queries = (backbone(task.support_inputs()), backbone(task.query_inputs()))
+    # Each task's head starts as the nearest-class-mean rule: |q|² - |q - c_k|².
+    expected = prototype_logits(support, task.support_y, queries, 2) + (queries**2).sum(-1, keepdim=True)
+    torch.testing.assert_close(logits0, expected, rtol=1e-5, atol=1e-5)
+    assert adapted_acc == 1.0
+    assert not torch.allclose(logits, logits0)  # three inner steps moved it
     # predict does not modify the meta-parameters.
     assert all(torch.equal(p, before[n]) for n, p in backbone.named_parameters())
 

@@ -207,6 +207,19 @@ def test_fewshot_queries_capped_by_smallest_class(fewshot_data):
     split = split_of(fewshot_data, "fewshot", ways=5, shots=5, queries=15)
     assert split.queries == 7
     assert all(t.query.shape == (35,) for t in split.validation)
+    assert "validation tasks have 7 queries per class instead of 15" in split.describe()
+
+
+def test_one_small_class_caps_its_split_and_says_so(tmp_path):
+    frame = pd.DataFrame({"x": np.arange(30 * 20 - 12, dtype=float),
+                          "y": [f"c{c:02d}" for c in range(29) for _ in range(20)] + ["small"] * 8})
+    dataset = load_dataset(_write(tmp_path, "small.csv", frame), "y")
+    assert split_of(dataset, "fewshot", ways=5, shots=5, queries=15).notes == []  # seed 0: 'small' trains
+    split = split_of(dataset, "fewshot", seed=1, ways=5, shots=5, queries=15)
+    assert "small" in split.class_splits["test"]
+    note = "test tasks have 3 queries per class instead of 15: test class 'small' has only 8 rows (5 of them support)"
+    assert split.notes == [note] and split.describe().endswith("\n  note: " + note)
+    assert all(t.query.shape == (15,) for t in split.test) and all(t.query.shape == (75,) for t in split.validation)
 
 
 def test_grouped_split_is_disjoint(grouped_data):
@@ -346,14 +359,22 @@ def test_training_episode_shape(protocol, fewshot_data, grouped_data, standard_d
     assert torch.equal(again.support, episode.support) and torch.equal(again.query, episode.query)
 
 
-def test_episode_shape_shrinks_to_what_sources_supply(standard_data):
+def test_episode_shape_shrinks_to_what_sources_supply(standard_data, tmp_path):
     pool = split_of(standard_data, "standard").pool  # 4 training classes of 18 rows
     assert pool.episode_shape(10, 5, 15) == (4, 5, 13)
     episode = pool.episodes(2, 10, 5, 15, np.random.default_rng(0))
     assert episode.n_way == 4
     assert episode.support.shape == (2, 20) and episode.query.shape == (2, 52)
-    with pytest.raises(ProtocolError, match=r"no training source has 2 classes with 19\+ examples for 18-shot episodes; lower --shots"):
+    # Already on the standard protocol: the fix is fewer shots or a learner that trains on rows.
+    with pytest.raises(ProtocolError) as raised:
         pool.episode_shape(4, 18, 1)
+    assert str(raised.value) == (
+        "episodic learners need 2 training classes with 19+ rows for 18-shot episodes, and the second largest has 18; "
+        "lower --shots to 17 or less, or search only learners that train on rows (--meta-algorithm finetune)")
+    grouped = split_of(group_dataset(tmp_path), "grouped", shots=5).pool
+    with pytest.raises(ProtocolError, match=r"no training source has 2 classes with 9\+ examples for 8-shot episodes; "
+                                            r"lower --shots or use --protocol standard$"):
+        grouped.episode_shape(2, 8, 1)
 
 
 def test_rows_batch_labels_are_local(fewshot_data):
@@ -394,6 +415,7 @@ def test_fewshot_counts_only_classes_with_enough_examples(tmp_path):
     split = make_split(ds, ways=4, shots=5, validation_tasks=2, test_tasks=2)
     used = np.concatenate(list(split.row_splits.values()))
     assert len(used) == 72  # the small classes are left out of every split
+    assert split.notes[0] == "13 of 25 classes (39 rows) have fewer than 6 rows and are left out of 5-shot episodes"
     assert all(label.startswith("big") for label in ds.labels[used])
 
 
@@ -424,6 +446,29 @@ def test_grouped_held_out_group_too_small(tmp_path):
         make_split(ds, "grouped", shots=5)
     split = make_split(ds, "grouped", shots=2)
     assert len(split.validation) == len(split.test) == 1
+    assert split.notes == []
+
+
+def test_grouped_says_which_classes_and_groups_go_unscored(tmp_path):
+    """In held-out groups a class needs shots + 1 rows to be scored; a group needs two such classes."""
+    rows = [(0.0, f"g{g}", f"k{c}") for g in range(10) for c in range(3) for _ in range(8)]
+    rows = [r for r in rows if not (r[1] in ("g0", "g1", "g2", "g3", "g4", "g5") and r[2] == "k2")]
+    rows += [(0.0, f"g{g}", "k2") for g in range(6) for _ in range(2)]  # k2: 2 rows in six groups
+    rows = [r for r in rows if not (r[1] == "g0" and r[2] == "k1")] + [(0.0, "g0", "k1")] * 2
+    ds = load_dataset(_write(tmp_path, "sites.csv", pd.DataFrame(rows, columns=["x", "site", "y"])), "y", group="site")
+    split = make_split(ds, "grouped", shots=5)
+    small = {name: [g for g in groups if int(g[1]) < 6] for name, groups in split.group_splits.items()}
+    expected = []
+    for name in ("validation", "test"):
+        lost = [g for g in small[name] if g != "g0"]  # g0 keeps one class of 6+ rows: not scored at all
+        if lost:
+            expected.append(f"{name} groups: {len(lost)} class(es) with fewer than 6 rows in their group "
+                            f"({2 * len(lost)} rows) are not scored")
+        if "g0" in small[name]:
+            expected.append(f"1 {name} group(s) without 2 classes of 6+ rows are not scored: 'g0'")
+    assert expected and split.notes == expected
+    for task in split.validation + split.test:
+        assert task.n_way in (2, 3)
 
 
 def test_standard_accepts_four_rows_per_class(tmp_path):

@@ -148,7 +148,8 @@ def test_every_section_has_content(searched):
     summary = page.text("summary")
     for fact in (study.user_attrs["fingerprint"], "standard", "4 complete, 0 pruned, 0 failed", "Best configuration"):
         assert fact in summary
-    assert "test tasks were used only for these finalists" in page.text("leaderboard").lower()
+    assert "test data was used only for these rows" in page.text("leaderboard").lower()
+    assert "over 12 test rows (wilson score interval)" in page.text("leaderboard").lower()
     assert page.table("dataset", "columns") == [["tabular", "2", "size, noise"], ["text", "1", "note"], ["label", "1", "y"]]
     assert "class_entropy" in page.text("dataset")
 
@@ -157,14 +158,20 @@ def test_leaderboard_matches_the_study(searched):
     page, study = searched["page"], searched["study"]
     stored = study.user_attrs["leaderboard"]
     rows = searched["page"].table("leaderboard", "leaderboard")
-    assert len(rows) == len(stored) + 1  # + the majority baseline
+    assert len(rows) == len(stored) + 2  # + the majority and linear baselines
     for row, entry in zip(rows, stored):
         assert row[0] == str(entry["rank"]) and row[1] == str(entry["trial"])
         assert row[2].startswith(f"{entry['meta_algorithm']} + {entry['fusion']}")
         assert row[3] == f"{100 * entry['validation_accuracy']:.1f}%"
-        assert row[4] == f"{100 * entry['test_accuracy']:.1f} ± {100 * entry['test_ci95']:.1f}%"
+        low, high = entry["test_ci95_low"], entry["test_ci95_high"]
+        assert row[4] == f"{100 * entry['test_accuracy']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
         assert row[5] == f"{entry['parameters']:,}"
-    assert "majority" in rows[-1][2]
+    baselines = study.user_attrs["baselines"]
+    assert [r[2] for r in rows[-2:]] == [f"baseline: {b['label']}" for b in baselines]
+    assert rows[-2][2] == "baseline: majority class of the training rows"
+    assert [r[4] for r in rows[-2:]] == [
+        f"{100 * b['test_accuracy']:.1f}% [{100 * b['test_ci95_low']:.1f}, {100 * b['test_ci95_high']:.1f}]"
+        for b in baselines]
     trials = page.table("trials", "trials")
     assert [r[0] for r in trials] == [str(t.number) for t in study.trials] and len(trials) == 4
     assert all(r[1] == "complete" and r[2].endswith("%") for r in trials)

@@ -3,6 +3,7 @@ failing plugins and the command line. Tiny data and few steps keep every search 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -62,14 +63,18 @@ def write_standard_csv(path: Path, per_class: int = 30, seed: int = 0, text: boo
     return path
 
 
-def ci95_of_hits(mean: float, n: int) -> float:
-    """1.96 · sample std / sqrt(n) for n Bernoulli units with the given mean."""
-    return 1.96 * math.sqrt(mean * (1 - mean) * n / (n - 1)) / math.sqrt(n)
+def wilson_by_hand(hits: int, n: int) -> tuple[float, float]:
+    """The Wilson score interval, from its textbook formula (z = the 97.5% normal quantile)."""
+    z, p = 1.959963984540054, hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
 
 
-def load(db: str, dataset_path: Path, protocol: str = "standard") -> optuna.Study:
-    dataset = load_dataset(dataset_path, "y")
-    return optuna.load_study(study_name=search_module.study_name_for(dataset, protocol), storage=db)
+def load(db: str, dataset_path: Path, **options) -> optuna.Study:
+    """The study ``search(dataset_path, "y", **options)`` opens (FAST's settings unless given)."""
+    name = search_module.study_name(dataset_path, "y", **{"steps": 20, "eval_every": 10, **options})
+    return optuna.load_study(study_name=name, storage=db)
 
 
 @pytest.fixture(scope="module")
@@ -109,17 +114,22 @@ def test_search_end_to_end_standard(first_search, standard_csv):
         assert entry.rank == rank
         score = entry.test
         assert 0.0 <= score.mean <= 1.0
-        assert score.n == n_test
-        assert score.ci95 > 0
-        # One test task: the units are query rows, so the CI is the Bernoulli one.
-        assert score.mean * n_test == pytest.approx(round(score.mean * n_test))
-        assert score.ci95 == pytest.approx(ci95_of_hits(score.mean, n_test), rel=1e-9)
+        assert score.n == n_test and score.unit == "rows"
+        # One test task: the interval is Wilson's over its query rows.
+        hits = round(score.mean * n_test)
+        assert score.mean * n_test == pytest.approx(hits)
+        assert (score.low, score.high) == pytest.approx(wilson_by_hand(hits, n_test), rel=1e-9)
+        assert score.low < score.mean < score.high
         assert entry.parameters > 0
     validations = [e.validation for e in result.leaderboard]
     assert validations == sorted(validations, reverse=True)
-    # Balanced classes: the support majority is a 3-way tie, broken towards the first class.
-    assert result.majority.mean == pytest.approx(1 / 3)
-    assert result.majority.ci95 == pytest.approx(ci95_of_hits(1 / 3, n_test))
+    # Balanced training rows: the majority is a 3-way tie, broken towards the first class.
+    majority, linear = result.baselines
+    assert (majority.kind, majority.label) == ("majority", "majority class of the training rows")
+    assert majority.score.mean == pytest.approx(1 / 3) and result.majority == majority.score
+    assert (majority.score.low, majority.score.high) == pytest.approx(wilson_by_hand(6, n_test))
+    assert (linear.kind, linear.label) == ("linear", "logistic regression on the preprocessed inputs")
+    assert linear.score.n == n_test and linear.score.unit == "rows"
 
     trials = first_search["trials"]
     assert len(trials) == 3
@@ -143,10 +153,16 @@ def test_search_end_to_end_standard(first_search, standard_csv):
     board = attrs["leaderboard"]
     assert [row["trial"] for row in board] == [e.trial for e in result.leaderboard]
     assert [row["test_accuracy"] for row in board] == [e.test.mean for e in result.leaderboard]
-    assert attrs["majority_baseline"]["test_accuracy"] == pytest.approx(1 / 3)
+    assert [(row["test_ci95_low"], row["test_ci95_high"], row["test_unit"]) for row in board] == [
+        (e.test.low, e.test.high, "rows") for e in result.leaderboard]
+    assert attrs["baselines"] == [b.as_dict() for b in result.baselines]
+    assert attrs["test_warnings"] == []
     text = result.format_leaderboard()
-    assert text.startswith("Leaderboard (standard protocol")
-    assert f"over {n_test} query rows" in text
+    assert text.startswith("Leaderboard (standard protocol): test accuracy [95% confidence interval] over 18 test rows "
+                           "(Wilson score interval)")
+    lo, hi = wilson_by_hand(6, n_test)
+    assert f"33.3% [{100 * lo:.1f}, {100 * hi:.1f}]  baseline: majority class of the training rows" in text
+    assert f"{linear.score}  baseline: logistic regression on the preprocessed inputs" in text
 
 
 def test_leaderboard_scores_reproduce_by_retraining(first_search):
@@ -219,6 +235,80 @@ def test_resume_adds_only_the_missing_trials(first_search, standard_csv, tmp_pat
     assert [row["trial"] for row in stored] == [e.trial for e in third.leaderboard]
 
 
+# ----------------------------------------------------------------------------- study identity
+def test_a_second_seed_opens_a_second_study(first_search, standard_csv, tmp_path):
+    """Another split (seed) is another experiment: its own study, ranked on its own validation
+    rows only, and not seeded from the first study (whose validation rows it may test on)."""
+    shutil.copy(first_search["db_file"], tmp_path / "s.db")
+    db = f"sqlite:///{tmp_path}/s.db"
+    first = first_search["result"]
+    messages: list[str] = []
+    second = search(standard_csv, "y", trials=2, db=db, seed=1, **{**FAST, "echo": messages.append})
+    name = second.study.study_name
+    assert name != first.study.study_name and name == load(db, standard_csv, seed=1).study_name
+    assert name.startswith("synthetic-standard-") and len(name.rsplit("-", 1)[1]) == 10
+    assert any(f"study {name!r} in" in m for m in messages), messages
+    # The seed-0 study is as it was; the seed-1 study holds only trials trained on the seed-1 split.
+    assert len(load(db, standard_csv).get_trials()) == 3
+    trials = second.study.get_trials()
+    assert [t.number for t in trials] == [0, 1]
+    assert all(t.user_attrs["seed"] == search_module.configuration_seed(1, t.params) for t in trials)
+    assert {e.trial for e in second.leaderboard} <= {0, 1}
+    # Warm start left the seed-0 study out: 4 of its validation rows are seed-1 test rows here.
+    assert any("left out 1 earlier search(es) of this same data" in m and first.study.study_name in m
+               for m in messages), messages
+    assert not any("warm_start" in t.user_attrs and first.study.study_name in t.user_attrs["warm_start"] for t in trials)
+    shared = set(first.split.row_splits["validation"]) & set(second.split.row_splits["test"])
+    assert shared  # the reason: selecting on seed-0 validation rows would select on seed-1 test rows
+    # Within the seed-1 study, no row that selected a configuration is one of its test rows.
+    assert not set(second.split.row_splits["validation"]) & set(second.split.row_splits["test"])
+
+
+def test_naming_a_study_with_other_settings_is_refused(first_search, standard_csv, tmp_path):
+    shutil.copy(first_search["db_file"], tmp_path / "s.db")
+    db = f"sqlite:///{tmp_path}/s.db"
+    name = first_search["result"].study.study_name
+    with pytest.raises(AutometaError) as raised:
+        search(standard_csv, "y", trials=5, db=db, seed=1, study=name, **{**FAST, "steps": 30})
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"study {name!r} was created with other settings (--seed 0, now 1; --steps 20, now 30)")
+    assert len(load(db, standard_csv).get_trials()) == 3  # nothing was run or changed
+
+
+def test_restricting_a_component_opens_its_own_study(first_search, standard_csv, tmp_path):
+    """--fusion concat is another search space: a study of its own, not an error about plugins."""
+    shutil.copy(first_search["db_file"], tmp_path / "s.db")
+    db = f"sqlite:///{tmp_path}/s.db"
+    restricted = search(standard_csv, "y", trials=1, db=db, include={"fusion": ["concat"]}, warm_start=False, **FAST)
+    assert restricted.study.study_name != first_search["result"].study.study_name
+    assert restricted.study.user_attrs["choices"]["fusion"] == ["concat"]
+    with pytest.raises(AutometaError, match=r"--fusion choices attention/concat/.*, now concat\)"):
+        search(standard_csv, "y", trials=1, db=db, include={"fusion": ["concat"]},
+               study=first_search["result"].study.study_name, **FAST)
+
+
+def test_study_settings_leave_out_what_does_not_change_the_experiment():
+    spec = search_module.SearchSpec(
+        "/data.csv", "y", None, {"x": "tabular"}, (28, 28), "standard", 5, 5, 15, 100, 600, 0, {"fusion": ["concat"]},
+        300, 50, 30, "f" * 64,
+    )
+    same = [
+        dataclasses.replace(spec, budget=99), dataclasses.replace(spec, data="/elsewhere.csv"),
+        dataclasses.replace(spec, ways=3), dataclasses.replace(spec, test_tasks=1),
+        dataclasses.replace(spec, image_size=(8, 8)),  # no image column
+    ]
+    assert all(other.key() == spec.key() for other in same)
+    other = [dataclasses.replace(spec, **change) for change in (
+        {"seed": 1}, {"shots": 1}, {"queries": 5}, {"steps": 10}, {"eval_every": 10}, {"label": "z"}, {"group": "g"},
+        {"columns": {"x": "text"}}, {"protocol": "grouped"}, {"choices": {"fusion": ["sum"]}}, {"fingerprint": "e" * 64},
+    )]
+    assert len({spec.key(), *(o.key() for o in other)}) == len(other) + 1
+    fewshot = dataclasses.replace(spec, protocol="fewshot", columns={"x": "image"})
+    assert all(dataclasses.replace(fewshot, **change).key() != fewshot.key()
+               for change in ({"ways": 3}, {"test_tasks": 1}, {"validation_tasks": 1}, {"image_size": (8, 8)}))
+
+
 # ------------------------------------------------------------------------------------ fewshot
 @pytest.fixture(scope="module")
 def digits_npz(tmp_path_factory) -> Path:
@@ -251,14 +341,25 @@ def test_fewshot_search_on_digits(digits_npz, tmp_path):
     assert len(trials) == 2 and all(t.state.is_finished() for t in trials)
     assert result.leaderboard, [t.user_attrs for t in trials]
     for entry in result.leaderboard:
-        # Several test tasks: the units are tasks, each scored on 6 queries.
-        assert entry.test.n == 6
+        # Several test tasks: the units are tasks, each scored on 6 queries; Student's t over them.
+        assert entry.test.n == 6 and entry.test.unit == "tasks"
         assert 0.0 <= entry.test.mean <= 1.0
         assert entry.test.mean * 36 == pytest.approx(round(entry.test.mean * 36))
-    # Support sets are balanced (1 shot per class): the majority rule always picks way 0.
-    assert result.majority.n == 6
-    assert result.majority.mean == pytest.approx(0.5)
-    assert result.majority.ci95 == 0.0
+        accuracies = np.array([evaluate(entry.algorithm, [t]).mean for t in result.split.test])
+        half = 2.5705818366147395 * accuracies.std(ddof=1) / math.sqrt(6)  # t quantile 0.975, 5 degrees of freedom
+        assert (entry.test.low, entry.test.high) == pytest.approx(
+            (max(0, accuracies.mean() - half), min(1, accuracies.mean() + half)), rel=1e-9)
+    # Balanced episodes of unseen classes: chance, exactly 1/2, then the support's nearest class mean.
+    chance, linear = result.baselines
+    assert (chance.kind, chance.label, chance.score.n) == ("chance", "chance (1/2)", 6)
+    assert chance.score.mean == chance.score.low == chance.score.high == 0.5
+    assert str(chance.score) == "50.0%"
+    assert linear.label == "nearest class mean of the preprocessed inputs" and linear.score.unit == "tasks"
+    # 10 classes: 2 test classes, fewer than 2 × 2 ways, so the tasks share classes.
+    assert result.warnings == [
+        "the 6 test tasks are drawn from only 2 test classes (fewer than 2 × 2 ways), so they share classes: the "
+        "interval understates the uncertainty"]
+    assert "note: the 6 test tasks are drawn from only 2 test classes" in result.format_leaderboard()
 
 
 # ------------------------------------------------------------------------------ failing plugin
@@ -322,9 +423,15 @@ def test_cli_search(tabular_csv, tmp_path):
     result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "Leaderboard" in result.stdout
-    assert "majority class of the support set" in result.stdout
-    trials = load(db, tabular_csv).get_trials()
+    assert "baseline: majority class of the training rows" in result.stdout
+    assert "baseline: logistic regression on the preprocessed inputs" in result.stdout
+    trials = load(db, tabular_csv, steps=10, eval_every=5).get_trials()
     assert len(trials) == 2 and all(t.user_attrs["steps"] == 10 for t in trials)
+    printed = json.loads(runner.invoke(cli, [*args, "--format", "json"]).stdout)
+    assert printed["test_unit"] == "rows" and printed["interval"] == "Wilson score interval"
+    assert [b["baseline"] for b in printed["baselines"]] == ["majority", "linear"]
+    assert {"test_accuracy", "test_ci95_low", "test_ci95_high", "test_units", "test_unit"} <= set(printed["baselines"][0])
+    assert printed["warnings"] == []
 
 
 def test_cli_missing_label_is_a_one_line_error(tabular_csv, tmp_path):

@@ -17,7 +17,7 @@ from autometa.data import load_dataset
 from autometa.errors import SearchError
 from autometa.metafeatures import describe
 from autometa.plugins import get_registry
-from autometa.study import default_trials, search, search_choices, study_name_for
+from autometa.study import default_trials, search, search_choices, study_name
 from autometa.warmstart import (
     PRIOR_PATH, Experience, distinct_best, plan, prior_experiences, rank_by_meta_features, translate,
 )
@@ -143,7 +143,7 @@ def test_search_is_seeded_with_the_nearest_datasets_best_configuration(tmp_path)
     db = f"sqlite:///{tmp_path / 'studies.db'}"
     first = write_table(tmp_path / "first.csv", 120, seed=0, shift=2.0)
     search(first, "y", trials=3, db=db, warm_start=False, echo=lambda s: None, **FAST)
-    stored = optuna.load_study(study_name=study_name_for(load_dataset(first, "y"), "standard"), storage=db)
+    stored = optuna.load_study(study_name=study_name(first, "y", **FAST), storage=db)
     best = stored.best_trial
 
     lines: list[str] = []
@@ -158,6 +158,24 @@ def test_search_is_seeded_with_the_nearest_datasets_best_configuration(tmp_path)
     assert "warm_start" not in trials[1].user_attrs  # then the defaults, within the budget
 
 
+def test_searches_of_the_same_data_are_not_neighbours(tmp_path):
+    """Another split of the same data chose its configurations on rows that may be this split's
+    test rows: it is left out (and said so), and the search is described from its training rows."""
+    db = f"sqlite:///{tmp_path / 'studies.db'}"
+    first = write_table(tmp_path / "first.csv", 120, seed=0, shift=2.0)
+    before = search(first, "y", trials=2, db=db, warm_start=False, echo=lambda s: None, **FAST)
+    lines: list[str] = []
+    again = search(first, "y", trials=1, db=db, seed=5, warm_start_prior=None, echo=lines.append, **FAST)
+    assert again.study.study_name != before.study.study_name
+    assert f"warm start: left out 1 earlier search(es) of this same data ('{before.study.study_name}'): their " \
+           "configurations were chosen on rows that may be this search's test rows" in lines
+    assert "warm start: no searched dataset to learn from yet" in lines
+    assert "warm_start" not in again.study.get_trials()[0].user_attrs
+    train = again.split.row_splits["train"]
+    assert again.study.user_attrs["meta_features"] == describe(load_dataset(first, "y").subset(train))
+    assert again.study.user_attrs["meta_features"]["rows"] == len(train) == 72
+
+
 def test_no_warm_start_seeds_nothing(tmp_path):
     db = f"sqlite:///{tmp_path / 'studies.db'}"
     first = write_table(tmp_path / "first.csv", 120, seed=0, shift=2.0)
@@ -170,7 +188,8 @@ def test_no_warm_start_seeds_nothing(tmp_path):
     ])
     assert result.exit_code == 0, result.output
     assert "warm start" not in result.output
-    study = optuna.load_study(study_name=study_name_for(load_dataset(second, "y"), "standard"), storage=db)
+    [name] = [n for n in optuna.get_all_study_names(db) if n.startswith("second-")]
+    study = optuna.load_study(study_name=name, storage=db)
     [trial] = study.get_trials()
     assert "warm_start" not in trial.user_attrs
     default = default_trials(get_registry(), study.user_attrs["choices"])[0]  # the first default, as without warm start
@@ -188,7 +207,8 @@ def test_no_defaults_leaves_every_trial_to_the_sampler(tmp_path):
         "--no-progress", "--output", str(tmp_path / "out"), "--no-warm-start", "--no-defaults",
     ])
     assert result.exit_code == 0, result.output
-    study = optuna.load_study(study_name=study_name_for(load_dataset(data, "y"), "standard"), storage=db)
+    [name] = optuna.get_all_study_names(db)
+    study = optuna.load_study(study_name=name, storage=db)
     trials = study.get_trials()
     assert len(trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     assert not any("fixed_params" in t.system_attrs for t in trials)  # sampled, not enqueued

@@ -2,10 +2,15 @@
 
 The family shares one functional core, :class:`GradientMetaLearner`. A model is the pair
 ``(body, head)`` of parameter dicts: ``body`` holds the backbone's parameters by name, ``head``
-a linear classifier that every task starts at zero (the "zeroing trick", Kao et al. 2022): it
-is invariant to the order of labels and valid for any number of ways, whereas a meta-learned
-head shared by all classes would gain nothing, its meta-gradient being exactly zero (softmax
-ignores a shift common to every class). A task's inner loop is a pure function of the initial
+a linear classifier made afresh for every task, which keeps it invariant to the order of
+labels and valid for any number of ways (a meta-learned head shared by all classes would gain
+nothing: its meta-gradient is exactly zero, as softmax ignores a shift common to every class).
+Learners that adapt the body start the head at the support set's class means, w_k = 2 c_k and
+b_k = −‖c_k‖², the nearest-class-mean classifier as a linear layer (Proto-MAML, Triantafillou
+et al. 2020). A zero head would leave the body without an inner-loop gradient in the first
+step (the loss's gradient w.r.t. the features, Wᵀ(p − y), is zero), so that one inner step
+would adapt the head alone, exactly as ANIL, which keeps the zero head (Kao et al. 2022's
+"zeroing trick"). A task's inner loop is a pure function of the initial
 parameters and the task's tensors, so the same code runs per task or under ``vmap`` over the
 meta-batch (``chunk_size`` bounds the memory of the latter).
 
@@ -18,6 +23,7 @@ meta-batch (``chunk_size`` bounds the memory of the latter).
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import numpy as np
@@ -28,11 +34,13 @@ from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
-from autometa.components import Backbone, MetaAlgorithm
+from autometa.components import Backbone, MetaAlgorithm, vmap_blocker
 from autometa.tasks import Task, TrainingPool
 from autometa_builtins.meta_algorithms._common import EMBED_BATCH, make_optimizer, placement, training_shape
+from autometa_builtins.meta_algorithms.metric import class_means
 
 Params = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+logger = logging.getLogger("autometa.meta")
 
 
 def _detach(tree):
@@ -66,7 +74,8 @@ class GradientMetaLearner(MetaAlgorithm):
     Subclasses change one piece: ``_update`` (how a gradient moves the fast weights), ``adapt``
     (what the inner loop touches), ``_task_loss`` (a task's outer loss) or ``meta_step`` (the
     outer update). ``vectorize`` chooses ``vmap`` over the meta-batch or a plain loop over its
-    tasks; both compute the same numbers. ``chunk_size`` tasks at a time (None: all) go
+    tasks; both compute the same numbers. A backbone with a module that vmap gets wrong
+    (:func:`autometa.components.vmap_blocker`) always takes the loop. ``chunk_size`` tasks at a time (None: all) go
     through vmap, forward and backward, which bounds a meta-update's memory. ``train_ways`` /
     ``train_shots`` set the training episodes (None: the protocol's), clamped to what the
     training pool can supply. ``vectorize`` and ``chunk_size`` change speed and memory, never
@@ -104,8 +113,16 @@ class GradientMetaLearner(MetaAlgorithm):
         self.backbone = backbone
         self.device = pool.device
         self.shape = training_shape(pool, shape, self.train_ways, self.train_shots)
+        self.vmap_blocker = vmap_blocker(backbone)
+        if self.vectorize and self.vmap_blocker:
+            logger.info("%s: tasks one at a time, not vmapped: %s", self.name, self.vmap_blocker)
         self._build()
         self.optimizer = make_optimizer(self._meta_parameters(), lr=self.lr)
+
+    @property
+    def vectorized(self) -> bool:
+        """Whether tasks go through vmap: asked for, and nothing in the backbone forbids it."""
+        return self.vectorize and self.vmap_blocker is None
 
     def _build(self) -> None:
         """Create learned state beyond the backbone (before the optimiser is made)."""
@@ -148,9 +165,17 @@ class GradientMetaLearner(MetaAlgorithm):
         """One inner SGD step."""
         return tree_map(lambda p, g: p - self.inner_lr * g, params, grads)
 
+    def _start(self, params: Params, x, y) -> Params:
+        """A task's starting point: the meta-learned body, and the head at the class means of
+        ``(x, y)`` under it (w_k = 2 c_k, b_k = −‖c_k‖²; see the module's docstring)."""
+        body, head = params
+        means = class_means(self._features(body, x), y, head["bias"].shape[-1])
+        return body, {"weight": 2 * means, "bias": -(means**2).sum(-1)}
+
     def adapt(self, params: Params, x, y, *, steps: int | None = None) -> Params:
-        """Inner loop: ``steps`` gradient steps on the loss of ``(x, y)``, differentiable
-        through the gradients unless first-order."""
+        """Inner loop: the head starts at the class means of ``(x, y)``, then ``steps`` gradient
+        steps on their loss, differentiable through the gradients unless first-order."""
+        params = self._start(params, x, y)
         for _ in range(self.inner_steps if steps is None else steps):
             # First-order: the gradient's value is the same, but taking it at detached
             # parameters records no graph for the outer backward to walk.
@@ -163,7 +188,7 @@ class GradientMetaLearner(MetaAlgorithm):
 
     def _map_tasks(self, fn: Callable, params, *batched):
         """``fn(params, *task)`` for every task of a batch, results stacked on a leading dim."""
-        if self.vectorize:
+        if self.vectorized:
             in_dims = (None,) + (0,) * len(batched)
             return vmap(fn, in_dims=in_dims, randomness="different", chunk_size=self.chunk_size)(params, *batched)
         n_tasks = batched[-1].shape[0]
@@ -188,7 +213,7 @@ class GradientMetaLearner(MetaAlgorithm):
         backward), is what bounds the memory of a meta-update.
         """
         n_tasks = len(task)
-        size = (self.chunk_size or n_tasks) if self.vectorize else 1
+        size = (self.chunk_size or n_tasks) if self.vectorized else 1
         args = self._task_args(task)
         total = 0.0
         for start in range(0, n_tasks, size):
@@ -243,7 +268,7 @@ _SHARED_SPACE = {
 
 class MAML(GradientMetaLearner):
     """Model-Agnostic Meta-Learning (Finn et al. 2017): the inner loop adapts the backbone and
-    the zero-initialised head; the meta-gradient flows through it (second-order unless
+    the head started at the support's class means; the meta-gradient flows through it (second-order unless
     ``first_order``)."""
 
     name = "maml"
@@ -468,6 +493,7 @@ class Reptile(GradientMetaLearner):
         the inner loop, so in training the inner loss carries the auxiliary loss too."""
         steps = self.inner_steps if steps is None else steps
         objective = self._outer_loss if training else self._loss
+        params = self._start(params, x, y)
         loss = torch.zeros((), **placement(self.backbone, self.device))
         if self.inner_optimizer == "sgd":
             for _ in range(steps):

@@ -98,7 +98,7 @@ class LearnedUpdate(nn.Module):
 class MetaLSTM(GradientMetaLearner):
     """Meta-LSTM (Ravi & Larochelle 2017): the inner loop's update rule is learned.
 
-    Every coordinate of the fast weights (backbone and the zero-initialised per-task head) is
+    Every coordinate of the fast weights (backbone and the per-task head, started at the class means) is
     updated by one :class:`LearnedUpdate` (``modules()['update_rule']``), whose weights are
     meta-learned through the unrolled inner loop together with the backbone's initialisation
     θ₀. ``first_order`` (the paper's choice, and the default) treats the gradient and loss the
@@ -152,6 +152,7 @@ class MetaLSTM(GradientMetaLearner):
         return {"backbone": self.backbone, "update_rule": self.update_rule}
 
     def adapt(self, params: Params, x, y, *, steps: int | None = None) -> Params:
+        params = self._start(params, x, y)
         # The rule sees all coordinates as one vector; the model reads them back as its tensors.
         leaves, spec = tree_flatten(params)
         sizes = [t.numel() for t in leaves]

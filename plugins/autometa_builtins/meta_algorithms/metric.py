@@ -40,8 +40,10 @@ def class_means(support: torch.Tensor, support_y: torch.Tensor, n_way: int) -> t
     """``[n_way, dim]`` mean support embedding of each class (zero for a class without rows)."""
     sums = torch.zeros(n_way, support.shape[-1], dtype=support.dtype, device=support.device)
     sums = sums.index_add(0, support_y, support)
-    counts = torch.bincount(support_y, minlength=n_way).clamp_min(1).unsqueeze(-1).to(support.dtype)
-    return sums / counts
+    # index_add rather than bincount for the counts: it has a vmap batching rule (MAML's heads).
+    counts = torch.zeros(n_way, dtype=support.dtype, device=support.device)
+    counts = counts.index_add(0, support_y, torch.ones_like(support_y, dtype=support.dtype))
+    return sums / counts.clamp_min(1).unsqueeze(-1)
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

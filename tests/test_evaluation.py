@@ -1,0 +1,155 @@
+"""Scores and baselines: confidence intervals against hand values, baselines on planted data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from autometa.components import InputSpec
+from autometa.data import load_dataset
+from autometa.evaluation import Score, baselines, caveats, format_score, score_unit, student_t, summarise, wilson
+from autometa.features import Features
+from autometa.tasks import make_split
+
+Z = 1.959963984540054  # the normal distribution's 97.5% quantile
+
+
+# -- intervals ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hits,n,expected", [
+    # (k + z²/2) / (n + z²) ± z·sqrt(n)/(n + z²) · sqrt(p(1 - p) + z²/4n), worked out by hand
+    (15, 18, (0.6077796189608428, 0.9416342319413856)),
+    (18, 18, (0.8241207763533425, 1.0)),
+    (0, 10, (0.0, 0.27753279986356)),
+])
+def test_wilson_interval_hand_values(hits, n, expected):
+    p = hits / n
+    centre = (hits + Z * Z / 2) / (n + Z * Z)
+    half = Z * math.sqrt(n) / (n + Z * Z) * math.sqrt(p * (1 - p) + Z * Z / (4 * n))
+    assert (centre - half, centre + half) == pytest.approx(expected, abs=1e-12)
+    score = wilson(hits, n)
+    assert (score.mean, score.n, score.unit) == (p, n, "rows")
+    assert (score.low, score.high) == pytest.approx(expected, abs=1e-12)
+    # No more "100.0 ± 0.0%": a perfect score on 18 rows is not certain.
+    assert str(wilson(18, 18)) == "100.0% [82.4, 100.0]"
+
+
+def test_student_t_interval_hand_values():
+    accuracies = np.array([0.6, 0.8, 0.7, 0.9, 0.5])
+    score = student_t(accuracies, "groups")
+    # mean 0.7, sample sd 0.158113883, t(0.975, 4 df) = 2.7764451051977987
+    half = 2.7764451051977987 * 0.15811388300841897 / math.sqrt(5)
+    assert (score.mean, score.n, score.unit) == (pytest.approx(0.7), 5, "groups")
+    assert (score.low, score.high) == pytest.approx((0.7 - half, 0.7 + half), rel=1e-12)
+    assert score.high - score.low == pytest.approx(0.3926, abs=1e-4)  # the normal approximation said 0.2772
+    # Clipped to [0, 1]; undefined for one unit.
+    high = student_t(np.array([1.0, 0.9, 1.0]), "tasks")
+    assert high.high == 1.0 and high.low < 0.9667
+    single = student_t(np.array([0.75]), "tasks")
+    assert math.isnan(single.low) and str(single) == "75.0%"
+
+
+def test_summarise_picks_the_unit():
+    one = summarise([torch.tensor([True, True, False, True])])
+    assert (one.unit, one.n, one.mean) == ("rows", 4, 0.75)
+    several = summarise([torch.tensor([True, False]), torch.tensor([True, True, True, False])], "groups")
+    assert (several.unit, several.n, several.mean) == ("groups", 2, pytest.approx(0.625))
+
+
+def test_score_as_dict_and_format():
+    score = Score(0.5, 0.25, 0.75, 8, "tasks")
+    assert score.as_dict() == {"test_accuracy": 0.5, "test_ci95_low": 0.25, "test_ci95_high": 0.75, "test_units": 8,
+                               "test_unit": "tasks"}
+    assert Score(0.5, math.nan, math.nan, 1, "tasks").as_dict()["test_ci95_low"] is None
+    assert format_score(0.5, 0.25, 0.75) == "50.0% [25.0, 75.0]"
+    assert format_score(0.2, 0.2, 0.2) == "20.0%" and format_score(None, None, None) == "-"
+
+
+# -- the design matrix of the linear baseline ----------------------------------------------------------
+def test_design_matrix_is_the_preprocessed_inputs_side_by_side():
+    features = Features(
+        {
+            "tabular": torch.tensor([[0.5, -1.0], [2.0, 0.0]]),
+            "text": torch.tensor([[3, 1, 3, 0], [0, 0, 0, 0]]),  # ids; 0 pads
+            "image": torch.arange(8.0).reshape(2, 1, 2, 2),
+            "present:text": torch.tensor([True, False]),
+            "text@minilm": torch.ones(2, 5),  # an encoder's derived input: not the same inputs
+        },
+        {"tabular": InputSpec("tabular", (2,)), "text": InputSpec("text", (4,), vocab_size=5),
+         "image": InputSpec("image", (1, 2, 2)), "text@minilm": InputSpec("text", (5,))},
+    )
+    matrix = features.design_matrix().toarray()
+    assert matrix.tolist() == [
+        [0.5, -1.0, 0, 1, 0, 2, 0, 0, 1, 2, 3],  # tabular, a bag of token counts over 5 ids, pixels
+        [2.0, 0.0, 0, 0, 0, 0, 0, 4, 5, 6, 7],
+    ]
+
+
+# -- baselines ------------------------------------------------------------------------------------
+def _skewed_groups(path, groups: int = 15, common: int = 36, rare: int = 4):
+    """Every group is 90% 'usual': the rare class sorts first, so it is each task's local class 0."""
+    rng = np.random.default_rng(0)
+    rows = [
+        {"site": f"g{g:02d}", "x": (3.0 if label == "minority" else 0.0) + 0.1 * rng.normal(), "y": label}
+        for g in range(groups) for label in ["usual"] * common + ["minority"] * rare
+    ]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return load_dataset(path, "y", group="site")
+
+
+def test_grouped_majority_baseline_on_a_skewed_planted_set(tmp_path):
+    """The old baseline, the argmax of a class-balanced support, always named local class 0 and
+    scored 2/36 = 5.6% here; the majority of the labelled rows at hand scores 34/36 = 94.4%."""
+    split = make_split(_skewed_groups(tmp_path / "sites.csv"), "grouped", shots=2)
+    assert len(split.test) == 3 and score_unit(split) == "groups"
+    for task in split.test:  # 2 + 2 support rows, 34 usual and 2 minority queries
+        assert task.query_y.tolist() == [0, 0] + [1] * 34
+        assert torch.bincount(task.support_y).tolist() == [2, 2]
+    majority, linear = baselines(split)
+    assert majority.label == "majority class of the training groups' rows and the support"
+    assert majority.score.mean == pytest.approx(34 / 36) and majority.score.unit == "groups"
+    assert majority.score.n == 3
+    # x separates the classes: a plain logistic regression gets every query right.
+    assert linear.score.mean == 1.0 and linear.label == "logistic regression on the preprocessed inputs"
+    assert caveats(split) == []
+
+
+def test_standard_baselines_on_planted_rows(tmp_path):
+    rng = np.random.default_rng(1)
+    counts = {"a": 50, "b": 20, "c": 10}
+    rows = [{"x": 4.0 * i + rng.normal(0, 0.2), "noise": rng.normal(), "y": c}
+            for i, (c, n) in enumerate(counts.items()) for _ in range(n)]
+    pd.DataFrame(rows).sample(frac=1, random_state=0).to_csv(tmp_path / "rows.csv", index=False)
+    split = make_split(load_dataset(tmp_path / "rows.csv", "y"), "standard")
+    majority, linear = baselines(split)
+    test_y = split.test[0].query_y
+    assert majority.score == wilson(int((test_y == 0).sum()), len(test_y))  # 'a', the training rows' majority
+    assert majority.score.mean == pytest.approx(10 / 16)
+    assert linear.score == wilson(len(test_y), len(test_y))
+
+
+def test_fewshot_baselines_are_chance_and_nearest_class_mean(tmp_path):
+    # 12 classes on a line: the nearest class mean of the support gets every query right.
+    rows = [{"x": float(c) + 0.01 * i, "y": f"k{c:02d}"} for c in range(12) for i in range(6)]
+    pd.DataFrame(rows).to_csv(tmp_path / "line.csv", index=False)
+    split = make_split(load_dataset(tmp_path / "line.csv", "y"), "fewshot", ways=2, shots=2, queries=3,
+                       validation_tasks=4, test_tasks=10)
+    chance, linear = baselines(split)
+    assert chance.kind == "chance" and chance.label == "chance (1/2)"
+    assert (chance.score.mean, chance.score.n, chance.score.unit) == (0.5, 10, "tasks")
+    assert linear.score.mean == 1.0 and linear.label == "nearest class mean of the preprocessed inputs"
+    # round(0.2 × 12) = 2 test classes < 2 × 2 ways: the test tasks all share them.
+    assert caveats(split) == [
+        "the 10 test tasks are drawn from only 2 test classes (fewer than 2 × 2 ways), so they share classes: the "
+        "interval understates the uncertainty"]
+
+
+def test_few_test_groups_are_a_caveat(tmp_path):
+    split = make_split(_skewed_groups(tmp_path / "sites.csv", groups=5), "grouped", shots=2)
+    assert len(split.test) == 1 and score_unit(split) == "rows"
+    assert caveats(split) == [
+        "only 1 test group(s): the interval covers that group, not how the model does on new groups; it "
+        "understates the uncertainty"]
