@@ -205,7 +205,8 @@ class Preprocessor:
             cats = _categories(frame, s["columns"])
             for j, (frequent, rare) in enumerate(zip(s["frequent"], s["rare"])):
                 column = cats[:, j]
-                parts.append(np.stack([column == c for c in frequent], axis=1).astype(float).reshape(len(frame), -1))
+                if frequent:  # none in an id-like column, whose every value is rare
+                    parts.append(np.stack([column == c for c in frequent], axis=1).astype(float).reshape(len(frame), -1))
                 if rare:
                     parts.append(np.isin(column, rare).astype(float)[:, None])
             present.append(np.ones(len(frame), dtype=bool))

@@ -138,3 +138,17 @@ def class_pool(features: Features, labels: torch.Tensor, classes: range) -> Trai
     rows = np.arange(len(labels))
     keep = np.isin(labels.numpy(), list(classes))
     return TrainingPool(features, labels, rows[keep], [{c: rows[labels.numpy() == c] for c in classes}])
+
+
+def requires(distribution_name: str, extra: str):
+    """Skip a test unless a pip distribution is installed; asks the package metadata, since a
+    data-only wheel (kanjivg) has no module that ``pytest.importorskip`` could import."""
+    import pytest
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution(distribution_name)
+        missing = False
+    except PackageNotFoundError:
+        missing = True
+    return pytest.mark.skipif(missing, reason=f'needs pip install "autometa[{extra}]"')

@@ -613,6 +613,16 @@ def test_categorical_width_depends_on_fit_rows_only(tmp_path):
     assert features.inputs["tabular"].shape == (10, 3)  # numeric + a + b
 
 
+def test_an_id_column_with_no_repeated_value_is_one_rare_bucket(tmp_path):
+    # A product id per row (the fine-food reviews): no category is frequent; this used to crash
+    # the split with numpy's "need at least one array to stack".
+    x = np.arange(8, dtype=float)
+    ids = [f"B00{i}" for i in range(8)]
+    table = build_features(tabular_dataset(tmp_path, x, product=ids), np.arange(6)).inputs["tabular"].numpy()
+    assert table.shape == (8, 2)  # numeric + the shared bucket of rare ids
+    np.testing.assert_array_equal(table[:, 1], [1, 1, 1, 1, 1, 1, 0, 0])  # ids unseen when fitting: all zeros
+
+
 def test_tokenize_is_stable_and_in_range():
     first = tokenize("Hello world, hello again", "txt")
     assert first == tokenize("Hello world, hello again", "txt")

