@@ -34,6 +34,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
 SUPPORT = "support."
+FITTED = "fitted."  # + derived input key + "." + state name: an encoder's fitted input (Encoder.fit_input)
 
 
 class ModelError(AutometaError):
@@ -78,6 +79,9 @@ def save_model(
             if key in used:
                 tensors[SUPPORT + key] = value.detach().cpu().contiguous()
         tensors[SUPPORT + "labels"] = split.validation[0].support_y.detach().cpu().contiguous()
+    for key, state in features.fitted.items():
+        if key in used:
+            tensors.update({f"{FITTED}{key}.{name}": value.detach().cpu().contiguous() for name, value in state.items()})
     components = {"meta_algorithm": config.meta_algorithm, "fusion": config.fusion, **{f"encoder.{m}": e for m, e in config.encoders.items()}}
     plugins = {}
     for key, name in components.items():
@@ -149,6 +153,11 @@ class Model:
             self.classes: list[str] = [str(c) for c in document["classes"]]
             self.preprocessor = Preprocessor.from_json(document["preprocessor"])
             self.algorithm = self._rebuild(tensors)
+            self.fitted: dict[str, dict[str, torch.Tensor]] = {}
+            for k, v in tensors.items():
+                if k.startswith(FITTED):
+                    key, name = k[len(FITTED):].split(".", 1)
+                    self.fitted.setdefault(key, {})[name] = v
             support = {k[len(SUPPORT):]: v for k, v in tensors.items() if k.startswith(SUPPORT)}
             self.support_labels = support.pop("labels", None)
             self.support = Features(support, self.specs) if support else None
@@ -246,8 +255,11 @@ class Model:
         derived: dict[str, list] = {}
         for m, key in self.document["input_keys"].items():
             if key != m:
-                derived.setdefault(m, []).append(self._component(f"encoder.{m}"))
-        features = self.preprocessor.transform(dataset, derived)
+                cls = self._component(f"encoder.{m}")
+                if cls.fits_input() and key not in self.fitted:
+                    raise ModelError(f"{self.path / WEIGHTS_FILE} lacks the fitted state of input {key!r}; use the folder `autometa search` wrote")
+                derived.setdefault(m, []).append(cls)
+        features = self.preprocessor.transform(dataset, derived, fitted=self.fitted)
         expected = {k: tuple(s.shape) for k, s in self.specs.items()}
         for key, shape in expected.items():
             if tuple(features.specs[key].shape) != shape:

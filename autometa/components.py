@@ -104,21 +104,39 @@ class Encoder(Component, nn.Module):
     out_dim: int
 
     @classmethod
-    def prepare(cls, raw: Any) -> torch.Tensor | None:
+    def prepare(cls, raw: Any, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
         """Optionally derive this encoder's own per-row input from the modality's raw data.
 
         Called once per dataset for encoders that override it, with text: a list of strings
         (a row's text columns joined), image: uint8 ``[N, H, W, C]``, tabular: the DataFrame of
         tabular columns, vector: float ``[N, D]``. The tensor returned (first dim N) becomes the
-        encoder's input, and its spec ``InputSpec(modality, tensor.shape[1:])``. Use it for
-        fixed, unlearned transforms such as pretrained embeddings (nothing is fitted, so
-        nothing leaks across splits).
+        encoder's input, and its spec ``InputSpec(modality, tensor.shape[1:])``. A fixed,
+        unlearned transform (pretrained embeddings) may keep the one-argument form
+        ``prepare(cls, raw)``; an encoder that also overrides ``fit_input`` gets its fitted
+        ``state``. Each row's input must depend on that row (and ``state``) only.
+        """
+        return None
+
+    @classmethod
+    def fit_input(cls, raw: Any, rows: "np.ndarray") -> dict[str, torch.Tensor] | None:
+        """Optionally fit the transform ``prepare`` applies, on the training rows ``raw[rows]`` only.
+
+        ``raw`` is the whole dataset's raw data (as for ``prepare``) and ``rows`` the split's
+        training rows (few-shot: rows of training classes); nothing else may be read, so no
+        vocabulary or statistic of validation or test rows leaks into the features. Return
+        named tensors (no strings or Python objects): they are saved with the model
+        (safetensors) and passed as ``prepare(raw, state)`` for training and new rows alike.
         """
         return None
 
     @classmethod
     def derives_input(cls) -> bool:
         return getattr(cls.prepare, "__func__", None) is not Encoder.prepare.__func__
+
+    @classmethod
+    def fits_input(cls) -> bool:
+        """True when ``prepare`` needs state fitted on training rows (``fit_input`` overridden)."""
+        return getattr(cls.fit_input, "__func__", None) is not Encoder.fit_input.__func__
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

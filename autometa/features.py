@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,9 +48,11 @@ class Features:
 
     inputs: dict[str, torch.Tensor]  # modality tensors, plus MASK_PREFIX + modality presence masks
     specs: dict[str, InputSpec]
+    # Derived input key -> the state its encoder fitted on training rows (Encoder.fit_input).
+    fitted: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> "Features":
-        return Features({m: t.to(device) for m, t in self.inputs.items()}, self.specs)
+        return Features({m: t.to(device) for m, t in self.inputs.items()}, self.specs, self.fitted)
 
     @property
     def modalities(self) -> list[str]:
@@ -71,17 +73,37 @@ class Features:
         """Gather rows; ``rows`` may carry leading task dims, e.g. ``[tasks, shots]``."""
         return {m: t[rows] for m, t in self.inputs.items()}
 
-    def add_derived(self, dataset: Dataset, modality: str, encoder: type[Encoder]) -> str | None:
+    def add_derived(
+        self,
+        dataset: Dataset,
+        modality: str,
+        encoder: type[Encoder],
+        fit_rows: np.ndarray | None = None,
+        state: dict[str, torch.Tensor] | None = None,
+    ) -> str | None:
         """Compute ``encoder``'s own input (Encoder.prepare) once; returns its input key.
 
-        The tensor is added in place, so every task sharing these features sees it.
+        An encoder that fits its input (Encoder.fit_input) is fitted on ``fit_rows`` only (the
+        split's training rows) or given the ``state`` a saved model kept; the state used is
+        stored in ``self.fitted[key]``. The tensor is added in place, so every task sharing
+        these features sees it.
         """
         key = derived_key(modality, encoder.name)
         if key in self.inputs:
             return key
         if modality not in self.specs:
             return None
-        tensor = encoder.prepare(_raw(dataset, modality))
+        raw = _raw(dataset, modality)
+        if encoder.fits_input():
+            if state is None:
+                if fit_rows is None:
+                    raise ValueError(f"encoder {encoder.name!r} fits its input on training rows: give fit_rows or its saved state")
+                state = encoder.fit_input(raw, np.asarray(fit_rows))
+            if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+                raise TypeError(f"encoder {encoder.name!r}: fit_input must return a dict of named tensors, got {type(state).__name__}")
+            tensor = encoder.prepare(raw, state)
+        else:
+            tensor = encoder.prepare(raw)
         if tensor is None:
             return None
         if tensor.shape[0] != len(dataset):
@@ -89,6 +111,8 @@ class Features:
         device = next(iter(self.inputs.values())).device
         self.inputs[key] = tensor.to(device)
         self.specs[key] = InputSpec(modality, tuple(tensor.shape[1:]))
+        if state is not None:
+            self.fitted[key] = state
         return key
 
     def design_matrix(self) -> sparse.csr_matrix:
@@ -186,8 +210,18 @@ class Preprocessor:
             }
         return cls(list(dataset.columns), state)
 
-    def transform(self, dataset: Dataset, derived: dict[str, list[type[Encoder]]] | None = None) -> Features:
-        """Model inputs for every row of ``dataset`` (a training or a new dataset)."""
+    def transform(
+        self,
+        dataset: Dataset,
+        derived: dict[str, list[type[Encoder]]] | None = None,
+        *,
+        fit_rows: np.ndarray | None = None,
+        fitted: dict[str, dict[str, torch.Tensor]] | None = None,
+    ) -> Features:
+        """Model inputs for every row of ``dataset`` (a training or a new dataset).
+
+        ``derived`` encoders that fit their input use the ``fitted`` state (a saved model's) or
+        are fitted on ``fit_rows`` (see Features.add_derived)."""
         inputs: dict[str, torch.Tensor] = {}
         specs: dict[str, InputSpec] = {}
         frame = dataset.frame
@@ -244,7 +278,7 @@ class Preprocessor:
         features = Features(inputs, specs)
         for modality, encoders in (derived or {}).items():
             for cls in encoders:
-                features.add_derived(dataset, modality, cls)
+                features.add_derived(dataset, modality, cls, fit_rows, (fitted or {}).get(derived_key(modality, cls.name)))
         return features
 
     def to_json(self) -> dict[str, Any]:
@@ -262,7 +296,7 @@ def build_features(
 
     ``derived`` names, per modality, encoders whose ``prepare`` computes their own input.
     """
-    return Preprocessor.fit(dataset, fit_rows).transform(dataset, derived)
+    return Preprocessor.fit(dataset, fit_rows).transform(dataset, derived, fit_rows=fit_rows)
 
 
 def _categories(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:

@@ -120,6 +120,8 @@ def validate_component(kind: str, cls: Any) -> None:
             f"encoder {name!r} declares modality {getattr(cls, 'modality', None)!r}; "
             f"use one of {', '.join(MODALITIES)}"
         )
+    if kind == "encoder" and cls.fits_input() and not cls.derives_input():
+        raise PluginError(f"encoder {name!r} overrides fit_input but not prepare(raw, state), which applies the state")
     if kind == "meta_algorithm":
         unknown = set(cls.protocols) - {"fewshot", "grouped", "standard"}
         if not cls.protocols or unknown:

@@ -202,7 +202,7 @@ def train(
         cls = registry.get("encoder", e).cls
         key = None
         if cls.derives_input():
-            key = _plugin_call(registry, "encoder", e, lambda: pool.features.add_derived(split.dataset, m, cls))
+            key = _plugin_call(registry, "encoder", e, lambda: pool.features.add_derived(split.dataset, m, cls, split.row_splits["train"]))
         input_keys[m] = key or m
     encoders = {
         m: _plugin_call(

@@ -183,7 +183,7 @@ class Split:
 
 def _features(dataset: Dataset, rows: np.ndarray, derived, device) -> tuple[Preprocessor, Features]:
     preprocessor = Preprocessor.fit(dataset, rows)
-    return preprocessor, preprocessor.transform(dataset, derived).to(device)
+    return preprocessor, preprocessor.transform(dataset, derived, fit_rows=rows).to(device)
 
 
 def choose_protocol(dataset: Dataset, requested: str = "auto") -> str:

@@ -39,6 +39,11 @@ A failed check raises AssertionError that names the component and the property, 
   and ``randomness="different"`` works. A component that cannot support this sets the class
   attribute ``supports_vmap = False``; the check is then skipped (functional_call still
   applies) and the built-in gradient-based meta-algorithms loop over tasks for it.
+- ``fitted input`` (encoders that override ``fit_input``): the state is a dict of named
+  tensors that survives a safetensors round trip; it does not change when only rows outside
+  the training rows do (nothing leaks from them); ``prepare(raw, state)`` gives one finite row
+  per row, and a row's input does not depend on the other rows (new rows get the features
+  training rows got).
 - meta-algorithms also: ``setup``, ``modules`` (covers every backbone parameter, as it is what
   gets saved), ``train_step`` (returns a finite float), ``predict`` (leaves the trained state
   unchanged; works for a new n_way, and for a ``same_classes_as_training`` task when
@@ -59,8 +64,11 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import optuna
+import pandas as pd
 import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -120,6 +128,8 @@ def check_encoder(cls: type, *, device: str | torch.device | None = None) -> Non
 
     with _own_rng():
         _registration("encoder", cls)
+        if cls.fits_input():
+            _fitted_input(cls)
         for dev in _devices(device):
             _encoder_on(cls, dev)
         _search_space("encoder", cls, probe)
@@ -339,6 +349,59 @@ def _encoder_input(cls: type, spec: InputSpec, batch: int, seed: int, device: to
             lengths[-1] = 0
         return (ids * (torch.arange(length) < lengths[:, None])).to(device)
     return torch.randn(batch, *spec.shape, generator=gen).to(device)
+
+
+def _raw_example(modality: str, rows: int, seed: int) -> Any:
+    """Raw data as ``Encoder.prepare`` receives it; each seed draws from its own vocabulary."""
+    rng = np.random.default_rng(seed)
+    if modality == "text":
+        words = [f"{w}{seed}" for w in ("red", "blue", "stone", "river", "walks", "slowly", "under", "the", "old", "bridge")]
+        return [" ".join(rng.choice(words, size=int(rng.integers(3, 9)))) for _ in range(rows)]
+    if modality == "image":
+        return rng.integers(0, 256, size=(rows, 8, 8, 1), dtype=np.uint8)
+    if modality == "tabular":
+        return pd.DataFrame({f"x{j}": rng.normal(size=rows) for j in range(3)})
+    return rng.normal(size=(rows, 4)).astype(np.float32)
+
+
+def _raw_rows(raw: Any, rows: np.ndarray) -> Any:
+    if isinstance(raw, list):
+        return [raw[i] for i in rows]
+    if isinstance(raw, pd.DataFrame):
+        return raw.iloc[rows].reset_index(drop=True)
+    return raw[rows]
+
+
+def _fitted_input(cls: type) -> None:
+    check = _Checker("encoder", cls)
+    with check("fitted input"):
+        n = 24
+        raw, other = _raw_example(cls.modality, n, 0), _raw_example(cls.modality, n, 1)
+        train = np.arange(0, n, 2)
+        state = cls.fit_input(raw, train)
+        assert isinstance(state, dict) and state and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ), f"fit_input returned {type(state).__name__}; expected a non-empty dict of named tensors"
+        # Rows outside the training rows replaced by rows of another vocabulary: same state.
+        swap = np.ones(n, dtype=bool)
+        swap[train] = False
+        if isinstance(raw, list):
+            mixed = [o if s else r for r, o, s in zip(raw, other, swap)]
+        elif isinstance(raw, pd.DataFrame):
+            mixed = raw.where(~swap[:, None], other)
+        else:
+            mixed = np.where(swap.reshape(-1, *[1] * (raw.ndim - 1)), other, raw)
+        again = cls.fit_input(mixed, train)
+        assert sorted(again) == sorted(state) and all(torch.equal(again[k], state[k]) for k in state), (
+            "fit_input's state changed when only rows outside the training rows changed: it must fit on raw[rows] only"
+        )
+        loaded = safetensors_load(safetensors_save({k: v.contiguous() for k, v in state.items()}))
+        out = cls.prepare(raw, state)
+        assert isinstance(out, torch.Tensor) and out.shape[0] == n, f"prepare returned {getattr(out, 'shape', out)!r} for {n} rows"
+        assert torch.isfinite(out.float()).all(), "prepare returned non-finite values"
+        _same(cls.prepare(raw, loaded), out, "prepare with the state after a safetensors round trip")
+        subset = np.array([5, 2, 17])
+        _same(cls.prepare(_raw_rows(raw, subset), state), out[subset], "rows prepared on their own vs among all rows")
 
 
 def _fusion_dims(k: int) -> dict[str, int]:

@@ -246,6 +246,20 @@ def test_rejects_encoder_with_unknown_modality(modality):
     )
 
 
+def test_rejects_encoder_that_fits_an_input_it_never_prepares():
+    class FitsOnly(GoodEncoder):
+        name = "fits_only"
+
+        @classmethod
+        def fit_input(cls, raw, rows):
+            return {}
+
+    expect_rejected(
+        make_plugin(encoders=[FitsOnly]),
+        re.escape("encoder 'fits_only' overrides fit_input but not prepare(raw, state), which applies the state"),
+    )
+
+
 @pytest.mark.parametrize(
     "protocols", [(), ("fewshot", "transductive"), ("FEWSHOT",), "fewshot"], ids=["empty", "unknown", "case", "str"]
 )
