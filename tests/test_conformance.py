@@ -16,6 +16,7 @@ from torch import nn
 from autometa import testing
 from autometa.components import Encoder, Fusion, InputSpec, MetaAlgorithm
 from autometa.plugins import get_registry
+from autometa_builtins.lsa import LatentSemantic
 
 # "kind:name" -> why it fails; strict, so a fix makes the xfail fail and gets it removed here.
 KNOWN_FAILURES: dict[str, str] = {}
@@ -122,6 +123,27 @@ class WrongShape(TinyEncoder):
 
     def forward(self, x):
         return super().forward(x)[:, :-1]
+
+
+class FitsOnEveryRow(LatentSemantic):
+    """Fits its derived input on all rows it is given, not only the training rows."""
+
+    name = "fits_on_every_row"
+
+    @classmethod
+    def fit_input(cls, raw, rows):
+        return super().fit_input(raw, np.arange(len(raw)))
+
+
+class DependsOnOtherRows(LatentSemantic):
+    """Scales each prepared row by the batch's mean norm: a row's input depends on the others."""
+
+    name = "depends_on_other_rows"
+
+    @classmethod
+    def prepare(cls, raw, state=None):
+        z = super().prepare(raw, state)
+        return z * (1 + z.abs().mean())
 
 
 class IgnoresMasks(TinyFusion):
@@ -246,6 +268,8 @@ BROKEN = {
     TensorLoss: "train_step",
     GlobalNumpyRandom: "determinism",
     PredictTrains: "predict",
+    FitsOnEveryRow: "fitted input",
+    DependsOnOtherRows: "fitted input",
 }
 
 

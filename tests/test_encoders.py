@@ -43,6 +43,7 @@ SMALL = {
     "ft_transformer": dict(dim=16, heads=2, layers=2, out_dim=8),
     "hashbag": dict(dim=8, out_dim=8),
     "bow": dict(out_dim=8),
+    "lsa": dict(),
     "minilm": dict(out_dim=8),
     "conv4": dict(channels=8),
     "resnet12": dict(width=4),
