@@ -427,3 +427,61 @@ def test_selectable_in_a_short_search(grouped_csv, tmp_path, name):
     assert {t.params["meta_algorithm"] for t in trials} == {name}
     assert any(k.startswith(f"meta.{name}.") for k in trials[1].params)
     assert result.leaderboard and 0.0 <= result.best.test.mean <= 1.0
+
+
+# -- learners sized to their inputs -----------------------------------------------------------
+def _text_problem() -> tuple[Backbone, TrainingPool]:
+    """hashbag over 512 buckets (4,096 table weights, a 8×8 layer) on 6 classes of 6 rows."""
+    from autometa_builtins.encoders import HashBag
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(6).repeat_interleave(6)
+    spec = InputSpec("text", (5,), vocab_size=512)
+    features = Features({"text": torch.randint(1, 512, (len(labels), 5), generator=gen)}, {"text": spec})
+    rows = np.arange(len(labels))
+    pool = TrainingPool(features, labels, rows, [{c: rows[labels.numpy() == c] for c in range(6)}], torch.device("cpu"))
+    torch.manual_seed(0)
+    encoder = HashBag(spec, dim=8, out_dim=8)
+    return Backbone({"text": encoder}, Concat({"text": 8})), pool
+
+
+@pytest.mark.parametrize("name", ["metalstm", "metasgd"])
+def test_per_weight_learner_leaves_a_large_table_out_of_its_inner_loop(name, caplog):
+    """Over the limit, the largest tensor (the embedding table) stays fixed within a task — one
+    warning line says so — while the rest still adapts and the meta-gradient still trains it."""
+    base = next(cls for cls in META_ALGORITHMS if cls.name == name)
+    assert base.max_adapted == 250_000  # hashbag's 1,052,736 default weights are over it, conv4's 111,936 not
+    small = type(base.__name__, (base,), {"max_adapted": 1_000})
+    backbone, pool = _text_problem()
+    algorithm = small(meta_batch=2, inner_steps=2)
+    with caplog.at_level("WARNING", logger="autometa.meta"):
+        algorithm.setup(backbone, pool, (3, 1, 2))
+    table = "encoders.text.embedding.weight"
+    assert algorithm.fixed_in_task == {table}
+    [record] = [r for r in caplog.records if r.name == "autometa.meta"]
+    assert record.getMessage() == (
+        f"{name} adapts 72 of the backbone's 4,168 weights per task (its inner loop costs time and memory per "
+        f"weight; limit 1,000): {table} stay fixed within a task and are meta-learned only"
+    )
+    if name == "metasgd":
+        assert "encoders:text:embedding:weight" not in algorithm.inner_lrs
+        assert sum(p.numel() for p in algorithm.inner_lrs.parameters()) == 72 + 8 + 1
+
+    task = pool.episodes(1, 3, 1, 2, np.random.default_rng(0))
+    start = algorithm._initial(3)
+    support = {k: v[0] for k, v in task.support_inputs().items()}
+    body, _ = algorithm.adapt(start, support, task.support_y[0])
+    assert body[table] is start[0][table]  # not even a copy: untouched
+    assert not torch.equal(body["encoders.text.proj.weight"], start[0]["encoders.text.proj.weight"])
+
+    before = backbone.encoders["text"].embedding.weight.detach().clone()
+    algorithm.train_step(pool, np.random.default_rng(1))
+    assert not torch.equal(backbone.encoders["text"].embedding.weight, before)  # meta-learned still
+
+
+def test_under_the_limit_everything_adapts(caplog):
+    backbone, pool = _text_problem()
+    with caplog.at_level("WARNING", logger="autometa.meta"):
+        MetaLSTM(meta_batch=1, inner_steps=1).setup(backbone, pool, (3, 1, 2))
+        MAML().setup(backbone, pool, (3, 1, 2))
+    assert not [r for r in caplog.records if r.name == "autometa.meta"]

@@ -104,10 +104,15 @@ class MetaLSTM(GradientMetaLearner):
     θ₀. ``first_order`` (the paper's choice, and the default) treats the gradient and loss the
     rule reads as inputs, not differentiated through; the meta-gradient still reaches θ₀ through
     fₜ ⊙ θₜ₋₁ and the gates. ``inner_lr`` is the input gate's starting value, below 1 as the
-    gate is a sigmoid; ``hidden_size`` the rule's LSTM width.
+    gate is a sigmoid; ``hidden_size`` the rule's LSTM width. Beyond ``max_adapted`` backbone
+    weights the largest tensors stay fixed within a task (a one-line warning says which).
     """
 
     name = "metalstm"
+    # About 4-10 µs and 1-1.4 KB per adapted weight, task and inner step on one CPU core
+    # (benchmarks/meta_sizes.py; a hashed embedding table's million: 10 s and 1 GB per meta-update
+    # at 1 task × 1 step). 250,000 covers conv4 (111,936) and lsa (65,792), not such a table.
+    max_adapted = 250_000
     search_space = {
         **_SHARED_SPACE,
         "inner_lr": FloatDistribution(1e-3, 0.5, log=True),
@@ -152,21 +157,24 @@ class MetaLSTM(GradientMetaLearner):
         return {"backbone": self.backbone, "update_rule": self.update_rule}
 
     def adapt(self, params: Params, x, y, *, steps: int | None = None) -> Params:
-        params = self._start(params, x, y)
-        # The rule sees all coordinates as one vector; the model reads them back as its tensors.
+        fixed, params = self._split(self._start(params, x, y))
+        # The rule sees all adapted coordinates as one vector; the model reads them back as its tensors.
         leaves, spec = tree_flatten(params)
         sizes = [t.numel() for t in leaves]
 
         def unflatten(theta: torch.Tensor) -> Params:
             return tree_unflatten([t.reshape(leaf.shape) for t, leaf in zip(theta.split(sizes), leaves)], spec)
 
+        def loss(adapted: Params, x, y) -> torch.Tensor:
+            return self._loss(self._join(fixed, adapted), x, y)
+
         theta = _flat(params)
         state = self.update_rule.initial_state(theta)
         for _ in range(self.inner_steps if steps is None else steps):
             current = unflatten(theta)
-            grads, loss = grad_and_value(self._loss)(_detach(current) if self.first_order else current, x, y)
-            theta, state = self.update_rule(theta, _flat(grads), loss, state)
-        return unflatten(theta)
+            grads, value = grad_and_value(loss)(_detach(current) if self.first_order else current, x, y)
+            theta, state = self.update_rule(theta, _flat(grads), value, state)
+        return self._join(fixed, unflatten(theta))
 
 
 class SourceSample(nn.Module):
