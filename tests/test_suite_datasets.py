@@ -106,3 +106,34 @@ def test_kanjivg_is_a_fewshot_image_file(tmp_path):
     assert data.protocol == "fewshot" and data.path.name == "kanjivg-c3-i2-seed0.npz"
     dataset = load_dataset(data.path, data.label)
     assert len(dataset) == 6 and len(dataset.classes) == 3 and dataset.modalities == ["image"]
+
+
+def test_wordnet_glosses_by_lexicographer_file(tmp_path):
+    from helpers import fake_wordnet
+
+    source = fake_wordnet(tmp_path / "wordnet", classes=16, per_class=8)
+    data = suite.wordnet(tmp_path, per_class=6, source=source)
+    assert data.protocol == "fewshot" and data.label == "lexname" and data.path.name == "wordnet-p6-seed0.csv"
+    assert "WordNet 3.0 licence" in data.licence and "Princeton" in data.licence
+    frame = pd.read_csv(data.path)
+    assert list(frame.columns) == ["gloss", "lexname"] and len(frame) == 16 * 6
+    counts = Counter(frame["lexname"])
+    assert set(counts) == set(suite.LEXNAMES[3:19]) and set(counts.values()) == {6}
+    assert "noun.Tops" in counts and "noun.act" in counts  # numbers 3 and 4 of lexnames(5WN)
+    assert not frame["gloss"].str.contains("LICENSEE").any() and frame["gloss"].is_unique
+    # A gloss keeps its class's own words: c3w… glosses are noun.Tops.
+    assert (frame.loc[frame["gloss"].str.contains("c3w"), "lexname"] == "noun.Tops").all()
+    assert modalities(data.path, "lexname") == {"gloss": "text"}
+    again = suite.wordnet(tmp_path / "again", per_class=6, source=source)
+    assert again.path.read_bytes() == data.path.read_bytes()  # the same draw: the same fingerprint
+    with pytest.raises(suite.DataError, match="apt-get install wordnet-base"):
+        suite.wordnet(tmp_path / "none", source=tmp_path / "missing")
+
+
+@pytest.mark.skipif(not (suite.WORDNET_DIR / "data.noun").is_file(), reason="needs Debian's wordnet-base")
+def test_wordnet_from_the_installed_files(tmp_path):
+    frame = pd.read_csv(suite.wordnet(tmp_path).path)
+    counts = Counter(frame["lexname"])
+    assert len(counts) == 45 and len(frame) == 3513 and max(counts.values()) == 80
+    # The classes with fewer distinct glosses than 80 keep them all.
+    assert {k: v for k, v in counts.items() if v < 80} == {"noun.motive": 42, "noun.Tops": 51, "adj.ppl": 60}

