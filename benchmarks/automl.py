@@ -262,9 +262,9 @@ def run_autometa(prepared: Prepared, budget: float, seed: int, work: Path, devic
         if best["test_units"] != len(prepared.test):
             raise SystemExit(f"{prepared.name}: autometa scored {best['test_units']} test tasks, the split here has "
                              f"{len(prepared.test)}: the benchmark's split is not the search's")
-        sem = best["test_ci95"] / 1.96  # the search reports a normal-approximation 95% interval
-        return task_result(prepared, "autometa", best["test_accuracy"], sem, best["test_units"],
-                           trials=finished, wall_s=wall, details=details)
+        # The search's own interval: Student's t over the test tasks, as task_result computes it.
+        return Result(prepared.name, "autometa", best["test_accuracy"], best["test_ci95_low"], best["test_ci95_high"],
+                      best["test_units"], "tasks", trials=finished, wall_s=wall, details=details)
     n = len(prepared.test_rows)
     if best["test_units"] != n:
         raise SystemExit(f"{prepared.name}: autometa scored {best['test_units']} test rows, the split here has {n}: "
