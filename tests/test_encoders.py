@@ -78,7 +78,7 @@ def test_defaults_keep_their_place():
     first = {}
     for cls in ENCODERS:
         first.setdefault(cls.modality, cls.name)
-    assert first == {"tabular": "mlp", "text": "hashbag", "image": "conv4", "vector": "identity"}
+    assert first == {"tabular": "mlp", "text": "lsa", "image": "conv4", "vector": "identity"}
     assert len({cls.name for cls in ENCODERS}) == len(ENCODERS)
     registry = get_registry()
     assert not registry.problems

@@ -331,4 +331,4 @@ class ResNet12(Encoder):
 
 
 # Registered in this order: the first encoder of each modality is its default.
-ENCODERS = [TabularMLP, TabularLinear, FTTransformer, HashBag, BagOfWords, LatentSemantic, MiniLM, Conv4, ResNet12, Identity, VectorMLP]
+ENCODERS = [TabularMLP, TabularLinear, FTTransformer, LatentSemantic, HashBag, BagOfWords, MiniLM, Conv4, ResNet12, Identity, VectorMLP]
