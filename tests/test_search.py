@@ -8,9 +8,9 @@ import importlib
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
+import autometa_builtins
 import numpy as np
 import optuna
 import pandas as pd
@@ -19,17 +19,16 @@ import torch
 from click.testing import CliRunner
 from optuna.trial import FixedTrial, TrialState
 
-import autometa_builtins
-from autometa.cli import cli
-from autometa.errors import AutometaError
+from autometa.cli.main import cli
 from autometa.components import MetaAlgorithm
-from autometa.data import fingerprint, load_dataset
-from autometa.evaluation import evaluate
+from autometa.data.loading import fingerprint, load_dataset
+from autometa.data.scoring import evaluate
+from autometa.errors import AutometaError
 from autometa.hookspecs import hookimpl
 from autometa.plugins import PluginHost
 
 # The search engine module (``autometa.search`` is the function it defines).
-search_module = importlib.import_module("autometa.study")
+search_module = importlib.import_module("autometa.study.engine")
 search = search_module.search
 
 FAST = dict(steps=20, eval_every=10, progress=False, echo=lambda s: None)
