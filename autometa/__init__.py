@@ -20,7 +20,7 @@ _EXPORTS = {
     "Task": "autometa.types", "TrainingPool": "autometa.types",
     "hookimpl": "autometa.hookspecs",
     "Dataset": "autometa.data.loading", "load_dataset": "autometa.data.loading",
-    "search": "autometa.study.engine",
+    "search": "autometa.study.engine", "SearchSettings": "autometa.study.settings",
     "Model": "autometa.results.artifacts", "load": "autometa.results.artifacts",
 }
 

@@ -37,6 +37,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from autometa_builtins.fusions import FUSIONS
 from helpers import make_distribution, open_storages_together
 from optuna.trial import TrialState
 from PIL import Image

@@ -32,7 +32,7 @@ from autometa.store import storage as stores
 from autometa.store.schema import process_alive as _alive
 from autometa.store.storage import open_storage, storage_for
 from autometa.study import budget, devices, pool
-from autometa.study.engine import SearchSpec, build_runner
+from autometa.study.objective import SearchSpec, build_runner
 
 # One cheap configuration: 100 trials of it take seconds, and protonet ▶ linear has nothing to
 # sample that could fail, so a FAIL below is the fault a test caused.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from autometa.store import DEFAULT_DB
+
 
 @click.group()
 def db():
@@ -17,7 +19,7 @@ def _emit(rows: list[dict], fmt: str, raw: bool = False) -> None:
 
 
 _db_options = [
-    click.option("--db", "url", default="sqlite:///studies.db", show_default=True, help="SQLAlchemy URL."),
+    click.option("--db", "url", default=DEFAULT_DB, show_default=True, help="SQLAlchemy URL."),
     click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True),
 ]
 
@@ -105,7 +107,7 @@ def db_sql(statement, limit, timeout, max_bytes, url, fmt):
 
 
 @db.command("upgrade")
-@click.option("--db", "url", default="sqlite:///studies.db", show_default=True, help="SQLAlchemy URL.")
+@click.option("--db", "url", default=DEFAULT_DB, show_default=True, help="SQLAlchemy URL.")
 def db_upgrade(url):
     """Add or upgrade autometa's tables (a database from autometa 0.1 is filled from its studies)."""
     from autometa.store.schema import upgrade

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import click
 
+from autometa.study.settings import SearchSettings
+
+DEFAULTS = SearchSettings()
+
 
 @click.group()
 def kb() -> None:
@@ -18,15 +22,15 @@ def kb() -> None:
 @click.option("--only", multiple=True, metavar="NAME", help="With --collection: only these tables (repeatable).")
 @click.option("--db", required=True, help="SQLAlchemy URL of the database to fill.")
 @click.option("--trials", type=int, required=True, help="Each dataset's trial budget.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)
 @click.option("--protocol", type=click.Choice(["auto", "fewshot", "grouped", "standard"]), default="standard",
               show_default=True)
-@click.option("--steps", type=int, default=300, show_default=True, help="Meta-training steps per trial.")
-@click.option("--eval-every", type=int, default=50, show_default=True)
-@click.option("--validation-tasks", type=int, default=100, show_default=True)
-@click.option("--test-tasks", type=int, default=600, show_default=True)
-@click.option("--devices", default="auto", show_default=True)
-@click.option("--trials-per-device", type=int, default=1, show_default=True)
+@click.option("--steps", type=int, default=DEFAULTS.steps, show_default=True, help="Meta-training steps per trial.")
+@click.option("--eval-every", type=int, default=DEFAULTS.eval_every, show_default=True)
+@click.option("--validation-tasks", type=int, default=DEFAULTS.validation_tasks, show_default=True)
+@click.option("--test-tasks", type=int, default=DEFAULTS.test_tasks, show_default=True)
+@click.option("--devices", default=DEFAULTS.devices, show_default=True)
+@click.option("--trials-per-device", type=int, default=DEFAULTS.trials_per_device, show_default=True)
 @click.option("--in-process", is_flag=True, help="Run trials in this process (no isolation; reproducible sampling).")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=str), default=None,
               help="Where --collection writes its CSVs (default: ~/.cache/autometa/tabular).")

@@ -82,35 +82,29 @@ def _echo_table(header: tuple[str, ...], table: list[tuple]) -> None:
 def _list(fmt: str, by: str, hook: str | None) -> None:
     if by == "plugin":
         rows = plugin_rows(hook)
-        if fmt == "json":
-            click.echo(json.dumps(rows, indent=2))
-            return
-        _echo_table(
-            ("plugin", "distribution", "version", "hooks", "components", "status"),
-            [
-                (r["plugin"], r["distribution"] or "-", r["version"] or "-", ", ".join(r["hooks"]) or "-",
-                 "; ".join(f"{kind.replace('_', '-')}: {', '.join(names)}"
-                           for kind, names in r["components"].items() if names) or "-",
-                 "; ".join([r["status"], *r["problems"]]))
-                for r in rows
-            ],
-        )
-        return
-    rows = component_rows(hook)
-    if fmt == "json":
-        click.echo(json.dumps(rows, indent=2))
-        return
-    _echo_table(
-        ("kind", "name", "modality", "plugin", "version", "hyperparameters"),
-        [
+        header = ("plugin", "distribution", "version", "hooks", "components", "status")
+        table = [
+            (r["plugin"], r["distribution"] or "-", r["version"] or "-", ", ".join(r["hooks"]) or "-",
+             "; ".join(f"{kind.replace('_', '-')}: {', '.join(names)}"
+                       for kind, names in r["components"].items() if names) or "-",
+             "; ".join([r["status"], *r["problems"]]))
+            for r in rows
+        ]
+    else:
+        rows = component_rows(hook)
+        header = ("kind", "name", "modality", "plugin", "version", "hyperparameters")
+        table = [
             (r["kind"], r["name"],
              r["modality"] or ("protocols: " + ",".join(r["protocols"]) if r["protocols"] else "-"),
              r["plugin"], r["version"] or "-",
              (", ".join(r["hyperparameters"]) or "-")
              + (f"  [unavailable: {r['unavailable']}]" if r["unavailable"] else ""))
             for r in rows
-        ],
-    )
+        ]
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        _echo_table(header, table)
 
 
 def _list_options(function):

@@ -23,6 +23,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import matplotlib
 
+from autometa.errors import first_line
+
 if "matplotlib.pyplot" not in sys.modules and "MPLBACKEND" not in os.environ:
     # Optuna's plots draw through pyplot; a report is written, never shown, so it must not
     # need a display. A backend the user already chose (notebook, MPLBACKEND) is left alone.
@@ -64,13 +66,6 @@ def build_report(study: str, db: str = DEFAULT_DB, output: Path | str | None = N
     target = folder / "report.html"
     target.write_text(page, encoding="utf-8")
     return target
-
-
-# --- reading the database -------------------------------------------------------------------
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]
 
 
 # --- configurations from trial parameters ---------------------------------------------------
@@ -237,7 +232,7 @@ class _Report:
             return self.figure(name, draw(), alt, caption)
         except Exception as exc:  # noqa: BLE001 - reported on the page and in the log
             logger.warning("report figure %s failed: %s: %s", name, type(exc).__name__, exc)
-            return _note(f"The {alt} figure could not be drawn: {type(exc).__name__}: {_first_line(exc)}")
+            return _note(f"The {alt} figure could not be drawn: {type(exc).__name__}: {first_line(exc)}")
 
     def render(self) -> str:
         parts = {
@@ -419,7 +414,7 @@ class _Report:
                 # Seeded: fANOVA's random forest would otherwise rank differently on every report.
                 raw = optuna.importance.get_param_importances(self.study, evaluator=FanovaImportanceEvaluator(seed=0))
         except Exception as exc:  # noqa: BLE001 - explained on the page instead
-            return _note(f"Optuna could not compute importances: {type(exc).__name__}: {_first_line(exc)}")
+            return _note(f"Optuna could not compute importances: {type(exc).__name__}: {first_line(exc)}")
         # A parameter that never changed explains nothing; listing it as 0 would only add noise.
         fixed = sorted(k for k in raw if len({repr(t.params.get(k)) for t in self.complete}) == 1)
         importances = [(k, float(v)) for k, v in raw.items() if k not in fixed and math.isfinite(float(v))]

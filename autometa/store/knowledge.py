@@ -17,11 +17,14 @@ from typing import Any, Iterable
 
 import optuna
 from optuna.trial import TrialState
+from sqlalchemy import inspect as sql_inspect
+from sqlalchemy.engine import make_url
 
 from autometa._version import __version__
 from autometa.config import structure
 from autometa.errors import DataError, SearchError
-from autometa.store import PRIOR_PATH
+from autometa.store import PRIOR_PATH, schema
+from autometa.store.storage import open_storage
 
 
 @dataclass(frozen=True)
@@ -144,12 +147,6 @@ def database_experiences(db: str, *, exclude_study: str | None = None) -> list[E
     Datasets and meta-features come from autometa's tables (``autometa.schema``); a study those
     tables do not list (written before them) is described by its own user attributes.
     """
-    from sqlalchemy import inspect as sql_inspect
-    from sqlalchemy.engine import make_url
-
-    from autometa.store import schema
-    from autometa.store.storage import open_storage
-
     url = make_url(db)
     if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
         return []

@@ -45,6 +45,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from autometa.errors import AutometaError, SearchError, first_line
+from autometa.plugins import get_registry
 
 SCHEMA_VERSION = 2
 STATUSES = ("running", "finished", "interrupted", "failed")
@@ -286,8 +287,6 @@ def _backfill_from_attributes(connection: Connection) -> None:
 def _installed_plugin_versions() -> dict[str, str | None]:
     """"kind/name" → where it comes from now, for 0.1 searches (which did not store versions)."""
     try:
-        from autometa.plugins import get_registry
-
         registry = get_registry()
     except AutometaError as exc:
         logger.warning("plugin versions of upgraded searches left unknown: %s", exc)

@@ -17,7 +17,7 @@ from autometa.errors import SearchError
 from autometa.store.storage import FINISHED, storage_for
 from autometa.study.budget import DatabaseBudget, budget_used
 from autometa.study.devices import resolve_devices, worker_label
-from autometa.study.engine import SearchSpec, build_runner
+from autometa.study.objective import SearchSpec, build_runner
 from autometa.study.pool import recover_orphans, run_pool
 
 

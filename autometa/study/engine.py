@@ -7,17 +7,10 @@ fixed validation tasks; only the leaderboard's finalists are scored on the test 
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import os
 import platform
 import sys
-import time
-import warnings
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,114 +21,25 @@ from tqdm.auto import tqdm
 
 from autometa._version import __version__
 from autometa.components import MetaAlgorithm
-from autometa.config import Config, configuration_seed, default_trials, sample_config, search_choices, stored_config
+from autometa.config import default_trials, search_choices, stored_config
 from autometa.data.loading import Dataset, load_dataset
 from autometa.data.metafeatures import describe
 from autometa.data.protocols import Split, choose_protocol, make_split
-from autometa.data.scoring import INTERVALS, Baseline, Score, baselines, caveats, evaluate, score_unit
+from autometa.data.scoring import baselines, caveats
 from autometa.errors import AutometaError, SearchError
 from autometa.plugins import Registry, get_registry
-from autometa.results.artifacts import folder_name, one_line, save_model
+from autometa.results.artifacts import folder_name, save_model
 from autometa.store import schema
 from autometa.store.storage import FINISHED, checkpoint, storage_for
 from autometa.study import warmstart
 from autometa.study.budget import budget_used
-from autometa.study.devices import Slot, resolve_devices, worker_label
+from autometa.study.devices import resolve_devices, worker_label
+from autometa.study.leaderboard import SearchResult, _leaderboard
+from autometa.study.objective import SearchSpec, TrialRunner, build_runner, default_pruner, default_sampler
 from autometa.study.pool import recover_orphans, run_pool
 from autometa.study.settings import SearchSettings
-from autometa.study.training import count_parameters, train
 
 logger = logging.getLogger("autometa.study.engine")
-
-
-@dataclass
-class LeaderboardEntry:
-    rank: int
-    trial: int
-    config: Config
-    validation: float
-    test: Score
-    parameters: int
-    algorithm: MetaAlgorithm | None = field(default=None, repr=False, compare=False)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "trial": self.trial,
-            "meta_algorithm": self.config.meta_algorithm,
-            "fusion": self.config.fusion,
-            "encoders": self.config.encoders,
-            "crossmodal_weight": self.config.crossmodal_weight,
-            "validation_accuracy": self.validation,
-            **self.test.as_dict(),
-            "parameters": self.parameters,
-        }
-
-
-@dataclass
-class SearchResult:
-    study: optuna.Study
-    dataset: Dataset
-    split: Split
-    leaderboard: list[LeaderboardEntry]
-    baselines: list[Baseline]
-    new_trials: int
-    model_path: Path | None = None
-
-    @property
-    def best(self) -> LeaderboardEntry | None:
-        return self.leaderboard[0] if self.leaderboard else None
-
-    def outcomes(self, shown: int = 3) -> str:
-        """The study's trials counted by what became of them, most common first, e.g. "3 failed:
-        RuntimeError: ...; 1 pruned" (for a search in which none completed)."""
-        words = {TrialState.FAIL: "failed", TrialState.PRUNED: "pruned", TrialState.RUNNING: "still running",
-                 TrialState.WAITING: "waiting"}
-        counts = Counter(
-            "completed" if t.state == TrialState.COMPLETE else f"{words[t.state]}: " + one_line(
-                t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason") or "no reason recorded", 160)
-            for t in self.study.get_trials(deepcopy=False)
-        )
-        listed = [f"{n} {what}" for what, n in counts.most_common(shown)]
-        rest = sum(counts.values()) - sum(n for _, n in counts.most_common(shown))
-        return "; ".join(listed + ([f"{rest} more with other reasons"] if rest else [])) or "no trials"
-
-    @property
-    def majority(self) -> Score:
-        """The majority-class (few-shot: chance) baseline's test score."""
-        return self.baselines[0].score
-
-    @property
-    def warnings(self) -> list[str]:
-        return caveats(self.split)
-
-    def format_leaderboard(self) -> str:
-        unit = score_unit(self.split)
-        n = self.baselines[0].score.n
-        lines = [
-            f"Leaderboard ({self.split.protocol} protocol): test accuracy [95% confidence interval] over {n} test "
-            f"{unit} ({INTERVALS[unit]})",
-            f"{'rank':>4}  {'trial':>5}  {'validation':>10}  {'test':>20}  configuration",
-        ]
-        for e in self.leaderboard:
-            lines.append(f"{e.rank:>4}  {e.trial:>5}  {100 * e.validation:>9.1f}%  {str(e.test):>20}  {e.config.label()}")
-        for b in self.baselines:
-            lines.append(f"{'':>4}  {'':>5}  {'':>10}  {str(b.score):>20}  baseline: {b.label}")
-        lines += [f"note: {w}" for w in self.warnings]
-        return "\n".join(lines)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The result as `autometa search --format json` prints it."""
-        return {
-            "study": self.study.study_name,
-            "protocol": self.split.protocol,
-            "test_unit": score_unit(self.split),
-            "interval": INTERVALS[score_unit(self.split)],
-            "leaderboard": [e.as_dict() for e in self.leaderboard],
-            "baselines": [b.as_dict() for b in self.baselines],
-            "warnings": self.warnings,
-            "model": str(self.model_path) if self.model_path else None,
-        }
 
 
 def open_study(name: str, storage, db: str, sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner) -> optuna.Study:
@@ -147,171 +51,6 @@ def open_study(name: str, storage, db: str, sampler: optuna.samplers.BaseSampler
         raise
     except Exception as exc:
         raise SearchError(f"cannot open the study database {db}: {type(exc).__name__}: {exc}") from exc
-
-
-@dataclass
-class SearchSpec:
-    """How to rebuild a search's split and space anywhere: in a worker process or on another
-    machine (stored with the study for `autometa worker`)."""
-
-    data: str | None
-    label: str
-    group: str | None
-    columns: dict[str, str]
-    image_size: tuple[int, int]
-    protocol: str
-    ways: int
-    shots: int
-    queries: int
-    validation_tasks: int
-    test_tasks: int
-    seed: int
-    choices: dict[str, list[str]]
-    steps: int
-    eval_every: int
-    budget: int
-    fingerprint: str = ""  # the data's (specs stored before study keys lack it)
-
-    def settings(self) -> dict[str, Any]:
-        """What makes a study one experiment: everything that changes its split or its
-        objective. Not the budget, the timeouts or the devices, nor where the data file lies;
-        nor settings its protocol ignores (ways on the standard protocol, task counts outside
-        few-shot, the image size without images)."""
-        found = {
-            "label": self.label, "group": self.group, "columns": self.columns, "protocol": self.protocol,
-            "seed": self.seed, "shots": self.shots, "queries": self.queries, "steps": self.steps,
-            "eval_every": self.eval_every, "choices": self.choices,
-        }
-        if self.protocol != "standard":
-            found["ways"] = self.ways
-        if self.protocol == "fewshot":
-            found.update(validation_tasks=self.validation_tasks, test_tasks=self.test_tasks)
-        if "image" in self.columns.values():
-            found["image_size"] = "×".join(map(str, self.image_size))
-        return found
-
-    def key(self) -> str:
-        """A short hash of the data's fingerprint and :meth:`settings`: the study's identity."""
-        text = json.dumps([self.fingerprint, self.settings()], sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:10]
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "SearchSpec":
-        data = dict(data)
-        data["image_size"] = tuple(data["image_size"])
-        return cls(**data)
-
-
-class TrialRunner:
-    """Optuna's objective: sample a configuration, meta-train it, return validation accuracy."""
-
-    def __init__(self, split: Split, registry: Registry, spec: SearchSpec, device: str, *, label: str = "",
-                 events=None, parent_pid: int | None = None, bar=None, cache: dict | None = None, top_k: int = 3):
-        self.split, self.registry, self.spec, self.device = split, registry, spec, device
-        self.label, self.events, self.parent_pid, self.bar = label or device, events, parent_pid, bar
-        self.cache, self.top_k = cache, top_k
-        self.stop_requested = False
-
-    def _emit(self, *event) -> None:
-        if self.events is not None:
-            self.events.put(event)
-
-    def __call__(self, trial: optuna.Trial) -> float:
-        spec = self.spec
-        try:
-            config = sample_config(trial, self.registry, spec.choices)
-        except Exception as exc:  # a plugin's suggest() or a queued value outside the choices
-            trial.set_user_attr("wall_time_s", 0.0)
-            trial.set_user_attr("fail_reason", f"sampling the configuration failed: {failure_reason(exc, self.device)}")
-            raise
-        trial_seed = configuration_seed(spec.seed, trial.params)
-        for key, value in (("seed", trial_seed), ("device", self.device), ("steps", spec.steps),
-                           ("worker", self.label), ("pid", os.getpid()), ("host", platform.node())):
-            trial.set_user_attr(key, value)
-        self._emit("start", self.label, trial.number, config.label())
-        if self.bar is not None:
-            self.bar.set_description(f"trial {trial.number}: {config.label()}")
-        started = time.perf_counter()
-
-        def report(step: int, value: float) -> None:
-            if self.parent_pid is not None and os.getppid() != self.parent_pid:
-                self.stop_requested = True  # the search process is gone: leave the trial for recovery
-                raise SystemExit(0)
-            trial.report(value, step)
-            self._emit("step", self.label, trial.number, step, spec.steps, value)
-            if self.bar is not None:
-                self.bar.set_postfix_str(f"step {step}/{spec.steps} val {100 * value:.1f}%")
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at step {step} (validation {100 * value:.1f}%)")
-
-        try:
-            algorithm, score = train(
-                config, self.split, seed=trial_seed, steps=spec.steps, eval_every=spec.eval_every,
-                registry=self.registry, report=report,
-            )
-        except optuna.TrialPruned as exc:
-            trial.set_user_attr("wall_time_s", time.perf_counter() - started)
-            trial.set_user_attr("prune_reason", str(exc))
-            raise
-        except Exception as exc:
-            trial.set_user_attr("wall_time_s", time.perf_counter() - started)
-            trial.set_user_attr("fail_reason", failure_reason(exc, self.device))
-            if isinstance(exc, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            raise
-        finally:
-            self._emit("end", self.label, trial.number)
-        trial.set_user_attr("wall_time_s", time.perf_counter() - started)
-        trial.set_user_attr("parameters", count_parameters(algorithm))
-        if self.cache is not None:
-            _keep_best(self.cache, trial.number, score.mean, algorithm, self.top_k)
-        return score.mean
-
-
-def failure_reason(exc: BaseException, device: str) -> str:
-    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
-        return f"out of memory on {device}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-    return str(exc) if isinstance(exc, AutometaError) else f"{type(exc).__name__}: {exc}"
-
-
-def default_sampler(spec: SearchSpec, offset: int = 0) -> optuna.samplers.BaseSampler:
-    """Multivariate, grouped TPE (the space is conditional), liar-aware for parallel workers."""
-    with warnings.catch_warnings():  # multivariate/group are stable in practice, still flagged experimental
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(
-            multivariate=True, group=True, seed=spec.seed + offset,
-            n_startup_trials=min(10, max(3, spec.budget // 3)), constant_liar=True,
-        )
-
-
-def default_pruner(spec: SearchSpec) -> optuna.pruners.BasePruner:
-    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=spec.eval_every)
-
-
-def build_runner(
-    slot: Slot, spec: SearchSpec, dataset: Dataset | None, sampler=None, pruner=None, existing: int = 0, *,
-    events=None, parent_pid=None,
-) -> TrialRunner:
-    """A worker's objective: rebuild the (deterministic) split on the worker's device.
-
-    Each worker samples with its own seed, so parallel workers do not propose the same trials.
-    """
-    if dataset is None:
-        if spec.data is None:
-            raise SearchError("this search's data was passed as an object, so it cannot be reloaded; give a file path")
-        dataset = load_dataset(spec.data, spec.label, group=spec.group, columns=spec.columns, image_size=spec.image_size)
-    split = make_split(
-        dataset, spec.protocol, ways=spec.ways, shots=spec.shots, queries=spec.queries,
-        validation_tasks=spec.validation_tasks, test_tasks=spec.test_tasks, seed=spec.seed, device=slot.device,
-    )
-    runner = TrialRunner(split, get_registry(), spec, slot.device, label=slot.label, events=events, parent_pid=parent_pid)
-    offset = 7919 * existing + 104729 * (slot.index + 1) + 31 * sum(map(ord, slot.device)) + os.getpid() % 997
-    runner.sampler = sampler or default_sampler(spec, offset)
-    runner.pruner = pruner or default_pruner(spec)
-    return runner
 
 
 def study_name_for(dataset: Dataset, spec: SearchSpec) -> str:
@@ -381,7 +120,7 @@ def search(
     the sampler explores (False: the sampler chooses every trial). ``warm_start``: a new
     study's first trials are the best configurations of the
     ``warm_start_k`` most similar datasets in ``db`` and ``warm_start_prior`` (None: the
-    database only), ``warm_start_configs`` in all (see :mod:`autometa.warmstart`).
+    database only), ``warm_start_configs`` in all (see :mod:`autometa.study.warmstart`).
     """
     settings = (settings or SearchSettings()).replace(**overrides)
     say = settings.echo or (lambda msg: print(msg, file=sys.stderr))
@@ -651,44 +390,6 @@ def _optimize_pool(study, db, slots, spec, dataset, custom, existing, n_trials, 
         raise
     finally:
         bar.close()
-
-
-def _keep_best(cache: dict[int, tuple[float, MetaAlgorithm]], number: int, value: float, algorithm: MetaAlgorithm,
-               top_k: int) -> None:
-    """Keep the ``top_k`` best trained models of this run (by validation), so the leaderboard
-    need not retrain them."""
-    cache[number] = (value, algorithm)
-    for stale in sorted(cache, key=lambda n: cache[n][0], reverse=True)[top_k:]:
-        del cache[stale]
-
-
-def _leaderboard(study, split, registry, choices, top_k, steps, eval_every, cache, say) -> list[LeaderboardEntry]:
-    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)
-    chosen, seen = [], set()
-    for t in complete:
-        key = tuple(sorted(t.params.items()))
-        if key not in seen:
-            seen.add(key)
-            chosen.append(t)
-        if len(chosen) == top_k:
-            break
-    if not chosen:
-        say("no trial completed: nothing to evaluate on the test tasks (see the failure reasons above)")
-        return []
-    say(f"scoring the top {len(chosen)} configuration(s) on {len(split.test)} held-out test task(s)")
-    entries = []
-    for rank, t in enumerate(chosen, start=1):
-        config = stored_config(t.params, registry, choices)
-        algorithm = cache[t.number][1] if t.number in cache else None
-        if algorithm is None:  # trained in an earlier run: retrain it from its parameters and seed
-            algorithm, _ = train(
-                config, split, seed=t.user_attrs.get("seed", t.number), steps=t.user_attrs.get("steps", steps),
-                eval_every=eval_every, registry=registry,
-            )
-        test = evaluate(algorithm, split.test, score_unit(split))
-        parameters = count_parameters(algorithm)
-        entries.append(LeaderboardEntry(rank, t.number, config, t.value, test, parameters, algorithm))
-    return entries
 
 
 def host_info() -> dict[str, str]:

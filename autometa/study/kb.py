@@ -7,7 +7,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from autometa.data.loading import load_dataset
 from autometa.store.knowledge import SOURCE_ATTR, KnowledgeEntry
+from autometa.store.storage import storage_for
+from autometa.study.engine import finished_trials, search, study_name
 
 
 @dataclass
@@ -34,10 +37,6 @@ def build(
     Resumable: a study that already has ``trials`` finished trials is skipped without loading
     its model; any other resumes (``trials`` is each study's total budget).
     """
-    from autometa.data.loading import load_dataset
-    from autometa.store.storage import storage_for
-    from autometa.study.engine import finished_trials, search, study_name
-
     say = echo or (lambda message: print(message, file=sys.stderr))
     entries = list(entries)
     storage = storage_for(db)

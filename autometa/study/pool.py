@@ -33,11 +33,6 @@ from autometa.store.storage import GRACE_S, REQUEUED, storage_for
 from autometa.study.budget import Budget, DatabaseBudget, budget_used, parent_alive
 from autometa.study.devices import Slot, threads_per_worker
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; searches there start one at a time
-    fcntl = None
-
 MAX_STRIKES = 3  # deaths in a row before any trial, after which a slot is given up
 
 

@@ -28,17 +28,16 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from autometa.config import configuration_label
-from autometa.data.metafeatures import rank_by_meta_features
+from autometa.config import configuration_label, default_trials, sample_config
+from autometa.data.loading import load_dataset
+from autometa.data.metafeatures import describe, rank_by_meta_features
 from autometa.errors import SearchError
 from autometa.store import PRIOR_PATH
 from autometa.store.knowledge import Experience, distinct_best, gather
 from autometa.study.settings import WARM_START_CONFIGS, WARM_START_K
 
-# --- distance -------------------------------------------------------------------------------
-
-
-# --- experiences ----------------------------------------------------------------------------
+# The distance between datasets is autometa.data.metafeatures.rank_by_meta_features; the
+# experiences (database, prior) are autometa.store.knowledge's.
 
 
 # --- translation ----------------------------------------------------------------------------
@@ -90,8 +89,6 @@ def translate(params: Mapping[str, Any], registry, choices: Mapping[str, list[st
     values out of range are left to the sampler, and parameters the stored configuration never
     had (a new modality's encoder, a newer plugin's option) take their defaults.
     """
-    from autometa.config import default_trials, sample_config
-
     fixed: dict[str, Any] = {}
     for key in ("meta_algorithm", "fusion"):
         name = params.get(key)
@@ -205,9 +202,6 @@ def plan(
 def similar(data, label_column: str, *, db: str | None, prior: str | Path | None = PRIOR_PATH, k: int = 10,
             group: str | None = None, columns: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """The stored datasets nearest to ``data`` (a file), nearest first, with their distances."""
-    from autometa.data.loading import load_dataset
-    from autometa.data.metafeatures import describe
-
     if k < 1:
         raise SearchError("--k must be at least 1")
     dataset = load_dataset(data, label_column, group=group, columns=columns)
