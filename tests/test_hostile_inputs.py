@@ -36,8 +36,8 @@ import optuna
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 from autometa_builtins.fusions import FUSIONS
+from click.testing import CliRunner
 from helpers import make_distribution, open_storages_together
 from optuna.trial import TrialState
 from PIL import Image
