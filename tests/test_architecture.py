@@ -1,4 +1,4 @@
-"""The layers of docs/DESIGN ("the folder list is the architecture"), checked from the source.
+"""The layers of the design ("the folder list is the architecture"), checked from the source.
 
 Every import in autometa/ (module-level, function-level and TYPE_CHECKING ones, relative ones
 resolved) is an edge of the import graph. An edge may stay within a layer or go down, never

@@ -1,4 +1,4 @@
-"""Loading tables into typed Datasets (autometa.data) and turning them into features (autometa.data.preprocessing)."""
+"""Loading tables into typed Datasets (autometa.data.loading) and turning them into features (autometa.data.preprocessing)."""
 
 from __future__ import annotations
 

@@ -486,7 +486,7 @@ def test_sql_never_blocks_a_writer_and_stops_runaway_queries(tmp_path, upgraded)
     path = tmp_path / "live.db"
     shutil.copyfile(upgraded, path)
     connection = sqlite3.connect(path)
-    connection.execute("PRAGMA journal_mode = WAL")  # as every search database (autometa.study.pool.storage_for)
+    connection.execute("PRAGMA journal_mode = WAL")  # as every search database (autometa.store.storage.storage_for)
     connection.execute("CREATE TABLE scratch (x INTEGER)")
     connection.commit()
     connection.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib
-import inspect
 import io
 import json
 import os
@@ -68,9 +67,7 @@ def fast(**overrides):
     In-process because a monkeypatched plugin registry does not reach worker processes, and
     starting them costs seconds per search.
     """
-    kwargs = dict(steps=5, eval_every=5, progress=False, echo=lambda m: None, output=None)
-    if "isolate" in inspect.signature(search).parameters:
-        kwargs["isolate"] = False
+    kwargs = dict(steps=5, eval_every=5, progress=False, echo=lambda m: None, output=None, isolate=False)
     kwargs.update(overrides)
     return kwargs
 

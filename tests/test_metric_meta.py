@@ -366,7 +366,7 @@ def test_float64_mlp_backbone(case):
 
 # -- rebuilding a saved model ------------------------------------------------------------------------
 class _SavedPoolInfo:
-    """What a saved model is rebuilt from (autometa.data.protocols.PoolInfo): no rows, no features."""
+    """What a saved model is rebuilt from (autometa.PoolInfo): no rows, no features."""
 
     def __init__(self, n_classes: int):
         self.n_classes, self.device = n_classes, torch.device("cpu")

@@ -347,7 +347,7 @@ def best(db: str, dataset: str, protocol: str | None = None) -> list[dict[str, A
         d for d in stored if len(dataset) >= 4 and d.fingerprint.startswith(dataset.lower())
     ]
     if not matches:
-        raise unknown("dataset", dataset, sorted({d.name for d in stored}), db)
+        raise unknown("dataset", "datasets", dataset, sorted({d.name for d in stored}), db)
     if len(matches) > 1:
         listed = ", ".join(f"{d.name} ({d.fingerprint[:10]})" for d in matches)
         raise SearchError(f"{dataset!r} names {len(matches)} datasets in {shown(db)}: {listed}; pass a fingerprint prefix")

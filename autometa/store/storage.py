@@ -261,12 +261,13 @@ def shown(db: str) -> str:
     return make_url(db).render_as_string(hide_password=True)
 
 
-def unknown(kind: str, name: str, known: list[str], db: str) -> SearchError:
-    """The error for a study or dataset ``name`` that ``db`` does not hold, with close names."""
+def unknown(kind: str, kinds: str, name: str, known: list[str], db: str) -> SearchError:
+    """The error for a ``kind`` (plural ``kinds``) ``name`` that ``db`` does not hold, with close names."""
     close = difflib.get_close_matches(name, known, n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     listed = ", ".join(known[:30]) + (f" … and {len(known) - 30} more" if len(known) > 30 else "")
-    return SearchError(f"no {kind} {name!r} in {shown(db)}; {hint}available {kind}s: {listed or 'none (the database is empty)'}")
+    return SearchError(f"no {kind} {name!r} in {shown(db)}; {hint}available {kinds} there: "
+                       f"{listed or 'none (the database is empty)'}")
 
 
 def load_study(storage: optuna.storages.RDBStorage, name: str, db: str) -> optuna.Study:
@@ -277,7 +278,7 @@ def load_study(storage: optuna.storages.RDBStorage, name: str, db: str) -> optun
         cause = exc.__cause__ or exc
         raise SearchError(f"cannot read the studies in {db}: {first_line(cause)} (the file was not changed)") from exc
     if name not in names:
-        raise unknown("study", name, names, db)
+        raise unknown("study", "studies", name, names, db)
     study = optuna.load_study(study_name=name, storage=storage)
     if len(study.directions) != 1:
         raise SearchError(f"study {name!r} has {len(study.directions)} objectives: it is not an autometa search")
