@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import pytest
 
-from autometa.cli import cli
+from autometa.cli.main import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
