@@ -7,8 +7,7 @@ distributions. A class whose space is conditional overrides ``suggest``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 import optuna
 import torch
@@ -22,39 +21,12 @@ from torch import nn
 
 from autometa.crossmodal import CrossModalMapper
 from autometa.errors import DataError
+from autometa.inputs import MASK_PREFIX, MODALITIES, InputSpec, derived_key  # noqa: F401 - the plugin API names them here too
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from autometa.tasks import Task, TrainingPool
-
-MODALITIES = ("tabular", "text", "image", "vector")
-# Model inputs carry, beside each modality's tensor, a bool [batch] tensor under
-# MASK_PREFIX + modality: True where the row has that modality (missing-modality rows).
-MASK_PREFIX = "present:"
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What an encoder receives for one modality: per-row shape (and vocabulary for text).
-
-    tabular/vector: float ``[batch, features]``; text: int64 token ids ``[batch, length]``
-    with 0 as padding and ids below ``vocab_size``; image: float ``[batch, C, H, W]``.
-    """
-
-    modality: str
-    shape: tuple[int, ...]
-    vocab_size: int | None = None
-
-    @staticmethod
-    def example(modality: str) -> "InputSpec":
-        """A small spec used to check that a component constructs with its defaults."""
-        return {
-            "tabular": InputSpec("tabular", (6,)),
-            "vector": InputSpec("vector", (8,)),
-            "text": InputSpec("text", (12,), vocab_size=64),
-            "image": InputSpec("image", (1, 28, 28)),
-        }[modality]
+    from autometa.types import Task, TrainingPool
 
 
 def suggest_value(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:
@@ -176,11 +148,6 @@ def vmap_blocker(module: nn.Module) -> str | None:
     return None
 
 
-def derived_key(modality: str, encoder: str) -> str:
-    """The input name under which an encoder's prepared input is stored."""
-    return f"{modality}@{encoder}"
-
-
 class Backbone(nn.Module):
     """encoders ▶ fusion: maps a dict of modality inputs to one embedding per row.
 
@@ -247,6 +214,19 @@ class Backbone(nn.Module):
                 embeddings[m] = like.new_zeros(like.shape[:-1] + (enc.out_dim,))
                 masks[m] = torch.zeros(like.shape[:-1], dtype=torch.bool, device=like.device)
         return {m: embeddings[m] for m in self.encoders}, masks
+
+
+def assemble_backbone(config: Any, specs: Mapping[str, InputSpec], input_keys: Mapping[str, str],
+                      build: Callable[..., Any]) -> Backbone:
+    """The backbone ``config`` (an ``autometa.config.Config``) describes: its encoders on their inputs' ``specs``, its fusion,
+    its cross-modal weight. ``build(key, *args, **kwargs)`` constructs the component ``config``
+    names under ``key`` (``encoder.<modality>``, ``fusion``) and says whose it is if that fails;
+    a trial and a saved model differ only in that. One place, so both build the same model."""
+    encoders = {
+        m: build(f"encoder.{m}", specs[input_keys[m]], **config.encoder_params.get(m, {})) for m in config.encoders
+    }
+    fusion = build("fusion", {m: e.out_dim for m, e in encoders.items()}, **config.fusion_params)
+    return Backbone(encoders, fusion, dict(input_keys), crossmodal_weight=config.crossmodal_weight)
 
 
 class MetaAlgorithm(Component):

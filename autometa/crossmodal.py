@@ -18,10 +18,7 @@ are no Python branches on tensor values, and every op works on ``[..., batch, di
 
 from __future__ import annotations
 
-import optuna
 import torch
-from optuna.distributions import FloatDistribution
-from optuna.trial import FixedTrial
 from torch import nn
 
 # Floor of a target's mean squared norm per dimension in the relative error: an RMS of 0.01.
@@ -120,25 +117,3 @@ class CrossModalMapper(nn.Module):
             embeddings[m] = torch.where(keep.unsqueeze(-1), embeddings[m], predicted)
             new_masks[m] = keep | predictable
         return embeddings, new_masks
-
-
-# The search space: whether to map at all (only asked when the data has two or more
-# modalities), then the loss weight, log-uniform. Off by default, as it only pays off when a
-# modality can be missing.
-USE_PARAM = "backbone.crossmodal"
-WEIGHT_PARAM = "backbone.crossmodal_weight"
-WEIGHT = FloatDistribution(1e-2, 10.0, log=True)
-# Trials stored before the mapper existed lack USE_PARAM; rebuilt, they had none.
-DEFAULT_PARAMS = {USE_PARAM: False}
-
-
-def label_suffix(weight: float) -> str:
-    """What a configuration's label says about the mapping (nothing when it is off)."""
-    return f" + cross-modal mapping ×{weight:.3g}" if weight > 0 else ""
-
-
-def suggest_weight(trial: optuna.Trial | FixedTrial, modalities: list[str]) -> float:
-    """The cross-modal loss weight of one trial: 0 (no mapper) or log-uniform in ``WEIGHT``."""
-    if len(modalities) < 2 or not trial.suggest_categorical(USE_PARAM, [False, True]):
-        return 0.0
-    return trial.suggest_float(WEIGHT_PARAM, WEIGHT.low, WEIGHT.high, log=True)

@@ -21,12 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import pluggy
-import torch
-from optuna.distributions import BaseDistribution
 
 from autometa import hookspecs
-from autometa.components import MODALITIES, Encoder, Fusion, InputSpec, MetaAlgorithm
 from autometa.errors import PluginError
+from autometa.inputs import MODALITIES, InputSpec
 
 ENTRY_POINT_GROUP = "autometa"
 BUILTINS_MODULE = "autometa_builtins"
@@ -34,12 +32,8 @@ STRICT_ENV = "AUTOMETA_STRICT_PLUGINS"
 TRACE_ENV = "AUTOMETA_TRACE_PLUGINS"
 logger = logging.getLogger("autometa.plugins")
 
-# kind -> (base class, hook that registers it)
-KINDS = {
-    "encoder": (Encoder, "register_encoders"),
-    "fusion": (Fusion, "register_fusions"),
-    "meta_algorithm": (MetaAlgorithm, "register_meta_algorithms"),
-}
+# kind -> hook that registers it
+KINDS = {"encoder": "register_encoders", "fusion": "register_fusions", "meta_algorithm": "register_meta_algorithms"}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -106,7 +100,15 @@ class Registry:
 
 def validate_component(kind: str, cls: Any) -> None:
     """Raise PluginError (without the plugin's name) if ``cls`` breaks a registration rule."""
-    base, hook = KINDS[kind]
+    # Here, not at the top: torch loads only when components are registered, so a command that
+    # needs none (`autometa --help`, `db ...`) starts without it.
+    import torch
+    from optuna.distributions import BaseDistribution
+
+    from autometa.components import Encoder, Fusion, MetaAlgorithm
+
+    base = {"encoder": Encoder, "fusion": Fusion, "meta_algorithm": MetaAlgorithm}[kind]
+    hook = KINDS[kind]
     if not (inspect.isclass(cls) and issubclass(cls, base)):
         raise PluginError(f"{hook} got {cls!r}, which is not a subclass of autometa.{base.__name__}")
     label = cls.__qualname__
@@ -282,7 +284,7 @@ class PluginHost:
             staged: list[ComponentInfo] = []
             refused: list[str] = []
             try:
-                for kind, (_, hook) in KINDS.items():
+                for kind, hook in KINDS.items():
                     others = [p for p in self.pm.get_plugins() if p is not plugin]
                     caller = self.pm.subset_hook_caller(hook, remove_plugins=others)
 
@@ -355,25 +357,31 @@ def _misspelled(unknown: list[str], exc: BaseException) -> str:
     return f"{', '.join(parts)}; the hooks are {', '.join(known)}"
 
 
-_default: tuple[PluginHost, Registry] | None = None
+# The process's host, with its entry points loaded, and its registry once a command needs it:
+# loading entry points is cheap (plugins' entry modules are light), building the registry
+# imports every component (and torch).
+_default: tuple[PluginHost, Registry | None] | None = None
 
 
 def default_host() -> PluginHost:
-    return _load()[0]
-
-
-def get_registry() -> Registry:
-    """The registry of every installed plugin (loaded once per process)."""
-    return _load()[1]
-
-
-def _load() -> tuple[PluginHost, Registry]:
+    """The host with every installed plugin loaded (once per process); no registry built."""
     global _default
     if _default is None:
         host = PluginHost()
         host.load_entry_points()
-        _default = (host, host.build_registry())
-    return _default
+        _default = (host, None)
+    return _default[0]
+
+
+def get_registry() -> Registry:
+    """The registry of every installed plugin (built once per process)."""
+    global _default
+    host = default_host()
+    registry = _default[1]
+    if registry is None:
+        registry = host.build_registry()
+        _default = (host, registry)
+    return registry
 
 
 def reset() -> None:

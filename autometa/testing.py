@@ -72,10 +72,10 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from autometa.components import MODALITIES, Backbone, InputSpec, MetaAlgorithm
-from autometa.features import Features
-from autometa.plugins import KINDS, Registry, get_registry, validate_component
-from autometa.tasks import Task, TrainingPool
+from autometa.components import Backbone, Encoder, Fusion, MetaAlgorithm
+from autometa.inputs import MODALITIES, InputSpec
+from autometa.plugins import Registry, get_registry, validate_component
+from autometa.types import Features, Task, TrainingPool
 
 __all__ = [
     "ConformanceError",
@@ -183,9 +183,30 @@ def conformance_params(
     return params
 
 
+def toy_pool(features: Features, labels: Any, rows: Iterable[int] | None = None, *,
+             device: str | torch.device = "cpu") -> TrainingPool:
+    """A training pool over ``rows`` of ``features`` (default: every row), one source: for a
+    plugin's own tests of ``setup`` and ``train_step``. ``labels`` are every row's class."""
+    labels = torch.as_tensor(labels)
+    rows = np.arange(len(labels)) if rows is None else np.asarray(list(rows))
+    y = labels.cpu().numpy()
+    by_class = {int(c): rows[y[rows] == c] for c in np.unique(y[rows])}
+    return TrainingPool(features, labels.to(device), rows, [by_class], torch.device(device))
+
+
+def toy_task(features: Features, labels: Any, support: Iterable[int], query: Iterable[int]) -> Task:
+    """One task of ``features``: ``support`` and ``query`` rows, their classes (``labels`` of every
+    row) numbered 0..n_way-1 in sorted order: for a plugin's own tests of ``predict``."""
+    labels = torch.as_tensor(labels)
+    support, query = torch.as_tensor(list(support)), torch.as_tensor(list(query))
+    classes = torch.unique(labels[support])
+    local = torch.searchsorted(classes, labels)  # every row's index among the support's classes
+    return Task(features, support, local[support], query, local[query], len(classes))
+
+
 # -- plumbing ------------------------------------------------------------------------------------
 def _kind_of(cls: Any) -> str:
-    for kind, (base, _) in KINDS.items():
+    for kind, base in (("encoder", Encoder), ("fusion", Fusion), ("meta_algorithm", MetaAlgorithm)):
         if inspect.isclass(cls) and issubclass(cls, base):
             return kind
     raise ConformanceError(f"{cls!r} is not a subclass of autometa's Encoder, Fusion or MetaAlgorithm")
@@ -680,7 +701,7 @@ def _state(algorithm: MetaAlgorithm) -> dict[str, torch.Tensor]:
 
 
 def _predict(algorithm: MetaAlgorithm, task: Task) -> Any:
-    """As autometa.evaluation.evaluate calls it: modules in eval mode."""
+    """As autometa.data.scoring.evaluate calls it: modules in eval mode."""
     modules = algorithm.modules().values()
     for m in modules:
         m.eval()

@@ -71,11 +71,12 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler, normalize
 from threadpoolctl import threadpool_limits
 
+from autometa.data.builders.suite import BUILDERS, SuiteData, suite_dir
+
 # autometa internals: the only imports from the package (its layout is being reorganised; the
 # search itself runs through the `autometa` command line, which stays as users type it).
-from autometa.data import load_dataset
-from autometa.datasets.suite import BUILDERS, SuiteData, suite_dir
-from autometa.tasks import make_split
+from autometa.data.loading import load_dataset
+from autometa.data.protocols import make_split
 
 SYSTEMS = ("autometa", "logreg", "hgb", "ncm", "autogluon")
 # The search's episode settings (the CLI's defaults), passed to the search and to the split alike.

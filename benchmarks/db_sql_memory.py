@@ -46,7 +46,7 @@ def _status_mb(field: str) -> float:
 def measure(statement: str, db: str) -> dict:
     """Run ``statement`` as `autometa db sql` would, in this process; the figures of the call."""
     from autometa.errors import AutometaError
-    from autometa.queries import format_rows, sql
+    from autometa.store.queries import format_rows, sql
 
     before = _status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from here

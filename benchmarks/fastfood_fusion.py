@@ -28,8 +28,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import autometa
-from autometa.data import load_dataset
-from autometa.tasks import make_split
+from autometa.data.loading import load_dataset
+from autometa.data.protocols import make_split
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "fastfood.csv"
 LABEL, TEXT = "restaurant", "item"

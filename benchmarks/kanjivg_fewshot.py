@@ -27,12 +27,13 @@ from pathlib import Path
 
 import torch
 
-from autometa.data import load_dataset
-from autometa.datasets.kanjivg import write_kanjivg
-from autometa.evaluation import evaluate, format_score
+from autometa.config import Config
+from autometa.data.builders.kanjivg import write_kanjivg
+from autometa.data.loading import load_dataset
+from autometa.data.protocols import make_split
+from autometa.data.scoring import evaluate, format_score
 from autometa.plugins import get_registry
-from autometa.study import Config, train
-from autometa.tasks import make_split
+from autometa.study.training import train
 
 # Fixed, not tuned per setting: the point is whether each learner works at sensible values.
 # Steps differ because a step costs very different amounts (one episode for ProtoNet, four

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from autometa.components import Backbone, InputSpec
-from autometa.features import TEXT_BUCKETS, Features
-from autometa.tasks import TrainingPool
+from autometa.data.preprocessing import TEXT_BUCKETS
+from autometa.types import Features, TrainingPool
 from autometa_builtins.encoders import HashBag
 from autometa_builtins.fusions import Concat
 from autometa_builtins.lsa import LatentSemantic

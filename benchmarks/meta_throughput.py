@@ -33,13 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from autometa.components import Backbone, InputSpec
-from autometa.features import Features
-from autometa.tasks import TrainingPool
 from autometa_builtins.encoders import Conv4, TabularMLP
 from autometa_builtins.fusions import Concat
 from autometa_builtins.meta_algorithms import FOMAML, MAML
+
+from autometa.components import Backbone, InputSpec
+from autometa.types import Features, TrainingPool
 
 ALGORITHMS = {"maml": MAML, "fomaml": FOMAML}
 N_CLASSES, ROWS_PER_CLASS = 40, 25

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from autometa.data import load_dataset
-from autometa.metafeatures import FEATURE_GROUPS, describe
+from autometa.data.loading import load_dataset
+from autometa.data.metafeatures import FEATURE_GROUPS, describe
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "fastfood.csv"
 EXTRA_WORDS = ("large", "small", "spicy", "classic", "deluxe", "grilled", "crispy", "combo", "kids", "value")

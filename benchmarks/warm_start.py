@@ -52,7 +52,7 @@ def _one_thread() -> None:
 
 
 def build_knowledge(entries, kb: str, trials: int, seed: int, options: dict) -> float:
-    from autometa.knowledge import build
+    from autometa.study.kb import build
 
     _one_thread()
     started = time.perf_counter()
@@ -63,7 +63,7 @@ def build_knowledge(entries, kb: str, trials: int, seed: int, options: dict) -> 
 
 def run_search(entry, db: str, trials: int, seed: int, options: dict, **how) -> dict:
     """One search into its own database; its trials' values in order and the seeded labels."""
-    from autometa.study import search
+    from autometa.study.engine import search
 
     _one_thread()
     lines: list[str] = []
@@ -80,10 +80,11 @@ def run_search(entry, db: str, trials: int, seed: int, options: dict, **how) -> 
 def seed_spread(entry, params: dict, choices: dict, seed: int, seeds: int, options: dict) -> list[float]:
     """Validation accuracy of one configuration retrained under ``seeds`` other training seeds
     (same data split): how much of a score is the configuration and how much the draw."""
-    from autometa.data import load_dataset
+    from autometa.config import configuration_seed, stored_config
+    from autometa.data.loading import load_dataset
+    from autometa.data.protocols import make_split
     from autometa.plugins import get_registry
-    from autometa.study import configuration_seed, stored_config, train
-    from autometa.tasks import make_split
+    from autometa.study.training import train
 
     _one_thread()
     registry = get_registry()
@@ -173,9 +174,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None, help="Where the collection's CSVs are written.")
     args = parser.parse_args()
 
-    from autometa.data import load_dataset
-    from autometa.knowledge import collection_entries, export
-    from autometa.study import study_name
+    from autometa.data.loading import load_dataset
+    from autometa.store.knowledge import collection_entries, export
+    from autometa.study.engine import study_name
 
     args.work.mkdir(parents=True, exist_ok=True)
     kb = f"sqlite:///{args.work / 'kb.db'}"

@@ -17,13 +17,12 @@ from optuna.trial import TrialState
 from torch import nn
 
 from autometa.components import InputSpec
-from autometa.features import Features
-from autometa.tasks import TrainingPool
+from autometa.types import Features, TrainingPool
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # Subprocesses run the installed command line with one thread each (2-core machines).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-CLI = [sys.executable, "-c", "from autometa.cli import main; main()"]
+CLI = [sys.executable, "-c", "from autometa.cli.main import main; main()"]
 
 
 def default_sigint() -> None:
@@ -99,7 +98,7 @@ def make_distribution(root: Path, module: str, dist_name: str, version: str, ep_
 
 
 def _open_storage_after(barrier, db: str, outcomes) -> None:
-    from autometa.workers import storage_for
+    from autometa.store.storage import storage_for
 
     barrier.wait(30)
     try:
@@ -143,8 +142,9 @@ def class_pool(features: Features, labels: torch.Tensor, classes: range) -> Trai
 def requires(distribution_name: str, extra: str):
     """Skip a test unless a pip distribution is installed; asks the package metadata, since a
     data-only wheel (kanjivg) has no module that ``pytest.importorskip`` could import."""
-    import pytest
     from importlib.metadata import PackageNotFoundError, distribution
+
+    import pytest
 
     try:
         distribution(distribution_name)

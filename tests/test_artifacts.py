@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from sklearn.datasets import load_digits
 
 import autometa
-from autometa.artifacts import ModelError
-from autometa.cli import cli
+from autometa.cli.main import cli
 from autometa.errors import DataError
+from autometa.results.artifacts import ModelError
 
 FAST = dict(steps=30, eval_every=15, progress=False, echo=lambda m: None)
 

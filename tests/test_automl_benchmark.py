@@ -8,7 +8,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from helpers import requires
 
@@ -91,7 +90,7 @@ def test_a_run_scores_every_system_on_autometas_test_rows(bench, tmp_path, capsy
 
 @requires("kanjivg", "kanjivg")
 def test_fewshot_baselines_use_autometas_test_episodes(bench, tmp_path, monkeypatch):
-    from autometa.datasets import suite
+    from autometa.data.builders import suite
 
     monkeypatch.setitem(bench.BUILDERS, "kanjivg", lambda folder: suite.kanjivg(folder, classes=30, instances=8))
     monkeypatch.setitem(bench.EPISODES, "test_tasks", 40)
@@ -112,7 +111,7 @@ def test_text_fewshot_baselines_use_tfidf_of_the_training_classes(bench, tmp_pat
     from helpers import fake_wordnet
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    from autometa.datasets import suite
+    from autometa.data.builders import suite
 
     source = fake_wordnet(tmp_path / "wordnet", classes=16, per_class=8)
     monkeypatch.setitem(bench.BUILDERS, "wordnet", lambda folder: suite.wordnet(folder, per_class=8, source=source))

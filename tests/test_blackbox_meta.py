@@ -12,20 +12,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
-
-import autometa
-from autometa.cli import cli
-from autometa.components import Backbone, InputSpec
-from autometa.errors import ProtocolError
-from autometa.evaluation import evaluate
-from autometa.features import Features
-from autometa.study import search
-from autometa.tasks import PoolInfo, Task, TrainingPool
 from autometa_builtins.encoders import Identity, TabularMLP
 from autometa_builtins.fusions import Concat
 from autometa_builtins.meta_algorithms import MANN, SNAIL, metric
 from autometa_builtins.meta_algorithms.blackbox import CausalAttention, SequenceReader
+from click.testing import CliRunner
+
+import autometa
+from autometa.cli.main import cli
+from autometa.components import Backbone, InputSpec
+from autometa.data.scoring import evaluate
+from autometa.errors import ProtocolError
+from autometa.study.engine import search
+from autometa.types import Features, PoolInfo, Task, TrainingPool
 
 R2 = math.sqrt(2.0)
 

@@ -16,6 +16,7 @@ from torch import nn
 from autometa import testing
 from autometa.components import Encoder, Fusion, InputSpec, MetaAlgorithm
 from autometa.plugins import get_registry
+from autometa.types import Features
 from autometa_builtins.lsa import LatentSemantic
 
 # "kind:name" -> why it fails; strict, so a fix makes the xfail fail and gets it removed here.
@@ -312,3 +313,15 @@ def test_checks_leave_the_callers_random_state_alone():
 def test_check_component_rejects_other_classes():
     with pytest.raises(AssertionError, match="not a subclass"):
         testing.check_component(nn.Linear)
+
+
+def test_toy_pool_and_task_constructors():
+    x = torch.arange(12.0).reshape(6, 2)
+    labels = torch.tensor([3, 3, 7, 7, 3, 7])
+    features = Features({"vector": x}, {"vector": InputSpec("vector", (2,))})
+    pool = testing.toy_pool(features, labels, rows=range(4))
+    assert pool.rows.tolist() == [0, 1, 2, 3] and pool.n_classes == 2
+    assert {c: r.tolist() for c, r in pool.sources[0].items()} == {3: [0, 1], 7: [2, 3]}
+    task = testing.toy_task(features, labels, support=[0, 2, 1, 3], query=[5, 4])
+    assert task.support_y.tolist() == [0, 1, 0, 1] and task.query_y.tolist() == [1, 0] and task.n_way == 2
+    assert torch.equal(task.query_inputs()["vector"], x[[5, 4]])

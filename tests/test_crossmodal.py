@@ -14,23 +14,25 @@ import optuna
 import pandas as pd
 import pytest
 import torch
+from autometa_builtins.encoders import Identity, TabularMLP, VectorMLP
+from autometa_builtins.fusions import Concat
 from optuna.trial import FixedTrial
 
 import autometa
+from autometa import config as space
 from autometa import crossmodal
-from autometa.artifacts import save_model
 from autometa.components import MASK_PREFIX, Backbone, InputSpec, MetaAlgorithm
+from autometa.config import Config, configuration_label, default_trials, sample_config
 from autometa.crossmodal import CrossModalMapper, pair_key
-from autometa.data import Column, Dataset
+from autometa.data.loading import Column, Dataset
+from autometa.data.protocols import make_split
+from autometa.data.scoring import evaluate
 from autometa.errors import DataError
-from autometa.evaluation import evaluate
-from autometa.features import Features
 from autometa.plugins import get_registry
-from autometa.report import _entry_label, configuration_label
-from autometa.study import Config, default_trials, sample_config, train
-from autometa.tasks import Task, TrainingPool, make_split
-from autometa_builtins.encoders import Identity, TabularMLP, VectorMLP
-from autometa_builtins.fusions import Concat
+from autometa.results.artifacts import save_model
+from autometa.results.report import _entry_label
+from autometa.study.training import train
+from autometa.types import Features, Task, TrainingPool
 
 TAB, VEC = InputSpec("tabular", (2,)), InputSpec("vector", (1,))
 
@@ -295,20 +297,20 @@ def test_weight_is_searched_only_with_two_modalities_and_a_learner_that_uses_it(
     for _ in range(40):
         trial = study.ask()
         weights.append(sample_config(trial, registry, CHOICES).crossmodal_weight)
-        if trial.params[crossmodal.USE_PARAM]:
-            assert crossmodal.WEIGHT.low <= trial.params[crossmodal.WEIGHT_PARAM] <= crossmodal.WEIGHT.high
-            assert weights[-1] == trial.params[crossmodal.WEIGHT_PARAM]
+        if trial.params[space.USE_PARAM]:
+            assert space.WEIGHT.low <= trial.params[space.WEIGHT_PARAM] <= space.WEIGHT.high
+            assert weights[-1] == trial.params[space.WEIGHT_PARAM]
         else:
-            assert crossmodal.WEIGHT_PARAM not in trial.params and weights[-1] == 0.0
+            assert space.WEIGHT_PARAM not in trial.params and weights[-1] == 0.0
         study.tell(trial, 0.5)
     assert 0.0 in weights and any(w > 0 for w in weights)
     config = Config("protonet", "concat", {"tabular": "mlp"}, crossmodal_weight=0.25)
     assert config.label() == "protonet + concat [tabular=mlp] + cross-modal mapping ×0.25"
     # The database commands and the report label stored trials and leaderboard entries the same way.
     stored = {"meta_algorithm": "protonet", "fusion": "concat", "encoder.tabular": "mlp",
-              crossmodal.USE_PARAM: True, crossmodal.WEIGHT_PARAM: 0.25}
+              space.USE_PARAM: True, space.WEIGHT_PARAM: 0.25}
     assert configuration_label(stored) == config.label()
-    assert configuration_label({**stored, crossmodal.USE_PARAM: False}) == "protonet + concat [tabular=mlp]"
+    assert configuration_label({**stored, space.USE_PARAM: False}) == "protonet + concat [tabular=mlp]"
     entry = {"meta_algorithm": "protonet", "fusion": "concat", "encoders": {"tabular": "mlp"}, "crossmodal_weight": 0.25}
     assert _entry_label(entry) == config.label()
     assert _entry_label({**entry, "crossmodal_weight": 0.0}) == "protonet + concat [tabular=mlp]"
@@ -322,12 +324,12 @@ def test_weight_is_searched_only_with_two_modalities_and_a_learner_that_uses_it(
 def test_defaults_are_off_and_trials_stored_before_the_mapper_rebuild_without_it():
     registry = get_registry()
     for params in default_trials(registry, CHOICES):
-        assert params[crossmodal.USE_PARAM] is False
+        assert params[space.USE_PARAM] is False
         assert sample_config(FixedTrial(params), registry, CHOICES).crossmodal_weight == 0.0
     legacy = {k: v for k, v in default_trials(registry, CHOICES)[0].items() if not k.startswith("backbone.")}
     with pytest.raises(ValueError, match="backbone.crossmodal"):
         sample_config(FixedTrial(legacy), registry, CHOICES)
-    config = sample_config(FixedTrial({**crossmodal.DEFAULT_PARAMS, **legacy}), registry, CHOICES)
+    config = sample_config(FixedTrial({**space.DEFAULT_PARAMS, **legacy}), registry, CHOICES)
     assert config.crossmodal_weight == 0.0
 
 

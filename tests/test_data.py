@@ -1,4 +1,4 @@
-"""Loading tables into typed Datasets (autometa.data) and turning them into features (autometa.features)."""
+"""Loading tables into typed Datasets (autometa.data.loading) and turning them into features (autometa.data.preprocessing)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from autometa.data import COLUMN_TYPES, Column, load_dataset, parse_column_overrides
+from autometa.data.loading import COLUMN_TYPES, load_dataset, parse_column_overrides
+from autometa.data.preprocessing import MAX_TOKENS, TEXT_BUCKETS, build_features, tokenize
 from autometa.errors import AutometaError, DataError
-from autometa.features import MAX_TOKENS, TEXT_BUCKETS, build_features, tokenize
 
 N = 8
 SENTENCES = [

@@ -27,16 +27,16 @@ from pathlib import Path
 import optuna
 import pytest
 from click.testing import CliRunner
+from helpers import write_blobs_csv
 from optuna.trial import TrialState
 from sqlalchemy import select
 
-from autometa import queries, schema
-from autometa.cli import cli
-from autometa.data import load_dataset
+from autometa.cli.main import cli
+from autometa.data.loading import load_dataset
+from autometa.data.metafeatures import describe
 from autometa.errors import SearchError
-from autometa.metafeatures import describe
-from autometa.study import search
-from helpers import write_blobs_csv
+from autometa.store import queries, schema
+from autometa.study.engine import search
 
 FIXTURE = Path(__file__).parent / "data" / "studies-0.1.db"
 TABULAR = "tabular-standard-5994a753f4"
@@ -486,7 +486,7 @@ def test_sql_never_blocks_a_writer_and_stops_runaway_queries(tmp_path, upgraded)
     path = tmp_path / "live.db"
     shutil.copyfile(upgraded, path)
     connection = sqlite3.connect(path)
-    connection.execute("PRAGMA journal_mode = WAL")  # as every search database (autometa.workers.storage_for)
+    connection.execute("PRAGMA journal_mode = WAL")  # as every search database (autometa.store.storage.storage_for)
     connection.execute("CREATE TABLE scratch (x INTEGER)")
     connection.commit()
     connection.close()
@@ -545,7 +545,7 @@ def test_optuna_dashboard_serves_the_studies(upgraded):
 
 
 def test_reports_read_old_and_upgraded_databases_without_writing(old_db, upgraded, tmp_path):
-    from autometa.report import build_report
+    from autometa.results.report import build_report
 
     for path, study in ((old_db, MIXED), (upgraded, TABULAR)):
         digest = sha256(path)

@@ -16,13 +16,6 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
-
-import autometa
-from autometa.components import InputSpec
-from autometa.errors import AutometaError
-from autometa.plugins import get_registry
-from autometa.study import search_choices
 from autometa_builtins import pretrained
 from autometa_builtins.encoders import (
     ENCODERS,
@@ -33,6 +26,13 @@ from autometa_builtins.encoders import (
     TabularLinear,
 )
 from autometa_builtins.pretrained import MiniLM
+from torch.func import functional_call, grad, vmap
+
+import autometa
+from autometa.components import InputSpec
+from autometa.config import search_choices
+from autometa.errors import AutometaError
+from autometa.plugins import get_registry
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from autometa.components import InputSpec
-from autometa.data import load_dataset
-from autometa.evaluation import Score, baselines, caveats, format_score, score_unit, student_t, summarise, wilson
-from autometa.features import Features
-from autometa.tasks import make_split
+from autometa.data.loading import load_dataset
+from autometa.data.protocols import make_split
+from autometa.data.scoring import Score, baselines, caveats, format_score, score_unit, student_t, summarise, wilson
+from autometa.types import Features
 
 Z = 1.959963984540054  # the normal distribution's 97.5% quantile
 

@@ -8,10 +8,6 @@ import math
 import optuna
 import pytest
 import torch
-from torch import nn
-from torch.func import functional_call, grad, vmap
-
-from autometa.plugins import validate_component
 from autometa_builtins.fusions import (
     FUSIONS,
     Attention,
@@ -26,6 +22,10 @@ from autometa_builtins.fusions import (
     Transformer,
     masked_softmax,
 )
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from autometa.plugins import validate_component
 
 DIMS = {"a": 5, "b": 3, "c": 4}
 B = 5

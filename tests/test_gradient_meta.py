@@ -15,17 +15,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from autometa.components import Backbone, InputSpec
-from autometa.evaluation import evaluate
-from autometa.features import Features
-from autometa.plugins import validate_component
-from autometa.tasks import Task
 from autometa_builtins.encoders import Conv4, TabularMLP
 from autometa_builtins.fusions import Concat
 from autometa_builtins.meta_algorithms import ANIL, FOMAML, MAML, META_ALGORITHMS, MetaSGD, Reptile
 from helpers import class_pool, hidden_clusters, prototype_head, run_sequential, training_pool
+from torch import nn
+
+from autometa.components import Backbone, InputSpec
+from autometa.data.scoring import evaluate
+from autometa.plugins import validate_component
+from autometa.types import Features, Task
 
 INNER_LR = 0.3
 INNER_STEPS = 2

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib
-import inspect
 import io
 import json
 import os
@@ -30,32 +29,33 @@ from contextlib import closing
 from pathlib import Path
 from types import SimpleNamespace
 
+import autometa_builtins
 import numpy as np
 import optuna
 import pandas as pd
 import pytest
 import torch
+from autometa_builtins.fusions import FUSIONS
 from click.testing import CliRunner
+from helpers import make_distribution, open_storages_together
 from optuna.trial import TrialState
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
 import autometa
-import autometa_builtins
-from autometa.artifacts import ModelError
-from autometa.cli import cli
+from autometa.cli.main import cli
 from autometa.components import Encoder, MetaAlgorithm
-from autometa.data import load_dataset, load_for_prediction
+from autometa.data.loading import load_dataset, load_for_prediction
+from autometa.data.preprocessing import MAX_TOKENS, tokenize
+from autometa.data.protocols import make_split
 from autometa.errors import DataError, ProtocolError, SearchError
-from autometa.features import MAX_TOKENS, tokenize
 from autometa.hookspecs import hookimpl
 from autometa.plugins import PluginHost
-from autometa.tasks import make_split
-from helpers import make_distribution, open_storages_together
+from autometa.results.artifacts import ModelError
 
 # The search engine module (``autometa.search`` is the function it defines).
-study_module = importlib.import_module("autometa.study")
+study_module = importlib.import_module("autometa.study.engine")
 search = study_module.search
 
 ONLY_BUILTINS = {"meta_algorithm": ["protonet"], "fusion": ["concat"], "encoder.tabular": ["mlp"]}
@@ -67,9 +67,7 @@ def fast(**overrides):
     In-process because a monkeypatched plugin registry does not reach worker processes, and
     starting them costs seconds per search.
     """
-    kwargs = dict(steps=5, eval_every=5, progress=False, echo=lambda m: None, output=None)
-    if "isolate" in inspect.signature(search).parameters:
-        kwargs["isolate"] = False
+    kwargs = dict(steps=5, eval_every=5, progress=False, echo=lambda m: None, output=None, isolate=False)
     kwargs.update(overrides)
     return kwargs
 
@@ -937,12 +935,12 @@ def test_deeply_nested_model_json_is_a_clear_error(model_copy, saved_model, tmp_
 
 
 def test_deeply_nested_or_edited_warm_start_prior_is_a_clear_error(tmp_path):
-    from autometa.warmstart import prior_experiences
+    from autometa.store.knowledge import prior_experiences
 
     deep = write(tmp_path / "deep.json", _deeply_nested())
     with pytest.raises(SearchError, match=r"deep\.json: not a readable warm-start prior \(nested too deeply\)"):
         prior_experiences(deep)
-    shipped = json.loads(Path(autometa.warmstart.PRIOR_PATH).read_text())
+    shipped = json.loads(Path(autometa.store.PRIOR_PATH).read_text())
     del shipped["datasets"][0]["fingerprint"]
     edited = write(tmp_path / "edited.json", json.dumps(shipped))
     with pytest.raises(SearchError, match=r"edited\.json: an incomplete or edited warm-start prior \(missing 'fingerprint'\)"):
@@ -979,7 +977,7 @@ def test_a_plugin_claiming_a_builtin_name_loses_that_component_only(tmp_path, mo
             CLASHING_PLUGIN.replace("{extra}", "clash_extra"))
     monkeypatch.syspath_prepend(str(tmp_path))  # found before autometa itself: it used to load first and win
     registry = autometa.plugins.get_registry()
-    builtin_names = {cls.name for cls in autometa_builtins.FUSIONS}
+    builtin_names = {cls.name for cls in FUSIONS}
     assert {name for name, info in registry.components["fusion"].items() if info.plugin == "builtins"} == builtin_names
     assert registry.get("fusion", "concat").cls.__module__.startswith("autometa_builtins")
     assert registry.get("fusion", "clash_extra").plugin == "aaa_clash"  # the rest of the plugin works
@@ -1072,7 +1070,7 @@ def test_a_plugin_cannot_replace_or_break_the_commands(tmp_path, monkeypatch, fr
     monkeypatch.syspath_prepend(str(tmp_path))
     import click
 
-    from autometa.cli import cli as real
+    from autometa.cli.main import cli as real
 
     group = click.Group("autometa", commands=dict(real.commands))  # not the real one: a test must not add to it
     autometa.plugins.default_host().add_commands(group)
@@ -1100,14 +1098,14 @@ def test_a_search_whose_every_trial_failed_exits_non_zero_with_the_reasons_count
 
 
 def test_read_commands_warn_about_a_database_from_a_newer_autometa(base_study, study_copy, caplog):
-    from autometa import schema
+    from autometa.store import schema
 
     with closing(sqlite3.connect(study_copy)) as connection:
         connection.execute("UPDATE autometa_schema SET version = ?", (schema.SCHEMA_VERSION + 1,))
         connection.commit()
     before = digest(study_copy)
     schema._warned_newer.discard(url(study_copy))  # noqa: SLF001 - warned once per process
-    caplog.set_level("WARNING", logger="autometa.schema")
+    caplog.set_level("WARNING", logger="autometa.store.schema")
     for command in (["studies"], ["trials", base_study.study], ["leaderboard", base_study.study], ["datasets"],
                     ["sql", "SELECT count(*) AS n FROM trials"]):
         schema._warned_newer.clear()  # noqa: SLF001

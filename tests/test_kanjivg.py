@@ -1,4 +1,4 @@
-"""The KanjiVG few-shot builder (autometa.datasets.kanjivg): SVG path parsing, rendering,
+"""The KanjiVG few-shot builder (autometa.data.builders.kanjivg): SVG path parsing, rendering,
 building a file that autometa loads, and the errors users meet."""
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from autometa.cli import cli
-from autometa.data import load_dataset
-from autometa.datasets import kanjivg
-from autometa.datasets.kanjivg import (
+from autometa.cli.main import cli
+from autometa.data.builders import kanjivg
+from autometa.data.builders.kanjivg import (
     Distortion,
     Glyph,
     build_kanjivg,
@@ -22,8 +21,9 @@ from autometa.datasets.kanjivg import (
     parse_path,
     render_glyph,
 )
+from autometa.data.loading import load_dataset
+from autometa.data.protocols import make_split
 from autometa.errors import DataError
-from autometa.tasks import make_split
 
 
 def _installed() -> bool:

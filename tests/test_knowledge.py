@@ -15,14 +15,15 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from autometa.cli import cli
-from autometa.data import load_dataset
-from autometa.datasets import rdatasets as collection
+from autometa.cli.main import cli
+from autometa.config import structure
+from autometa.data.builders import rdatasets as collection
+from autometa.data.loading import load_dataset
+from autometa.data.metafeatures import describe, rank_by_meta_features
 from autometa.errors import DataError
-from autometa.knowledge import build, read_list
-from autometa.metafeatures import describe
-from autometa.study import study_name
-from autometa.warmstart import PRIOR_FORMAT, prior_experiences, rank_by_meta_features, structure
+from autometa.store.knowledge import PRIOR_FORMAT, prior_experiences, read_list
+from autometa.study.engine import study_name
+from autometa.study.kb import build
 
 SMALL = ["--steps", "4", "--eval-every", "2", "--validation-tasks", "1", "--test-tasks", "1", "--in-process",
          "--devices", "cpu"]

@@ -13,18 +13,17 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from autometa import testing
-from autometa.components import Backbone, InputSpec
-from autometa.evaluation import evaluate
-from autometa.features import Features
-from autometa.study import search
-from autometa.tasks import PoolInfo, Task, TrainingPool
 from autometa_builtins.encoders import TabularMLP
 from autometa_builtins.fusions import Concat
 from autometa_builtins.meta_algorithms import MAML, META_ALGORITHMS, MetaLSTM, MetaTransfer
 from helpers import class_pool, hidden_clusters, prototype_head
+from torch import nn
+
+from autometa import testing
+from autometa.components import Backbone, InputSpec
+from autometa.data.scoring import evaluate
+from autometa.study.engine import search
+from autometa.types import Features, PoolInfo, Task, TrainingPool
 
 INNER_LR = 0.3
 INNER_STEPS = 3

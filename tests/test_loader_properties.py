@@ -18,7 +18,7 @@ import pandas as pd
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from autometa.data import load_dataset, load_for_prediction
+from autometa.data.loading import load_dataset, load_for_prediction
 from autometa.errors import DataError
 
 settings.register_profile("default", max_examples=40, deadline=None,

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import autometa
-from autometa.artifacts import WEIGHTS_FILE, ModelError
+from autometa.results.artifacts import WEIGHTS_FILE, ModelError
 from autometa.cli import cli
 from autometa.components import InputSpec
 from autometa_builtins.lsa import LatentSemantic, _counts

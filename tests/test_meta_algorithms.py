@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from autometa.components import Backbone, InputSpec
-from autometa.features import Features
-from autometa.tasks import Task
 from autometa_builtins.encoders import Conv4, Identity, TabularMLP
 from autometa_builtins.fusions import Concat
 from autometa_builtins.meta_algorithms import MAML, FineTune, ProtoNet, prototype_logits
 from helpers import prototype_head, run_sequential, training_pool
+
+from autometa.components import Backbone, InputSpec
+from autometa.types import Features, Task
 
 INNER_LR = 0.3
 INNER_STEPS = 2

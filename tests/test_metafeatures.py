@@ -1,4 +1,4 @@
-"""Meta-features (autometa.metafeatures): values against hand computations, landmarkers on
+"""Meta-features (autometa.data.metafeatures): values against hand computations, landmarkers on
 planted data, determinism and edge cases that must not produce NaN."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from autometa import metafeatures
-from autometa.data import Column, Dataset, load_dataset
+from autometa.data import metafeatures
+from autometa.data.loading import Column, Dataset, load_dataset
+from autometa.data.metafeatures import FEATURE_GROUPS, describe
 from autometa.errors import AutometaError
-from autometa.metafeatures import FEATURE_GROUPS, describe
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fastfood.csv"
 

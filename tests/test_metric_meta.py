@@ -13,18 +13,17 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from optuna.distributions import CategoricalDistribution
-
-from autometa.components import Backbone, InputSpec
-from autometa.evaluation import evaluate
-from autometa.features import Features
-from autometa.plugins import validate_component
-from autometa.tasks import Task, TrainingPool
 from autometa_builtins.encoders import Identity, TabularMLP
 from autometa_builtins.fusions import Concat
 from autometa_builtins.meta_algorithms import FineTune, MatchingNet, ProtoNet, RelationNet, metric
 from autometa_builtins.meta_algorithms._common import EMBED_BATCH
 from autometa_builtins.meta_algorithms.finetune import CosineClassifier
+from optuna.distributions import CategoricalDistribution
+
+from autometa.components import Backbone, InputSpec
+from autometa.data.scoring import evaluate
+from autometa.plugins import validate_component
+from autometa.types import Features, Task, TrainingPool
 
 R2 = math.sqrt(2.0)
 sigmoid = lambda v: 1.0 / (1.0 + math.exp(-v))  # noqa: E731
@@ -367,7 +366,7 @@ def test_float64_mlp_backbone(case):
 
 # -- rebuilding a saved model ------------------------------------------------------------------------
 class _SavedPoolInfo:
-    """What a saved model is rebuilt from (autometa.tasks.PoolInfo): no rows, no features."""
+    """What a saved model is rebuilt from (autometa.PoolInfo): no rows, no features."""
 
     def __init__(self, n_classes: int):
         self.n_classes, self.device = n_classes, torch.device("cpu")

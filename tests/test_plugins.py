@@ -12,10 +12,15 @@ import re
 import sys
 import types
 
+import autometa_builtins
 import optuna
 import pytest
 import torch
+from autometa_builtins.encoders import ENCODERS
+from autometa_builtins.fusions import FUSIONS
+from autometa_builtins.meta_algorithms import META_ALGORITHMS
 from click.testing import CliRunner
+from helpers import make_distribution
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
@@ -24,20 +29,18 @@ from optuna.distributions import (
 )
 from torch import nn
 
-import autometa.cli
+import autometa.cli.main
 import autometa.plugins
-import autometa_builtins
 from autometa.components import Component, Encoder, Fusion, InputSpec, MetaAlgorithm, suggest_value
 from autometa.errors import PluginError
 from autometa.hookspecs import hookimpl
 from autometa.plugins import PluginHost
-from helpers import make_distribution
 
 # Every component the built-in plugin registers, from its own registration lists.
 BUILTINS = {
-    **{cls.name: "encoder" for cls in autometa_builtins.ENCODERS},
-    **{cls.name: "fusion" for cls in autometa_builtins.FUSIONS},
-    **{cls.name: "meta_algorithm" for cls in autometa_builtins.META_ALGORITHMS},
+    **{cls.name: "encoder" for cls in ENCODERS},
+    **{cls.name: "fusion" for cls in FUSIONS},
+    **{cls.name: "meta_algorithm" for cls in META_ALGORITHMS},
 }
 # The original ones, which must stay available under these names.
 assert {"mlp", "hashbag", "conv4", "identity", "vector_mlp", "concat", "attention", "protonet", "maml", "finetune"} <= set(BUILTINS)
@@ -695,7 +698,7 @@ def test_thirdparty_entry_point_through_global_registry_and_cli(thirdparty):
     assert autometa.plugins.default_host().pm.get_plugin("tp") is sys.modules["thirdparty_plugin"]
 
     autometa.plugins.reset()
-    result = CliRunner().invoke(autometa.cli.cli, ["plugins", "--format", "json"])
+    result = CliRunner().invoke(autometa.cli.main.cli, ["plugins", "--format", "json"])
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in json.loads(result.output)}
     assert rows["tp_encoder"]["kind"] == "encoder"
@@ -706,7 +709,7 @@ def test_thirdparty_entry_point_through_global_registry_and_cli(thirdparty):
     assert list(rows["tp_encoder"]["hyperparameters"]) == ["width"]
     assert set(BUILTINS) <= set(rows)
 
-    result = CliRunner().invoke(autometa.cli.cli, ["plugins"])
+    result = CliRunner().invoke(autometa.cli.main.cli, ["plugins"])
     assert result.exit_code == 0, result.output
     line = next(line for line in result.output.splitlines() if line.split()[1:2] == ["tp_encoder"])
     assert line.split()[:5] == ["encoder", "tp_encoder", "tabular", "tp", "1.2.3"]
@@ -751,7 +754,7 @@ def test_broken_entry_point_is_fatal_in_strict_mode(broken, monkeypatch):
     # and through the global registry / CLI
     with pytest.raises(PluginError, match="strict mode"):
         autometa.plugins.get_registry()
-    result = CliRunner().invoke(autometa.cli.cli, ["plugins"])
+    result = CliRunner().invoke(autometa.cli.main.cli, ["plugins"])
     assert result.exit_code == 1
     assert "Error: plugin 'broken'" in result.output and "strict mode" in result.output
 
@@ -760,7 +763,7 @@ def test_broken_entry_point_in_global_registry_and_cli(broken):
     registry = autometa.plugins.get_registry()
     assert len(registry.problems) == 1 and "plugin 'broken'" in registry.problems[0]
     autometa.plugins.reset()
-    result = CliRunner().invoke(autometa.cli.cli, ["plugins", "--format", "json"])
+    result = CliRunner().invoke(autometa.cli.main.cli, ["plugins", "--format", "json"])
     assert result.exit_code == 0
     assert {row["name"] for row in json.loads(result.stdout)} == set(BUILTINS)
 
@@ -828,7 +831,7 @@ def _parse_table(output):
 
 def test_plugins_table_lists_every_builtin(clean_global_registry, monkeypatch):
     monkeypatch.delenv("AUTOMETA_STRICT_PLUGINS", raising=False)
-    result = CliRunner().invoke(autometa.cli.cli, ["plugins"])
+    result = CliRunner().invoke(autometa.cli.main.cli, ["plugins"])
     assert result.exit_code == 0, result.output
     columns, rows = _parse_table(result.output)
     assert columns == ["kind", "name", "modality", "plugin", "version", "hyperparameters"]
@@ -849,7 +852,7 @@ def test_plugins_table_lists_every_builtin(clean_global_registry, monkeypatch):
 
 def test_plugins_json_output(clean_global_registry, monkeypatch):
     monkeypatch.delenv("AUTOMETA_STRICT_PLUGINS", raising=False)
-    result = CliRunner().invoke(autometa.cli.cli, ["plugins", "--format", "json"])
+    result = CliRunner().invoke(autometa.cli.main.cli, ["plugins", "--format", "json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
     assert isinstance(rows, list)
@@ -872,7 +875,7 @@ def test_plugins_json_output(clean_global_registry, monkeypatch):
 
 
 def test_plugins_rejects_unknown_format():
-    result = CliRunner().invoke(autometa.cli.cli, ["plugins", "--format", "yaml"])
+    result = CliRunner().invoke(autometa.cli.main.cli, ["plugins", "--format", "yaml"])
     assert result.exit_code == 2
 
 

@@ -12,11 +12,10 @@ from optuna.distributions import IntDistribution
 from torch import nn
 
 import autometa
-import autometa.cli
+import autometa.cli.main
 import autometa.plugins
-from autometa.hookspecs import hookimpl
+from autometa.hookspecs import hook_names, hookimpl
 from autometa.plugins import TRACE_ENV, PluginHost
-from autometa.plugins_cli import hook_names
 
 
 class Plugin:
@@ -71,7 +70,7 @@ def installed(monkeypatch):
 
 
 def invoke(*args):
-    result = CliRunner().invoke(autometa.cli.cli, ["plugins", *args])
+    result = CliRunner().invoke(autometa.cli.main.cli, ["plugins", *args])
     assert result.exit_code == 0, result.output
     return result.stdout
 
@@ -130,7 +129,7 @@ def test_hook_filters_plugins(installed):
 
 
 def test_misspelled_hook_lists_the_valid_ones(installed):
-    result = CliRunner().invoke(autometa.cli.cli, ["plugins", "--hook", "register_encoder"])
+    result = CliRunner().invoke(autometa.cli.main.cli, ["plugins", "--hook", "register_encoder"])
     assert result.exit_code == 2
     assert "'register_encoder' is not one of" in result.output
     for name in hook_names():

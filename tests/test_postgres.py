@@ -21,10 +21,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.trial import TrialState
-
 from helpers import CLI, ENV, FINISHED, default_sigint, open_storages_together, write_blobs_csv
-
+from optuna.trial import TrialState
 
 
 def _postgres_bin() -> Path | None:
@@ -176,9 +174,9 @@ def test_autometa_tables_on_postgresql(postgres_url, tmp_path):
     sql` runs in a READ ONLY transaction. (A database of its own: the search above lists its studies.)"""
     import sqlalchemy
 
-    from autometa import queries, schema
     from autometa.errors import SearchError
-    from autometa.study import search
+    from autometa.store import queries, schema
+    from autometa.study.engine import search
 
     db = _new_database(postgres_url, "autometa_tables")
     result = search(write_blobs_csv(tmp_path / "tiny.csv"), "y", trials=2, db=db, isolate=False, output=None, steps=20,
@@ -210,8 +208,8 @@ def test_autometa_tables_on_postgresql(postgres_url, tmp_path):
 
 
 def test_db_sql_on_postgresql_is_bounded_in_value_size_output_and_time(postgres_url):
-    from autometa import queries
     from autometa.errors import SearchError
+    from autometa.store import queries
 
     # The server never sends a value past the cap (about 300 MB would arrive otherwise).
     with pytest.raises(SearchError, match=r"larger than 10,000,000 bytes \(the --max-bytes cap\)"):

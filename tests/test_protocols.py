@@ -1,4 +1,4 @@
-"""Task protocols (autometa.tasks): protocol choice, disjoint splits, fixed evaluation tasks, errors."""
+"""Task protocols (autometa.data.protocols): protocol choice, disjoint splits, fixed evaluation tasks, errors."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from autometa.data import load_dataset
+from autometa.data.loading import load_dataset
+from autometa.data.protocols import FEWSHOT_MIN_CLASSES, PROTOCOLS, choose_protocol, make_split
 from autometa.errors import AutometaError, ProtocolError
-from autometa.tasks import FEWSHOT_MIN_CLASSES, PROTOCOLS, Task, choose_protocol, make_split
+from autometa.types import Task
 
 # ---------------------------------------------------------------------------- synthetic datasets
 

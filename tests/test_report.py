@@ -18,10 +18,11 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from PIL import Image
 
-from autometa.cli import cli
+from autometa.cli.main import cli
+from autometa.data.metafeatures import rank_by_meta_features
 from autometa.errors import AutometaError
-from autometa.report import SECTIONS, build_report, rank_by_meta_features
-from autometa.study import search
+from autometa.results.report import SECTIONS, build_report
+from autometa.study.engine import search
 
 MAIN_FEATURES = {"rows": 60.0, "classes": 3.0, "class_entropy": 1.0, "missing_rate": 0.0, "text_columns": 1.0}
 NEAR_FEATURES = {"rows": 80.0, "classes": 3.0, "class_entropy": 0.95, "missing_rate": 0.0, "vector_dim": 12.0}

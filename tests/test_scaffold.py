@@ -32,10 +32,10 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 import autometa
-import autometa.cli
+import autometa.cli.main
 import autometa.plugins
+from autometa.cli.plugins import scaffold
 from autometa.errors import PluginError
-from autometa.plugins_cli import scaffold
 from autometa.testing import check_component
 
 try:
@@ -54,7 +54,7 @@ SCAFFOLDS = {
 
 
 def new(*args):
-    return CliRunner().invoke(autometa.cli.cli, ["plugins", "new", *args])
+    return CliRunner().invoke(autometa.cli.main.cli, ["plugins", "new", *args])
 
 
 # --------------------------------------------------------------------------- names and errors
@@ -274,7 +274,7 @@ def own_test_results(installed, package: str) -> dict[str, str]:
 
 
 def forced_search(installed, flags: list[str], study_db: str):
-    result = CliRunner().invoke(autometa.cli.cli, [
+    result = CliRunner().invoke(autometa.cli.main.cli, [
         "search", str(installed["data"]), "--label", "label", "--column", "note:text", "--trials", "1",
         "--steps", "5", "--eval-every", "5", "--no-progress", "--format", "json", "--db", study_db,
         "--output", str(installed["root"] / "models"), *flags,
@@ -296,14 +296,14 @@ def test_installed_scaffold_is_discovered(installed, kind):
     name, _ = SCAFFOLDS[kind]
     dist = f"autometa-{name.replace('_', '-')}"
     assert importlib.metadata.version(dist) == "0.1.0"
-    result = CliRunner().invoke(autometa.cli.cli, ["plugins", "--format", "json"])
+    result = CliRunner().invoke(autometa.cli.main.cli, ["plugins", "--format", "json"])
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in json.loads(result.stdout)}
     row = rows[name]
     assert (row["kind"], row["plugin"], row["distribution"], row["version"]) == (
         kind.replace("-", "_"), name, dist, "0.1.0")
     plugins = {row["plugin"]: row for row in json.loads(
-        CliRunner().invoke(autometa.cli.cli, ["plugins", "--by", "plugin", "--format", "json"]).stdout)}
+        CliRunner().invoke(autometa.cli.main.cli, ["plugins", "--by", "plugin", "--format", "json"]).stdout)}
     hook = {"encoder": "register_encoders", "fusion": "register_fusions",
             "meta-algorithm": "register_meta_algorithms"}[kind]
     assert plugins[name]["hooks"] == [hook]
@@ -344,11 +344,11 @@ def test_example_passes_the_conformance_checks(installed):
 
 @pytest.mark.slow
 def test_example_is_listed(installed):
-    result = CliRunner().invoke(autometa.cli.cli, ["plugins"])
+    result = CliRunner().invoke(autometa.cli.main.cli, ["plugins"])
     assert result.exit_code == 0, result.output
     line = next(line for line in result.stdout.splitlines() if line.split()[1:2] == ["bilinear"])
     assert line.split()[:5] == ["fusion", "bilinear", "-", "bilinear", "0.1.0"]
-    result = CliRunner().invoke(autometa.cli.cli, ["plugins", "--by", "plugin", "--hook", "register_fusions"])
+    result = CliRunner().invoke(autometa.cli.main.cli, ["plugins", "--by", "plugin", "--hook", "register_fusions"])
     line = next(line for line in result.stdout.splitlines() if line.startswith("bilinear "))
     assert line.split() == ["bilinear", "autometa-bilinear", "0.1.0", "register_fusions", "fusion:", "bilinear", "loaded"]
 

@@ -8,9 +8,9 @@ import importlib
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
+import autometa_builtins
 import numpy as np
 import optuna
 import pandas as pd
@@ -19,17 +19,19 @@ import torch
 from click.testing import CliRunner
 from optuna.trial import FixedTrial, TrialState
 
-import autometa_builtins
-from autometa.cli import cli
-from autometa.errors import AutometaError
+from autometa.cli.main import cli
 from autometa.components import MetaAlgorithm
-from autometa.data import fingerprint, load_dataset
-from autometa.evaluation import evaluate
+from autometa.config import configuration_seed, sample_config
+from autometa.data.loading import fingerprint, load_dataset
+from autometa.data.scoring import evaluate
+from autometa.errors import AutometaError
 from autometa.hookspecs import hookimpl
 from autometa.plugins import PluginHost
+from autometa.study.objective import SearchSpec, TrialRunner
+from autometa.study.training import train
 
 # The search engine module (``autometa.search`` is the function it defines).
-search_module = importlib.import_module("autometa.study")
+search_module = importlib.import_module("autometa.study.engine")
 search = search_module.search
 
 FAST = dict(steps=20, eval_every=10, progress=False, echo=lambda s: None)
@@ -135,7 +137,7 @@ def test_search_end_to_end_standard(first_search, standard_csv):
     assert len(trials) == 3
     assert all(t.state == TrialState.COMPLETE for t in trials), [t.user_attrs for t in trials]
     for t in trials:
-        assert t.user_attrs["seed"] == search_module.configuration_seed(0, t.params)
+        assert t.user_attrs["seed"] == configuration_seed(0, t.params)
         assert t.user_attrs["device"] == "cpu"
         assert t.user_attrs["wall_time_s"] > 0
         assert t.user_attrs["steps"] == 20
@@ -173,9 +175,9 @@ def test_leaderboard_scores_reproduce_by_retraining(first_search):
     by_number = {t.number: t for t in first_search["trials"]}
     for entry in result.leaderboard:
         trial = by_number[entry.trial]
-        config = search_module.sample_config(FixedTrial(trial.params), registry, choices)
+        config = sample_config(FixedTrial(trial.params), registry, choices)
         assert config.label() == entry.config.label()
-        algorithm, validation = search_module.train(
+        algorithm, validation = train(
             config, result.split, seed=trial.user_attrs["seed"], steps=20, eval_every=10, registry=registry
         )
         assert validation.mean == trial.value
@@ -186,8 +188,8 @@ def test_a_repeated_configuration_reproduces_its_score(first_search):
     """The training seed follows the configuration, not the trial number: run again at other
     trial numbers, in another study, a configuration scores what it scored before."""
     result = first_search["result"]
-    spec = search_module.SearchSpec.from_json(first_search["attrs"]["spec"])
-    runner = search_module.TrialRunner(result.split, search_module.get_registry(), spec, "cpu")
+    spec = SearchSpec.from_json(first_search["attrs"]["spec"])
+    runner = TrialRunner(result.split, search_module.get_registry(), spec, "cpu")
     first, last = first_search["trials"][0], first_search["trials"][-1]
     assert first.user_attrs["seed"] != last.user_attrs["seed"]
     again = optuna.create_study(direction="maximize")
@@ -199,7 +201,7 @@ def test_a_repeated_configuration_reproduces_its_score(first_search):
     assert [t.value for t in rerun] == [last.value, first.value, last.value]
     assert [t.user_attrs["seed"] for t in rerun] == [t.user_attrs["seed"] for t in (last, first, last)]
     # A different study seed trains the same configuration differently.
-    assert search_module.configuration_seed(1, first.params) != first.user_attrs["seed"]
+    assert configuration_seed(1, first.params) != first.user_attrs["seed"]
 
 
 def test_resume_adds_only_the_missing_trials(first_search, standard_csv, tmp_path):
@@ -252,7 +254,7 @@ def test_a_second_seed_opens_a_second_study(first_search, standard_csv, tmp_path
     assert len(load(db, standard_csv).get_trials()) == 3
     trials = second.study.get_trials()
     assert [t.number for t in trials] == [0, 1]
-    assert all(t.user_attrs["seed"] == search_module.configuration_seed(1, t.params) for t in trials)
+    assert all(t.user_attrs["seed"] == configuration_seed(1, t.params) for t in trials)
     assert {e.trial for e in second.leaderboard} <= {0, 1}
     # Warm start left the seed-0 study out: 4 of its validation rows are seed-1 test rows here.
     assert any("left out 1 earlier search(es) of this same data" in m and first.study.study_name in m
@@ -289,7 +291,7 @@ def test_restricting_a_component_opens_its_own_study(first_search, standard_csv,
 
 
 def test_study_settings_leave_out_what_does_not_change_the_experiment():
-    spec = search_module.SearchSpec(
+    spec = SearchSpec(
         "/data.csv", "y", None, {"x": "tabular"}, (28, 28), "standard", 5, 5, 15, 100, 600, 0, {"fusion": ["concat"]},
         300, 50, 30, "f" * 64,
     )

@@ -1,4 +1,4 @@
-"""The benchmark suite's dataset builders (autometa.datasets.suite): files written once, the
+"""The benchmark suite's dataset builders (autometa.data.builders.suite): files written once, the
 right rows and columns, nothing that leaks the label, and loadable by autometa as intended."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from helpers import requires
 
-from autometa.data import load_dataset
-from autometa.datasets import suite
+from autometa.data.builders import suite
+from autometa.data.loading import load_dataset
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

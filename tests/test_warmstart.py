@@ -12,15 +12,16 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from autometa.cli import cli
-from autometa.data import load_dataset
+from autometa.cli.main import cli
+from autometa.config import default_trials, search_choices
+from autometa.data.loading import load_dataset
+from autometa.data.metafeatures import describe, rank_by_meta_features
 from autometa.errors import SearchError
-from autometa.metafeatures import describe
 from autometa.plugins import get_registry
-from autometa.study import default_trials, search, search_choices, study_name
-from autometa.warmstart import (
-    PRIOR_PATH, Experience, distinct_best, plan, prior_experiences, rank_by_meta_features, translate,
-)
+from autometa.store import PRIOR_PATH
+from autometa.store.knowledge import Experience, distinct_best, prior_experiences
+from autometa.study.engine import search, study_name
+from autometa.study.warmstart import plan, translate
 
 FAST = dict(steps=6, eval_every=3, validation_tasks=1, test_tasks=1, top_k=1, isolate=False, output=None,
             progress=False, protocol="standard")

@@ -21,18 +21,18 @@ from pathlib import Path
 
 import optuna
 import pytest
+from click.testing import CliRunner
+from helpers import CLI, ENV, FINISHED, default_sigint, write_blobs_csv
 from optuna.trial import TrialState
 
-from click.testing import CliRunner
-
 import autometa
-from autometa import workers
-from autometa.cli import cli
+from autometa.cli.main import cli
 from autometa.errors import SearchError
-from autometa.report import open_storage
-from autometa.study import SearchSpec, build_runner
-from autometa.workers import _alive, storage_for
-from helpers import CLI, ENV, FINISHED, default_sigint, write_blobs_csv
+from autometa.store import storage as stores
+from autometa.store.schema import process_alive as _alive
+from autometa.store.storage import open_storage, storage_for
+from autometa.study import budget, devices, pool
+from autometa.study.objective import SearchSpec, build_runner
 
 # One cheap configuration: 100 trials of it take seconds, and protonet ▶ linear has nothing to
 # sample that could fail, so a FAIL below is the fault a test caused.
@@ -203,7 +203,7 @@ def test_a_trial_without_heartbeat_is_failed_with_its_reason_and_requeued(tmp_pa
     heartbeats before each trial); the grace period is shortened from a minute to a second."""
     db = f"sqlite:///{tmp_path}/h.db"
     storage_for(db)  # the schema and WAL, as a search would leave them
-    storage = workers._Storage(db, heartbeat_interval=1, grace_period=1, **{_stale_callback(): workers._requeue_stale})
+    storage = stores._Storage(db, heartbeat_interval=1, grace_period=1, **{_stale_callback(): stores._requeue_stale})
     study = optuna.create_study(study_name="lost", storage=storage, direction="maximize")
     trial = study.ask()
     trial.suggest_float("x", 0, 1)
@@ -228,19 +228,19 @@ def test_a_failed_and_requeued_trial_gives_its_budget_slot_to_its_retry(tmp_path
     lost.suggest_float("x", 0, 1)
     running = study.ask()
     running.suggest_float("x", 0, 1)
-    assert workers.budget_used(study) == 4
-    assert workers.budget_used(study, running=False) == 2
-    workers.fail_trial(study, study.get_trials()[2], "worker lost", requeue=True)
+    assert budget.budget_used(study) == 4
+    assert budget.budget_used(study, running=False) == 2
+    pool.fail_trial(study, study.get_trials()[2], "worker lost", requeue=True)
     # The failed trial no longer counts; its retry (waiting) does once it runs.
-    assert workers.budget_used(study) == 3
-    assert workers.budget_used(study, running=False) == 2
+    assert budget.budget_used(study) == 3
+    assert budget.budget_used(study, running=False) == 2
     retry = study.ask()
     assert retry.number == 4 and study.get_trials()[4].user_attrs["retry_of"] == 2
     study.tell(retry, retry.suggest_float("x", 0, 1))
-    assert workers.budget_used(study, running=False) == 3
+    assert budget.budget_used(study, running=False) == 3
     # A failure that was not re-queued (a crash in the trial) uses its slot.
-    workers.fail_trial(study, study.get_trials()[3], "raised", requeue=False)
-    assert workers.budget_used(study, running=False) == 4
+    pool.fail_trial(study, study.get_trials()[3], "raised", requeue=False)
+    assert budget.budget_used(study, running=False) == 4
 
 
 def _stale_callback() -> str:
@@ -260,10 +260,10 @@ def test_a_zombie_worker_counts_as_gone():
 
 def test_trial_lines_name_the_host_of_a_worker_on_another_machine():
     here = platform.node()
-    assert workers.worker_label({"worker": "cpu#0", "host": here}) == "cpu#0"
-    assert workers.worker_label({"worker": "cuda:1#0", "host": "gpu-box-7"}) == "cuda:1#0@gpu-box-7"
-    assert workers.worker_label({"worker": "cpu#1"}) == "cpu#1"  # stored before hosts were recorded
-    assert workers.worker_label({}) == "?"
+    assert devices.worker_label({"worker": "cpu#0", "host": here}) == "cpu#0"
+    assert devices.worker_label({"worker": "cuda:1#0", "host": "gpu-box-7"}) == "cuda:1#0@gpu-box-7"
+    assert devices.worker_label({"worker": "cpu#1"}) == "cpu#1"  # stored before hosts were recorded
+    assert devices.worker_label({}) == "?"
 
 
 # -------------------------------------------------------------------------- many workers
@@ -379,7 +379,7 @@ def test_a_resumed_search_finishes_exactly_its_budget_whatever_its_orphans_were_
         unsampled = _orphan(study, pid=gone.pid, search_pid=None, sample=False)
         abandoned = _orphan(study, pid=stray.pid, search_pid=gone.pid, sample=True)
         mine = _orphan(study, pid=os.getpid(), search_pid=os.getppid(), sample=True)  # a live worker of a live search
-        assert workers.budget_used(study, running=False) == 3
+        assert budget.budget_used(study, running=False) == 3
 
         messages: list[str] = []
         autometa.search(data, "y", trials=6, db=db, study="orphans", echo=messages.append, **fast)
@@ -390,7 +390,7 @@ def test_a_resumed_search_finishes_exactly_its_budget_whatever_its_orphans_were_
     trials = final(db, "orphans")
     counted = [t for t in trials if t.number not in (unsampled, abandoned, mine)]
     assert len(counted) == 6 and states(counted)["COMPLETE"] + states(counted)["PRUNED"] == 6, states(trials)
-    assert workers.budget_used(optuna.load_study(study_name="orphans", storage=db), running=False) == 6
+    assert budget.budget_used(optuna.load_study(study_name="orphans", storage=db), running=False) == 6
     assert [trials[n].state for n in (unsampled, abandoned, mine)] == [TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING]
     assert [t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs] == [abandoned]
 
@@ -413,7 +413,7 @@ def test_budget_is_exact_after_a_sigkill_and_an_immediate_resume(data, tmp_path,
     assert all(t.state in FINISHED for t in trials), states(trials)
     kept = [t for t in trials if not t.user_attrs.get("requeued")]
     assert len(kept) == 8 and states(kept)["COMPLETE"] + states(kept)["PRUNED"] == 8, states(trials)
-    assert workers.budget_used(optuna.load_study(study_name="exact", storage=db), running=False) == 8
+    assert budget.budget_used(optuna.load_study(study_name="exact", storage=db), running=False) == 8
 
 
 @pytest.mark.slow
@@ -529,8 +529,8 @@ def test_a_worker_that_cannot_start_is_given_up_with_its_reason(finished_study, 
     spec.data = str(tmp_path / "gone.csv")  # as if the file vanished after the search began
     messages: list[str] = []
     with pytest.raises(SearchError, match=r"worker cpu#0 could not start: .*gone\.csv"):
-        workers.run_pool(
-            study, db, [workers.Slot("cpu", 0)], 2, build_runner, (spec, None, None, None, 1),
+        pool.run_pool(
+            study, db, [devices.Slot("cpu", 0)], 2, build_runner, (spec, None, None, None, 1),
             timeout=None, trial_timeout=None, on_event=lambda event: None, on_poll=lambda: None, say=messages.append,
         )
     assert not [m for m in messages if "starting a fresh one" in m]

@@ -6,7 +6,7 @@ import torch
 
 from autometa.components import Backbone
 from autometa.errors import ProtocolError
-from autometa.tasks import TrainingPool
+from autometa.types import TrainingPool
 
 EMBED_BATCH = 1024
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from autometa.components import Backbone, MetaAlgorithm
 from autometa.errors import ProtocolError
-from autometa.tasks import Task, TrainingPool
+from autometa.types import Task, TrainingPool
 from autometa_builtins.meta_algorithms._common import (
     embed,
     embedding_placement,

@@ -12,7 +12,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from torch import nn
 
 from autometa.components import Backbone, MetaAlgorithm, suggest_value
-from autometa.tasks import Task, TrainingPool
+from autometa.types import Task, TrainingPool
 from autometa_builtins.meta_algorithms._common import embed, embedding_placement, make_optimizer, step
 from autometa_builtins.meta_algorithms.metric import class_means, cosine_matrix
 

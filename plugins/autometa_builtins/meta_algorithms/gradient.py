@@ -35,7 +35,7 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
 from autometa.components import Backbone, MetaAlgorithm, vmap_blocker
-from autometa.tasks import Task, TrainingPool
+from autometa.types import Task, TrainingPool
 from autometa_builtins.meta_algorithms._common import EMBED_BATCH, make_optimizer, placement, training_shape
 from autometa_builtins.meta_algorithms.metric import class_means
 

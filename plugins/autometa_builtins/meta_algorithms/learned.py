@@ -19,7 +19,7 @@ from torch.func import grad_and_value
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from autometa.components import MASK_PREFIX, Backbone
-from autometa.tasks import Task, TrainingPool
+from autometa.types import Task, TrainingPool
 from autometa_builtins.meta_algorithms._common import make_optimizer, placement
 from autometa_builtins.meta_algorithms.gradient import _SHARED_SPACE, MAML, GradientMetaLearner, Params, _detach
 

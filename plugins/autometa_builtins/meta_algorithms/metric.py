@@ -18,7 +18,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from torch import nn
 
 from autometa.components import Backbone, MetaAlgorithm
-from autometa.tasks import Task, TrainingPool
+from autometa.types import Task, TrainingPool
 from autometa_builtins.meta_algorithms._common import (
     embed,
     embedding_placement,

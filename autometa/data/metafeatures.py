@@ -1,0 +1,414 @@
+"""Task statistics ("meta-features") that describe a dataset, for comparing datasets.
+
+The warm start finds the stored datasets nearest to a new one by a scaled distance over the
+features both have (:func:`rank_by_meta_features`, below), so every value is a finite
+float, the same for the same data and ``seed``, and cheap (seconds on 10^4 rows; see
+``benchmarks/metafeatures.py``). Features come in groups (:data:`FEATURE_GROUPS`); a feature
+that means the same on every dataset has the same name everywhere.
+
+==========  =================================  ==============================================
+group       feature                            what it measures
+==========  =================================  ==============================================
+simple      rows, log_rows                     labelled rows (log10 for ``log_rows``)
+            classes, rows_per_class            distinct labels; mean rows per class
+            columns, modalities                feature columns; modalities present
+            missing_rate                       fraction of empty feature cells
+            groups                             distinct groups (only with a group column)
+class       class_entropy                      label entropy / log(classes): 1 when balanced
+            imbalance_ratio                    rows of the largest class / of the smallest
+            class_min_rows                     rows of the smallest class (the most shots)
+            majority_rate                      fraction of rows in the largest class
+tabular     tabular_numeric,                   numeric and categorical columns
+            tabular_categorical
+            numeric_skewness[_min, _max]       mean, min, max over numeric columns of pandas'
+                                               ``skew()`` (adjusted Fisher-Pearson G1)
+            numeric_kurtosis[_min, _max]       the same for ``kurt()`` (excess kurtosis G2,
+                                               0 for a normal distribution)
+            numeric_mean_abs_correlation,      mean and max |Pearson r| over pairs of numeric
+            numeric_max_abs_correlation        columns (the subsample, first 100 columns)
+            categorical_cardinality[_min,      mean, min, max distinct non-empty values per
+            _max]                              categorical column
+text        text_columns                       text columns (a row's cells are joined)
+            text_mean_words, text_mean_chars   mean words (split on whitespace) and
+                                               characters per row
+            text_vocabulary                    distinct lowercased words
+            text_type_token_ratio              text_vocabulary / all words
+image       image_height, image_width,         decoded image size
+            image_channels
+            image_mean_intensity,              mean and std of every pixel, in [0, 1]
+            image_std_intensity
+            image_contrast                     mean over images of each image's pixel std
+            image_brightness_spread            std over images of each image's mean
+vector      vector_columns, vector_dim         vector columns; their total dimension
+            vector_norm_mean, vector_norm_std  mean and std of the rows' Euclidean norms
+                                               (empty entries count as 0)
+landmark    landmark_<modality>_1nn            accuracy of 1-nearest-neighbour,
+            landmark_<modality>_naive_bayes    Gaussian naive Bayes,
+            landmark_<modality>_linear         a linear probe (ridge classifier),
+            landmark_<modality>_stump          a depth-1 decision tree, on that modality alone
+==========  =================================  ==============================================
+
+Landmarkers and correlations use a seeded subsample of at most ``max_rows`` rows, stratified
+by label. Each landmarker is scored by stratified k-fold (k = min(5, rows of the largest
+class)) as the fraction of rows predicted right when held out. Inputs: tabular and vector
+columns prepared as for the models (:class:`autometa.data.preprocessing.Preprocessor`: median-imputed
+with missing indicators, standardised, one-hot), text as TF-IDF reduced to 100 LSA components,
+images shrunk to at most 12x12 pixels in [0, 1]. That preprocessing never sees labels, so it
+is fitted once on the whole subsample; the classifiers only on the training folds.
+
+Undefined values are left out, never filled in: a group that does not apply (no text column),
+a statistic no column defines (skewness needs three values and some spread, correlation two
+columns that vary), and landmarkers when no class has two rows (nothing could be predicted).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from sklearn.decomposition import TruncatedSVD
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import RidgeClassifier
+from sklearn.model_selection import StratifiedKFold
+from sklearn.naive_bayes import GaussianNB
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import normalize
+from sklearn.tree import DecisionTreeClassifier
+from sklearn.utils import resample
+
+from autometa.data.loading import Dataset
+from autometa.data.preprocessing import Preprocessor, _present, _vector_matrix
+from autometa.errors import AutometaError
+from autometa.inputs import MODALITIES
+
+MAX_ROWS = 2000  # subsample for landmarkers and correlations
+FOLDS = 5
+LANDMARKERS = ("1nn", "naive_bayes", "linear", "stump")
+MAX_CORRELATION_COLUMNS = 100
+TEXT_COMPONENTS = 100
+TEXT_TERMS = 2**14
+IMAGE_SIDE = 12
+_WORD = re.compile(r"\w", re.UNICODE)
+
+FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
+    "simple": ("rows", "log_rows", "classes", "rows_per_class", "columns", "modalities", "missing_rate", "groups"),
+    "class": ("class_entropy", "imbalance_ratio", "class_min_rows", "majority_rate"),
+    "tabular": (
+        "tabular_numeric", "tabular_categorical",
+        "numeric_skewness", "numeric_skewness_min", "numeric_skewness_max",
+        "numeric_kurtosis", "numeric_kurtosis_min", "numeric_kurtosis_max",
+        "numeric_mean_abs_correlation", "numeric_max_abs_correlation",
+        "categorical_cardinality", "categorical_cardinality_min", "categorical_cardinality_max",
+    ),
+    "text": ("text_columns", "text_mean_words", "text_mean_chars", "text_vocabulary", "text_type_token_ratio"),
+    "image": (
+        "image_height", "image_width", "image_channels", "image_mean_intensity", "image_std_intensity",
+        "image_contrast", "image_brightness_spread",
+    ),
+    "vector": ("vector_columns", "vector_dim", "vector_norm_mean", "vector_norm_std"),
+    "landmark": tuple(f"landmark_{m}_{name}" for m in MODALITIES for name in LANDMARKERS),
+}
+"""Every feature :func:`describe` can return, by group (a dataset has a subset of them)."""
+
+
+def describe(
+    dataset: Dataset, *, seed: int = 0, max_rows: int = MAX_ROWS, groups: tuple[str, ...] | list[str] | None = None
+) -> dict[str, float]:
+    """The meta-features of ``dataset`` (all groups, or only ``groups``), as finite floats.
+
+    ``seed`` fixes the subsample and folds of the landmarkers and correlations; the other
+    features do not depend on it.
+    """
+    chosen = list(FEATURE_GROUPS) if groups is None else list(groups)
+    unknown = [g for g in chosen if g not in FEATURE_GROUPS]
+    if unknown:
+        raise AutometaError(f"unknown meta-feature group(s) {', '.join(unknown)}; choose from {', '.join(FEATURE_GROUPS)}")
+    rows = _subsample(dataset.labels, max_rows, seed)
+    features: dict[str, float] = {}
+    for group in chosen:
+        features.update(_GROUP_FUNCTIONS[group](dataset, rows, seed))
+    # The groups leave undefined values out themselves; this keeps the promise if one slips.
+    return {name: float(value) for name, value in features.items() if math.isfinite(value)}
+
+
+def _subsample(labels: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
+    """Sorted row indices: all rows, or ``max_rows`` of them in the classes' proportions."""
+    if len(labels) <= max_rows:
+        return np.arange(len(labels))
+    rows = resample(np.arange(len(labels)), replace=False, n_samples=max_rows, stratify=labels, random_state=seed)
+    return np.sort(rows)
+
+
+# --- simple, class ------------------------------------------------------------------------
+
+
+def _simple(dataset: Dataset, rows: np.ndarray, seed: int) -> dict[str, float]:
+    k = len(set(dataset.labels.tolist()))
+    features = {
+        "rows": float(len(dataset)),
+        "log_rows": math.log10(len(dataset)),
+        "classes": float(k),
+        "rows_per_class": len(dataset) / k,
+        "columns": float(len(dataset.columns)),
+        "modalities": float(len(dataset.modalities)),
+        "missing_rate": float(dataset.frame.isna().to_numpy().mean()) if dataset.frame.size else 0.0,
+    }
+    if dataset.groups is not None:
+        features["groups"] = float(len(set(dataset.groups.tolist())))
+    return features
+
+
+def _class(dataset: Dataset, rows: np.ndarray, seed: int) -> dict[str, float]:
+    counts = np.asarray(list(Counter(dataset.labels.tolist()).values()), dtype=float)
+    p = counts / counts.sum()
+    k = len(counts)
+    return {
+        # Normalised by its maximum log(k), so datasets with different class counts compare.
+        "class_entropy": float(-(p * np.log(p)).sum() / math.log(k)) if k > 1 else 0.0,
+        "imbalance_ratio": float(counts.max() / counts.min()),
+        "class_min_rows": float(counts.min()),
+        "majority_rate": float(p.max()),
+    }
+
+
+# --- per modality -------------------------------------------------------------------------
+
+
+def _tabular(dataset: Dataset, rows: np.ndarray, seed: int) -> dict[str, float]:
+    tabular = dataset.columns_of("tabular")
+    if not tabular:
+        return {}
+    numeric = [c.name for c in tabular if c.kind == "numeric"]
+    categorical = [c.name for c in tabular if c.kind != "numeric"]
+    features = {"tabular_numeric": float(len(numeric)), "tabular_categorical": float(len(categorical))}
+    if numeric:
+        values = dataset.frame[numeric].astype(float)
+        features.update(_summary("numeric_skewness", values.skew()))
+        features.update(_summary("numeric_kurtosis", values.kurt()))
+        correlation = values.iloc[rows, :MAX_CORRELATION_COLUMNS].corr().to_numpy()
+        pairs = np.abs(correlation[np.triu_indices_from(correlation, k=1)])
+        pairs = pairs[np.isfinite(pairs)]
+        if len(pairs):
+            features["numeric_mean_abs_correlation"] = float(pairs.mean())
+            features["numeric_max_abs_correlation"] = float(pairs.max())
+    if categorical:
+        cardinality = pd.Series([dataset.frame[c].dropna().astype(str).nunique() for c in categorical], dtype=float)
+        features.update(_summary("categorical_cardinality", cardinality))
+    return features
+
+
+def _summary(name: str, per_column: pd.Series) -> dict[str, float]:
+    """Mean (under ``name``), min and max of the finite per-column values; none if there are none."""
+    values = per_column.to_numpy(dtype=float)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return {}
+    return {name: float(values.mean()), f"{name}_min": float(values.min()), f"{name}_max": float(values.max())}
+
+
+def _text(dataset: Dataset, rows: np.ndarray, seed: int) -> dict[str, float]:
+    text = [c.name for c in dataset.columns_of("text")]
+    if not text:
+        return {}
+    cells = dataset.frame[text].fillna("").astype(str)
+    words = cells[text[0]].str.cat([cells[c] for c in text[1:]], sep=" ").str.split()
+    total = int(words.str.len().sum())
+    vocabulary = int(words.explode().dropna().str.lower().nunique())
+    features = {
+        "text_columns": float(len(text)),
+        "text_mean_words": float(words.str.len().mean()),
+        "text_mean_chars": float(sum(cells[c].str.len() for c in text).mean()),
+        "text_vocabulary": float(vocabulary),
+    }
+    if total:
+        features["text_type_token_ratio"] = vocabulary / total
+    return features
+
+
+def _image(dataset: Dataset, rows: np.ndarray, seed: int) -> dict[str, float]:
+    images = dataset.columns_of("image")
+    if not images:
+        return {}
+    pixels = dataset.images[images[0].name]  # uint8 [N, H, W, C]
+    # Per-image first and second moments, a chunk at a time: a float copy of 10^4 large
+    # images at once would not fit in memory.
+    means, squares = [], []
+    for start in range(0, len(pixels), 64):
+        chunk = pixels[start:start + 64].astype(np.float64) / 255.0
+        means.append(chunk.mean(axis=(1, 2, 3)))
+        squares.append((chunk**2).mean(axis=(1, 2, 3)))
+    mean, square = np.concatenate(means), np.concatenate(squares)
+    overall = mean.mean()
+    return {
+        "image_height": float(pixels.shape[1]),
+        "image_width": float(pixels.shape[2]),
+        "image_channels": float(pixels.shape[3]),
+        "image_mean_intensity": float(overall),
+        "image_std_intensity": math.sqrt(max(square.mean() - overall**2, 0.0)),
+        "image_contrast": float(np.sqrt(np.maximum(square - mean**2, 0.0)).mean()),
+        "image_brightness_spread": float(mean.std()),
+    }
+
+
+def _vector(dataset: Dataset, rows: np.ndarray, seed: int) -> dict[str, float]:
+    vectors = [c.name for c in dataset.columns_of("vector")]
+    if not vectors:
+        return {}
+    matrix = _vector_matrix(dataset.frame, vectors).astype(np.float64)
+    features = {"vector_columns": float(len(vectors)), "vector_dim": float(matrix.shape[1])}
+    present = ~np.isnan(matrix).all(axis=1)
+    if present.any():
+        norms = np.linalg.norm(np.nan_to_num(matrix[present]), axis=1)
+        features["vector_norm_mean"] = float(norms.mean())
+        features["vector_norm_std"] = float(norms.std())
+    return features
+
+
+# --- landmarkers --------------------------------------------------------------------------
+
+
+def _landmark_models(seed: int) -> dict[str, object]:
+    return {
+        "1nn": KNeighborsClassifier(n_neighbors=1),
+        "naive_bayes": GaussianNB(),
+        # Ridge rather than logistic regression: one linear solve whatever the number of
+        # classes, where lbfgs over hundreds of few-shot classes takes many seconds.
+        "linear": RidgeClassifier(alpha=1.0),
+        "stump": DecisionTreeClassifier(max_depth=1, random_state=seed),
+    }
+
+
+def _landmark(dataset: Dataset, rows: np.ndarray, seed: int) -> dict[str, float]:
+    y = dataset.labels[rows]
+    folds = min(FOLDS, max(Counter(y.tolist()).values()))
+    if folds < 2:
+        return {}  # every class has one row: a held-out row's class is never seen in training
+    with warnings.catch_warnings():
+        # Classes with fewer rows than folds are fine: those rows simply count as missed.
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    features = {}
+    for modality, x in _landmark_inputs(dataset, rows, seed).items():
+        correct = Counter()
+        for train, test in splits:
+            if len(set(y[train].tolist())) < 2:
+                for name in LANDMARKERS:  # one class to learn: every model predicts it
+                    correct[name] += int((y[test] == y[train][0]).sum())
+                continue
+            for name, model in _landmark_models(seed).items():
+                correct[name] += int((model.fit(x[train], y[train]).predict(x[test]) == y[test]).sum())
+        features.update({f"landmark_{modality}_{name}": correct[name] / len(y) for name in LANDMARKERS})
+    return features
+
+
+def _landmark_inputs(dataset: Dataset, rows: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """A dense float matrix per modality for the subsample's rows (a modality with no value there is left out)."""
+    frame = dataset.frame.iloc[rows].reset_index(drop=True)
+    inputs: dict[str, np.ndarray] = {}
+    # Tabular and vector columns as the models see them; a vector column empty in the
+    # subsample has nothing to standardise and is left out.
+    columns = dataset.columns_of("tabular") + [
+        c for c in dataset.columns_of("vector") if frame[c.name].map(_present).any()
+    ]
+    if columns:
+        sample = Dataset(
+            name=dataset.name, path=dataset.path, frame=frame[[c.name for c in columns]],
+            labels=dataset.labels[rows], columns=columns, label_column=dataset.label_column,
+        )
+        prepared = Preprocessor.fit(sample, np.arange(len(rows))).transform(sample)
+        for modality in ("tabular", "vector"):
+            if modality in prepared.inputs:
+                inputs[modality] = prepared.inputs[modality].numpy().astype(np.float64)
+    text = [c.name for c in dataset.columns_of("text")]
+    if text:
+        documents = [" ".join(v for v in values if isinstance(v, str)) for values in zip(*(frame[c].tolist() for c in text))]
+        if any(_WORD.search(d) for d in documents):
+            inputs["text"] = _text_matrix(documents, seed)
+    images = dataset.columns_of("image")
+    if images:
+        inputs["image"] = _image_matrix(dataset.images[images[0].name][rows])
+    return inputs
+
+
+def _text_matrix(documents: list[str], seed: int) -> np.ndarray:
+    # Single-character words count too (the default pattern drops them), so no row with a
+    # word ends up with an empty vocabulary.
+    tfidf = TfidfVectorizer(token_pattern=r"(?u)\b\w+\b", sublinear_tf=True, max_features=TEXT_TERMS)
+    matrix = tfidf.fit_transform(documents)
+    if min(matrix.shape) <= TEXT_COMPONENTS:
+        return matrix.toarray()  # small enough to use as it is
+    reduced = TruncatedSVD(TEXT_COMPONENTS, random_state=seed).fit_transform(matrix)
+    return normalize(reduced)
+
+
+def _image_matrix(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W, C] shrunk (box filter) to at most IMAGE_SIDE pixels a side, flattened into [0, 1]."""
+    size = (min(IMAGE_SIDE, pixels.shape[2]), min(IMAGE_SIDE, pixels.shape[1]))
+    grey = pixels.shape[3] == 1
+    small = [np.asarray(Image.fromarray(p[..., 0] if grey else p).resize(size, Image.BOX)) for p in pixels]
+    return np.stack(small).reshape(len(pixels), -1).astype(np.float64) / 255.0
+
+
+_GROUP_FUNCTIONS: dict[str, Callable[[Dataset, np.ndarray, int], dict[str, float]]] = {
+    "simple": _simple,
+    "class": _class,
+    "tabular": _tabular,
+    "text": _text,
+    "image": _image,
+    "vector": _vector,
+    "landmark": _landmark,
+}
+
+
+@dataclass
+class Neighbour:
+    study: str  # the key the item was given: a study, or a dataset's key in warm start
+    distance: float
+    shared: int
+
+
+def rank_by_meta_features(current: Mapping[str, Any], others: Mapping[str, Mapping[str, Any]]) -> list[Neighbour]:
+    """Others ordered by scaled distance to ``current`` over the meta-features both have.
+
+    Each feature is standardised over every item that has it (the current one included), so
+    row counts do not drown entropies. The distance is the root mean square of the standardised
+    differences: the mean, not the sum, so a pair sharing fewer features is not closer for it.
+    Non-numeric and non-finite values are ignored; items sharing nothing are left out.
+    """
+    vectors = {name: _numeric(features) for name, features in others.items()}
+    mine = _numeric(current)
+    pooled: dict[str, list[float]] = defaultdict(list)
+    for features in [mine, *vectors.values()]:
+        for key, value in features.items():
+            pooled[key].append(value)
+    scale = {key: (float(np.mean(v)), float(np.std(v))) for key, v in pooled.items()}
+
+    def z(key: str, value: float) -> float:
+        mean, std = scale[key]
+        return (value - mean) / std if std > 0 else 0.0  # the same everywhere: no difference
+
+    ranked = []
+    for name, features in vectors.items():
+        shared = sorted(set(mine) & set(features))
+        if not shared:
+            continue
+        squares = [(z(k, mine[k]) - z(k, features[k])) ** 2 for k in shared]
+        ranked.append(Neighbour(name, math.sqrt(sum(squares) / len(squares)), len(shared)))
+    return sorted(ranked, key=lambda n: (n.distance, n.study))
+
+
+def _numeric(features: Mapping[str, Any] | None) -> dict[str, float]:
+    out = {}
+    for key, value in (features or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(value):
+            out[str(key)] = float(value)
+    return out

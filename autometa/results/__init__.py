@@ -1,0 +1,1 @@
+"""What a search leaves behind: saved models and the HTML report."""

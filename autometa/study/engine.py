@@ -1,0 +1,396 @@
+"""The search: an Optuna study over meta-algorithm × fusion × encoders and their hyperparameters.
+
+One study per (dataset fingerprint, protocol) in the database, resumable: ``trials`` is the
+study's total budget. Every trial trains on the training pool and is scored on the split's
+fixed validation tasks; only the leaderboard's finalists are scored on the test tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import optuna
+import torch
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+from autometa._version import __version__
+from autometa.components import MetaAlgorithm
+from autometa.config import default_trials, search_choices, stored_config
+from autometa.data.loading import Dataset, load_dataset
+from autometa.data.metafeatures import describe
+from autometa.data.protocols import Split, choose_protocol, make_split
+from autometa.data.scoring import baselines, caveats
+from autometa.errors import AutometaError, SearchError
+from autometa.plugins import Registry, get_registry
+from autometa.results.artifacts import folder_name, save_model
+from autometa.store import schema
+from autometa.store.storage import FINISHED, checkpoint, storage_for
+from autometa.study import warmstart
+from autometa.study.budget import budget_used
+from autometa.study.devices import resolve_devices, worker_label
+from autometa.study.leaderboard import SearchResult, _leaderboard
+from autometa.study.objective import SearchSpec, TrialRunner, build_runner, default_pruner, default_sampler
+from autometa.study.pool import recover_orphans, run_pool
+from autometa.study.settings import SearchSettings
+
+logger = logging.getLogger("autometa.study.engine")
+
+
+def open_study(name: str, storage, db: str, sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    try:
+        return optuna.create_study(
+            study_name=name, storage=storage, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True
+        )
+    except AutometaError:
+        raise
+    except Exception as exc:
+        raise SearchError(f"cannot open the study database {db}: {type(exc).__name__}: {exc}") from exc
+
+
+def study_name_for(dataset: Dataset, spec: SearchSpec) -> str:
+    """``DATASET-PROTOCOL-KEY``: one study per data and settings (see :meth:`SearchSpec.key`)."""
+    return f"{dataset.name}-{spec.protocol}-{spec.key()}"
+
+
+def study_name(data: str | Path | Dataset, label: str | None = None, settings: SearchSettings | None = None,
+               **overrides: Any) -> str:
+    """The study ``search(data, label, settings, **overrides)`` opens: its ``study`` setting, else
+    the name of its data and settings."""
+    settings = (settings or SearchSettings()).replace(**overrides)
+    if settings.study:
+        return settings.study
+    dataset, data_path = _load(data, label, settings.group, settings.columns, settings.image_size)
+    return study_name_for(dataset, _spec(dataset, data_path, get_registry(), settings))
+
+
+def _load(data, label, group, columns, image_size) -> tuple[Dataset, str | None]:
+    if isinstance(data, Dataset):
+        return data, None
+    if label is None:
+        raise SearchError("a label column is required (--label NAME)")
+    dataset = load_dataset(data, label, group=group, columns=columns, image_size=image_size)
+    return dataset, str(Path(data).resolve())
+
+
+def _spec(dataset: Dataset, data_path: str | None, registry: Registry, settings: SearchSettings) -> SearchSpec:
+    protocol = choose_protocol(dataset, settings.protocol)
+    return SearchSpec(
+        data_path, dataset.label_column, dataset.group_column, {c.name: c.modality for c in dataset.columns},
+        tuple(settings.image_size), protocol, settings.ways, settings.shots, settings.queries, settings.validation_tasks,
+        settings.test_tasks, settings.seed, search_choices(registry, protocol, dataset.modalities, settings.include),
+        settings.steps, settings.eval_every, settings.trials, dataset.fingerprint,
+    )
+
+
+class _TrainingMetaFeatures:
+    """The meta-features of the split's training rows, computed once when first asked for.
+
+    Training rows only: warm start seeds this search from them, so nothing about its
+    validation or test rows (their labels included) may reach them.
+    """
+
+    def __init__(self, dataset: Dataset, split: Split):
+        self.dataset, self.split, self.value = dataset, split, None
+
+    def __call__(self) -> dict[str, float]:
+        if self.value is None:
+            self.value = describe(self.dataset.subset(self.split.row_splits["train"]))
+        return self.value
+
+
+def search(
+    data: str | Path | Dataset, label: str | None = None, settings: SearchSettings | None = None, **overrides: Any
+) -> SearchResult:
+    """Search encoders × fusion × meta-algorithm on ``data`` and report the best on test tasks.
+
+    ``settings`` (default ``SearchSettings()``) with ``overrides`` applied, e.g.
+    ``search("data.csv", "label", trials=10, db="sqlite:///mine.db")``.
+
+    Trials run in worker processes, ``trials_per_device`` on each of ``devices`` (``isolate``:
+    a crash, out-of-memory abort or ``trial_timeout`` fails only that trial); ``isolate=False``
+    runs them in this process, one at a time.
+
+    ``defaults``: a new study runs one trial per meta-algorithm at default parameters before
+    the sampler explores (False: the sampler chooses every trial). ``warm_start``: a new
+    study's first trials are the best configurations of the
+    ``warm_start_k`` most similar datasets in ``db`` and ``warm_start_prior`` (None: the
+    database only), ``warm_start_configs`` in all (see :mod:`autometa.study.warmstart`).
+    """
+    settings = (settings or SearchSettings()).replace(**overrides)
+    say = settings.echo or (lambda msg: print(msg, file=sys.stderr))
+    if settings.warm_start and (settings.warm_start_k < 1 or settings.warm_start_configs < 1):
+        raise SearchError("--warm-start-k and --warm-start-configs must be at least 1")
+    if settings.trials < 1:
+        raise SearchError("--trials must be at least 1")
+    if settings.steps < 1 or settings.eval_every < 1:
+        raise SearchError("--steps and --eval-every must be at least 1")
+    if settings.trial_timeout is not None and settings.trial_timeout <= 0:
+        raise SearchError("--trial-timeout must be positive")
+    if settings.output is not None:
+        _check_output_folder(Path(settings.output))
+    slots = resolve_devices(settings.devices, settings.trials_per_device)
+    if not settings.isolate and len(slots) > 1:
+        raise SearchError("several workers need isolated worker processes; drop isolate=False")
+    if not settings.isolate and settings.trial_timeout is not None:
+        raise SearchError("--trial-timeout needs isolated worker processes")
+    device = torch.device(slots[0].device)
+    registry = get_registry()
+    dataset, data_path = _load(data, label, settings.group, settings.columns, settings.image_size)
+    say(dataset.summary())
+    spec = _spec(dataset, data_path, registry, settings)
+    choices = spec.choices
+    # Encoders that derive their own inputs (e.g. pretrained embeddings) do so when first chosen.
+    split = make_split(
+        dataset, spec.protocol, ways=settings.ways, shots=settings.shots, queries=settings.queries,
+        validation_tasks=settings.validation_tasks, test_tasks=settings.test_tasks, seed=settings.seed, device=device,
+    )
+    say(split.describe())
+    name = settings.study or study_name_for(dataset, spec)
+    meta_features = _TrainingMetaFeatures(dataset, split)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = storage_for(settings.db)
+    schema.recording_engine(settings.db)  # autometa's tables: made, upgraded from 0.1, or a newer schema refused
+    existing = finished_trials(name, storage)
+    custom = (settings.sampler, settings.pruner)
+    # A resumed study gets a new seed so it does not replay the first random trials.
+    sampler = settings.sampler or default_sampler(spec, offset=7919 * existing)
+    pruner = settings.pruner or default_pruner(spec)
+    optuna_study = open_study(name, storage, settings.db, sampler, pruner)
+    _check_resume(optuna_study, dataset, name, spec, meta_features)
+    recover_orphans(optuna_study, say)
+    existing = finished_trials(name, storage)
+
+    remaining = settings.trials - existing
+    where = ", ".join(s.label for s in slots) if settings.isolate else str(device)
+    if existing:
+        say(f"study {name!r} resumed: {existing} trial(s) already finished, {max(0, remaining)} of the budget of "
+            f"{settings.trials} left")
+    else:
+        say(f"study {name!r} in {settings.db}: {settings.trials} trial(s) on {where}")
+
+    if not optuna_study.get_trials(deepcopy=False):
+        seeded = 0
+        if settings.warm_start and remaining > 0:
+            # Before the defaults: with a tiny budget, the neighbours' best take the first slots.
+            seeded = warmstart.seed_study(
+                optuna_study, optuna_study.user_attrs.get("meta_features") or meta_features(), registry, choices,
+                db=settings.db, prior=settings.warm_start_prior, k=settings.warm_start_k,
+                configs=min(settings.warm_start_configs, remaining), say=say,
+                fingerprint=dataset.fingerprint,
+            )
+        if settings.defaults:
+            for params in default_trials(registry, choices)[: max(0, remaining - seeded)]:
+                optuna_study.enqueue_trial(params, skip_if_exists=True)
+    # Every run of the search is a row of autometa_searches (a resumed one adds another).
+    search_id = schema.begin_search(
+        settings.db, study=name, dataset=dataset, source=data_path or (str(dataset.path) if dataset.path else None),
+        protocol=split.protocol, budget=settings.trials, seed=settings.seed, plugins=schema.plugin_versions(registry, choices),
+        host=host_info(), autometa_version=__version__,
+        describe=lambda d: optuna_study.user_attrs.get("meta_features") or meta_features(),  # computed once
+    )
+    try:
+        cache: dict[int, tuple[float, MetaAlgorithm]] = {}
+        if remaining > 0:
+            if settings.isolate:
+                _optimize_pool(optuna_study, settings.db, slots, spec, dataset, custom, existing, remaining,
+                               settings.timeout, settings.trial_timeout, registry, settings.progress, say)
+            else:
+                runner = TrialRunner(split, registry, spec, str(device), cache=cache, top_k=settings.top_k)
+                _optimize_here(optuna_study, runner, remaining, settings.timeout, registry, choices, settings.progress, say, settings.db)
+
+        leaderboard = _leaderboard(optuna_study, split, registry, choices, settings.top_k, settings.steps,
+                                   settings.eval_every, cache, say)
+        plain = baselines(split)
+        optuna_study.set_user_attr("leaderboard", [e.as_dict() for e in leaderboard])
+        optuna_study.set_user_attr("baselines", [b.as_dict() for b in plain])
+        optuna_study.set_user_attr("test_warnings", caveats(split))
+        schema.record_finalists(settings.db, name, [e.as_dict() for e in leaderboard], [b.as_dict() for b in plain])
+        model_path = None
+        if settings.output is not None and leaderboard:
+            best = leaderboard[0]
+            model_path = save_model(
+                Path(settings.output) / folder_name(name), best.algorithm, best.config, split, registry=registry, study=name,
+                label=dataset.label_column, image_size=settings.image_size,
+                scores={"validation": best.validation, **best.test.as_dict(), "trial": best.trial},
+            )
+            optuna_study.set_user_attr("model_path", str(model_path.resolve()))
+            say(f"best model (trial {best.trial}) saved to {model_path}; use it with `autometa predict {model_path} DATA`")
+    except KeyboardInterrupt:
+        schema.end_search(settings.db, search_id, "interrupted")
+        raise
+    except BaseException:
+        schema.end_search(settings.db, search_id, "failed")
+        raise
+    schema.end_search(settings.db, search_id, "finished")
+    checkpoint(settings.db)
+    return SearchResult(optuna_study, dataset, split, leaderboard, plain, max(0, remaining), model_path)
+
+
+def _check_output_folder(folder: Path) -> None:
+    """Before any trial runs: the folder the model goes to can be made (or is there)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        raise SearchError(f"--output {folder}: {existing} is a file, not a folder; pass another --output")
+    if not os.access(existing, os.W_OK):
+        raise SearchError(f"--output {folder}: folder {existing} is not writable; pass another --output")
+
+
+def finished_trials(name: str, storage: optuna.storages.BaseStorage) -> int:
+    """Trials of study ``name`` that count against its budget (0 when there is no such study)."""
+    if not any(s.study_name == name for s in storage.get_all_studies()):
+        return 0
+    return budget_used(optuna.load_study(study_name=name, storage=storage), running=False)
+
+
+def _check_resume(study: optuna.Study, dataset: Dataset, name: str, spec: SearchSpec, meta_features) -> None:
+    """Record a new study's settings; refuse to go on with an existing one searched on other
+    data or settings (its trials would be ranked against another split's validation rows)."""
+    attrs = study.user_attrs
+    if "fingerprint" not in attrs:
+        study.set_user_attr("spec", spec.to_json())  # for `autometa worker` on other machines
+        study.set_user_attr("fingerprint", dataset.fingerprint)
+        study.set_user_attr("dataset", dataset.name)
+        study.set_user_attr("label", dataset.label_column)
+        study.set_user_attr("protocol", spec.protocol)
+        study.set_user_attr("columns", spec.columns)
+        study.set_user_attr("choices", spec.choices)
+        study.set_user_attr("autometa_version", __version__)
+        study.set_user_attr("host", host_info())
+        study.set_user_attr("meta_features", meta_features())
+        return
+    if attrs["fingerprint"] != dataset.fingerprint:
+        raise SearchError(
+            f"study {name!r} was created for other data (fingerprint {attrs['fingerprint'][:10]}); "
+            "drop --study to open this data's own study, or pass a new --study name"
+        )
+    try:
+        stored = SearchSpec.from_json(attrs["spec"]).settings()
+    except (KeyError, TypeError):
+        stored = {"choices": attrs.get("choices")}  # a study from before its settings were stored
+    stored, current = _flat_settings(stored), _flat_settings(spec.settings())
+    differing = [key for key in sorted(set(stored) | set(current)) if stored.get(key) != current.get(key)]
+    if differing:
+        raise SearchError(
+            f"study {name!r} was created with other settings ("
+            + "; ".join(f"{_setting(key)} {_shown_setting(stored.get(key))}, now {_shown_setting(current.get(key))}"
+                        for key in differing)
+            + "); drop --study to search these settings in a study of their own, or pass a new --study name"
+        )
+    study.set_user_attr("spec", spec.to_json())  # the latest budget and data path, for `autometa worker`
+
+
+def _flat_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings with each component's choices as a setting of its own, so a refusal names it."""
+    choices = settings.get("choices") or {}
+    return {**{k: v for k, v in settings.items() if k != "choices"}, **{f"choices.{k}": v for k, v in choices.items()}}
+
+
+def _setting(key: str) -> str:
+    if key.startswith("choices."):
+        what = key.split(".", 1)[1]
+        option = f"--encoder {what.split('.', 1)[1]}=" if what.startswith("encoder.") else "--" + what.replace("_", "-")
+        return f"{option} choices"
+    return {"columns": "column types"}.get(key, "--" + key.replace("_", "-"))
+
+
+def _shown_setting(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "/".join(map(str, value))
+    return str(value)
+
+
+def _trial_line(frozen: optuna.trial.FrozenTrial, registry: Registry, choices: dict) -> str:
+    took = frozen.user_attrs.get("wall_time_s", 0.0)
+    if frozen.state == TrialState.COMPLETE:
+        outcome = f"validation {100 * frozen.value:.1f}%"
+    elif frozen.state == TrialState.PRUNED:
+        outcome = frozen.user_attrs.get("prune_reason", "pruned")
+    else:
+        outcome = f"failed: {frozen.user_attrs.get('fail_reason', 'see log')}"
+    config = stored_config(frozen.params, registry, choices) if frozen.params else None
+    where = f" on {worker_label(frozen.user_attrs)}" if "worker" in frozen.user_attrs else ""
+    return f"trial {frozen.number:>3} {outcome} ({took:.1f}s{where}) {config.label() if config else ''}"
+
+
+def _optimize_here(study, runner: TrialRunner, n_trials, timeout, registry, choices, progress, say, db):
+    """Trials one after another in this process (no isolation)."""
+    bar = tqdm(total=n_trials, desc="search", unit="trial", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    runner.bar = bar
+
+    def on_trial_end(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+        bar.update(1)
+        bar.write(_trial_line(frozen, registry, choices), file=sys.stderr)
+        try:
+            bar.set_postfix_str(f"best {100 * study.best_value:.1f}%")
+        except ValueError:
+            pass
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines report every trial
+    try:
+        study.optimize(runner, n_trials=n_trials, timeout=timeout, catch=(Exception,),
+                       callbacks=[schema.TrialRecorder(db), on_trial_end])
+    except KeyboardInterrupt:
+        say("interrupted: finished trials are saved; run the same command again to resume")
+        raise
+    finally:
+        optuna.logging.set_verbosity(level)
+        bar.close()
+
+
+def _optimize_pool(study, db, slots, spec, dataset, custom, existing, n_trials, timeout, trial_timeout, registry, progress, say):
+    """Trials on isolated worker processes, one per device slot, with a live status per device."""
+    bar = tqdm(total=n_trials, desc="search", unit="trial", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    status: dict[str, str] = {s.label: "starting" for s in slots}
+    printed = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
+
+    def on_event(event: tuple) -> None:
+        kind, label = event[0], event[1]
+        if kind == "start":
+            status[label] = f"trial {event[2]}"
+        elif kind == "step":
+            status[label] = f"trial {event[2]} step {event[3]}/{event[4]} val {100 * event[5]:.1f}%"
+        elif kind == "end":
+            status[label] = "idle"
+        elif kind == "error":
+            say(f"worker {label} could not start: {event[2]}")
+        bar.set_description(" | ".join(f"{k}: {v}" for k, v in status.items()))
+
+    def on_poll() -> None:
+        for frozen in study.get_trials(deepcopy=False, states=FINISHED):
+            if frozen.number not in printed:
+                printed.add(frozen.number)
+                bar.update(1)
+                bar.write(_trial_line(frozen, registry, spec.choices), file=sys.stderr)
+                try:
+                    bar.set_postfix_str(f"best {100 * study.best_value:.1f}%")
+                except ValueError:
+                    pass
+
+    # A worker rebuilds the split from the data; a file path is enough, else the data travels.
+    payload = None if spec.data is not None else dataset
+    try:
+        run_pool(
+            study, db, slots, n_trials, build_runner, (spec, payload, *custom, existing),
+            timeout=timeout, trial_timeout=trial_timeout, on_event=on_event, on_poll=on_poll, say=say,
+        )
+        on_poll()
+    except KeyboardInterrupt:
+        say("interrupted: finished trials are saved; running ones were marked failed; run the same command again to resume")
+        raise
+    finally:
+        bar.close()
+
+
+def host_info() -> dict[str, str]:
+    return {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__}

@@ -1,0 +1,65 @@
+"""``autometa kb build``: search every dataset of a list or collection into one database, the
+knowledge base that ``autometa kb export`` compacts into a warm-start prior."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from autometa.data.loading import load_dataset
+from autometa.store.knowledge import SOURCE_ATTR, KnowledgeEntry
+from autometa.store.storage import storage_for
+from autometa.study.engine import finished_trials, search, study_name
+
+
+@dataclass
+class BuildOutcome:
+    name: str
+    study: str
+    finished: int
+    ran: int  # trials run by this call (0: skipped, its budget was already used)
+
+
+def build(
+    entries: Iterable[KnowledgeEntry],
+    *,
+    db: str,
+    trials: int,
+    seed: int = 0,
+    protocol: str = "standard",
+    echo: Callable[[str], None] | None = None,
+    **search_options: Any,
+) -> list[BuildOutcome]:
+    """Search every entry into ``db`` with the same budget and seed, cold (no warm start, so
+    each dataset's result is its own and the base can be rebuilt reproducibly).
+
+    Resumable: a study that already has ``trials`` finished trials is skipped without loading
+    its model; any other resumes (``trials`` is each study's total budget).
+    """
+    say = echo or (lambda message: print(message, file=sys.stderr))
+    entries = list(entries)
+    storage = storage_for(db)
+    outcomes = []
+    for index, entry in enumerate(entries, start=1):
+        dataset = load_dataset(entry.path, entry.label)
+        options = {"output": None, "top_k": 1, **search_options}
+        name = study_name(dataset, entry.label, protocol=protocol, trials=trials, seed=seed, **options)
+        done = finished_trials(name, storage)
+        where = f"[{index}/{len(entries)}] {dataset.name}"
+        if done >= trials:
+            say(f"{where}: study {name!r} already has {done} finished trial(s) of {trials}; skipped")
+            outcomes.append(BuildOutcome(dataset.name, name, done, 0))
+            continue
+        say(f"{where}: {'resuming' if done else 'searching'} ({done} of {trials} trials done)")
+        result = search(
+            str(entry.path), entry.label, protocol=protocol, trials=trials, seed=seed, db=db, study=name, warm_start=False,
+            echo=lambda message: say(f"  {message}"), **options,
+        )
+        if entry.source:
+            result.study.set_user_attr(SOURCE_ATTR, entry.source)
+        finished = finished_trials(name, storage)
+        best = f"best validation {100 * result.study.best_value:.1f}%" if result.leaderboard else "no trial completed"
+        say(f"{where}: {finished} trial(s) finished, {best}")
+        outcomes.append(BuildOutcome(dataset.name, name, finished, finished - done))
+    return outcomes

@@ -1,0 +1,148 @@
+"""The leaderboard of a search: its finalists (the top configurations retrained and scored on
+the test tasks), the result ``search()`` returns, and how both are printed."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from autometa.components import MetaAlgorithm
+from autometa.config import Config, stored_config
+from autometa.data.loading import Dataset
+from autometa.data.protocols import Split
+from autometa.data.scoring import INTERVALS, Baseline, Score, caveats, evaluate, score_unit
+from autometa.results.artifacts import one_line
+from autometa.study.training import count_parameters, train
+
+
+@dataclass
+class LeaderboardEntry:
+    rank: int
+    trial: int
+    config: Config
+    validation: float
+    test: Score
+    parameters: int
+    algorithm: MetaAlgorithm | None = field(default=None, repr=False, compare=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "trial": self.trial,
+            "meta_algorithm": self.config.meta_algorithm,
+            "fusion": self.config.fusion,
+            "encoders": self.config.encoders,
+            "crossmodal_weight": self.config.crossmodal_weight,
+            "validation_accuracy": self.validation,
+            **self.test.as_dict(),
+            "parameters": self.parameters,
+        }
+
+
+@dataclass
+class SearchResult:
+    study: optuna.Study
+    dataset: Dataset
+    split: Split
+    leaderboard: list[LeaderboardEntry]
+    baselines: list[Baseline]
+    new_trials: int
+    model_path: Path | None = None
+
+    @property
+    def best(self) -> LeaderboardEntry | None:
+        return self.leaderboard[0] if self.leaderboard else None
+
+    def outcomes(self, shown: int = 3) -> str:
+        """The study's trials counted by what became of them, most common first, e.g. "3 failed:
+        RuntimeError: ...; 1 pruned" (for a search in which none completed)."""
+        words = {TrialState.FAIL: "failed", TrialState.PRUNED: "pruned", TrialState.RUNNING: "still running",
+                 TrialState.WAITING: "waiting"}
+        counts = Counter(
+            "completed" if t.state == TrialState.COMPLETE else f"{words[t.state]}: " + one_line(
+                t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason") or "no reason recorded", 160)
+            for t in self.study.get_trials(deepcopy=False)
+        )
+        listed = [f"{n} {what}" for what, n in counts.most_common(shown)]
+        rest = sum(counts.values()) - sum(n for _, n in counts.most_common(shown))
+        return "; ".join(listed + ([f"{rest} more with other reasons"] if rest else [])) or "no trials"
+
+    @property
+    def majority(self) -> Score:
+        """The majority-class (few-shot: chance) baseline's test score."""
+        return self.baselines[0].score
+
+    @property
+    def warnings(self) -> list[str]:
+        return caveats(self.split)
+
+    def format_leaderboard(self) -> str:
+        unit = score_unit(self.split)
+        n = self.baselines[0].score.n
+        lines = [
+            f"Leaderboard ({self.split.protocol} protocol): test accuracy [95% confidence interval] over {n} test "
+            f"{unit} ({INTERVALS[unit]})",
+            f"{'rank':>4}  {'trial':>5}  {'validation':>10}  {'test':>20}  configuration",
+        ]
+        for e in self.leaderboard:
+            lines.append(f"{e.rank:>4}  {e.trial:>5}  {100 * e.validation:>9.1f}%  {str(e.test):>20}  {e.config.label()}")
+        for b in self.baselines:
+            lines.append(f"{'':>4}  {'':>5}  {'':>10}  {str(b.score):>20}  baseline: {b.label}")
+        lines += [f"note: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The result as `autometa search --format json` prints it."""
+        return {
+            "study": self.study.study_name,
+            "protocol": self.split.protocol,
+            "test_unit": score_unit(self.split),
+            "interval": INTERVALS[score_unit(self.split)],
+            "leaderboard": [e.as_dict() for e in self.leaderboard],
+            "baselines": [b.as_dict() for b in self.baselines],
+            "warnings": self.warnings,
+            "model": str(self.model_path) if self.model_path else None,
+        }
+
+
+def _keep_best(cache: dict[int, tuple[float, MetaAlgorithm]], number: int, value: float, algorithm: MetaAlgorithm,
+               top_k: int) -> None:
+    """Keep the ``top_k`` best trained models of this run (by validation), so the leaderboard
+    need not retrain them."""
+    cache[number] = (value, algorithm)
+    for stale in sorted(cache, key=lambda n: cache[n][0], reverse=True)[top_k:]:
+        del cache[stale]
+
+
+def _leaderboard(study, split, registry, choices, top_k, steps, eval_every, cache, say) -> list[LeaderboardEntry]:
+    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)
+    chosen, seen = [], set()
+    for t in complete:
+        key = tuple(sorted(t.params.items()))
+        if key not in seen:
+            seen.add(key)
+            chosen.append(t)
+        if len(chosen) == top_k:
+            break
+    if not chosen:
+        say("no trial completed: nothing to evaluate on the test tasks (see the failure reasons above)")
+        return []
+    say(f"scoring the top {len(chosen)} configuration(s) on {len(split.test)} held-out test task(s)")
+    entries = []
+    for rank, t in enumerate(chosen, start=1):
+        config = stored_config(t.params, registry, choices)
+        algorithm = cache[t.number][1] if t.number in cache else None
+        if algorithm is None:  # trained in an earlier run: retrain it from its parameters and seed
+            algorithm, _ = train(
+                config, split, seed=t.user_attrs.get("seed", t.number), steps=t.user_attrs.get("steps", steps),
+                eval_every=eval_every, registry=registry,
+            )
+        test = evaluate(algorithm, split.test, score_unit(split))
+        parameters = count_parameters(algorithm)
+        entries.append(LeaderboardEntry(rank, t.number, config, t.value, test, parameters, algorithm))
+    return entries

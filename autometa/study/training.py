@@ -1,0 +1,122 @@
+"""Assembling a configuration's model from the registry and meta-training it: the one place a
+model is built from a ``Config``, for a trial and for a saved model alike."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from autometa.components import Backbone, MetaAlgorithm, assemble_backbone
+from autometa.config import Config
+from autometa.data.preprocessing import add_derived
+from autometa.data.protocols import Split
+from autometa.data.scoring import Score, evaluate
+from autometa.errors import AutometaError, PluginError
+from autometa.inputs import MASK_PREFIX
+from autometa.plugins import Registry
+
+
+def _plugin_call(registry: Registry, kind: str, name: str, build: Callable[[], Any]) -> Any:
+    """Run plugin code, turning its failure into an error that names the plugin."""
+    try:
+        return build()
+    except AutometaError:
+        raise
+    except Exception as exc:
+        info = registry.get(kind, name)
+        raise PluginError(
+            f"{kind.replace('_', '-')} {name!r} from plugin {info.plugin!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def train(
+    config: Config,
+    split: Split,
+    *,
+    seed: int,
+    steps: int,
+    eval_every: int,
+    registry: Registry,
+    report: Callable[[int, float], None] | None = None,
+) -> tuple[MetaAlgorithm, Score]:
+    """Build the model for ``config``, meta-train it and return it with its validation score."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    pool = split.pool
+    specs = pool.features.specs
+    input_keys = {}
+    for m, e in config.encoders.items():
+        cls = registry.get("encoder", e).cls
+        key = None
+        if cls.derives_input():
+            key = _plugin_call(registry, "encoder", e, lambda: add_derived(pool.features, split.dataset, m, cls, split.row_splits["train"]))
+        input_keys[m] = key or m
+    def build(key: str, *args, **kwargs):
+        kind = key.split(".")[0]
+        name = config.encoders[key.split(".", 1)[1]] if kind == "encoder" else getattr(config, kind)
+        return _plugin_call(registry, kind, name, lambda: registry.get(kind, name).cls(*args, **kwargs))
+
+    backbone = assemble_backbone(config, specs, input_keys, build).to(pool.device)
+    _probe(backbone, pool, config, registry)
+    algorithm = _plugin_call(
+        registry, "meta_algorithm", config.meta_algorithm,
+        lambda: registry.get("meta_algorithm", config.meta_algorithm).cls(**config.meta_params),
+    )
+    _plugin_call(registry, "meta_algorithm", config.meta_algorithm,
+                 lambda: algorithm.setup(backbone, pool, (split.ways, split.shots, split.queries)))
+    score = None
+    for step in range(1, steps + 1):
+        loss = _plugin_call(registry, "meta_algorithm", config.meta_algorithm, lambda: algorithm.train_step(pool, rng))
+        try:
+            loss = float(loss)
+        except (TypeError, ValueError):
+            info = registry.get("meta_algorithm", config.meta_algorithm)
+            raise PluginError(
+                f"meta-algorithm {config.meta_algorithm!r} from plugin {info.plugin!r}: train_step returned "
+                f"{type(loss).__name__}, not the training loss as a number"
+            ) from None
+        if not math.isfinite(loss):
+            raise TrialDiverged(f"training loss became {loss} at step {step}; the learning rates are likely too high")
+        if step % eval_every == 0 or step == steps:
+            score = _plugin_call(registry, "meta_algorithm", config.meta_algorithm, lambda: evaluate(algorithm, split.validation))
+            if report is not None:
+                report(step, score.mean)
+    return algorithm, score
+
+
+def _probe(backbone: Backbone, pool, config: Config, registry: Registry) -> None:
+    """Run each encoder and the fusion on two training rows, so a plugin that fails or returns
+    the wrong shape is named before a meta-algorithm's traceback would hide it."""
+    rows = torch.as_tensor(pool.rows[:2], device=pool.device)
+    inputs = pool.features.take(rows)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the trial's random state is not touched
+        embeddings = {}
+        for m, encoder in backbone.encoders.items():
+            name = config.encoders[m]
+            out = _plugin_call(registry, "encoder", name, lambda: encoder(inputs[backbone.input_keys[m]]))
+            _expect_shape(registry, "encoder", name, out, (len(rows), encoder.out_dim))
+            embeddings[m] = out
+        masks = {m: inputs[MASK_PREFIX + m] for m in backbone.encoders if MASK_PREFIX + m in inputs}
+        fused = _plugin_call(registry, "fusion", config.fusion, lambda: backbone.fusion(embeddings, masks or None))
+        _expect_shape(registry, "fusion", config.fusion, fused, (len(rows), backbone.fusion.out_dim))
+
+
+def _expect_shape(registry: Registry, kind: str, name: str, tensor, expected: tuple[int, int]) -> None:
+    shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+    if shape != expected:
+        info = registry.get(kind, name)
+        raise PluginError(
+            f"{kind} {name!r} from plugin {info.plugin!r} returned shape {shape} for {expected[0]} rows; expected {expected} "
+            "([batch, out_dim])"
+        )
+
+
+class TrialDiverged(AutometaError):
+    """Training produced a non-finite loss."""
+
+
+def count_parameters(algorithm: MetaAlgorithm) -> int:
+    return sum(p.numel() for m in algorithm.modules().values() for p in m.parameters())

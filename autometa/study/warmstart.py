@@ -1,0 +1,263 @@
+"""Warm start: begin a new search with what worked on the most similar datasets seen before.
+
+Experiences come from two places: the user's study database (every search records its dataset
+and meta-features) and the prior that ships with autometa (``prior/knowledge.json``, built by
+``autometa kb build`` + ``autometa kb export`` from a public collection of tables). The same
+dataset in both counts once, the user's own searches winning.
+
+A new dataset is compared with them by a scaled distance over the meta-features both have
+(auto-sklearn's meta-learning warm start, with the distance below). From the ``k`` nearest
+datasets that have a usable configuration, their best distinct configurations are translated
+to this search (plugins installed now, this data's modalities, this search's choices and
+ranges) and enqueued as the first trials, round-robin: the nearest dataset's best, the second
+nearest's best, ..., then each one's second best, until ``configs`` are seeded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+from autometa.config import configuration_label, default_trials, sample_config
+from autometa.data.loading import load_dataset
+from autometa.data.metafeatures import describe, rank_by_meta_features
+from autometa.errors import SearchError
+from autometa.store import PRIOR_PATH
+from autometa.store.knowledge import Experience, distinct_best, gather
+from autometa.study.settings import WARM_START_CONFIGS, WARM_START_K
+
+# The distance between datasets is autometa.data.metafeatures.rank_by_meta_features; the
+# experiences (database, prior) are autometa.store.knowledge's.
+
+
+# --- translation ----------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Stands in for an Optuna trial while a plugin's ``suggest`` walks its space: answers with
+    the stored value when this search's distribution contains it, and notes what it drops."""
+
+    def __init__(self, values: Mapping[str, Any]):
+        self.values, self.kept, self.dropped = dict(values), {}, []
+
+    def _answer(self, name: str, distribution: BaseDistribution, fallback: Any) -> Any:
+        if name in self.values:
+            value = self.values[name]
+            try:
+                if distribution._contains(distribution.to_internal_repr(value)):  # noqa: SLF001 - no public check
+                    self.kept[name] = value
+                    return value
+            except (ValueError, TypeError):
+                pass
+            self.dropped.append(name)
+        return fallback  # left for the sampler to choose; only steers a conditional space here
+
+    def suggest_float(self, name, low, high, *, step=None, log=False):
+        return self._answer(name, FloatDistribution(low, high, step=step, log=log), low)
+
+    def suggest_int(self, name, low, high, *, step=1, log=False):
+        return self._answer(name, IntDistribution(low, high, step=step, log=log), low)
+
+    def suggest_categorical(self, name, choices):
+        return self._answer(name, CategoricalDistribution(choices), choices[0])
+
+
+@dataclass
+class Translation:
+    params: dict[str, Any] | None  # None: not usable here (see note)
+    note: str | None = None
+    dropped: list[str] = field(default_factory=list)
+
+
+def translate(params: Mapping[str, Any], registry, choices: Mapping[str, list[str]]) -> Translation:
+    """``params`` (stored Optuna parameters) as parameters of this search, or why it cannot be.
+
+    Components must be installed, available and among this search's choices. Encoders map by
+    modality: this data's modalities keep the stored encoder, take the default one where the
+    stored data lacked the modality, and the stored data's other modalities are dropped.
+    Hyperparameters are kept where this search's space has them and the value is in range;
+    values out of range are left to the sampler, and parameters the stored configuration never
+    had (a new modality's encoder, a newer plugin's option) take their defaults.
+    """
+    fixed: dict[str, Any] = {}
+    for key in ("meta_algorithm", "fusion"):
+        name = params.get(key)
+        if name is None:
+            return Translation(None, f"records no {key.replace('_', '-')}")
+        problem = _unusable(registry, key, name, choices[key])
+        if problem:
+            return Translation(None, problem)
+        fixed[key] = name
+    for key, names in choices.items():
+        if not key.startswith("encoder."):
+            continue
+        modality = key.split(".", 1)[1]
+        name = params.get(key)
+        if name is None:  # the stored data lacked this modality: the default encoder, as default_trials has it
+            name = next(i.name for i in registry.encoders_for(modality) if i.name in names)
+        else:
+            problem = _unusable(registry, "encoder", name, names, modality)
+            if problem:
+                return Translation(None, problem)
+        fixed[key] = name
+    defaults: dict[str, Any] = {}
+    for trial in default_trials(registry, dict(choices)):
+        defaults.update(trial)
+    recorder = _Recorder({**defaults, **params, **fixed})
+    sample_config(recorder, registry, dict(choices))
+    return Translation(recorder.kept, dropped=recorder.dropped)
+
+
+def _unusable(registry, kind: str, name: str, allowed: list[str], modality: str | None = None) -> str | None:
+    what = f"{kind.replace('_', '-')} {name!r}" + (f" for {modality}" if modality else "")
+    info = registry.components[kind].get(name)
+    if info is None:
+        return f"needs {what}, which no installed plugin provides (install the plugin that registers it)"
+    reason = info.cls.unavailable()
+    if reason:
+        return f"needs {what} from plugin {info.plugin!r}, unavailable here: {reason}"
+    if name not in allowed:
+        return f"needs {what}, which this search does not use (protocol, modality or restriction)"
+    return None
+
+
+# --- the plan -------------------------------------------------------------------------------
+
+
+@dataclass
+class Seed:
+    """One configuration to enqueue, and where it came from."""
+
+    params: dict[str, Any]
+    experience: Experience
+    distance: float
+    value: float  # its validation accuracy on that dataset
+
+    def describe(self) -> str:
+        origin = "prior" if self.experience.origin == "prior" else f"study {self.experience.study!r}"
+        return (f"{configuration_label(self.params)} from {self.experience.name} ({origin}; distance {self.distance:.2f}; "
+                f"validation {100 * self.value:.1f}% there)")
+
+
+@dataclass
+class WarmStart:
+    seeds: list[Seed]
+    notes: list[str]
+    neighbours: list[tuple[Experience, float]]
+
+
+def plan(
+    meta_features: Mapping[str, Any],
+    experiences: list[Experience],
+    registry,
+    choices: Mapping[str, list[str]],
+    *,
+    k: int = WARM_START_K,
+    configs: int = WARM_START_CONFIGS,
+) -> WarmStart:
+    """The configurations to seed: from the ``k`` nearest experiences with a usable
+    configuration, round-robin over them until ``configs`` distinct ones are chosen."""
+    if k < 1 or configs < 1:
+        raise SearchError("--warm-start-k and --warm-start-configs must be at least 1")
+    ranked = rank_by_meta_features(meta_features, {str(i): e.meta_features for i, e in enumerate(experiences)})
+    neighbours, notes = [], []
+    for near in ranked:
+        experience = experiences[int(near.study)]
+        usable = []
+        for params, value in distinct_best(experience.configurations)[:configs]:
+            translated = translate(params, registry, choices)
+            if translated.params is None:
+                notes.append(f"skipped {configuration_label(params)} from {experience.name}: {translated.note}")
+            else:
+                usable.append((translated.params, value))
+        if usable:
+            neighbours.append((experience, near.distance, usable))
+        if len(neighbours) == k:
+            break
+    seeds, seen = [], set()
+    for rank in range(configs):
+        for experience, distance, usable in neighbours:
+            if rank < len(usable) and len(seeds) < configs:
+                params, value = usable[rank]
+                key = json.dumps(params, sort_keys=True, default=str)
+                if key not in seen:  # two neighbours may agree after translation: seed it once
+                    seen.add(key)
+                    seeds.append(Seed(params, experience, distance, value))
+    return WarmStart(seeds, notes, [(e, d) for e, d, _ in neighbours])
+
+
+# --- similar datasets -----------------------------------------------------------------------
+
+
+def similar(data, label_column: str, *, db: str | None, prior: str | Path | None = PRIOR_PATH, k: int = 10,
+            group: str | None = None, columns: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """The stored datasets nearest to ``data`` (a file), nearest first, with their distances."""
+    if k < 1:
+        raise SearchError("--k must be at least 1")
+    dataset = load_dataset(data, label_column, group=group, columns=columns)
+    experiences = gather(db, prior)
+    ranked = rank_by_meta_features(describe(dataset), {str(i): e.meta_features for i, e in enumerate(experiences)})
+    rows = []
+    for near in ranked[:k]:
+        e = experiences[int(near.study)]
+        best = e.configurations[0] if e.configurations else None
+        rows.append({
+            "rank": len(rows) + 1,
+            "dataset": e.name,
+            "distance": round(near.distance, 4),
+            "shared_features": near.shared,
+            "origin": e.origin,
+            "study": e.study,
+            "protocol": e.protocol,
+            "source": e.source,
+            "same_data": e.fingerprint == dataset.fingerprint,
+            "best_validation": best[1] if best else None,
+            "best_configuration": configuration_label(best[0]) if best else None,
+        })
+    return rows
+
+
+def seed_study(study: optuna.Study, meta_features: Mapping[str, Any], registry, choices: Mapping[str, list[str]], *,
+               db: str | None, prior: str | Path | None = PRIOR_PATH, k: int = WARM_START_K, configs: int = WARM_START_CONFIGS,
+               say=print, fingerprint: str | None = None) -> int:
+    """Enqueue the warm-start configurations as ``study``'s next trials, say which and from
+    where, and return how many were enqueued.
+
+    Searches of the same data (``fingerprint``) are left out: their configurations were chosen
+    on validation rows that may be this split's test rows (another seed or protocol).
+    """
+    if prior is not None and Path(prior) == PRIOR_PATH and not PRIOR_PATH.is_file():
+        say(f"warm start: the shipped prior is missing ({PRIOR_PATH}); using this database only")
+        prior = None
+    experiences = gather(db, prior, exclude_study=study.study_name)
+    same = [e for e in experiences if fingerprint is not None and e.fingerprint == fingerprint]
+    if same:
+        where = ", ".join(repr(e.study) if e.study else f"{e.name} (prior)" for e in same)
+        say(f"warm start: left out {len(same)} earlier search(es) of this same data ({where}): their "
+            "configurations were chosen on rows that may be this search's test rows")
+        experiences = [e for e in experiences if e.fingerprint != fingerprint]
+    if not experiences:
+        say("warm start: no searched dataset to learn from yet")
+        return 0
+    warm = plan(meta_features, experiences, registry, choices, k=k, configs=configs)
+    for note in warm.notes:
+        say(f"warm start: {note}")
+    if not warm.seeds:
+        say(f"warm start: none of the {len(experiences)} known datasets has a configuration usable here")
+        return 0
+    start = len(study.get_trials(deepcopy=False))
+    for number, seed in enumerate(warm.seeds, start=start):
+        origin = f"{seed.experience.name} ({seed.experience.origin}, distance {seed.distance:.3f})"
+        study.enqueue_trial(seed.params, user_attrs={"warm_start": origin}, skip_if_exists=True)
+        say(f"warm start: trial {number} is {seed.describe()}")
+    return len(warm.seeds)
