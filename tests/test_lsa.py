@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import autometa
 from autometa.results.artifacts import WEIGHTS_FILE, ModelError
-from autometa.cli import cli
+from autometa.cli.main import cli
 from autometa.components import InputSpec
 from autometa_builtins.lsa import LatentSemantic, _counts
 
