@@ -21,6 +21,12 @@ class SearchError(AutometaError):
     """The search cannot run as configured (no usable plugins, bad devices, bad database)."""
 
 
+def one_line(message: object, limit: int | None = 300) -> str:
+    """``message`` on one line, cut to ``limit`` characters when given (for quoting it in another)."""
+    text = " ".join(str(message).split())
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of ``exc``'s message, or its type's name when it has none: the part of a
     library's error worth quoting in one of ours."""

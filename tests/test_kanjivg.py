@@ -3,12 +3,13 @@ building a file that autometa loads, and the errors users meet."""
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, distribution
+from importlib.metadata import PackageNotFoundError
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import requires
 
 from autometa.cli.main import cli
 from autometa.data.builders import kanjivg
@@ -26,17 +27,7 @@ from autometa.data.protocols import make_split
 from autometa.errors import DataError
 
 
-def _installed() -> bool:
-    # A data-only wheel: it installs a kanji/ folder, not a module `kanjivg` to import, so
-    # pytest.importorskip cannot see it; ask the package metadata instead.
-    try:
-        distribution("kanjivg")
-    except PackageNotFoundError:
-        return False
-    return True
-
-
-requires_kanjivg = pytest.mark.skipif(not _installed(), reason='needs pip install "autometa[kanjivg]"')
+requires_kanjivg = requires("kanjivg", "kanjivg")  # a data-only wheel: no module to importorskip
 
 
 def segments(d: str) -> list[list[list[list[float]]]]:

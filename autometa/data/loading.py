@@ -22,7 +22,7 @@ import pandas as pd
 import tomllib
 from PIL import Image, UnidentifiedImageError
 
-from autometa.errors import DataError
+from autometa.errors import DataError, one_line
 from autometa.inputs import MODALITIES
 
 COLUMN_TYPES = MODALITIES + ("ignore",)
@@ -144,7 +144,7 @@ def read_table(path: Path, strings: tuple[str, ...] = ()) -> pd.DataFrame:
                 f"{path} is not a complete Parquet file (truncated or damaged: its footer is missing); "
                 "write or download it again"
             ) from exc
-        raise DataError(f"{path}: cannot be read as {suffix[1:]}: {type(exc).__name__}: {_one_line(exc)}") from exc
+        raise DataError(f"{path}: cannot be read as {suffix[1:]}: {type(exc).__name__}: {one_line(exc, limit=None)}") from exc
     if frame.empty or len(frame.columns) == 0:
         raise DataError(f"{path} has no data rows (only a header?); add at least one row per example")
     frame.columns = [str(c) for c in frame.columns]
@@ -239,7 +239,7 @@ def _first_long_row(path: Path, encoding: str | None, width: int) -> str | None:
 
 
 def _csv_problem(message: str) -> str:
-    message = _one_line(message)
+    message = one_line(message, limit=None)
     if m := re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", message):
         expected, line, saw = m.groups()
         return (
@@ -299,10 +299,6 @@ def _bad_jsonl_line(path: Path, encoding: str | None) -> str | None:
 
 class _Pairs(list):
     """A JSON object as its (key, value) pairs, repeated keys kept (``json.loads`` would keep the last)."""
-
-
-def _one_line(message: object) -> str:
-    return " ".join(str(message).split())
 
 
 def _listed(names) -> str:

@@ -27,7 +27,7 @@ from autometa.config import Config
 from autometa.data.loading import load_for_prediction
 from autometa.data.preprocessing import Preprocessor
 from autometa.data.protocols import Split
-from autometa.errors import AutometaError, DataError, PluginError
+from autometa.errors import AutometaError, DataError, PluginError, one_line
 from autometa.inputs import MASK_PREFIX, InputSpec
 from autometa.plugins import Registry, get_registry
 from autometa.types import Features, PoolInfo, Task
@@ -322,12 +322,6 @@ class Model:
         for i, c in enumerate(classes):
             result[f"proba_{c}"] = probabilities[:, i]
         return result
-
-
-def one_line(message: object, limit: int = 300) -> str:
-    """``message`` on one line, cut to ``limit`` characters (for quoting it in another)."""
-    text = " ".join(str(message).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def load(path: str | Path) -> Model:

@@ -16,7 +16,7 @@ from autometa.config import Config, stored_config
 from autometa.data.loading import Dataset
 from autometa.data.protocols import Split
 from autometa.data.scoring import INTERVALS, Baseline, Score, caveats, evaluate, score_unit
-from autometa.results.artifacts import one_line
+from autometa.errors import one_line
 from autometa.study.training import count_parameters, train
 
 
