@@ -615,7 +615,13 @@ def fingerprint(dataset: Dataset) -> str:
     h.update(json.dumps([dataset.label_column, dataset.group_column]).encode())
     scalar = [c.name for c in dataset.columns if c.modality in ("tabular", "text")]
     if scalar:
-        h.update(pd.util.hash_pandas_object(dataset.frame[scalar].astype(str), index=False).to_numpy().tobytes())
+        # Missing cells as None, whatever pandas' astype(str) makes of them ('nan'/'None' before
+        # 3.0, NaN since): the same data keeps its fingerprint across pandas versions.
+        frame = dataset.frame[scalar]
+        text = pd.DataFrame(
+            {c: np.where(frame[c].notna(), frame[c].astype(str).to_numpy(dtype=object), None) for c in scalar}, dtype=object
+        )
+        h.update(pd.util.hash_pandas_object(text, index=False).to_numpy().tobytes())
     for c in dataset.columns:
         if c.modality == "vector":
             for cell in dataset.frame[c.name]:
