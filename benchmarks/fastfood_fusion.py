@@ -98,7 +98,7 @@ def main() -> None:
             print(f"split seed {seed}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in figures.items()), flush=True)
     print(f"\nfastfood, standard protocol, {len(split.row_splits['test'])} test rows per split, "
           f"{args.trials} trials per search, split seeds {args.seeds} ({time.perf_counter() - started:.0f}s)")
-    print(f"| model | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean |")
+    print("| model | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean |")
     print("|---|" + "---|" * (len(args.seeds) + 1))
     for name, values in rows.items():
         print(f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in values) + f" | **{100 * np.mean(values):.1f}** |")

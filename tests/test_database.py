@@ -36,6 +36,7 @@ from autometa.data.loading import load_dataset
 from autometa.data.metafeatures import describe
 from autometa.errors import SearchError
 from autometa.store import queries, schema
+from autometa.store.storage import engine_for
 from autometa.study.engine import search
 
 FIXTURE = Path(__file__).parent / "data" / "studies-0.1.db"
@@ -77,7 +78,7 @@ def upgraded(tmp_path_factory) -> Path:
     """The fixture upgraded once; tests that only read share it."""
     copy = tmp_path_factory.mktemp("upgraded") / "studies.db"
     shutil.copyfile(FIXTURE, copy)
-    schema.ensure(schema.engine_for(url(copy)))
+    schema.ensure(engine_for(url(copy)))
     return copy
 
 
@@ -93,7 +94,7 @@ def test_fixture_is_a_small_autometa_0_1_database():
 
 def test_upgrade_from_0_1_keeps_every_optuna_row_and_fills_the_tables(old_db):
     before = table_contents(old_db)
-    engine = schema.engine_for(url(old_db))
+    engine = engine_for(url(old_db))
     with engine.connect() as connection:
         assert schema.stored_version(connection) == 0
     schema.ensure(engine)
@@ -150,7 +151,7 @@ def test_upgrade_from_0_1_keeps_every_optuna_row_and_fills_the_tables(old_db):
 
 
 def test_ensure_is_idempotent(old_db):
-    engine = schema.engine_for(url(old_db))
+    engine = engine_for(url(old_db))
     schema.ensure(engine)
     once = table_contents(old_db)
     schema.ensure(engine)
@@ -161,7 +162,7 @@ def test_ensure_is_idempotent(old_db):
 
 def _ensure_after(barrier, db: str) -> None:
     barrier.wait(30)
-    schema.ensure(schema.engine_for(db))
+    schema.ensure(engine_for(db))
 
 
 def test_processes_upgrading_at_once_do_not_fail_or_fill_twice(old_db):
@@ -179,7 +180,7 @@ def test_processes_upgrading_at_once_do_not_fail_or_fill_twice(old_db):
 
 
 def test_a_newer_schema_is_refused_and_the_file_left_byte_identical(old_db):
-    schema.ensure(schema.engine_for(url(old_db)))
+    schema.ensure(engine_for(url(old_db)))
     connection = sqlite3.connect(old_db)
     connection.execute("UPDATE autometa_schema SET version = ?", (schema.SCHEMA_VERSION + 1,))
     connection.commit()
@@ -187,7 +188,7 @@ def test_a_newer_schema_is_refused_and_the_file_left_byte_identical(old_db):
     digest = sha256(old_db)
     newer, known = schema.SCHEMA_VERSION + 1, schema.SCHEMA_VERSION
     with pytest.raises(SearchError, match=rf"newer autometa \(autometa schema version {newer}, this one knows {known}\).*not changed"):
-        schema.ensure(schema.engine_for(url(old_db)))
+        schema.ensure(engine_for(url(old_db)))
     run = CliRunner().invoke(cli, ["db", "upgrade", "--db", url(old_db)])
     assert run.exit_code == 1 and "newer autometa" in run.output
     # Reading it works, with a warning (tests/test_hostile_inputs.py checks the read commands).
@@ -208,7 +209,7 @@ def test_db_upgrade_command(old_db, tmp_path):
 
 def test_upgrade_from_version_1_adds_intervals_and_baselines(old_db):
     """A version-1 database (the 0.1 fixture upgraded, then put back into version 1's layout)."""
-    schema.ensure(schema.engine_for(url(old_db)))
+    schema.ensure(engine_for(url(old_db)))
     connection = sqlite3.connect(old_db)
     for column in ("test_low", "test_high", "test_unit"):
         connection.execute(f"ALTER TABLE autometa_trial_facts DROP COLUMN {column}")
@@ -223,7 +224,7 @@ def test_upgrade_from_version_1_adds_intervals_and_baselines(old_db):
     assert {n: rows for n, rows in after.items() if n not in AUTOMETA_TABLES} == {
         n: rows for n, rows in before.items() if n not in AUTOMETA_TABLES}
     assert after["autometa_baselines"] == [] and after["autometa_schema"][0][0] == 2
-    engine = schema.engine_for(url(old_db))
+    engine = engine_for(url(old_db))
     with engine.connect() as connection:
         facts = {(r.study, r.number): r for r in connection.execute(select(schema.trial_facts))}
     engine.dispose()
@@ -241,7 +242,7 @@ def test_search_records_dataset_search_and_trial_facts(tmp_path):
     db = url(tmp_path / "s.db")
     result = search(data, "y", trials=2, db=db, seed=3, isolate=False, output=None, **FAST)
     dataset = load_dataset(data, "y")
-    engine = schema.engine_for(db)
+    engine = engine_for(db)
     with engine.connect() as connection:
         [stored] = schema.stored_datasets(connection)
         [run] = connection.execute(select(schema.searches)).all()
@@ -308,7 +309,7 @@ def test_a_search_stopped_on_the_way_is_marked(tmp_path, stop, status):
 
     with pytest.raises(stop):
         search(data, "y", trials=1, db=db, isolate=False, output=None, **{**FAST, "echo": echo})
-    engine = schema.engine_for(db)
+    engine = engine_for(db)
     with engine.connect() as connection:
         [run] = connection.execute(select(schema.searches)).all()
         assert len(connection.execute(select(schema.trial_facts)).all()) == 1  # the finished trial is kept
@@ -321,7 +322,7 @@ def test_pool_workers_record_trial_facts(tmp_path):
     data = write_blobs_csv(tmp_path / "blobs.csv", shift=1.5)
     db = url(tmp_path / "s.db")
     result = search(data, "y", trials=2, db=db, devices="cpu", output=None, **FAST)
-    engine = schema.engine_for(db)
+    engine = engine_for(db)
     with engine.connect() as connection:
         facts = {r.number: r for r in connection.execute(select(schema.trial_facts))}
     engine.dispose()
@@ -334,7 +335,7 @@ def test_pool_workers_record_trial_facts(tmp_path):
 
 def test_a_search_refuses_a_newer_schema_before_creating_its_study(tmp_path):
     db = url(tmp_path / "s.db")
-    schema.ensure(schema.engine_for(db))
+    schema.ensure(engine_for(db))
     connection = sqlite3.connect(tmp_path / "s.db")
     connection.execute("UPDATE autometa_schema SET version = 99")
     connection.commit()

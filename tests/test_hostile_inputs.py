@@ -1092,7 +1092,7 @@ def test_a_search_whose_every_trial_failed_exits_non_zero_with_the_reasons_count
     line = assert_one_line_error(
         result, "no trial of study 't-standard-",
         "completed: 2 failed: meta-algorithm 'nan_logits' predicted non-finite logits (NaN or inf)",
-        f"`autometa db trials t-standard-", f"--db {db}` lists every trial with its reason")
+        "`autometa db trials t-standard-", f"--db {db}` lists every trial with its reason")
     assert "Leaderboard" not in result.stdout and not (tmp_path / "out").exists()
     assert line.count("failed:") == 1  # one reason, counted, not listed twice
 

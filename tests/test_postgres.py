@@ -176,6 +176,7 @@ def test_autometa_tables_on_postgresql(postgres_url, tmp_path):
 
     from autometa.errors import SearchError
     from autometa.store import queries, schema
+    from autometa.store.storage import engine_for
     from autometa.study.engine import search
 
     db = _new_database(postgres_url, "autometa_tables")
@@ -184,7 +185,7 @@ def test_autometa_tables_on_postgresql(postgres_url, tmp_path):
                     include={"meta_algorithm": ["protonet"], "fusion": ["concat"], "encoder.tabular": ["linear"]})
     name = result.study.study_name
 
-    engine = schema.engine_for(db)
+    engine = engine_for(db)
     with engine.connect() as connection:
         assert schema.stored_version(connection) == schema.SCHEMA_VERSION
         [run] = connection.execute(sqlalchemy.select(schema.searches)).all()

@@ -43,7 +43,7 @@ from autometa.data.metafeatures import rank_by_meta_features
 from autometa.data.scoring import INTERVALS, format_score
 from autometa.results.artifacts import folder_name
 from autometa.store import DEFAULT_DB, schema
-from autometa.store.storage import load_study, open_storage
+from autometa.store.storage import load_study
 
 SECTIONS = ("summary", "history", "leaderboard", "plugins", "importance", "trials", "dataset")
 NEAREST = 10
@@ -55,7 +55,7 @@ def build_report(study: str, db: str = DEFAULT_DB, output: Path | str | None = N
 
     ``output`` defaults to ``report-<study>`` in the working directory.
     """
-    storage = open_storage(db)
+    storage = schema.read_storage(db)
     try:
         loaded = load_study(storage, study, db)
         folder = Path(output) if output is not None else Path(f"report-{folder_name(study)}")

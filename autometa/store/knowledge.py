@@ -24,7 +24,6 @@ from autometa._version import __version__
 from autometa.config import structure
 from autometa.errors import DataError, SearchError
 from autometa.store import PRIOR_PATH, schema
-from autometa.store.storage import open_storage
 
 
 @dataclass(frozen=True)
@@ -150,7 +149,7 @@ def database_experiences(db: str, *, exclude_study: str | None = None) -> list[E
     url = make_url(db)
     if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
         return []
-    storage = open_storage(db)
+    storage = schema.read_storage(db)
     studies = {s.study_name: s for s in storage.get_all_studies()}
     described: dict[str, schema.StoredDataset] = {}
     with storage.engine.connect() as connection:

@@ -31,7 +31,7 @@ from sqlalchemy.pool import NullPool
 from autometa.config import configuration_label
 from autometa.errors import SearchError, first_line
 from autometa.store import schema
-from autometa.store.storage import load_study, open_storage, read_only_url, shown, unknown
+from autometa.store.storage import load_study, read_only_url, shown, unknown
 
 # Float columns that hold accuracies: shown as percentages in tables.
 PERCENT_COLUMNS = {"value", "validation", "best_validation", "best_test", "best_test_low", "best_test_high", "test_mean",
@@ -151,7 +151,7 @@ def _clear_errors(query):
 def studies(db: str) -> list[dict[str, Any]]:
     """One row per study: dataset, protocol, trial counts, best validation and test scores, and
     (with autometa's tables) the status and times of its search runs."""
-    storage = open_storage(db)
+    storage = schema.read_storage(db)
     try:
         return _studies(storage, db)
     finally:
@@ -217,7 +217,7 @@ def datasets(db: str) -> list[dict[str, Any]]:
         ).all())
         sizes = {row.id: (row.rows, row.classes) for row in connection.execute(
             select(schema.datasets.c.id, schema.datasets.c.rows, schema.datasets.c.classes))}
-    storage = open_storage(db)
+    storage = schema.read_storage(db)
     try:
         summaries = {s.study_name: s for s in _studies_in(storage)}
     finally:
@@ -250,7 +250,7 @@ def _reason(trial: FrozenTrial) -> str | None:
 @_clear_errors
 def trials(db: str, study: str) -> list[dict[str, Any]]:
     """A study's trials: state, validation accuracy, configuration, where and how long it ran."""
-    storage = open_storage(db)
+    storage = schema.read_storage(db)
     try:
         loaded = load_study(storage, study, db)
         frozen = loaded.get_trials(deepcopy=False)
@@ -292,7 +292,7 @@ def _facts(db: str, study: str) -> dict[int, dict[str, Any]]:
 def leaderboard(db: str, study: str) -> list[dict[str, Any]]:
     """The finalists of a study's latest leaderboard with their test accuracy and 95% interval
     (over test rows, tasks or groups: ``test_unit``), then its baselines."""
-    storage = open_storage(db)
+    storage = schema.read_storage(db)
     try:
         loaded = load_study(storage, study, db)
         by_number = {t.number: t for t in loaded.get_trials(deepcopy=False)}
@@ -356,7 +356,7 @@ def best(db: str, dataset: str, protocol: str | None = None) -> list[dict[str, A
     if not studies_on:
         done = ", ".join(sorted({p for _, p in chosen.studies})) or "none"
         raise SearchError(f"no {protocol} search on dataset {chosen.name!r} in {shown(db)}; protocols searched: {done}")
-    storage = open_storage(db)
+    storage = schema.read_storage(db)
     top: dict[str, tuple[FrozenTrial, str]] = {}
     try:
         for name, proto in studies_on:

@@ -24,7 +24,7 @@ import os
 import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from sqlalchemy import (
     Column,
@@ -36,7 +36,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    create_engine,
     inspect,
     select,
     text,
@@ -46,6 +45,10 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from autometa.errors import AutometaError, SearchError, first_line
 from autometa.plugins import get_registry
+from autometa.store.storage import engine_for, open_storage, shown
+
+if TYPE_CHECKING:
+    import optuna
 
 SCHEMA_VERSION = 2
 STATUSES = ("running", "finished", "interrupted", "failed")
@@ -176,20 +179,29 @@ def ensure(engine: Engine) -> None:
 _warned_newer: set[str] = set()
 
 
-def warn_if_newer(connection: Connection, shown: str) -> None:
+def warn_if_newer(connection: Connection, where: str) -> None:
     """Read commands work on a database a newer autometa wrote, as far as this one understands
     it (writing ones refuse it, see ``ensure``): say so, once per database and process."""
     try:
         version = stored_version(connection)
     except SQLAlchemyError:
         return  # not readable as autometa's: the command's own reading says why
-    if version > SCHEMA_VERSION and shown not in _warned_newer:
-        _warned_newer.add(shown)
+    if version > SCHEMA_VERSION and where not in _warned_newer:
+        _warned_newer.add(where)
         logger.warning(
             "%s was written by a newer autometa (autometa schema version %d, this one knows %d): what it added is "
             "not shown and some figures may be missing; upgrade autometa (pip install -U autometa)",
-            shown, version, SCHEMA_VERSION,
+            where, version, SCHEMA_VERSION,
         )
+
+
+def read_storage(db: str) -> optuna.storages.RDBStorage:
+    """Optuna's storage for a read command (see ``storage.open_storage``), saying once when a
+    newer autometa wrote the database."""
+    storage = open_storage(db)
+    with storage.engine.connect() as connection:
+        warn_if_newer(connection, shown(db))
+    return storage
 
 
 def _refuse_newer(engine: Engine, version: int) -> None:
@@ -366,14 +378,6 @@ def _intervals_and_baselines(connection: Connection) -> None:
 
 # step → function bringing a database from version ``step`` to ``step + 1``, in one transaction.
 _UPGRADES: dict[int, Callable[[Connection], None]] = {0: _create_version_1, 1: _intervals_and_baselines}
-
-
-def engine_for(db: str) -> Engine:
-    """An engine on ``db`` that waits for writers instead of failing (SQLite busy timeout)."""
-    kwargs: dict[str, Any] = {}
-    if db.startswith("sqlite"):
-        kwargs["connect_args"] = {"timeout": 120}
-    return create_engine(db, **kwargs)
 
 
 _engines: dict[tuple[int, str], Engine] = {}

@@ -21,11 +21,11 @@ import optuna
 import sqlalchemy
 from optuna.storages._rdb import models as optuna_models
 from optuna.trial import TrialState
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy import create_engine
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError
 
 from autometa.errors import AutometaError, SearchError, first_line
-from autometa.store import schema
 
 try:
     import fcntl
@@ -243,8 +243,8 @@ def open_storage(db: str) -> optuna.storages.RDBStorage:
     shown = make_url(db).render_as_string(hide_password=True)
     try:
         storage = optuna.storages.RDBStorage(url.render_as_string(hide_password=False), skip_table_creation=True)
-        with storage.engine.connect() as connection:
-            schema.warn_if_newer(connection, shown)
+        with storage.engine.connect():
+            pass  # a database that cannot be read fails here, inside this message
         return storage
     except Exception as exc:
         # An empty or foreign database fails where Optuna looks for its version table; the
@@ -254,6 +254,14 @@ def open_storage(db: str) -> optuna.storages.RDBStorage:
             f"cannot read Optuna studies from {shown} (is it the database a search wrote?): "
             f"{type(cause).__name__}: {first_line(cause)}"
         ) from exc
+
+
+def engine_for(db: str) -> Engine:
+    """An engine on ``db`` that waits for writers instead of failing (SQLite busy timeout)."""
+    kwargs: dict[str, Any] = {}
+    if db.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": 120}
+    return create_engine(db, **kwargs)
 
 
 def shown(db: str) -> str:
