@@ -119,7 +119,8 @@ def build_ensemble(study: optuna.Study, split: Split, db: str, model: Callable[[
                    say: Callable[[str], None], candidates: int, rounds: int = ROUNDS) -> EnsembleEntry | None:
     """Choose an ensemble among the ``candidates`` best distinct trials on the validation tasks
     and score it on the test tasks (``model(trial)``: a trial's trained model); None when fewer
-    than two trials have validation predictions stored."""
+    than two trials have validation predictions stored. The selection may keep one trial alone:
+    then the ensemble is that trial, no better than it, and says so."""
     best = distinct_best(study, candidates)
     with schema.recording_engine(db).connect() as connection:
         stored = schema.stored_predictions(connection, study.study_name, [t.number for t in best])
@@ -136,10 +137,6 @@ def build_ensemble(study: optuna.Study, split: Split, db: str, model: Callable[[
     mixed = [sum(w * p for (_, w), p in zip(weights, parts)) for parts in zip(*(stored[t.number] for t, _ in members))]
     validation = accuracy(mixed, targets)
     single = max(accuracy(p, targets) for p in library)
-    if len(members) == 1:
-        say(f"ensemble: selection kept trial {members[0][0].number} alone (validation {100 * single:.1f}%); "
-            "no ensemble beside it")
-        return None
     algorithm = EnsembleAlgorithm([(w, model(t)) for (t, _), (_, w) in zip(members, weights)])
     test = evaluate(algorithm, split.test, score_unit(split))
     entry = EnsembleEntry(weights, validation, single, test, validation > single, algorithm)
