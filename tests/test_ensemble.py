@@ -212,7 +212,7 @@ def test_fewshot_and_grouped_searches_build_ensembles(tmp_path):
     np.savez(tmp_path / "digits.npz", image=(digits.images[keep] * 15).astype(np.uint8), y=digits.target[keep])
     fewshot = autometa.search(
         tmp_path / "digits.npz", "y", protocol="fewshot", ways=2, shots=1, queries=3, validation_tasks=4, test_tasks=6,
-        image_size=(8, 8), trials=3, db=f"sqlite:///{tmp_path}/f.db", output=None, echo=lambda m: None,
+        image_size=(8, 8), trials=3, db=f"sqlite:///{tmp_path}/f.db", output=None, echo=lambda m: None, isolate=False,
         include={"meta_algorithm": ["protonet", "matchingnet", "finetune"]}, **FAST)
     rng = np.random.default_rng(0)
     rows = [{"x1": "abc".index(c) + g * 0.3 + rng.normal(), "x2": rng.normal(), "site": f"s{g}", "y": c}
@@ -220,7 +220,7 @@ def test_fewshot_and_grouped_searches_build_ensembles(tmp_path):
     pd.DataFrame(rows).to_csv(tmp_path / "sites.csv", index=False)
     grouped = autometa.search(
         tmp_path / "sites.csv", "y", group="site", protocol="grouped", shots=2, trials=3,
-        db=f"sqlite:///{tmp_path}/g.db", output=None, echo=lambda m: None,
+        db=f"sqlite:///{tmp_path}/g.db", output=None, echo=lambda m: None, isolate=False,
         include={"meta_algorithm": ["protonet", "matchingnet", "finetune"]}, **FAST)
     for result, unit in ((fewshot, "tasks"), (grouped, "groups")):
         ensemble = result.ensemble

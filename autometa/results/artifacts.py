@@ -134,19 +134,11 @@ def save_model(
     return directory
 
 
-def save_ensemble(
-    directory: str | Path,
-    members: list[tuple[float, int, MetaAlgorithm, Any]],
-    split: Split,
-    *,
-    registry: Registry,
-    study: str,
-    scores: dict[str, Any],
-    image_size: tuple[int, int],
-    label: str,
-) -> Path:
+def save_ensemble(directory: str | Path, members: list[tuple[float, int, MetaAlgorithm, Any]], split: Split, *,
+                  scores: dict[str, Any], **saved: Any) -> Path:
     """Write an ensemble: each ``(weight, trial, algorithm, config)`` member saved as a model of
-    its own in a subfolder, and ``ensemble.json`` with their weights."""
+    its own in a subfolder (``saved``: :func:`save_model`'s registry, study, image_size and
+    label), and ``ensemble.json`` with their weights."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("member-*"):  # an earlier ensemble's members
@@ -155,15 +147,14 @@ def save_ensemble(
     listed = []
     for weight, trial, algorithm, config in members:
         folder = f"member-trial-{trial}"
-        save_model(directory / folder, algorithm, config, split, registry=registry, study=study, image_size=image_size,
-                   label=label, scores={"trial": trial})
+        save_model(directory / folder, algorithm, config, split, scores={"trial": trial}, **saved)
         listed.append({"folder": folder, "trial": trial, "weight": weight})
     document = {
         "format": ENSEMBLE_FORMAT,
         "format_version": FORMAT_VERSION,
         "autometa_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "study": study,
+        "study": saved.get("study"),
         "protocol": split.protocol,
         "members": listed,
         "scores": scores,

@@ -210,7 +210,12 @@ def search(
         models = TrainedModels(split, registry, choices, settings.steps, settings.eval_every, cache,
                                KeptModels(settings.db, name, max(settings.top_k, KEPT)))
         leaderboard = _leaderboard(optuna_study, split, registry, choices, settings.top_k, models, say)
-        ensemble = build_ensemble(optuna_study, split, settings.db, models, say, KEPT) if settings.ensemble and leaderboard else None
+        ensemble = None
+        if settings.ensemble and leaderboard:
+            try:
+                ensemble = build_ensemble(optuna_study, split, settings.db, models, say, KEPT)
+            except AutometaError as exc:  # e.g. a member's plugin failing on a test task: the finalists stand
+                say(f"ensemble: not built: {exc}")
         if models.restored or models.retrained:
             say(f"trained models: {models.restored} loaded from the weights their workers kept, {models.retrained} retrained")
         plain = baselines(split)

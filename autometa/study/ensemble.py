@@ -18,6 +18,7 @@ import numpy as np
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from autometa.components import MetaAlgorithm
 from autometa.data.protocols import Split
@@ -122,8 +123,12 @@ def build_ensemble(study: optuna.Study, split: Split, db: str, model: Callable[[
     than two trials have validation predictions stored. The selection may keep one trial alone:
     then the ensemble is that trial, no better than it, and says so."""
     best = distinct_best(study, candidates)
-    with schema.recording_engine(db).connect() as connection:
-        stored = schema.stored_predictions(connection, study.study_name, [t.number for t in best])
+    try:
+        with schema.recording_engine(db).connect() as connection:
+            stored = schema.stored_predictions(connection, study.study_name, [t.number for t in best])
+    except SQLAlchemyError as exc:
+        say(f"ensemble: the validation predictions cannot be read ({type(exc).__name__}); no ensemble")
+        return None
     shapes = [(len(task.query), task.n_way) for task in split.validation]
     usable = [t for t in best if t.number in stored and [p.shape for p in stored[t.number]] == shapes]
     if len(usable) < 2:
