@@ -259,6 +259,10 @@ def run_autometa(prepared: Prepared, budget: float, seed: int, work: Path, devic
     finished = states.get("complete", 0) + states.get("pruned", 0)
     details = {"winner": {k: best[k] for k in ("trial", "meta_algorithm", "fusion", "encoders", "validation_accuracy")},
                "trial_states": states, "command": " ".join(command)}
+    ensemble = output.get("ensemble")
+    if ensemble and ensemble["chosen"]:  # the model autometa saved (it beat the best trial on validation rows)
+        best = {**best, **{k: v for k, v in ensemble.items() if k.startswith("test_")}}
+        details["ensemble"] = ensemble["members"]
     if prepared.fewshot:
         if best["test_units"] != len(prepared.test):
             raise SystemExit(f"{prepared.name}: autometa scored {best['test_units']} test tasks, the split here has "

@@ -39,7 +39,7 @@ def standard(tmp_path_factory):
     pd.DataFrame(rows).to_csv(path, index=False)
     result = autometa.search(
         path, "label", trials=2, db=f"sqlite:///{folder}/s.db", output=folder / "models",
-        include={"meta_algorithm": ["finetune", "protonet"], "fusion": ["concat"]}, **FAST,
+        include={"meta_algorithm": ["finetune", "protonet"], "fusion": ["concat"]}, ensemble=False, **FAST,
     )
     return {"path": path, "result": result, "frame": pd.read_csv(path)}
 

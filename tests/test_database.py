@@ -199,7 +199,7 @@ def test_a_newer_schema_is_refused_and_the_file_left_byte_identical(old_db):
 def test_db_upgrade_command(old_db, tmp_path):
     run = CliRunner().invoke(cli, ["db", "upgrade", "--db", url(old_db)])
     assert run.exit_code == 0, run.output
-    assert "version 0 → 2" in run.output
+    assert f"version 0 → {schema.SCHEMA_VERSION}" in run.output
     assert "already current" in CliRunner().invoke(cli, ["db", "upgrade", "--db", url(old_db)]).output
     missing = tmp_path / "nothere.db"
     run = CliRunner().invoke(cli, ["db", "upgrade", "--db", url(missing)])
@@ -213,17 +213,18 @@ def test_upgrade_from_version_1_adds_intervals_and_baselines(old_db):
     connection = sqlite3.connect(old_db)
     for column in ("test_low", "test_high", "test_unit"):
         connection.execute(f"ALTER TABLE autometa_trial_facts DROP COLUMN {column}")
-    connection.execute("DROP TABLE autometa_baselines")
+    for table in ("autometa_baselines", "autometa_validation_predictions", "autometa_ensembles"):
+        connection.execute(f"DROP TABLE {table}")
     connection.execute("UPDATE autometa_schema SET version = 1")
     connection.commit()
     connection.close()
     before = table_contents(old_db)
     run = CliRunner().invoke(cli, ["db", "upgrade", "--db", url(old_db)])
-    assert run.exit_code == 0 and "version 1 → 2" in run.output, run.output
+    assert run.exit_code == 0 and f"version 1 → {schema.SCHEMA_VERSION}" in run.output, run.output
     after = table_contents(old_db)
     assert {n: rows for n, rows in after.items() if n not in AUTOMETA_TABLES} == {
         n: rows for n, rows in before.items() if n not in AUTOMETA_TABLES}
-    assert after["autometa_baselines"] == [] and after["autometa_schema"][0][0] == 2
+    assert after["autometa_baselines"] == [] and after["autometa_schema"][0][0] == schema.SCHEMA_VERSION
     engine = engine_for(url(old_db))
     with engine.connect() as connection:
         facts = {(r.study, r.number): r for r in connection.execute(select(schema.trial_facts))}
@@ -232,6 +233,26 @@ def test_upgrade_from_version_1_adds_intervals_and_baselines(old_db):
     assert (first.test_mean, first.test_units, first.test_unit) == (0.5, 12, "rows")
     assert (first.test_low, first.test_high) == pytest.approx((0.5 - 0.2954811176862084, 0.5 + 0.2954811176862084))
     assert sum(f.test_low is not None for f in facts.values()) == 6  # every finalist of both studies
+
+
+def test_upgrade_from_version_2_adds_prediction_and_ensemble_tables_keeping_every_row(old_db):
+    """A version-2 database (the 0.1 fixture upgraded, then put back into version 2's layout)."""
+    schema.ensure(engine_for(url(old_db)))
+    connection = sqlite3.connect(old_db)
+    for table in ("autometa_validation_predictions", "autometa_ensembles"):
+        connection.execute(f"DROP TABLE {table}")
+    connection.execute("UPDATE autometa_schema SET version = 2")
+    connection.commit()
+    connection.close()
+    before = table_contents(old_db)
+    assert len(before["autometa_trial_facts"]) == 6 and before["autometa_searches"]
+    run = CliRunner().invoke(cli, ["db", "upgrade", "--db", url(old_db)])
+    assert run.exit_code == 0 and "version 2 → 3" in run.output, run.output
+    after = table_contents(old_db)
+    assert {n: rows for n, rows in after.items() if n != "autometa_schema"} == {
+        **{n: rows for n, rows in before.items() if n != "autometa_schema"},
+        "autometa_validation_predictions": [], "autometa_ensembles": []}
+    assert after["autometa_schema"][0][0] == 3
 
 
 # --- what a search records --------------------------------------------------------------------

@@ -19,9 +19,11 @@ from optuna.trial import TrialState, create_trial
 from PIL import Image
 
 from autometa.cli.main import cli
+from autometa.config import configuration_label
 from autometa.data.metafeatures import rank_by_meta_features
 from autometa.errors import AutometaError
 from autometa.results.report import SECTIONS, build_report
+from autometa.store import queries
 from autometa.study.engine import search
 
 MAIN_FEATURES = {"rows": 60.0, "classes": 3.0, "class_entropy": 1.0, "missing_rate": 0.0, "text_columns": 1.0}
@@ -157,16 +159,23 @@ def test_every_section_has_content(searched):
 
 def test_leaderboard_matches_the_study(searched):
     page, study = searched["page"], searched["study"]
-    stored = study.user_attrs["leaderboard"]
+    stored = queries.finalists(searched["db"], searched["name"], {})  # autometa_trial_facts: the finalists' one home
+    assert "leaderboard" not in study.user_attrs
+    ensemble = queries.stored_ensemble(searched["db"], searched["name"])
     rows = searched["page"].table("leaderboard", "leaderboard")
-    assert len(rows) == len(stored) + 2  # + the majority and linear baselines
+    assert len(stored) == 3 and len(rows) == len(stored) + (ensemble is not None) + 2  # + the majority and linear baselines
     for row, entry in zip(rows, stored):
+        trial = study.trials[entry["trial"]]
         assert row[0] == str(entry["rank"]) and row[1] == str(entry["trial"])
-        assert row[2].startswith(f"{entry['meta_algorithm']} + {entry['fusion']}")
-        assert row[3] == f"{100 * entry['validation_accuracy']:.1f}%"
+        assert row[2].startswith(configuration_label(trial.params))
+        assert row[3] == f"{100 * trial.value:.1f}%"
         low, high = entry["test_ci95_low"], entry["test_ci95_high"]
         assert row[4] == f"{100 * entry['test_accuracy']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
         assert row[5] == f"{entry['parameters']:,}"
+    if ensemble is not None:
+        members = ", ".join(f"{m['trial']}×{m['weight']:.2f}" for m in ensemble["members"])
+        assert rows[len(stored)][2].startswith(f"ensemble of trials {members}")
+        assert rows[len(stored)][4].startswith(f"{100 * ensemble['test_mean']:.1f}%")
     baselines = study.user_attrs["baselines"]
     assert [r[2] for r in rows[-2:]] == [f"baseline: {b['label']}" for b in baselines]
     assert rows[-2][2] == "baseline: majority class of the training rows"

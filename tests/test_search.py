@@ -27,6 +27,7 @@ from autometa.data.scoring import evaluate
 from autometa.errors import AutometaError
 from autometa.hookspecs import hookimpl
 from autometa.plugins import PluginHost
+from autometa.store import queries
 from autometa.study.objective import SearchSpec, TrialRunner
 from autometa.study.training import train
 
@@ -146,13 +147,19 @@ def test_search_end_to_end_standard(first_search, standard_csv):
         assert t.value * 18 == pytest.approx(round(t.value * 18))
     best = max(trials, key=lambda t: t.value)
     assert result.best.validation == best.value
+    # Every finalist's model came from the worker process that trained it, none was retrained.
+    kept = sorted(p.name for p in first_search["db_file"].with_name("s.db-weights").glob("*/*.safetensors"))
+    assert kept == sorted(f"trial-{t.number}-{t.value:.8f}.safetensors" for t in trials)
+    assert "trained models: 3 loaded from the weights their workers kept, 0 retrained" in first_search["messages"]
 
     attrs = first_search["attrs"]
     assert attrs["fingerprint"] == fingerprint(dataset) == dataset.fingerprint
     assert attrs["protocol"] == "standard"
     assert attrs["label"] == "y"
     assert attrs["columns"] == {"size": "tabular", "noise": "tabular", "note": "text"}
-    board = attrs["leaderboard"]
+    # The finalists' one home is autometa_trial_facts (the study attribute only in 0.1 databases).
+    assert "leaderboard" not in attrs
+    board = queries.finalists(f"sqlite:///{first_search['db_file']}", result.study.study_name, {})
     assert [row["trial"] for row in board] == [e.trial for e in result.leaderboard]
     assert [row["test_accuracy"] for row in board] == [e.test.mean for e in result.leaderboard]
     assert [(row["test_ci95_low"], row["test_ci95_high"], row["test_unit"]) for row in board] == [
@@ -228,13 +235,15 @@ def test_resume_adds_only_the_missing_trials(first_search, standard_csv, tmp_pat
     assert len(load(db, standard_csv).get_trials()) == 5
     assert third.leaderboard
     assert "Leaderboard" in third.format_leaderboard()
-    # Nothing was cached in the third run: every finalist was retrained from its seed and
-    # must score exactly as in the run that trained it.
+    # Nothing was cached in the third run's process: every finalist was loaded from the weights
+    # kept by the worker that trained it, or retrained from its seed (trials 0-2: their weights
+    # were not copied with the database), and must score exactly as in the second run.
     assert [(e.trial, e.validation, e.test) for e in third.leaderboard] == [
         (e.trial, e.validation, e.test) for e in second.leaderboard
     ]
-    stored = load(db, standard_csv).user_attrs["leaderboard"]
+    stored = queries.finalists(db, third.study.study_name, {})
     assert [row["trial"] for row in stored] == [e.trial for e in third.leaderboard]
+    assert sorted(int(p.name.split("-")[1]) for p in (tmp_path / "s.db-weights").glob("*/*.safetensors")) == [3, 4]
 
 
 # ----------------------------------------------------------------------------- study identity

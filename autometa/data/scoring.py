@@ -93,11 +93,17 @@ def summarise(correct: list[torch.Tensor], unit: str = TASKS) -> Score:
 
 def evaluate(algorithm: MetaAlgorithm, tasks: list[Task], unit: str = TASKS) -> Score:
     """Adapt to each task's support set and score its queries (backbone in eval mode)."""
+    return score_probabilities(predict_probabilities(algorithm, tasks), tasks, unit)
+
+
+def predict_probabilities(algorithm: MetaAlgorithm, tasks: list[Task]) -> list[torch.Tensor]:
+    """Each task's query class probabilities ``[queries, n_way]`` (on the CPU), after adapting to
+    its support set with the backbone in eval mode."""
     modules = algorithm.modules().values()
     for m in modules:
         m.eval()
     try:
-        correct = []
+        found = []
         for task in tasks:
             logits = algorithm.predict(task)
             expected = (task.query.shape[0], task.n_way)
@@ -117,11 +123,16 @@ def evaluate(algorithm: MetaAlgorithm, tasks: list[Task], unit: str = TASKS) -> 
                     f"meta-algorithm {algorithm.name!r} predicted non-finite logits (NaN or inf): training "
                     "diverged (learning rates too high?) or the plugin has a numerical bug"
                 )
-            correct.append((logits.argmax(-1) == task.query_y).cpu())
+            found.append(torch.softmax(logits.detach().float(), dim=-1).cpu())
     finally:
         for m in modules:
             m.train()
-    return summarise(correct, unit)
+    return found
+
+
+def score_probabilities(probabilities: list, tasks: list[Task], unit: str = TASKS) -> Score:
+    """The score of per-task query probabilities (or logits: only their argmax counts)."""
+    return summarise([torch.as_tensor(p).argmax(-1) == task.query_y.cpu() for p, task in zip(probabilities, tasks)], unit)
 
 
 def _unusable(logits: torch.Tensor) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from autometa.types import Features, PoolInfo, Task
 FORMAT = "autometa-model"
 FORMAT_VERSION = 1
 CONFIG_FILE = "model.json"
+ENSEMBLE_FILE = "ensemble.json"  # instead of model.json: an ensemble of models saved in subfolders
+ENSEMBLE_FORMAT = "autometa-ensemble"
 WEIGHTS_FILE = "weights.safetensors"
 SUPPORT = "support."
 FITTED = "fitted."  # + derived input key + "." + state name: an encoder's fitted input (Encoder.fit_input)
@@ -48,6 +51,26 @@ def folder_name(text: str) -> str:
     """``text`` (e.g. a study name) as one safe folder or file name: no path separators, no
     leading dots, so ``output / folder_name(study)`` stays inside ``output``."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "study"
+
+
+def module_tensors(algorithm: MetaAlgorithm) -> dict[str, torch.Tensor]:
+    """Every trained tensor of ``algorithm``, keyed ``module.parameter`` (on the CPU)."""
+    return {
+        f"{name}.{key}": value.detach().cpu().contiguous()
+        for name, module in algorithm.modules().items()
+        for key, value in module.state_dict().items()
+    }
+
+
+def load_module_tensors(algorithm: MetaAlgorithm, tensors: dict[str, torch.Tensor]) -> None:
+    """Put :func:`module_tensors`' output back into a freshly built ``algorithm``; a RuntimeError
+    naming the module when they do not fit."""
+    for name, module in algorithm.modules().items():
+        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{name!r} ({one_line(exc)})") from exc
 
 
 def save_model(
@@ -65,11 +88,7 @@ def save_model(
     """Write ``algorithm``'s trained state and everything needed to predict with it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        f"{name}.{key}": value.detach().cpu().contiguous()
-        for name, module in algorithm.modules().items()
-        for key, value in module.state_dict().items()
-    }
+    tensors = module_tensors(algorithm)
     backbone: Backbone = algorithm.backbone
     # Only the inputs this model reads (other encoders' derived inputs are not needed).
     used = set(backbone.input_keys.values()) | {MASK_PREFIX + m for m in backbone.input_keys}
@@ -111,6 +130,38 @@ def save_model(
     }
     save_file(tensors, str(directory / WEIGHTS_FILE))
     (directory / CONFIG_FILE).write_text(json.dumps(document, indent=2))
+    (directory / ENSEMBLE_FILE).unlink(missing_ok=True)  # a folder holds one model: this one now
+    return directory
+
+
+def save_ensemble(directory: str | Path, members: list[tuple[float, int, MetaAlgorithm, Any]], split: Split, *,
+                  scores: dict[str, Any], **saved: Any) -> Path:
+    """Write an ensemble: each ``(weight, trial, algorithm, config)`` member saved as a model of
+    its own in a subfolder (``saved``: :func:`save_model`'s registry, study, image_size and
+    label), and ``ensemble.json`` with their weights."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("member-*"):  # an earlier ensemble's members
+        if stale.is_dir() and (stale / CONFIG_FILE).is_file():
+            shutil.rmtree(stale)
+    listed = []
+    for weight, trial, algorithm, config in members:
+        folder = f"member-trial-{trial}"
+        save_model(directory / folder, algorithm, config, split, scores={"trial": trial}, **saved)
+        listed.append({"folder": folder, "trial": trial, "weight": weight})
+    document = {
+        "format": ENSEMBLE_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "autometa_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "study": saved.get("study"),
+        "protocol": split.protocol,
+        "members": listed,
+        "scores": scores,
+    }
+    for name in (CONFIG_FILE, WEIGHTS_FILE):  # an earlier single model's files
+        (directory / name).unlink(missing_ok=True)
+    (directory / ENSEMBLE_FILE).write_text(json.dumps(document, indent=2))
     return directory
 
 
@@ -237,15 +288,14 @@ class Model:
                 f"{self.path}: meta-algorithm {algorithm.name!r} failed to set up the saved model "
                 f"({type(exc).__name__}: {one_line(exc)})"
             ) from exc
-        for name, module in algorithm.modules().items():
-            state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-            try:
-                module.load_state_dict(state, strict=True)
-            except RuntimeError as exc:
-                raise ModelError(
-                    f"{self.path}: {WEIGHTS_FILE} does not fit the rebuilt {name!r} ({one_line(exc)}); "
-                    f"it belongs to another model or {CONFIG_FILE} was edited"
-                ) from exc
+        try:
+            load_module_tensors(algorithm, tensors)
+        except RuntimeError as exc:
+            raise ModelError(
+                f"{self.path}: {WEIGHTS_FILE} does not fit the rebuilt {exc}; "
+                f"it belongs to another model or {CONFIG_FILE} was edited"
+            ) from exc
+        for module in algorithm.modules().values():
             module.eval()
         return algorithm
 
@@ -324,6 +374,53 @@ class Model:
         return result
 
 
-def load(path: str | Path) -> Model:
-    """Load a model saved by ``autometa search`` (``--output``)."""
+class EnsembleModel:
+    """Models saved with their weights, predicting the weighted mean of their class probabilities."""
+
+    def __init__(self, path: str | Path, registry: Registry | None = None):
+        path = Path(path)
+        folder = path.parent if path.name == ENSEMBLE_FILE else path
+        try:
+            document = json.loads((folder / ENSEMBLE_FILE).read_text())
+            if not isinstance(document, dict) or document.get("format") != ENSEMBLE_FORMAT:
+                raise ValueError("not an autometa ensemble file")
+            if document.get("format_version", 0) > FORMAT_VERSION:
+                raise ModelError(f"{folder}: saved by a newer autometa; upgrade autometa to load it")
+            listed = [(float(m["weight"]), folder / folder_name(str(m["folder"]))) for m in document["members"]]
+        except ModelError:
+            raise
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as exc:
+            raise ModelError(
+                f"{folder / ENSEMBLE_FILE} is incomplete or was edited ({type(exc).__name__}: {one_line(exc)}); "
+                "use the folder `autometa search` wrote"
+            ) from exc
+        if not listed or any(not (w > 0) for w, _ in listed):
+            raise ModelError(f"{folder / ENSEMBLE_FILE}: an ensemble needs members with positive weights; the file was edited")
+        self.path, self.document = folder, document
+        self.members = [(weight, Model(member, registry)) for weight, member in listed]
+        self.protocol = self.members[0][1].protocol
+        self.classes = self.members[0][1].classes
+
+    def predict(self, data: str | Path | pd.DataFrame, support: str | Path | pd.DataFrame | None = None) -> pd.DataFrame:
+        """As :meth:`Model.predict`, with the members' probabilities averaged by their weights."""
+        frames = [(weight, model.predict(data, support=support)) for weight, model in self.members]
+        columns = [c for c in frames[0][1].columns if c.startswith("proba_")]
+        if any(list(f.columns[1:]) != columns for _, f in frames):
+            raise ModelError(f"{self.path}: its members predict different classes; use the folder `autometa search` wrote")
+        total = sum(weight for weight, _ in frames)
+        probabilities = sum(weight * f[columns].to_numpy() for weight, f in frames) / total
+        classes = np.asarray([c[len("proba_"):] for c in columns], dtype=object)
+        # The members' own predictions name the classes with their original types (proba_ columns are text).
+        names = {str(v): v for _, f in frames for v in f["prediction"]}
+        result = pd.DataFrame({"prediction": [names.get(c, c) for c in classes[probabilities.argmax(1)]]})
+        for i, c in enumerate(columns):
+            result[c] = probabilities[:, i]
+        return result
+
+
+def load(path: str | Path) -> Model | EnsembleModel:
+    """Load a model saved by ``autometa search`` (``--output``): one model, or an ensemble."""
+    folder = Path(path)
+    if folder.name == ENSEMBLE_FILE or (folder / ENSEMBLE_FILE).is_file():
+        return EnsembleModel(folder)
     return Model(path)

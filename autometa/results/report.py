@@ -42,7 +42,7 @@ from autometa.config import configuration_label, is_component_key, label_suffix
 from autometa.data.metafeatures import rank_by_meta_features
 from autometa.data.scoring import INTERVALS, format_score
 from autometa.results.artifacts import folder_name
-from autometa.store import DEFAULT_DB, schema
+from autometa.store import DEFAULT_DB, queries, schema
 from autometa.store.storage import load_study
 
 SECTIONS = ("summary", "history", "leaderboard", "plugins", "importance", "trials", "dataset")
@@ -218,7 +218,10 @@ class _Report:
         self.attrs = study.user_attrs
         self.trials = study.get_trials(deepcopy=False)
         self.complete = [t for t in self.trials if t.state == TrialState.COMPLETE and t.value is not None]
-        self.leaderboard = [e for e in self.attrs.get("leaderboard") or [] if isinstance(e, Mapping)]
+        values = {t.number: t.value for t in self.trials}
+        self.leaderboard = [{**e, "validation_accuracy": values.get(e.get("trial"), e.get("validation_accuracy"))}
+                            for e in queries.finalists(db, study.study_name, self.attrs)]
+        self.ensemble = queries.stored_ensemble(db, study.study_name)
 
     def figure(self, name: str, data: bytes, alt: str, caption: str = "") -> str:
         (self.folder / f"{name}.png").write_bytes(data)
@@ -345,13 +348,21 @@ class _Report:
         rows = []
         for e in self.leaderboard:
             count = e.get("parameters")
+            trial_params = params.get(e.get("trial"))
             rows.append((
                 _e(e.get("rank", "")), _e(e.get("trial", "")),
-                _e(_entry_label(e)) + _params_details(params.get(e.get("trial"), {})),
+                _e(configuration_label(trial_params) if trial_params else _entry_label(e))
+                + _params_details(trial_params or {}),
                 _e(_pct(e.get("validation_accuracy"))),
                 _e(_score(e)),
                 _e(f"{count:,}" if isinstance(count, int) else (count if count is not None else "-")),
             ))
+        if self.ensemble is not None:
+            e = self.ensemble
+            members = ", ".join(f"{m['trial']}×{m['weight']:.2f}" for m in e["members"])
+            kept = "saved as the model" if e["chosen"] else "not kept: no better on validation than its best member"
+            rows.append(("", "", f"<em>ensemble of trials {_e(members)}</em> ({_e(kept)})", _e(_pct(e["validation"])),
+                         _e(format_score(e["test_mean"], e["test_low"], e["test_high"])), "-"))
         for b in schema.attribute_baselines(self.attrs):
             rows.append(("", "", f"<em>baseline: {_e(b.get('label'))}</em>", "-", _e(_score(b)), "-"))
         notes = [w for w in self.attrs.get("test_warnings") or [] if isinstance(w, str)]

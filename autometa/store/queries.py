@@ -160,7 +160,9 @@ def studies(db: str) -> list[dict[str, Any]]:
 
 def _studies(storage: optuna.storages.RDBStorage, db: str) -> list[dict[str, Any]]:
     with _reading(db) as connection:
-        runs = _latest_searches(connection) if schema.stored_version(connection) >= 1 else {}
+        tables = schema.stored_version(connection) >= 1
+        runs = _latest_searches(connection) if tables else {}
+        winners = _winners(connection) if tables else {}
     rows = []
     for summary in _studies_in(storage):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
@@ -168,7 +170,8 @@ def _studies(storage: optuna.storages.RDBStorage, db: str) -> list[dict[str, Any
         trials = study.get_trials(deepcopy=False)
         states = [t.state for t in trials]
         complete = [t.value for t in trials if t.state == TrialState.COMPLETE]
-        best = (attrs.get("leaderboard") or [{}])[0]
+        # A 0.1 database (no autometa tables) kept its leaderboard in the study's attributes only.
+        best = winners.get(summary.study_name, {}) if tables else (attrs.get("leaderboard") or [{}])[0]
         run = runs.get(summary.study_name, {})
         rows.append({
             "study": summary.study_name,
@@ -187,6 +190,40 @@ def _studies(storage: optuna.storages.RDBStorage, db: str) -> list[dict[str, Any
             "model_path": attrs.get("model_path"),
         })
     return rows
+
+
+def _winners(connection: Connection) -> dict[str, dict[str, Any]]:
+    """Each study's leaderboard winner as ``Score.as_dict()`` names its test score."""
+    facts = schema.trial_facts.c
+    return {row.study: _as_entry(row._mapping) for row in connection.execute(
+        select(schema.trial_facts).where(facts.finalist_rank == 1))}
+
+
+def _as_entry(fact: Mapping[str, Any]) -> dict[str, Any]:
+    """An autometa_trial_facts finalist row under the names ``LeaderboardEntry.as_dict()`` uses."""
+    return {"rank": fact["finalist_rank"], "trial": fact["number"], "parameters": fact.get("parameters"),
+            "test_accuracy": fact.get("test_mean"), "test_ci95_low": fact.get("test_low"),
+            "test_ci95_high": fact.get("test_high"), "test_units": fact.get("test_units"),
+            "test_unit": fact.get("test_unit"), "test_ci95": fact.get("test_ci95")}
+
+
+def finalists(db: str, study: str, attrs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The finalists of ``study``'s latest leaderboard, best first, as ``LeaderboardEntry.as_dict()``
+    names their rank, trial, test score and parameter count: from autometa_trial_facts, their one
+    home; from the study's attributes ``attrs`` only on a 0.1 database (no autometa tables)."""
+    with _reading(db) as connection:
+        if schema.stored_version(connection) < 1:
+            return [dict(e) for e in attrs.get("leaderboard") or [] if isinstance(e, Mapping)]
+        table = schema.trial_facts
+        rows = connection.execute(select(table).where(table.c.study == study, table.c.finalist_rank.is_not(None))
+                                  .order_by(table.c.finalist_rank))
+        return [_as_entry(row._mapping) for row in rows]
+
+
+def stored_ensemble(db: str, study: str) -> dict[str, Any] | None:
+    """``study``'s latest ensemble (members, validation, test score, whether it was saved), if any."""
+    with _reading(db) as connection:
+        return schema.stored_ensemble(connection, study)
 
 
 def _best_test(score: Mapping[str, Any]) -> dict[str, Any]:
@@ -299,24 +336,24 @@ def leaderboard(db: str, study: str) -> list[dict[str, Any]]:
         attrs = loaded.user_attrs
     finally:
         storage.engine.dispose()
-    facts = _facts(db, study)
-    finalists = sorted((f["finalist_rank"], n) for n, f in facts.items() if "finalist_rank" in f)
-    if not finalists:  # a 0.1 database: the leaderboard is in the study's attributes only
-        entries = [(e.get("rank"), e.get("trial"), schema.score_columns(e), e)
-                   for e in attrs.get("leaderboard") or [] if isinstance(e, dict)]
-    else:
-        entries = [(rank, n, _fact_score(facts[n]), facts[n]) for rank, n in finalists]
     rows = []
-    for rank, number, score, entry in entries:
-        trial = by_number.get(number)
+    for entry in finalists(db, study, attrs):
+        trial = by_number.get(entry.get("trial"))
         rows.append({
-            "rank": rank,
-            "trial": number,
+            "rank": entry.get("rank"),
+            "trial": entry.get("trial"),
             "validation": trial.value if trial is not None else entry.get("validation_accuracy"),
-            **score,
+            **schema.score_columns(entry),
             "parameters": entry.get("parameters"),
             "configuration": configuration_label(trial.params) if trial is not None else None,
         })
+    ensemble = stored_ensemble(db, study)
+    if ensemble is not None:
+        members = ", ".join(f"{m['trial']}×{m['weight']:.2f}" for m in ensemble["members"])
+        rows.append({"rank": None, "trial": None, "validation": ensemble["validation"],
+                     **{k: ensemble[k] for k in ("test_mean", "test_low", "test_high", "test_units", "test_unit")},
+                     "parameters": None, "configuration": f"ensemble of trials {members}"
+                     + ("" if ensemble["chosen"] else " (not kept: no better on validation than its best member)")})
     with _reading(db) as connection:
         stored = schema.stored_baselines(connection, study)
     if not stored:  # before schema version 2: the study's attributes

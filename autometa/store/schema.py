@@ -12,7 +12,8 @@ an older layout in place (see ``_UPGRADES``), and refuses a newer one without to
 Version 0 is a database without these tables, e.g. one written by autometa 0.1, which kept
 everything in Optuna's user attributes: the upgrade to 1 fills the tables from them. Version 2
 stores test scores as an interval [low, high] with its unit (rows, tasks or groups), and the
-baselines of each study's latest leaderboard.
+baselines of each study's latest leaderboard. Version 3 stores each complete trial's
+validation predictions (for ensembles) and each study's latest ensemble.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -50,7 +52,7 @@ from autometa.store.storage import engine_for, open_storage, shown
 if TYPE_CHECKING:
     import optuna
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATUSES = ("running", "finished", "interrupted", "failed")
 logger = logging.getLogger("autometa.store.schema")
 
@@ -119,6 +121,28 @@ baselines = Table(
     Column("study", String(512), primary_key=True),
     Column("kind", String(32), primary_key=True),  # "majority", "chance" or "linear"
     Column("label", Text, nullable=False),  # what it is, as the leaderboard prints it
+    Column("test_mean", Float),
+    Column("test_low", Float),
+    Column("test_high", Float),
+    Column("test_units", Integer),
+    Column("test_unit", String(16)),
+)
+
+validation_predictions = Table(
+    "autometa_validation_predictions", metadata,
+    Column("study", String(512), primary_key=True),
+    Column("number", Integer, primary_key=True),  # the trial
+    Column("shapes", Text, nullable=False),  # JSON [[queries, ways], ...]: one per validation task, in order
+    Column("probabilities", LargeBinary, nullable=False),  # zlib(float16 little-endian, the tasks concatenated)
+)
+
+ensembles = Table(
+    "autometa_ensembles", metadata,
+    Column("study", String(512), primary_key=True),  # the study's latest ensemble
+    Column("members", Text, nullable=False),  # JSON [{"trial": n, "weight": w}, ...]
+    Column("validation", Float),  # its validation accuracy (chosen on it)
+    Column("best_member_validation", Float),  # the best single member's, for comparison
+    Column("chosen", Integer, nullable=False),  # 1: saved as the study's model; 0: no better than its best member
     Column("test_mean", Float),
     Column("test_low", Float),
     Column("test_high", Float),
@@ -376,8 +400,16 @@ def _intervals_and_baselines(connection: Connection) -> None:
         ).values(test_unit={"standard": "rows", "fewshot": "tasks", "grouped": "groups"}.get(protocol)))
 
 
+def _predictions_and_ensembles(connection: Connection) -> None:
+    """2 → 3: tables for validation predictions and ensembles (empty: trials before kept none)."""
+    validation_predictions.create(connection, checkfirst=True)
+    ensembles.create(connection, checkfirst=True)
+
+
 # step → function bringing a database from version ``step`` to ``step + 1``, in one transaction.
-_UPGRADES: dict[int, Callable[[Connection], None]] = {0: _create_version_1, 1: _intervals_and_baselines}
+_UPGRADES: dict[int, Callable[[Connection], None]] = {
+    0: _create_version_1, 1: _intervals_and_baselines, 2: _predictions_and_ensembles,
+}
 
 
 _engines: dict[tuple[int, str], Engine] = {}
@@ -566,6 +598,70 @@ def record_finalists(db: str, study: str, finalists: list[Mapping[str, Any]],
                 ))
     except (SQLAlchemyError, AutometaError) as exc:
         logger.warning("could not record the leaderboard of %s in %s: %s", study, db, exc)
+
+
+def record_predictions(db: str, study: str, number: int, probabilities: list) -> None:
+    """Store a trial's validation probabilities (one ``[queries, ways]`` array per validation
+    task) compactly: float16, compressed. Logged, never raised, like the trial's other facts."""
+    import zlib
+
+    import numpy as np
+
+    arrays = [np.asarray(p, dtype="<f2") for p in probabilities]
+    values = {"shapes": json.dumps([list(a.shape) for a in arrays]),
+              "probabilities": zlib.compress(b"".join(a.tobytes() for a in arrays), 6)}
+    try:
+        with recording_engine(db).begin() as connection:
+            _upsert(connection, validation_predictions, {"study": study, "number": number}, values)
+    except (SQLAlchemyError, AutometaError) as exc:
+        logger.warning("could not record the validation predictions of trial %s in %s: %s", number, db, exc)
+
+
+def stored_predictions(connection: Connection, study: str, numbers=None) -> dict[int, list]:
+    """``{trial: [float32 array per validation task]}`` as :func:`record_predictions` stored them
+    (only ``numbers``, if given)."""
+    import zlib
+
+    import numpy as np
+
+    table = validation_predictions
+    query = select(table).where(table.c.study == study)
+    if numbers is not None:
+        query = query.where(table.c.number.in_(list(numbers)))
+    found = {}
+    for row in connection.execute(query):
+        flat = np.frombuffer(zlib.decompress(row.probabilities), dtype="<f2").astype(np.float32)
+        arrays, start = [], 0
+        for rows, ways in json.loads(row.shapes):
+            arrays.append(flat[start:start + rows * ways].reshape(rows, ways))
+            start += rows * ways
+        found[row.number] = arrays
+    return found
+
+
+def record_ensemble(db: str, study: str, entry: Mapping[str, Any] | None) -> None:
+    """Store ``study``'s latest ensemble (``EnsembleEntry.as_dict()``), or forget it (None)."""
+    try:
+        with recording_engine(db).begin() as connection:
+            connection.execute(ensembles.delete().where(ensembles.c.study == study))
+            if entry is not None:
+                connection.execute(ensembles.insert().values(
+                    study=study, members=json.dumps(entry["members"]), validation=_float(entry["validation_accuracy"]),
+                    best_member_validation=_float(entry["best_member_validation"]), chosen=int(bool(entry["chosen"])),
+                    **score_columns(entry),
+                ))
+    except (SQLAlchemyError, AutometaError) as exc:
+        logger.warning("could not record the ensemble of %s in %s: %s", study, db, exc)
+
+
+def stored_ensemble(connection: Connection, study: str) -> dict[str, Any] | None:
+    """``study``'s latest ensemble row (members decoded), None without one or before version 3."""
+    if stored_version(connection) < 3:
+        return None
+    row = connection.execute(select(ensembles).where(ensembles.c.study == study)).first()
+    if row is None:
+        return None
+    return {**row._mapping, "members": json.loads(row.members)}
 
 
 def score_columns(entry: Mapping[str, Any]) -> dict[str, Any]:

@@ -28,13 +28,15 @@ from autometa.data.protocols import Split, choose_protocol, make_split
 from autometa.data.scoring import baselines, caveats
 from autometa.errors import AutometaError, SearchError
 from autometa.plugins import Registry, get_registry
-from autometa.results.artifacts import folder_name, save_model
+from autometa.results.artifacts import folder_name, save_ensemble, save_model
 from autometa.store import schema
 from autometa.store.storage import FINISHED, checkpoint, storage_for
 from autometa.study import warmstart
 from autometa.study.budget import budget_used
 from autometa.study.devices import resolve_devices, worker_label
-from autometa.study.leaderboard import SearchResult, _leaderboard
+from autometa.study.ensemble import build_ensemble
+from autometa.study.kept import KEPT, KeptModels
+from autometa.study.leaderboard import SearchResult, TrainedModels, _leaderboard
 from autometa.study.objective import SearchSpec, TrialRunner, build_runner, default_pruner, default_sampler
 from autometa.study.pool import recover_orphans, run_pool
 from autometa.study.settings import SearchSettings
@@ -201,26 +203,43 @@ def search(
                 _optimize_pool(optuna_study, settings.db, slots, spec, dataset, custom, existing, remaining,
                                settings.timeout, settings.trial_timeout, registry, settings.progress, say)
             else:
-                runner = TrialRunner(split, registry, spec, str(device), cache=cache, top_k=settings.top_k)
+                runner = TrialRunner(split, registry, spec, str(device), cache=cache, top_k=max(settings.top_k, KEPT),
+                                     db=settings.db)
                 _optimize_here(optuna_study, runner, remaining, settings.timeout, registry, choices, settings.progress, say, settings.db)
 
-        leaderboard = _leaderboard(optuna_study, split, registry, choices, settings.top_k, settings.steps,
-                                   settings.eval_every, cache, say)
+        models = TrainedModels(split, registry, choices, settings.steps, settings.eval_every, cache,
+                               KeptModels(settings.db, name, max(settings.top_k, KEPT)))
+        leaderboard = _leaderboard(optuna_study, split, registry, choices, settings.top_k, models, say)
+        ensemble = None
+        if settings.ensemble and leaderboard:
+            try:
+                ensemble = build_ensemble(optuna_study, split, settings.db, models, say, KEPT)
+            except AutometaError as exc:  # e.g. a member's plugin failing on a test task: the finalists stand
+                say(f"ensemble: not built: {exc}")
+        if models.restored or models.retrained:
+            say(f"trained models: {models.restored} loaded from the weights their workers kept, {models.retrained} retrained")
         plain = baselines(split)
-        optuna_study.set_user_attr("leaderboard", [e.as_dict() for e in leaderboard])
         optuna_study.set_user_attr("baselines", [b.as_dict() for b in plain])
         optuna_study.set_user_attr("test_warnings", caveats(split))
         schema.record_finalists(settings.db, name, [e.as_dict() for e in leaderboard], [b.as_dict() for b in plain])
+        schema.record_ensemble(settings.db, name, ensemble.as_dict() if ensemble else None)
         model_path = None
         if settings.output is not None and leaderboard:
             best = leaderboard[0]
-            model_path = save_model(
-                Path(settings.output) / folder_name(name), best.algorithm, best.config, split, registry=registry, study=name,
-                label=dataset.label_column, image_size=settings.image_size,
-                scores={"validation": best.validation, **best.test.as_dict(), "trial": best.trial},
-            )
+            saved = dict(registry=registry, study=name, label=dataset.label_column, image_size=settings.image_size)
+            folder = Path(settings.output) / folder_name(name)
+            if ensemble is not None and ensemble.chosen:
+                params = {t.number: t.params for t in optuna_study.get_trials(deepcopy=False)}
+                members = [(w, t, algorithm, stored_config(params[t], registry, choices))
+                           for (t, _), (w, algorithm) in zip(ensemble.members, ensemble.algorithm.members)]
+                model_path = save_ensemble(folder, members, split, scores=ensemble.as_dict(), **saved)
+                what = f"the {ensemble.label()}"
+            else:
+                model_path = save_model(folder, best.algorithm, best.config, split, **saved,
+                                        scores={"validation": best.validation, **best.test.as_dict(), "trial": best.trial})
+                what = f"best model (trial {best.trial})"
             optuna_study.set_user_attr("model_path", str(model_path.resolve()))
-            say(f"best model (trial {best.trial}) saved to {model_path}; use it with `autometa predict {model_path} DATA`")
+            say(f"{what} saved to {model_path}; use it with `autometa predict {model_path} DATA`")
     except KeyboardInterrupt:
         schema.end_search(settings.db, search_id, "interrupted")
         raise
@@ -229,7 +248,7 @@ def search(
         raise
     schema.end_search(settings.db, search_id, "finished")
     checkpoint(settings.db)
-    return SearchResult(optuna_study, dataset, split, leaderboard, plain, max(0, remaining), model_path)
+    return SearchResult(optuna_study, dataset, split, leaderboard, plain, max(0, remaining), model_path, ensemble)
 
 
 def _check_output_folder(folder: Path) -> None:

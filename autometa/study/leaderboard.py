@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from autometa.components import MetaAlgorithm
 from autometa.config import Config, stored_config
@@ -17,6 +17,8 @@ from autometa.data.loading import Dataset
 from autometa.data.protocols import Split
 from autometa.data.scoring import INTERVALS, Baseline, Score, caveats, evaluate, score_unit
 from autometa.errors import one_line
+from autometa.study.ensemble import EnsembleEntry, distinct_best
+from autometa.study.kept import KeptModels
 from autometa.study.training import count_parameters, train
 
 
@@ -53,6 +55,7 @@ class SearchResult:
     baselines: list[Baseline]
     new_trials: int
     model_path: Path | None = None
+    ensemble: EnsembleEntry | None = None  # None: turned off, or fewer than two trials to choose from
 
     @property
     def best(self) -> LeaderboardEntry | None:
@@ -91,6 +94,10 @@ class SearchResult:
         ]
         for e in self.leaderboard:
             lines.append(f"{e.rank:>4}  {e.trial:>5}  {100 * e.validation:>9.1f}%  {str(e.test):>20}  {e.config.label()}")
+        if self.ensemble is not None:
+            e = self.ensemble
+            note = "saved as the model" if e.chosen else "not kept: no better on validation than its best member"
+            lines.append(f"{'ens':>4}  {'':>5}  {100 * e.validation:>9.1f}%  {str(e.test):>20}  {e.label()} ({note})")
         for b in self.baselines:
             lines.append(f"{'':>4}  {'':>5}  {'':>10}  {str(b.score):>20}  baseline: {b.label}")
         lines += [f"note: {w}" for w in self.warnings]
@@ -104,6 +111,7 @@ class SearchResult:
             "test_unit": score_unit(self.split),
             "interval": INTERVALS[score_unit(self.split)],
             "leaderboard": [e.as_dict() for e in self.leaderboard],
+            "ensemble": self.ensemble.as_dict() if self.ensemble else None,
             "baselines": [b.as_dict() for b in self.baselines],
             "warnings": self.warnings,
             "model": str(self.model_path) if self.model_path else None,
@@ -119,16 +127,34 @@ def _keep_best(cache: dict[int, tuple[float, MetaAlgorithm]], number: int, value
         del cache[stale]
 
 
-def _leaderboard(study, split, registry, choices, top_k, steps, eval_every, cache, say) -> list[LeaderboardEntry]:
-    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)
-    chosen, seen = [], set()
-    for t in complete:
-        key = tuple(sorted(t.params.items()))
-        if key not in seen:
-            seen.add(key)
-            chosen.append(t)
-        if len(chosen) == top_k:
-            break
+class TrainedModels:
+    """A complete trial's trained model: kept by this process (``cache``), kept by the worker
+    that trained it (``kept``), or, when neither has it, retrained from its parameters and seed."""
+
+    def __init__(self, split: Split, registry, choices, steps: int, eval_every: int,
+                 cache: dict[int, tuple[float, MetaAlgorithm]], kept: KeptModels):
+        self.split, self.registry, self.choices, self.steps, self.eval_every = split, registry, choices, steps, eval_every
+        self.cache, self.kept = cache, kept
+        self.restored, self.retrained = 0, 0
+
+    def __call__(self, t: FrozenTrial) -> MetaAlgorithm:
+        if t.number in self.cache:
+            return self.cache[t.number][1]
+        config = stored_config(t.params, self.registry, self.choices)
+        seed = t.user_attrs.get("seed", t.number)
+        algorithm, _ = train(config, self.split, seed=seed, steps=0, eval_every=self.eval_every, registry=self.registry)
+        if self.kept.restore(t.number, algorithm):
+            self.restored += 1
+        else:
+            algorithm, _ = train(config, self.split, seed=seed, steps=t.user_attrs.get("steps", self.steps),
+                                 eval_every=self.eval_every, registry=self.registry)
+            self.retrained += 1
+        self.cache[t.number] = (t.value, algorithm)
+        return algorithm
+
+
+def _leaderboard(study, split, registry, choices, top_k, models: TrainedModels, say) -> list[LeaderboardEntry]:
+    chosen = distinct_best(study, top_k)
     if not chosen:
         say("no trial completed: nothing to evaluate on the test tasks (see the failure reasons above)")
         return []
@@ -136,12 +162,7 @@ def _leaderboard(study, split, registry, choices, top_k, steps, eval_every, cach
     entries = []
     for rank, t in enumerate(chosen, start=1):
         config = stored_config(t.params, registry, choices)
-        algorithm = cache[t.number][1] if t.number in cache else None
-        if algorithm is None:  # trained in an earlier run: retrain it from its parameters and seed
-            algorithm, _ = train(
-                config, split, seed=t.user_attrs.get("seed", t.number), steps=t.user_attrs.get("steps", steps),
-                eval_every=eval_every, registry=registry,
-            )
+        algorithm = models(t)
         test = evaluate(algorithm, split.test, score_unit(split))
         parameters = count_parameters(algorithm)
         entries.append(LeaderboardEntry(rank, t.number, config, t.value, test, parameters, algorithm))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import platform
 import time
@@ -23,8 +24,13 @@ from autometa.data.protocols import Split, make_split
 from autometa.errors import AutometaError, SearchError, first_line
 from autometa.plugins import Registry, get_registry
 from autometa.study.devices import Slot
+from autometa.data.scoring import predict_probabilities
+from autometa.store import schema
+from autometa.study.kept import KEPT, KeptModels
 from autometa.study.leaderboard import _keep_best
 from autometa.study.training import count_parameters, train
+
+logger = logging.getLogger("autometa.study.objective")
 
 
 @dataclass
@@ -87,10 +93,11 @@ class TrialRunner:
     """Optuna's objective: sample a configuration, meta-train it, return validation accuracy."""
 
     def __init__(self, split: Split, registry: Registry, spec: SearchSpec, device: str, *, label: str = "",
-                 events=None, parent_pid: int | None = None, bar=None, cache: dict | None = None, top_k: int = 3):
+                 events=None, parent_pid: int | None = None, bar=None, cache: dict | None = None, top_k: int = KEPT,
+                 db: str | None = None):
         self.split, self.registry, self.spec, self.device = split, registry, spec, device
         self.label, self.events, self.parent_pid, self.bar = label or device, events, parent_pid, bar
-        self.cache, self.top_k = cache, top_k
+        self.cache, self.top_k, self.db = cache, top_k, db
         self.stop_requested = False
 
     def _emit(self, *event) -> None:
@@ -144,9 +151,29 @@ class TrialRunner:
             self._emit("end", self.label, trial.number)
         trial.set_user_attr("wall_time_s", time.perf_counter() - started)
         trial.set_user_attr("parameters", count_parameters(algorithm))
-        if self.cache is not None:
-            _keep_best(self.cache, trial.number, score.mean, algorithm, self.top_k)
+        self._keep(trial, score.mean, algorithm)
         return score.mean
+
+    def _keep(self, trial: optuna.Trial, value: float, algorithm) -> None:
+        """What the ensemble and the leaderboard use after the search: the trial's validation
+        predictions (in the database) and, if it is among the best, its trained model (in this
+        process's cache, else in the study's weights folder)."""
+        if self.cache is not None:
+            _keep_best(self.cache, trial.number, value, algorithm, self.top_k)
+        if self.db is None:
+            return
+        study = trial.study.study_name
+        try:
+            probabilities = predict_probabilities(algorithm, self.split.validation)
+        except AutometaError as exc:  # scored a moment ago, so unlikely: the trial stands, without ensemble
+            logger.warning("trial %s: validation predictions not kept: %s", trial.number, exc)
+            return
+        schema.record_predictions(self.db, study, trial.number, probabilities)
+        if self.cache is None:
+            try:
+                KeptModels(self.db, study, self.top_k).keep(trial.number, value, algorithm)
+            except OSError as exc:  # a full disk costs a retraining later, not the trial
+                logger.warning("trial %s: trained model not kept (%s); the leaderboard retrains it", trial.number, exc)
 
 
 def failure_reason(exc: BaseException, device: str) -> str:
@@ -171,7 +198,7 @@ def default_pruner(spec: SearchSpec) -> optuna.pruners.BasePruner:
 
 def build_runner(
     slot: Slot, spec: SearchSpec, dataset: Dataset | None, sampler=None, pruner=None, existing: int = 0, *,
-    events=None, parent_pid=None,
+    events=None, parent_pid=None, db: str | None = None,
 ) -> TrialRunner:
     """A worker's objective: rebuild the (deterministic) split on the worker's device.
 
@@ -185,7 +212,8 @@ def build_runner(
         dataset, spec.protocol, ways=spec.ways, shots=spec.shots, queries=spec.queries,
         validation_tasks=spec.validation_tasks, test_tasks=spec.test_tasks, seed=spec.seed, device=slot.device,
     )
-    runner = TrialRunner(split, get_registry(), spec, slot.device, label=slot.label, events=events, parent_pid=parent_pid)
+    runner = TrialRunner(split, get_registry(), spec, slot.device, label=slot.label, events=events, parent_pid=parent_pid,
+                         db=db)
     offset = 7919 * existing + 104729 * (slot.index + 1) + 31 * sum(map(ord, slot.device)) + os.getpid() % 997
     runner.sampler = sampler or default_sampler(spec, offset)
     runner.pruner = pruner or default_pruner(spec)

@@ -123,7 +123,7 @@ def worker_main(job: WorkerJob, budget: "Budget", events) -> None:
     torch.set_num_threads(job.threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        objective = job.build(job.slot, *job.build_args, events=events, parent_pid=job.parent_pid)
+        objective = job.build(job.slot, *job.build_args, events=events, parent_pid=job.parent_pid, db=job.db)
     except Exception as exc:
         events.put(("error", job.slot.label, f"{type(exc).__name__}: {exc}"))
         raise SystemExit(3) from exc

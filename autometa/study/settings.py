@@ -41,6 +41,7 @@ class SearchSettings:
     validation_tasks: int = 100
     test_tasks: int = 600
     top_k: int = 3  # configurations scored on the test tasks
+    ensemble: bool = True  # choose an ensemble of the best trials on validation; saved when it beats its best member
     sampler: Any = None  # an optuna sampler; None: autometa's default
     pruner: Any = None  # an optuna pruner; None: autometa's default
     image_size: tuple[int, int] = (28, 28)

@@ -1,0 +1,236 @@
+"""Ensembles of finished trials: Caruana selection on stored validation predictions, scored on
+the test tasks, saved as a folder of models and used by `autometa predict`."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import create_trial
+from sqlalchemy import select
+
+import autometa
+from autometa.cli.main import cli
+from autometa.data.scoring import evaluate, predict_probabilities
+from autometa.plugins import get_registry
+from autometa.results.artifacts import ENSEMBLE_FILE, save_ensemble
+from autometa.store import queries, schema
+from autometa.store.storage import engine_for
+from autometa.study.ensemble import EnsembleAlgorithm, accuracy, build_ensemble, select as caruana
+
+FAST = dict(steps=20, eval_every=10, progress=False, warm_start=False)
+ALGORITHMS = {"meta_algorithm": ["finetune", "protonet", "matchingnet"], "fusion": ["concat"]}
+
+
+def write_fruit(path, per_class=30, seed=0):
+    rng = np.random.default_rng(seed)
+    words = {"a": "red apple crunchy", "b": "green pear soft", "c": "yellow banana ripe"}
+    rows = [{"size": rng.normal({"a": 0, "b": 1.5, "c": -1.5}[label]), "kind": rng.choice(["x", "y"]),
+             "note": (text if rng.random() < 0.5 else rng.choice(list(words.values()))) + f" item {i}", "label": label}
+            for label, text in words.items() for i in range(per_class)]
+    pd.DataFrame(rows).sample(frac=1, random_state=seed).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """A 3-trial search (isolated workers, the default) with its ensemble."""
+    folder = tmp_path_factory.mktemp("ensemble")
+    data = write_fruit(folder / "fruit.csv")
+    messages: list[str] = []
+    db = f"sqlite:///{folder}/s.db"
+    result = autometa.search(data, "label", trials=3, db=db, output=folder / "models", include=ALGORITHMS,
+                             echo=messages.append, **FAST)
+    return {"result": result, "db": db, "data": data, "messages": messages, "folder": folder}
+
+
+# --- the selection ----------------------------------------------------------------------------
+def planted_predictions():
+    """Three candidates, each right on two of three validation rows (class 0 throughout), each
+    wrong on a different row: together, by majority, right on all three. On the test rows only
+    the first is right, and the other two are confidently wrong."""
+    def rows(right):
+        return np.array([[0.9, 0.1] if r else [0.2, 0.8] for r in right], dtype=np.float32)
+
+    validation = [rows([1, 1, 0]), rows([0, 1, 1]), rows([1, 0, 1])]
+    test = [np.array([[0.9, 0.1]] * 4, dtype=np.float32)] + [np.array([[0.05, 0.95]] * 4, dtype=np.float32)] * 2
+    return validation, test
+
+
+def test_selection_averages_the_validation_optimal_members():
+    validation, _ = planted_predictions()
+    counts = caruana([[p] for p in validation], [np.zeros(3, dtype=np.int64)])
+    assert counts.tolist() == [1, 1, 1]  # each alone: 2/3; the three averaged: 3/3 (by hand)
+    assert accuracy([sum(validation) / 3], [np.zeros(3, dtype=np.int64)]) == 1.0
+    # Identical candidates: the first is chosen, and the ensemble is that candidate.
+    same = caruana([[validation[0]], [validation[0].copy()]], [np.zeros(3, dtype=np.int64)])
+    assert same.tolist() == [1, 0]
+
+
+def test_ensemble_is_chosen_on_validation_rows_only(tmp_path):
+    """The planted test rows favour the first candidate alone (100% vs 0% for the three together);
+    the validation rows favour the three together: those are chosen, and scored on test as they are."""
+    validation, test = planted_predictions()
+    db = f"sqlite:///{tmp_path}/p.db"
+    schema.recording_engine(db)
+    study = optuna.create_study(study_name="planted", storage=db, direction="maximize")
+    for i in range(3):
+        study.add_trial(create_trial(params={"meta_algorithm": f"m{i}"}, value=2 / 3,
+                                     distributions={"meta_algorithm": CategoricalDistribution(["m0", "m1", "m2"])}))
+        schema.record_predictions(db, "planted", i, [validation[i]])
+
+    def task(kind, n):
+        return SimpleNamespace(kind=kind, query=torch.arange(n), n_way=2, query_y=torch.zeros(n, dtype=torch.long))
+
+    split = SimpleNamespace(protocol="standard", validation=[task("validation", 3)], test=[task("test", 4)])
+
+    class Planted:
+        name = "planted"
+
+        def __init__(self, i):
+            self.i = i
+
+        def modules(self):
+            return {}
+
+        def predict(self, t):
+            assert t.kind == "test"  # the ensemble never predicts validation rows: it reads the stored ones
+            return torch.log(torch.as_tensor(test[self.i]))
+
+    messages = []
+    entry = build_ensemble(study, split, db, lambda t: Planted(t.number), messages.append, candidates=8)
+    assert [t for t, _ in entry.members] == [0, 1, 2] and [w for _, w in entry.members] == pytest.approx([1 / 3] * 3)
+    assert (entry.validation, entry.best_member_validation, entry.chosen) == (1.0, pytest.approx(2 / 3), True)
+    assert entry.test.mean == 0.0  # the test-optimal ensemble (the first alone) would score 100%
+    assert "validation 100.0% vs 66.7% for the best single trial, better than its best member" in messages[-1]
+
+
+# --- a real search ----------------------------------------------------------------------------
+def test_identical_members_equal_their_member(searched):
+    result = searched["result"]
+    member = result.best.algorithm
+    twice = EnsembleAlgorithm([(1.0, member), (3.0, member)])
+    for task in result.split.test + result.split.validation:
+        single, together = predict_probabilities(member, [task])[0], predict_probabilities(twice, [task])[0]
+        torch.testing.assert_close(together, single, rtol=1e-5, atol=1e-6)
+    assert evaluate(twice, result.split.test) == evaluate(member, result.split.test) == result.best.test
+
+
+def test_validation_predictions_are_stored_for_every_complete_trial(searched):
+    result, db = searched["result"], searched["db"]
+    targets = [t.query_y.numpy() for t in result.split.validation]
+    engine = engine_for(db)
+    with engine.connect() as connection:
+        stored = schema.stored_predictions(connection, result.study.study_name)
+        raw = connection.execute(select(schema.validation_predictions)).all()
+    engine.dispose()
+    trials = result.study.get_trials()
+    assert sorted(stored) == [t.number for t in trials] and len(raw) == 3
+    rows = len(result.split.validation[0].query)
+    for t in trials:
+        (probabilities,) = stored[t.number]
+        assert probabilities.shape == (rows, 3)
+        np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=3e-3)  # float16
+        assert abs(accuracy(stored[t.number], targets) - t.value) <= 1 / rows  # a float16 tie may flip one row
+    assert all(len(r.probabilities) < rows * 3 * 2 + 64 for r in raw)  # float16, compressed
+
+
+def test_search_shows_saves_and_records_its_ensemble(searched):
+    result, db = searched["result"], searched["db"]
+    ensemble = result.ensemble
+    assert ensemble is not None and len(ensemble.members) >= 1  # one alone: selection found no better mix
+    assert sum(w for _, w in ensemble.members) == pytest.approx(1.0)
+    members = {e.trial: e.algorithm for e in result.leaderboard}
+    rebuilt = EnsembleAlgorithm([(w, members[t]) for t, w in ensemble.members])
+    assert evaluate(rebuilt, result.split.test, "rows") == ensemble.test
+    assert ensemble.chosen == (ensemble.validation > ensemble.best_member_validation)
+    saved = (result.model_path / ENSEMBLE_FILE).is_file()
+    assert saved == ensemble.chosen and (result.model_path / "model.json").is_file() != saved
+    line = next(l for l in result.format_leaderboard().splitlines() if l.startswith(" ens"))
+    assert f"{100 * ensemble.validation:.1f}%" in line and str(ensemble.test) in line and ensemble.label() in line
+    assert result.as_dict()["ensemble"]["members"] == [{"trial": t, "weight": w} for t, w in ensemble.members]
+    row = [r for r in queries.leaderboard(db, result.study.study_name) if (r["configuration"] or "").startswith("ensemble")]
+    assert len(row) == 1 and row[0]["test_mean"] == ensemble.test.mean and row[0]["validation"] == ensemble.validation
+
+
+def test_saved_ensemble_round_trips_through_predict(searched, tmp_path):
+    """Two of the search's models saved as an ensemble; `autometa predict` reads the folder and
+    predicts the weighted mean of their probabilities, scoring what the ensemble scored."""
+    result, frame = searched["result"], pd.read_csv(searched["data"])
+    first, second = result.leaderboard[:2]
+    members = [(0.75, first.trial, first.algorithm, first.config), (0.25, second.trial, second.algorithm, second.config)]
+    folder = save_ensemble(tmp_path / "ens", members, result.split, registry=get_registry(), study="s",
+                           scores={}, image_size=(28, 28), label="label")
+    assert json.loads((folder / ENSEMBLE_FILE).read_text())["members"] == [
+        {"folder": f"member-trial-{first.trial}", "trial": first.trial, "weight": 0.75},
+        {"folder": f"member-trial-{second.trial}", "trial": second.trial, "weight": 0.25}]
+    test_rows = frame.iloc[result.split.row_splits["test"]]
+    data, out = tmp_path / "rows.csv", tmp_path / "pred.csv"
+    test_rows.drop(columns=["label"]).to_csv(data, index=False)
+    run = CliRunner().invoke(cli, ["predict", str(folder), str(data), "--output", str(out)])
+    assert run.exit_code == 0, run.output
+    written = pd.read_csv(out)
+    ensemble = EnsembleAlgorithm([(0.75, first.algorithm), (0.25, second.algorithm)])
+    expected = predict_probabilities(ensemble, result.split.test)[0].numpy()
+    classes = ["a", "b", "c"]
+    np.testing.assert_allclose(written[[f"proba_{c}" for c in classes]].to_numpy(), expected, rtol=1e-4, atol=1e-5)
+    accuracy_ = (written["prediction"].to_numpy() == test_rows["label"].to_numpy()).mean()
+    assert accuracy_ == pytest.approx(evaluate(ensemble, result.split.test).mean)
+
+
+def test_no_ensemble_flag(tmp_path):
+    data = write_fruit(tmp_path / "fruit.csv", per_class=15)
+    db = f"sqlite:///{tmp_path}/s.db"
+    run = CliRunner().invoke(cli, [
+        "search", str(data), "--label", "label", "--trials", "2", "--steps", "10", "--eval-every", "5", "--db", db,
+        "--no-ensemble", "--no-warm-start", "--no-progress", "--in-process", "--format", "json",
+        "--meta-algorithm", "protonet", "--meta-algorithm", "finetune", "--output", str(tmp_path / "models")])
+    assert run.exit_code == 0, run.output
+    shown = json.loads(run.stdout)
+    assert shown["ensemble"] is None and not any(r["configuration"].startswith("ensemble")
+                                                  for r in queries.leaderboard(db, shown["study"]) if r["configuration"])
+    assert (tmp_path / "models" / shown["study"] / "model.json").is_file()
+    engine = engine_for(db)
+    with engine.connect() as connection:  # the predictions are kept all the same (a later run may ensemble)
+        assert len(schema.stored_predictions(connection, shown["study"])) == 2
+    engine.dispose()
+
+
+# --- other protocols --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_fewshot_and_grouped_searches_build_ensembles(tmp_path):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    keep = np.concatenate([np.flatnonzero(digits.target == c)[:20] for c in range(10)])
+    np.savez(tmp_path / "digits.npz", image=(digits.images[keep] * 15).astype(np.uint8), y=digits.target[keep])
+    fewshot = autometa.search(
+        tmp_path / "digits.npz", "y", protocol="fewshot", ways=2, shots=1, queries=3, validation_tasks=4, test_tasks=6,
+        image_size=(8, 8), trials=3, db=f"sqlite:///{tmp_path}/f.db", output=None, echo=lambda m: None, isolate=False,
+        include={"meta_algorithm": ["protonet", "matchingnet", "finetune"]}, **FAST)
+    rng = np.random.default_rng(0)
+    rows = [{"x1": "abc".index(c) + g * 0.3 + rng.normal(), "x2": rng.normal(), "site": f"s{g}", "y": c}
+            for g in range(8) for c in "abc" for _ in range(8)]
+    pd.DataFrame(rows).to_csv(tmp_path / "sites.csv", index=False)
+    grouped = autometa.search(
+        tmp_path / "sites.csv", "y", group="site", protocol="grouped", shots=2, trials=3,
+        db=f"sqlite:///{tmp_path}/g.db", output=None, echo=lambda m: None, isolate=False,
+        include={"meta_algorithm": ["protonet", "matchingnet", "finetune"]}, **FAST)
+    for result, unit in ((fewshot, "tasks"), (grouped, "groups")):
+        ensemble = result.ensemble
+        assert ensemble is not None and ensemble.members, result.format_leaderboard()
+        assert ensemble.test.unit == unit and ensemble.test.n == len(result.split.test)
+        members = {e.trial: e.algorithm for e in result.leaderboard}
+        rebuilt = EnsembleAlgorithm([(w, members[t]) for t, w in ensemble.members])
+        # Each task's members adapt to its support set; their query probabilities are averaged.
+        for task in result.split.test[:3]:
+            expected = sum(w * predict_probabilities(members[t], [task])[0] for t, w in ensemble.members)
+            torch.testing.assert_close(predict_probabilities(rebuilt, [task])[0], expected, rtol=1e-5, atol=1e-6)
+        assert evaluate(rebuilt, result.split.test, unit) == ensemble.test
