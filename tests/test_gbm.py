@@ -19,7 +19,8 @@ from autometa.cli.main import cli
 from autometa.config import configuration_label, default_trials, sample_config, search_choices, structure
 from autometa.data.loading import load_dataset
 from autometa.data.protocols import make_split, task_size
-from autometa.errors import SearchError
+from autometa.components import InputSpec
+from autometa.errors import PluginError, SearchError
 from autometa.plugins import get_registry
 from autometa.study.training import train
 from autometa_builtins.meta_algorithms.trees import TreeEnsemble
@@ -41,6 +42,31 @@ def test_exported_trees_score_rows_exactly_as_scikit_learn(classes):
     loaded = TreeEnsemble()
     loaded.load_state_dict(trees.state_dict())  # shapes come from the saved trees
     assert torch.equal(loaded(torch.from_numpy(x)), raw)
+
+
+def test_fixed_feature_maps_pass_their_input_through():
+    registry = get_registry()
+    x = torch.randn(3, 2, 4, 5)
+    pixels = registry.get("encoder", "pixels").cls(InputSpec("image", (2, 4, 5)))
+    assert pixels.out_dim == 40 and torch.equal(pixels(x), x.reshape(3, 40))
+    assert torch.equal(pixels(x[None]), x.reshape(1, 3, 40))  # a leading task dimension stays
+    table = registry.get("encoder", "table").cls(InputSpec("tabular", (7,)))
+    rows = torch.randn(3, 7)
+    assert table.out_dim == 7 and torch.equal(table(rows), rows)
+    fixed = {i.name for i in registry.all() if i.kind != "meta_algorithm" and i.cls.fixed_params is not None}
+    assert {"table", "pixels", "identity", "lsa", "minilm", "concat"} <= fixed and "mlp" not in fixed
+
+
+def test_fixed_params_that_learn_are_refused():
+    from autometa.plugins import validate_component
+    from autometa_builtins.encoders import TabularMLP
+
+    class Learning(TabularMLP):
+        name = "learning"
+        fixed_params = {"layers": 1}
+
+    with pytest.raises(PluginError, match="'learning': with fixed_params .* it has .* parameters; fixed_params must make it learn nothing"):
+        validate_component("encoder", Learning)
 
 
 def _planted(path, rows_per_class=40, seed=0, groups=False):
