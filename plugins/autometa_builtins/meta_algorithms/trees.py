@@ -40,17 +40,17 @@ class TreeEnsemble(nn.Module):
 
     Nodes of every tree share one array: ``feature``/``threshold`` of each split (a row goes left
     when its value is at most the threshold, or, when missing, where ``missing_left`` says),
-    ``left``/``right`` children (global indices), ``leaf`` flags and leaf ``value`` (learning
-    rate included). ``roots`` and ``tree_class`` give each tree's first node and its class.
-    Shapes depend on the fit, so loading a state dict takes the saved shapes.
+    ``left``/``right`` children (global indices) and ``value`` (a leaf's, learning rate included).
+    A leaf is its own child on both sides with an infinite threshold, so walking every tree
+    ``depth`` steps needs no test for leaves. ``roots`` and ``tree_class`` give each tree's first
+    node and its class. Shapes depend on the fit, so loading a state dict takes the saved shapes.
     """
 
     def __init__(self):
         super().__init__()
         for name, dtype in (("feature", torch.int64), ("threshold", torch.float64), ("missing_left", torch.bool),
-                            ("left", torch.int64), ("right", torch.int64), ("leaf", torch.bool),
-                            ("value", torch.float64), ("roots", torch.int64), ("tree_class", torch.int64),
-                            ("baseline", torch.float64)):
+                            ("left", torch.int64), ("right", torch.int64), ("value", torch.float64),
+                            ("roots", torch.int64), ("tree_class", torch.int64), ("baseline", torch.float64)):
             self.register_buffer(name, torch.zeros(0, dtype=dtype))
         self.register_buffer("depth", torch.zeros((), dtype=torch.int64))
 
@@ -71,19 +71,19 @@ class TreeEnsemble(nn.Module):
                 roots.append(offset)
                 classes.append(k)
                 offset += len(n)
-        # Children as global indices (a leaf's point nowhere: 0, never followed).
-        left = [np.where(n["is_leaf"], 0, n["left"] + start) for n, start in zip(nodes, roots)]
-        right = [np.where(n["is_leaf"], 0, n["right"] + start) for n, start in zip(nodes, roots)]
         every = np.concatenate(nodes)
+        leaf = every["is_leaf"].astype(bool)
+        index = np.arange(len(every))
+        # Children as global indices; a leaf points to itself, goes "left" whatever the value.
+        start = np.repeat(np.asarray(roots), [len(n) for n in nodes])
         as_tensor = lambda a, dtype: torch.as_tensor(np.ascontiguousarray(a), dtype=dtype)  # noqa: E731
         device = self.baseline.device
         state = {
-            "feature": as_tensor(every["feature_idx"], torch.int64),
-            "threshold": as_tensor(every["num_threshold"], torch.float64),
-            "missing_left": as_tensor(every["missing_go_to_left"].astype(bool), torch.bool),
-            "left": as_tensor(np.concatenate(left), torch.int64),
-            "right": as_tensor(np.concatenate(right), torch.int64),
-            "leaf": as_tensor(every["is_leaf"].astype(bool), torch.bool),
+            "feature": as_tensor(np.where(leaf, 0, every["feature_idx"]), torch.int64),
+            "threshold": as_tensor(np.where(leaf, np.inf, every["num_threshold"]), torch.float64),
+            "missing_left": as_tensor(leaf | every["missing_go_to_left"].astype(bool), torch.bool),
+            "left": as_tensor(np.where(leaf, index, every["left"] + start), torch.int64),
+            "right": as_tensor(np.where(leaf, index, every["right"] + start), torch.int64),
             "value": as_tensor(every["value"], torch.float64),
             "roots": as_tensor(np.asarray(roots), torch.int64),
             "tree_class": as_tensor(np.asarray(classes), torch.int64),
@@ -110,11 +110,14 @@ class TreeEnsemble(nn.Module):
         chunk = max(1, WALK_ELEMENTS // n_trees)
         for start in range(0, len(x), chunk):
             rows = x[start: start + chunk]
+            missing = bool(torch.isnan(rows).any())
             node = self.roots.expand(len(rows), n_trees)
             for _ in range(int(self.depth)):
                 values = rows.gather(1, self.feature[node])
-                left = torch.where(torch.isnan(values), self.missing_left[node], values <= self.threshold[node])
-                node = torch.where(self.leaf[node], node, torch.where(left, self.left[node], self.right[node]))
+                left = values <= self.threshold[node]
+                if missing:  # NaN compares false: it goes where the split sent missing values
+                    left |= torch.isnan(values) & self.missing_left[node]
+                node = torch.where(left, self.left[node], self.right[node])
             out[start: start + chunk].index_add_(1, self.tree_class, self.value[node])
         return out
 
