@@ -17,7 +17,7 @@ _EXPORTS = {
     "Backbone": "autometa.components", "Encoder": "autometa.components", "Fusion": "autometa.components",
     "MetaAlgorithm": "autometa.components",
     "Features": "autometa.types", "InputSpec": "autometa.inputs", "PoolInfo": "autometa.types",
-    "Task": "autometa.types", "TrainingPool": "autometa.types",
+    "Task": "autometa.types", "TaskSize": "autometa.types", "TrainingPool": "autometa.types",
     "hookimpl": "autometa.hookspecs",
     "Dataset": "autometa.data.loading", "load_dataset": "autometa.data.loading",
     "search": "autometa.study.engine", "SearchSettings": "autometa.study.settings",

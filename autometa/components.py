@@ -26,7 +26,7 @@ from autometa.inputs import MASK_PREFIX, MODALITIES, InputSpec, derived_key  # n
 if TYPE_CHECKING:
     import numpy as np
 
-    from autometa.types import Task, TrainingPool
+    from autometa.types import Task, TaskSize, TrainingPool
 
 
 def suggest_value(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:
@@ -49,6 +49,10 @@ class Component:
 
     name: ClassVar[str] = ""
     search_space: ClassVar[Mapping[str, BaseDistribution]] = {}
+    # The keyword arguments under which this encoder or fusion learns nothing (a fixed feature
+    # map: no parameters), or None when it always learns. Only such components, at these
+    # arguments, serve meta-algorithms that read fixed features (MetaAlgorithm.fixed_features).
+    fixed_params: ClassVar[Mapping[str, Any] | None] = None
 
     @classmethod
     def suggest(cls, trial: optuna.Trial, prefix: str) -> dict[str, Any]:
@@ -61,6 +65,16 @@ class Component:
 
         Unavailable components are listed but left out of searches; asking for one explicitly
         is an error that shows this text.
+        """
+        return None
+
+    @classmethod
+    def fits_task(cls, size: "TaskSize") -> str | None:
+        """Why this component cannot work on tasks of ``size`` (e.g. too many ways), or None.
+
+        Asked once per search, before any trial: a component that does not fit is left out of
+        the search's choices with a one-line note giving this text; asking for it explicitly is
+        an error that shows it.
         """
         return None
 
@@ -240,6 +254,11 @@ class MetaAlgorithm(Component):
     # True when the training loss adds the backbone's auxiliary loss (``Backbone.embed_with_aux``);
     # only then does the search try cross-modal mapping weights with this meta-algorithm.
     uses_auxiliary_loss: ClassVar[bool] = False
+    # True when the learner fits on the backbone's output without training the backbone (a
+    # tree ensemble): the search then builds its backbone only from components with
+    # ``fixed_params``, at those parameters, so no trial is spent on encoder, fusion or
+    # hyperparameter choices it would ignore (parameter keys ``fixed.fusion``, ``fixed.encoder.<modality>``).
+    fixed_features: ClassVar[bool] = False
 
     def setup(self, backbone: Backbone, pool: "TrainingPool", shape: tuple[int, int, int]) -> None:  # pragma: no cover
         """Build heads and optimisers for ``backbone``; ``shape`` is the protocol's

@@ -12,7 +12,7 @@ import hashlib
 import inspect
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import optuna
 from optuna.distributions import FloatDistribution
@@ -20,6 +20,9 @@ from optuna.trial import FixedTrial
 
 from autometa.errors import SearchError
 from autometa.plugins import Registry
+
+if TYPE_CHECKING:  # autometa.types imports torch, which `autometa db ...` never loads
+    from autometa.types import TaskSize
 
 # The cross-modal mapping's search space (see autometa.crossmodal): whether to map at all (only asked when the data has two or more
 # modalities), then the loss weight, log-uniform. Off by default, as it only pays off when a
@@ -56,19 +59,46 @@ class Config:
     encoder_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Weight of the backbone's cross-modal mapping loss; 0: no mapper (see autometa.crossmodal).
     crossmodal_weight: float = 0.0
+    # True for a meta-algorithm that reads fixed features (MetaAlgorithm.fixed_features): its
+    # encoders and fusion are fixed feature maps at their fixed_params.
+    fixed: bool = False
 
     def label(self) -> str:
         encoders = ", ".join(f"{m}={e}" for m, e in self.encoders.items())
+        if self.fixed:
+            return fixed_label(self.meta_algorithm, self.fusion, encoders)
         return f"{self.meta_algorithm} + {self.fusion} [{encoders}]{label_suffix(self.crossmodal_weight)}"
+
+
+# A fixed-features meta-algorithm chooses its fixed encoders and fusion under these keys, apart
+# from the others' "fusion" and "encoder.<modality>": Optuna keeps one distribution per name.
+FIXED = "fixed."
+
+
+def fixed_label(meta: str, fusion: str | None, encoders: str) -> str:
+    """``gbm on fixed features [tabular=table, text=lsa]`` (the fusion named unless it is concat)."""
+    fused = "" if fusion in (None, "concat") else f" fused by {fusion}"
+    return f"{meta} on fixed features [{encoders}]{fused}"
+
+
+def fixed_choices(registry: Registry, choices: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """The fixed feature maps (components with ``fixed_params``) among a search's fusion and
+    encoder choices: what a fixed-features meta-algorithm chooses among."""
+    return {
+        key: [n for n in names if registry.get("fusion" if key == "fusion" else "encoder", n).cls.fixed_params is not None]
+        for key, names in choices.items() if key == "fusion" or key.startswith("encoder.")
+    }
 
 
 def sample_config(trial: optuna.Trial | FixedTrial, registry: Registry, choices: dict[str, list[str]]) -> Config:
     """Define-by-run space: components first, then each chosen one's namespaced parameters."""
     meta = trial.suggest_categorical("meta_algorithm", choices["meta_algorithm"])
+    meta_cls = registry.get("meta_algorithm", meta).cls
+    if meta_cls.fixed_features:
+        return _fixed_config(trial, registry, choices, meta, meta_cls)
     fusion = trial.suggest_categorical("fusion", choices["fusion"])
     modalities = [key.split(".", 1)[1] for key in choices if key.startswith("encoder.")]
     encoders = {m: trial.suggest_categorical(f"encoder.{m}", choices[f"encoder.{m}"]) for m in modalities}
-    meta_cls = registry.get("meta_algorithm", meta).cls
     return Config(
         meta,
         fusion,
@@ -80,18 +110,37 @@ def sample_config(trial: optuna.Trial | FixedTrial, registry: Registry, choices:
     )
 
 
+def _fixed_config(trial, registry: Registry, choices: dict[str, list[str]], meta: str, meta_cls) -> Config:
+    """A fixed-features meta-algorithm's configuration: its fixed encoders and fusion chosen
+    under ``fixed.`` keys at their fixed parameters (none sampled), then its own parameters."""
+    fixed = fixed_choices(registry, choices)
+    fusion = trial.suggest_categorical(FIXED + "fusion", fixed["fusion"])
+    encoders = {key.split(".", 1)[1]: trial.suggest_categorical(FIXED + key, names)
+                for key, names in fixed.items() if key.startswith("encoder.")}
+    return Config(
+        meta, fusion, encoders, meta_cls.suggest(trial, f"meta.{meta}."),
+        dict(registry.get("fusion", fusion).cls.fixed_params),
+        {m: dict(registry.get("encoder", e).cls.fixed_params) for m, e in encoders.items()},
+        fixed=True,
+    )
+
+
 def stored_config(params: Mapping[str, Any], registry: Registry, choices: dict[str, list[str]]) -> Config:
     """The configuration of a stored trial (trials stored before cross-modal mapping existed had none)."""
     return sample_config(FixedTrial({**DEFAULT_PARAMS, **params}), registry, choices)
 
 
 def search_choices(
-    registry: Registry, protocol: str, modalities: list[str], include: Mapping[str, list[str]] | None = None
+    registry: Registry, protocol: str, modalities: list[str], include: Mapping[str, list[str]] | None = None,
+    size: "TaskSize | None" = None, say: Callable[[str], None] | None = None,
 ) -> dict[str, list[str]]:
     """The components a study chooses among: every available one, or those in ``include``.
 
     ``include`` maps "meta_algorithm", "fusion" or "encoder.<modality>" to allowed names.
-    Optuna cannot change a study's choices, so they are stored and compared on resume.
+    With ``size``, components that cannot work on tasks of that size (``Component.fits_task``)
+    are left out, and so is a fixed-features meta-algorithm without a fixed feature map for
+    every modality; ``say`` gets a one-line note for each. Optuna cannot change a study's
+    choices, so they are stored and compared on resume.
     """
     include = dict(include or {})
     pools = {
@@ -107,6 +156,7 @@ def search_choices(
     choices = {}
     for key, (kind, infos) in pools.items():
         usable = {i.name: i for i in infos}
+        misfits = {n: i.cls.fits_task(size) for n, i in usable.items()} if size is not None else {}
         if key in include:
             for name in include[key]:
                 info = registry.get(kind, name)  # unknown names: error listing what exists
@@ -115,16 +165,39 @@ def search_choices(
                 reason = info.cls.unavailable()
                 if reason:
                     raise SearchError(f"{kind.replace('_', '-')} {name!r} is unavailable: {reason}")
+                if misfits.get(name):
+                    raise SearchError(f"{kind.replace('_', '-')} {name!r} cannot work on this data's tasks: {misfits[name]}")
             choices[key] = sorted(set(include[key]))
         else:
             # Sorted: entry-point load order may differ between machines, a study's choices may not.
-            choices[key] = sorted(n for n, i in usable.items() if not i.cls.unavailable())
+            available = sorted(n for n, i in usable.items() if not i.cls.unavailable())
+            for name in available:
+                if misfits.get(name):
+                    _note(say, f"{kind.replace('_', '-')} {name!r} left out: {misfits[name]}")
+            choices[key] = [n for n in available if not misfits.get(n)]
         if not choices[key]:
             raise SearchError(
                 f"no installed plugin provides {key.replace('_', '-')} for the {protocol} protocol; "
                 "run `autometa plugins` to see what is installed"
             )
+    fixed = fixed_choices(registry, choices)
+    lacking = [key.replace("encoder.", "") for key, names in fixed.items() if not names]
+    if lacking:
+        for name in [n for n in choices["meta_algorithm"] if registry.get("meta_algorithm", n).cls.fixed_features]:
+            if "meta_algorithm" in include:
+                raise SearchError(f"meta-algorithm {name!r} reads fixed features, and this search allows none for "
+                                  f"{', '.join(lacking)}; allow one (e.g. --encoder text=lsa, --fusion concat)")
+            _note(say, f"meta-algorithm {name!r} left out: it reads fixed features, and this search allows none "
+                       f"for {', '.join(lacking)}")
+            choices["meta_algorithm"].remove(name)
+        if not choices["meta_algorithm"]:
+            raise SearchError("no meta-algorithm is left for this search; allow a fixed feature map or other meta-algorithms")
     return choices
+
+
+def _note(say: Callable[[str], None] | None, message: str) -> None:
+    if say is not None:
+        say(f"note: {message}")
 
 
 def default_trials(registry: Registry, choices: dict[str, list[str]]) -> list[dict[str, Any]]:
@@ -143,11 +216,19 @@ def default_trials(registry: Registry, choices: dict[str, list[str]]) -> list[di
             shared[key] = e
             shared.update(_defaults(registry.get("encoder", e).cls, f"encoder.{m}.{e}."))
     multimodal = sum(key.startswith("encoder.") for key in choices) >= 2
-    return [
-        {"meta_algorithm": name, **shared, **_defaults(registry.get("meta_algorithm", name).cls, f"meta.{name}."),
-         **(DEFAULT_PARAMS if multimodal and registry.get("meta_algorithm", name).cls.uses_auxiliary_loss else {})}
-        for name in choices["meta_algorithm"]
-    ]
+    # A fixed-features learner's: concat when allowed, each modality's first-registered fixed map.
+    fixed = fixed_choices(registry, choices)
+    fixed_shared = {FIXED + "fusion": "concat" if "concat" in fixed["fusion"] else (fixed["fusion"] or [None])[0]}
+    for key, names in fixed.items():
+        if key.startswith("encoder.") and names:
+            fixed_shared[FIXED + key] = next(i.name for i in registry.encoders_for(key.split(".", 1)[1]) if i.name in names)
+    trials = []
+    for name in choices["meta_algorithm"]:
+        cls = registry.get("meta_algorithm", name).cls
+        components = fixed_shared if cls.fixed_features else shared
+        trials.append({"meta_algorithm": name, **components, **_defaults(cls, f"meta.{name}."),
+                       **(DEFAULT_PARAMS if multimodal and cls.uses_auxiliary_loss else {})})
+    return trials
 
 
 def configuration_seed(study_seed: int, params: Mapping[str, Any]) -> int:
@@ -167,7 +248,9 @@ def _defaults(cls: type, prefix: str) -> dict[str, Any]:
 
 
 def is_component_key(key: str) -> bool:
-    """``meta_algorithm``, ``fusion`` and ``encoder.<modality>`` choose plugins; other keys tune them."""
+    """``meta_algorithm``, ``fusion`` and ``encoder.<modality>`` choose plugins (and their
+    ``fixed.`` forms, for a fixed-features meta-algorithm); other keys tune them."""
+    key = key.removeprefix(FIXED)
     return key in ("meta_algorithm", "fusion") or (key.startswith("encoder.") and key.count(".") == 1)
 
 
@@ -175,13 +258,18 @@ def configuration_label(params: Mapping[str, Any]) -> str:
     """The same ``meta + fusion [modality=encoder, ...]`` label the search prints."""
     if "meta_algorithm" not in params:
         return "-"
-    encoders = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in params.items() if k.startswith("encoder.") and is_component_key(k))
+    prefix = FIXED if FIXED + "fusion" in params else ""
+    shown = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in params.items() if k.startswith(prefix + "encoder.") and is_component_key(k))
+    if prefix:
+        return fixed_label(params["meta_algorithm"], params[FIXED + "fusion"], shown)
     weight = params.get(WEIGHT_PARAM, 0.0) if params.get(USE_PARAM) else 0.0
-    return f"{params['meta_algorithm']} + {params.get('fusion', '?')} [{encoders}]{label_suffix(weight)}"
+    return f"{params['meta_algorithm']} + {params.get('fusion', '?')} [{shown}]{label_suffix(weight)}"
 
 
 def structure(params: Mapping[str, Any]) -> tuple:
-    """The components of a configuration (meta-algorithm, fusion, encoder per modality)."""
-    encoders = sorted((k, v) for k, v in params.items() if k.startswith("encoder.") and is_component_key(k))
-    return params.get("meta_algorithm"), params.get("fusion"), tuple(encoders)
+    """The components of a configuration (meta-algorithm, fusion, encoder per modality); a
+    fixed-features one's under its ``fixed.`` keys."""
+    prefix = FIXED if FIXED + "fusion" in params else ""
+    encoders = sorted((k, v) for k, v in params.items() if k.startswith(prefix + "encoder.") and is_component_key(k))
+    return params.get("meta_algorithm"), params.get(prefix + "fusion"), tuple(encoders)
 

@@ -160,15 +160,27 @@ def validate_component(kind: str, cls: Any) -> None:
             f"{kind} {name!r} cannot be constructed with its default parameters: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+    fixed = cls.fixed_params
+    if fixed is not None:
+        if kind == "meta_algorithm" or not isinstance(fixed, dict) or set(fixed) - keywords:
+            raise PluginError(
+                f"{kind} {name!r}: fixed_params must be a dict of {label}.__init__ keyword parameters "
+                f"(encoders and fusions only), got {fixed!r}"
+            )
+        with torch.random.fork_rng(devices=[]):
+            learned = sum(p.numel() for p in _construct_with_defaults(kind, cls, fixed).parameters())
+        if learned:
+            raise PluginError(f"{kind} {name!r}: with fixed_params {fixed!r} it has {learned} parameters; "
+                              "fixed_params must make it learn nothing (or set fixed_params = None)")
 
 
-def _construct_with_defaults(kind: str, cls: Any) -> None:
+def _construct_with_defaults(kind: str, cls: Any, params: dict | None = None) -> Any:
+    params = params or {}
     if kind == "encoder":
-        cls(InputSpec.example(cls.modality))
-    elif kind == "fusion":
-        cls({"tabular": 8, "text": 4})
-    else:
-        cls()
+        return cls(InputSpec.example(cls.modality), **params)
+    if kind == "fusion":
+        return cls({"tabular": 8, "text": 4}, **params)
+    return cls(**params)
 
 
 def _distribution_of(module: Any) -> tuple[str | None, str | None]:

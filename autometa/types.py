@@ -187,6 +187,19 @@ class TrainingPool:
         )
 
 
+@dataclass(frozen=True)
+class TaskSize:
+    """How large a search's tasks are, known before any trial runs: what
+    ``Component.fits_task`` judges whether a component can work at all."""
+
+    protocol: str
+    ways: int  # classes in a training episode at the protocol's shape (standard: every class)
+    task_ways: int  # most classes one validation or test task can have
+    shots: int
+    classes: int  # classes in the data
+    rows: int  # rows in the data
+
+
 @dataclass
 class PoolInfo:
     """What ``MetaAlgorithm.setup`` may rely on besides drawing tasks: the size of the training

@@ -49,6 +49,8 @@ SMALL = {
     "resnet12": dict(width=4),
     "identity": dict(),
     "vector_mlp": dict(hidden=16, out_dim=8),
+    "table": dict(),
+    "pixels": dict(),
 }
 
 

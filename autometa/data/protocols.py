@@ -16,12 +16,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
 
 from autometa.data.loading import Dataset
 from autometa.data.preprocessing import Preprocessor
 from autometa.errors import ProtocolError
-from autometa.types import Features, Task, TrainingPool
+from autometa.types import Features, Task, TaskSize, TrainingPool
 
 PROTOCOLS = ("fewshot", "grouped", "standard")
 FEWSHOT_MIN_CLASSES = 20
@@ -80,6 +81,17 @@ def choose_protocol(dataset: Dataset, requested: str = "auto") -> str:
     if dataset.groups is not None:
         return "grouped"
     return "fewshot" if len(dataset.classes) >= FEWSHOT_MIN_CLASSES else "standard"
+
+
+def task_size(dataset: Dataset, protocol: str, *, ways: int, shots: int) -> TaskSize:
+    """How large ``protocol``'s tasks on ``dataset`` are, before any split is made (the search's
+    choices depend on it, and a study's choices on nothing but its data and settings)."""
+    classes = len(dataset.classes)
+    task_ways = {"standard": classes, "fewshot": ways}.get(protocol)
+    if task_ways is None:  # grouped: a held-out group's task has the classes of that group
+        labels = pd.Series(dataset.labels)
+        task_ways = int(labels.groupby(np.asarray(dataset.groups)).nunique().max())
+    return TaskSize(protocol, classes if protocol == "standard" else ways, task_ways, shots, classes, len(dataset))
 
 
 def make_split(

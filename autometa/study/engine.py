@@ -24,7 +24,7 @@ from autometa.components import MetaAlgorithm
 from autometa.config import default_trials, search_choices, stored_config
 from autometa.data.loading import Dataset, load_dataset
 from autometa.data.metafeatures import describe
-from autometa.data.protocols import Split, choose_protocol, make_split
+from autometa.data.protocols import Split, choose_protocol, make_split, task_size
 from autometa.data.scoring import baselines, caveats
 from autometa.errors import AutometaError, SearchError
 from autometa.plugins import Registry, get_registry
@@ -80,13 +80,15 @@ def _load(data, label, group, columns, image_size) -> tuple[Dataset, str | None]
     return dataset, str(Path(data).resolve())
 
 
-def _spec(dataset: Dataset, data_path: str | None, registry: Registry, settings: SearchSettings) -> SearchSpec:
+def _spec(dataset: Dataset, data_path: str | None, registry: Registry, settings: SearchSettings, say=None) -> SearchSpec:
+    """The search's spec; ``say`` gets a note for each component left out (too large a task...)."""
     protocol = choose_protocol(dataset, settings.protocol)
+    size = task_size(dataset, protocol, ways=settings.ways, shots=settings.shots)
+    choices = search_choices(registry, protocol, dataset.modalities, settings.include, size, say)
     return SearchSpec(
         data_path, dataset.label_column, dataset.group_column, {c.name: c.modality for c in dataset.columns},
         tuple(settings.image_size), protocol, settings.ways, settings.shots, settings.queries, settings.validation_tasks,
-        settings.test_tasks, settings.seed, search_choices(registry, protocol, dataset.modalities, settings.include),
-        settings.steps, settings.eval_every, settings.trials, dataset.fingerprint,
+        settings.test_tasks, settings.seed, choices, settings.steps, settings.eval_every, settings.trials, dataset.fingerprint,
     )
 
 
@@ -145,7 +147,7 @@ def search(
     registry = get_registry()
     dataset, data_path = _load(data, label, settings.group, settings.columns, settings.image_size)
     say(dataset.summary())
-    spec = _spec(dataset, data_path, registry, settings)
+    spec = _spec(dataset, data_path, registry, settings, say)
     choices = spec.choices
     # Encoders that derive their own inputs (e.g. pretrained embeddings) do so when first chosen.
     split = make_split(

@@ -98,8 +98,10 @@ def translate(params: Mapping[str, Any], registry, choices: Mapping[str, list[st
         if problem:
             return Translation(None, problem)
         fixed[key] = name
+        if key == "meta_algorithm" and registry.get("meta_algorithm", name).cls.fixed_features:
+            break  # its fixed feature maps (fixed.* keys) are translated like hyperparameters below
     for key, names in choices.items():
-        if not key.startswith("encoder."):
+        if not key.startswith("encoder.") or "fusion" not in fixed:
             continue
         modality = key.split(".", 1)[1]
         name = params.get(key)

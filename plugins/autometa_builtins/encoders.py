@@ -68,6 +68,7 @@ class Identity(Encoder):
 
     name = "identity"
     modality = "vector"
+    fixed_params = {}
 
     def __init__(self, spec: InputSpec):
         super().__init__()
@@ -75,6 +76,30 @@ class Identity(Encoder):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+class Table(Identity):
+    """The preprocessed columns (standardised numbers, missing indicators, one-hot categories) as
+    they are: what a tree ensemble reads, or a linear model when a linear head sits on top."""
+
+    name = "table"
+    modality = "tabular"
+
+
+class Pixels(Encoder):
+    """The preprocessed image (standardised per channel, at --image-size) flattened to one row of
+    C·H·W numbers: nearest-centroid or tree models on raw pixels."""
+
+    name = "pixels"
+    modality = "image"
+    fixed_params = {}
+
+    def __init__(self, spec: InputSpec):
+        super().__init__()
+        self.out_dim = math.prod(spec.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(-3)  # [..., batch, C, H, W] -> [..., batch, C*H*W]
 
 
 class HashBag(Encoder):
@@ -331,4 +356,6 @@ class ResNet12(Encoder):
 
 
 # Registered in this order: the first encoder of each modality is its default.
-ENCODERS = [TabularMLP, TabularLinear, FTTransformer, LatentSemantic, HashBag, BagOfWords, MiniLM, Conv4, ResNet12, Identity, VectorMLP]
+# The first registered for a modality is its default encoder; the fixed feature maps (table, pixels) come last.
+ENCODERS = [TabularMLP, TabularLinear, FTTransformer, LatentSemantic, HashBag, BagOfWords, MiniLM, Conv4, ResNet12, Identity, VectorMLP,
+            Table, Pixels]

@@ -83,6 +83,7 @@ class Concat(Fusion):
     """Early fusion: the modality embeddings side by side, in the fixed modality order."""
 
     name = "concat"
+    fixed_params = {}
 
     def __init__(self, in_dims: dict[str, int]):
         super().__init__()

@@ -62,6 +62,7 @@ class LatentSemantic(Encoder):
     name = "lsa"
     modality = "text"
     search_space = {"projection": CategoricalDistribution(["linear", "none"])}
+    fixed_params = {"projection": "none"}  # the TF-IDF + SVD features as they are
 
     def __init__(self, spec: InputSpec, *, projection: str = "linear"):
         super().__init__()

@@ -156,6 +156,7 @@ class MiniLM(Encoder):
     search_space = {
         "out_dim": CategoricalDistribution([0, 64, 128, 256]),
     }
+    fixed_params = {"out_dim": 0}  # the frozen embeddings as they are
 
     def __init__(self, spec: InputSpec, *, out_dim: int = 128):
         super().__init__()

@@ -22,7 +22,7 @@ from torch import nn
 
 from autometa.components import Backbone, MetaAlgorithm
 from autometa.errors import ProtocolError
-from autometa.types import Task, TrainingPool
+from autometa.types import Task, TaskSize, TrainingPool
 from autometa_builtins.meta_algorithms._common import (
     embed,
     embedding_placement,
@@ -272,6 +272,14 @@ class SNAIL(MetaAlgorithm):
         self.max_ways = max_ways
         self.train_ways = train_ways
         self.train_shots = train_shots
+
+    @classmethod
+    def fits_task(cls, size: TaskSize) -> str | None:
+        slots = max(size.ways, *(w for w in cls.search_space["train_ways"].choices if w is not None))
+        if size.task_ways > slots:
+            return (f"held-out tasks have up to {size.task_ways} classes, more than the {slots} one-hot label slots "
+                    f"any of its configurations sets up (--ways {size.ways})")
+        return None
 
     def setup(self, backbone: Backbone, pool: TrainingPool, shape: tuple[int, int, int]) -> None:
         self.backbone = backbone
