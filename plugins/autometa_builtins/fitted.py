@@ -80,9 +80,13 @@ class PixelPCA(FittedFeatures):
         mean = x.mean(axis=0)
         dims = max(1, min(PIXEL_DIMS, len(rows) - 1, x.shape[1] - 1))
         svd = TruncatedSVD(dims, algorithm="randomized", n_iter=7, random_state=0).fit(x - mean)
+        # Directions without variance in the training rows (beyond their rank) are arbitrary and
+        # could weigh pixels no training image lights: only held-out images would move along them.
+        kept = svd.singular_values_ > 1e-6 * max(svd.singular_values_.max(), 1e-12)
+        kept[0] = True
         return {
             "mean": torch.from_numpy(mean.astype(np.float32)),
-            "components": torch.from_numpy(svd.components_.astype(np.float32)),
+            "components": torch.from_numpy(svd.components_[kept].astype(np.float32)),
         }
 
     @classmethod
