@@ -10,6 +10,7 @@ import pytest
 import torch
 from autometa_builtins.fitted import PixelPCA
 from click.testing import CliRunner
+from helpers import assert_fitted_state_kept
 
 import autometa
 from autometa.cli.main import cli
@@ -74,12 +75,7 @@ def test_state_is_fitted_on_training_rows_only(fewshot):
     everything = PixelPCA.fit_input(images[..., None], np.arange(len(images)))
     assert np.abs(everything["components"].numpy()[:, planted]).max() > 0.05
     alone = PixelPCA.fit_input(images[train][..., None], np.arange(len(train)))
-    for key, value in alone.items():
-        assert torch.equal(state[key], value), key
-    model = autometa.load(result.model_path)
-    assert set(model.fitted) == {"image@pixelpca"}
-    for key, value in state.items():
-        assert torch.equal(model.fitted["image@pixelpca"][key], value), key
+    assert_fitted_state_kept(result, "image@pixelpca", alone)
 
 
 def test_saved_model_predicts_like_the_trained_one(fewshot, tmp_path):
