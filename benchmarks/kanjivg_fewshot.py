@@ -44,7 +44,7 @@ from autometa.study.training import train
 # episodes with second-order inner loops for MAML, one batch of rows for fine-tuning).
 HYPERPARAMETERS = {
     "protonet": {"lr": 1e-3},
-    # MAML runs at the plugin's defaults (three inner steps of 0.1 from the class-mean head): the
+    # MAML runs at the plugin's defaults (one inner step of 0.01 from the class-mean head): the
     # point of its row is whether the default configuration converges in a search's budget.
     "maml": {},
     "anil": {"inner_lr": 0.1, "inner_steps": 5, "lr": 1e-3, "meta_batch": 4, "first_order": False},
