@@ -180,3 +180,18 @@ def fake_wordnet(folder, classes: int = 16, per_class: int = 8, seed: int = 0):
     for pos in ("verb", "adj", "adv"):
         (folder / f"data.{pos}").write_text(lines[0], encoding="latin-1")
     return folder
+
+
+def assert_fitted_state_kept(result, key: str, fitted_alone: dict[str, torch.Tensor]) -> None:
+    """A search's fitted input ``key`` equals ``fitted_alone`` (the state fitted on its training rows
+    alone: nothing else was read), and its saved model keeps exactly that state."""
+    import autometa
+
+    state = result.split.pool.features.fitted[key]
+    assert sorted(state) == sorted(fitted_alone)
+    for name, value in fitted_alone.items():
+        assert torch.equal(state[name], value), name
+    model = autometa.load(result.model_path)
+    assert set(model.fitted) == {key}
+    for name, value in state.items():
+        assert torch.equal(model.fitted[key][name], value), name

@@ -46,6 +46,7 @@ SMALL = {
     "lsa": dict(),
     "minilm": dict(out_dim=8),
     "conv4": dict(channels=8),
+    "pixelpca": dict(),
     "resnet12": dict(width=4),
     "identity": dict(),
     "vector_mlp": dict(hidden=16, out_dim=8),

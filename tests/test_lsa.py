@@ -15,6 +15,7 @@ from autometa.results.artifacts import WEIGHTS_FILE, ModelError
 from autometa.cli.main import cli
 from autometa.components import InputSpec
 from autometa_builtins.lsa import LatentSemantic, _counts
+from helpers import assert_fitted_state_kept
 
 WORDS = ["stone", "river", "bridge", "walks", "slowly", "under", "old", "light", "green", "field"]
 
@@ -54,15 +55,9 @@ def test_state_is_fitted_on_training_rows_only(fewshot):
     assert len(planted_only) > 50  # the held-out classes' own words give many columns
     np.testing.assert_array_equal(state["columns"].numpy(), seen)
     assert not np.isin(planted_only, state["columns"].numpy()).any()
-    # The same state as fitting on the training rows alone: nothing else was read.
+    # The same state as fitting on the training rows alone (nothing else was read), saved with the model.
     alone = LatentSemantic.fit_input(frame.text.iloc[train].tolist(), np.arange(len(train)))
-    for key, value in alone.items():
-        assert torch.equal(state[key], value), key
-    # And the saved model keeps it, tensors only.
-    model = autometa.load(result.model_path)
-    assert set(model.fitted) == {"text@lsa"}
-    for key, value in state.items():
-        assert torch.equal(model.fitted["text@lsa"][key], value), key
+    assert_fitted_state_kept(result, "text@lsa", alone)
 
 
 def test_saved_model_prepares_and_predicts_like_the_trained_one(fewshot, tmp_path):

@@ -19,6 +19,7 @@ from torch import nn
 
 from autometa.components import Encoder, InputSpec
 from autometa_builtins.layers import LayerNorm
+from autometa_builtins.fitted import PixelPCA
 from autometa_builtins.lsa import LatentSemantic
 from autometa_builtins.pretrained import MiniLM
 
@@ -355,7 +356,6 @@ class ResNet12(Encoder):
         return self.net(x)
 
 
-# Registered in this order: the first encoder of each modality is its default.
 # The first registered for a modality is its default encoder; the fixed feature maps (table, pixels) come last.
-ENCODERS = [TabularMLP, TabularLinear, FTTransformer, LatentSemantic, HashBag, BagOfWords, MiniLM, Conv4, ResNet12, Identity, VectorMLP,
-            Table, Pixels]
+ENCODERS = [TabularMLP, TabularLinear, FTTransformer, LatentSemantic, HashBag, BagOfWords, MiniLM, Conv4, PixelPCA, ResNet12, Identity,
+            VectorMLP, Table, Pixels]

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from optuna.distributions import CategoricalDistribution
 from scipy import sparse
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.preprocessing import normalize
-from torch import nn
 
-from autometa.components import Encoder, InputSpec
+from autometa_builtins.fitted import FittedFeatures, unit_rows
 
 BITS = 14  # hash columns per n-gram kind: 2 x 16,384 in all
 DIMS = 256
@@ -47,7 +45,7 @@ def _tfidf(counts: sparse.csr_matrix, columns: np.ndarray, idf: np.ndarray) -> s
     return normalize(sparse.hstack([normalize(x[:, :boundary]), normalize(x[:, boundary:])], format="csr"))
 
 
-class LatentSemantic(Encoder):
+class LatentSemantic(FittedFeatures):
     """TF-IDF word 1-2-grams and character 2-5-grams → truncated SVD (256) → unit norm, fitted on
     training rows only (``fit_input``), then an identity-initialised linear map the meta-learner
     adapts (``projection="linear"``: x + Wx + b with W, b zero at first, so training starts from the
@@ -61,22 +59,6 @@ class LatentSemantic(Encoder):
 
     name = "lsa"
     modality = "text"
-    search_space = {"projection": CategoricalDistribution(["linear", "none"])}
-    fixed_params = {"projection": "none"}  # the TF-IDF + SVD features as they are
-
-    def __init__(self, spec: InputSpec, *, projection: str = "linear"):
-        super().__init__()
-        if projection not in ("linear", "none"):
-            raise ValueError(f"projection must be 'linear' or 'none', got {projection!r}")
-        # The spec is the prepared input's ([dims]) in a search; the registry's example spec
-        # (token ids) only checks construction.
-        dim = spec.shape[0]
-        self.linear = None
-        if projection == "linear":
-            self.linear = nn.Linear(dim, dim)
-            nn.init.zeros_(self.linear.weight)
-            nn.init.zeros_(self.linear.bias)
-        self.out_dim = dim
 
     @classmethod
     def fit_input(cls, raw: list[str], rows: np.ndarray) -> dict[str, torch.Tensor]:
@@ -102,7 +84,4 @@ class LatentSemantic(Encoder):
         columns = state["columns"].numpy()
         x = _tfidf(_counts(list(raw)), columns, state["idf"].numpy())
         z = x @ state["components"].numpy().astype(np.float64).T
-        return torch.from_numpy(normalize(np.asarray(z)).astype(np.float32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.linear is None else x + self.linear(x)
+        return unit_rows(np.asarray(z))
