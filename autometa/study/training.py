@@ -41,8 +41,12 @@ def train(
     eval_every: int,
     registry: Registry,
     report: Callable[[int, float], None] | None = None,
+    check: Callable[[int], None] | None = None,
 ) -> tuple[MetaAlgorithm, Score]:
-    """Build the model for ``config``, meta-train it and return it with its validation score."""
+    """Build the model for ``config``, meta-train it and return it with its validation score.
+
+    ``report(step, accuracy)`` is called at each validation checkpoint and ``check(step)`` after
+    every step; either may raise to stop the training (a pruned trial, a time limit)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     pool = split.pool
@@ -52,7 +56,8 @@ def train(
         cls = registry.get("encoder", e).cls
         key = None
         if cls.derives_input():
-            key = _plugin_call(registry, "encoder", e, lambda: add_derived(pool.features, split.dataset, m, cls, split.row_splits["train"]))
+            key = _plugin_call(registry, "encoder", e, lambda: add_derived(
+                pool.features, split.dataset, m, cls, split.row_splits["train"], shared=split.shared))
         input_keys[m] = key or m
     def build(key: str, *args, **kwargs):
         kind = key.split(".")[0]
@@ -80,8 +85,12 @@ def train(
             ) from None
         if not math.isfinite(loss):
             raise TrialDiverged(f"training loss became {loss} at step {step}; the learning rates are likely too high")
+        if check is not None:
+            check(step)
         if step % eval_every == 0 or step == steps:
-            score = _plugin_call(registry, "meta_algorithm", config.meta_algorithm, lambda: evaluate(algorithm, split.validation))
+            # Checkpoints score a fixed subsample (for the pruner); the last step every validation task.
+            tasks = split.validation if step == steps else split.checkpoint_tasks
+            score = _plugin_call(registry, "meta_algorithm", config.meta_algorithm, lambda: evaluate(algorithm, tasks))
             if report is not None:
                 report(step, score.mean)
     return algorithm, score
