@@ -127,6 +127,7 @@ def search(
     ``warm_start_k`` most similar datasets in ``db`` and ``warm_start_prior`` (None: the
     database only), ``warm_start_configs`` in all (see :mod:`autometa.study.warmstart`).
     """
+    started = time.time()  # --timeout counts from here: loading and preparing the data are part of it
     settings = (settings or SearchSettings()).replace(**overrides)
     say = settings.echo or (lambda msg: print(msg, file=sys.stderr))
     if settings.warm_start and (settings.warm_start_k < 1 or settings.warm_start_configs < 1):
@@ -160,7 +161,8 @@ def search(
             validation_tasks=settings.validation_tasks, test_tasks=settings.test_tasks, seed=settings.seed, device=device,
             shared=shared,
         )
-        return _search(settings, say, slots, device, registry, dataset, data_path, spec, split)
+        limits = TrialLimits.for_search(settings.timeout, settings.trial_timeout, started)
+        return _search(settings, say, slots, device, registry, dataset, data_path, spec, split, limits)
     finally:
         if shared is not None:
             if split is not None:
@@ -168,7 +170,7 @@ def search(
             shutil.rmtree(shared, ignore_errors=True)
 
 
-def _search(settings, say, slots, device, registry, dataset, data_path, spec, split) -> SearchResult:
+def _search(settings, say, slots, device, registry, dataset, data_path, spec, split, limits: TrialLimits) -> SearchResult:
     choices = spec.choices
     say(split.describe())
     name = settings.study or study_name_for(dataset, spec)
@@ -218,14 +220,14 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
     try:
         cache: dict[int, tuple[float, MetaAlgorithm]] = {}
         if remaining > 0:
-            limits = TrialLimits.for_search(settings.timeout, settings.trial_timeout, time.time())
+            # What is left of --timeout once the data is prepared (at least a moment: one trial starts).
+            timeout = None if limits.deadline is None else max(1.0, limits.deadline - time.time())
             if settings.isolate:
                 _optimize_pool(optuna_study, settings.db, slots, spec, dataset, custom, existing, remaining,
-                               settings.timeout, settings.trial_timeout, registry, settings.progress, say, limits,
-                               split.shared)
+                               timeout, settings.trial_timeout, registry, settings.progress, say, limits, split.shared)
             else:
                 runner = TrialRunner(split, registry, spec, str(device), cache=cache, top_k=settings.top_k, limits=limits)
-                _optimize_here(optuna_study, runner, remaining, settings.timeout, registry, choices, settings.progress, say, settings.db)
+                _optimize_here(optuna_study, runner, remaining, timeout, registry, choices, settings.progress, say, settings.db)
 
         leaderboard = _leaderboard(optuna_study, split, registry, choices, settings.top_k, settings.steps,
                                    settings.eval_every, cache, say)
