@@ -17,14 +17,15 @@ import torch
 from optuna.trial import TrialState
 
 from autometa.components import MetaAlgorithm
-from autometa.config import default_trials, search_choices
+from autometa.config import default_trials, search_choices, stored_config
 from autometa.data.loading import load_dataset
 from autometa.data.protocols import make_split
-from autometa.data.scoring import chance_accuracy
+from autometa.data.scoring import chance_accuracy, evaluate
 from autometa.data.shared import load_array
 from autometa.hookspecs import hookimpl
 from autometa.plugins import PluginHost, get_registry
 from autometa.study import objective
+from autometa.study.training import train
 from autometa.study.objective import SearchSpec, StepsHyperband, TrialLimits, default_pruner, enqueue_new
 from helpers import split_inputs, write_blobs_csv
 
@@ -141,10 +142,14 @@ def test_a_running_trial_stops_at_its_default_time_limit(blobs, tmp_path):
                            timeout=20, **{**FAST, "steps": 10_000_000, "eval_every": 100})
     assert time.monotonic() - started < 20  # the trial alone would take hours
     (trial,) = result.study.get_trials()
-    assert trial.state == TrialState.PRUNED
-    reason = trial.user_attrs["prune_reason"]
-    # A quarter of the 20 s budget: the default time limit of a trial.
-    assert reason.startswith("stopped at step ") and "over the trial time limit of 5s (0.25 of --timeout" in reason
+    # Stopped after a quarter of the 20 s budget (the default time limit of a trial), and scored
+    # as trained so far: the search has a model.
+    assert trial.state == TrialState.COMPLETE and result.best.trial == 0
+    steps = trial.user_attrs["steps"]
+    assert 0 < steps < 10_000_000
+    assert trial.user_attrs["stopped"] == (
+        f"stopped at step {steps} of 10000000 by the trial time limit of 5s (0.25 of --timeout; --trial-timeout sets "
+        "another); scored as trained so far")
     assert 5 <= trial.user_attrs["wall_time_s"] < 10
 
 
@@ -154,7 +159,7 @@ def test_limits_for_a_search():
     assert TrialLimits.for_search(600, 30, 100.0) == TrialLimits(700.0, None)  # --trial-timeout kills instead
 
 
-def test_a_trial_past_the_deadline_is_pruned_at_its_next_step(blobs):
+def test_a_trial_past_the_deadline_stops_at_its_next_step_scored_as_trained(blobs):
     registry = get_registry()
     dataset = load_dataset(blobs, "y")
     split = make_split(dataset, "standard")
@@ -164,8 +169,14 @@ def test_a_trial_past_the_deadline_is_pruned_at_its_next_step(blobs):
     study = optuna.create_study(direction="maximize")
     study.optimize(runner, n_trials=1)
     (trial,) = study.get_trials()
-    assert trial.state == TrialState.PRUNED
-    assert trial.user_attrs["prune_reason"] == "stopped at step 1 by the search's --timeout"
+    assert trial.state == TrialState.COMPLETE
+    assert trial.user_attrs["stopped"] == "stopped at step 1 of 1000 by the search's --timeout; scored as trained so far"
+    assert trial.user_attrs["steps"] == 1 and trial.intermediate_values == {}  # nothing reported to the pruner
+    # The value is that of the model trained for 1 step, on all validation tasks (the
+    # leaderboard retrains it so from its stored steps).
+    again, _ = train(stored_config(trial.params, registry, choices), split, seed=trial.user_attrs["seed"], steps=1,
+                     eval_every=10, registry=registry)
+    assert trial.value == evaluate(again, split.validation).mean
 
 
 # ------------------------------------------------------------------------- shared, read-only

@@ -338,6 +338,10 @@ def _trial_line(frozen: optuna.trial.FrozenTrial, registry: Registry, choices: d
     took = frozen.user_attrs.get("wall_time_s", 0.0)
     if frozen.state == TrialState.COMPLETE:
         outcome = f"validation {100 * frozen.value:.1f}%"
+        if "stopped" in frozen.user_attrs:
+            outcome += f" ({frozen.user_attrs['stopped']})"
+        elif "duplicate_of" in frozen.user_attrs:
+            outcome += f" (same configuration as trial {frozen.user_attrs['duplicate_of']}, not trained again)"
     elif frozen.state == TrialState.PRUNED:
         outcome = frozen.user_attrs.get("prune_reason", "pruned")
     else:

@@ -185,15 +185,21 @@ class TrialRunner:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step}{last}")
 
-        def check(step: int) -> None:
-            limits = self.limits
+        def check(step: int) -> bool:
+            """Out of time: the search's --timeout or the trial's own limit. The trial then ends
+            and is scored as trained so far (its ``steps`` say how far), so a search always has
+            a model when one trained at all; the leaderboard retrains it for as many steps."""
+            limits, why = self.limits, None
             if limits.deadline is not None and time.time() >= limits.deadline:
-                raise optuna.TrialPruned(f"stopped at step {step} by the search's --timeout{last}")
-            if limits.seconds is not None and time.perf_counter() - started >= limits.seconds:
-                raise optuna.TrialPruned(
-                    f"stopped at step {step}{last}: over the trial time limit of {limits.seconds:g}s "
-                    f"({TRIAL_TIMEOUT_FRACTION:g} of --timeout; --trial-timeout sets another)"
-                )
+                why = "the search's --timeout"
+            elif limits.seconds is not None and time.perf_counter() - started >= limits.seconds:
+                why = (f"the trial time limit of {limits.seconds:g}s ({TRIAL_TIMEOUT_FRACTION:g} of --timeout; "
+                       "--trial-timeout sets another)")
+            if why is None:
+                return False
+            trial.set_user_attr("steps", step)
+            trial.set_user_attr("stopped", f"stopped at step {step} of {spec.steps} by {why}; scored as trained so far")
+            return True
 
         try:
             algorithm, score = train(

@@ -45,8 +45,9 @@ def train(
 ) -> tuple[MetaAlgorithm, Score]:
     """Build the model for ``config``, meta-train it and return it with its validation score.
 
-    ``report(step, accuracy)`` is called at each validation checkpoint and ``check(step)`` after
-    every step; either may raise to stop the training (a pruned trial, a time limit)."""
+    ``report(step, accuracy)`` is called at each validation checkpoint (it may raise to stop, as
+    a pruned trial does); ``check(step)`` after every step: when it returns True (out of time),
+    training ends there and the model is scored on all validation tasks as trained so far."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     pool = split.pool
@@ -85,14 +86,16 @@ def train(
             ) from None
         if not math.isfinite(loss):
             raise TrialDiverged(f"training loss became {loss} at step {step}; the learning rates are likely too high")
-        if check is not None:
-            check(step)
-        if step % eval_every == 0 or step == steps:
+        stopped = step < steps and check is not None and check(step)
+        last = step == steps or stopped
+        if step % eval_every == 0 or last:
             # Checkpoints score a fixed subsample (for the pruner); the last step every validation task.
-            tasks = split.validation if step == steps else split.checkpoint_tasks
+            tasks = split.validation if last else split.checkpoint_tasks
             score = _plugin_call(registry, "meta_algorithm", config.meta_algorithm, lambda: evaluate(algorithm, tasks))
-            if report is not None:
+            if report is not None and not stopped:
                 report(step, score.mean)
+        if stopped:
+            break
     return algorithm, score
 
 
