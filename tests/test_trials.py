@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import multiprocessing as mp
+import tempfile
 import time
 from pathlib import Path
 
@@ -258,3 +259,20 @@ def test_hyperband_prunes_a_trial_behind_at_its_rung_once_the_startup_trials_fin
             outcomes.append("complete")
     assert outcomes[:3] == ["complete"] * 3  # nothing is pruned before 3 trials finished
     assert outcomes[3] == "pruned"  # 0.1 is far behind at the first rung
+
+
+@pytest.mark.slow
+def test_worker_processes_stop_at_the_search_timeout(blobs, tmp_path, monkeypatch):
+    """The pool's workers (the default) honour the limits too; the shared inputs are removed after."""
+    made, mkdtemp = [], tempfile.mkdtemp
+    monkeypatch.setattr(engine.tempfile, "mkdtemp", lambda **kwargs: made.append(mkdtemp(**kwargs)) or made[-1])
+    db = f"sqlite:///{tmp_path}/w.db"
+    started = time.monotonic()
+    result = engine.search(blobs, "y", trials=50, db=db, study="pool", devices="cpu", include=PROTONET, timeout=30,
+                           **{**FAST, "steps": 10_000_000, "eval_every": 100})
+    assert time.monotonic() - started < 180  # a trial alone would take hours; start-up and leaderboard on top
+    trials = result.study.get_trials()
+    assert trials and all(t.state == TrialState.COMPLETE for t in trials)
+    assert all("stopped" in t.user_attrs and t.user_attrs["steps"] < 10_000_000 for t in trials)
+    assert all(t.user_attrs["wall_time_s"] < 30 / 4 + 5 for t in trials)  # each at most a quarter of the budget
+    assert result.split.shared is None and len(made) == 1 and not Path(made[0]).exists()

@@ -36,7 +36,7 @@ REDUCTION_FACTOR = 3
 
 @dataclass(frozen=True)
 class TrialLimits:
-    """When a running trial stops early (pruned with the reason): at ``deadline`` (a
+    """When a running trial stops early, scored as trained so far: at ``deadline`` (a
     ``time.time()`` value, the search's --timeout) and after ``seconds`` of its own."""
 
     deadline: float | None = None
@@ -227,8 +227,8 @@ class TrialRunner:
 
 def enqueue_new(study: optuna.Study, params: dict[str, Any], registry: Registry, choices: dict[str, list[str]]) -> bool:
     """Queue ``params`` unless a trial of ``study`` (queued, running or finished) already has the
-    same configuration: parameters are compared as configurations, so a seed that spells a
-    default differently (or omits one) is still recognised. Returns whether it was queued."""
+    same configuration: parameters are compared as configurations, so a seed that carries
+    parameters its configuration does not use is still recognised. Returns whether it was queued."""
     config = stored_config(params, registry, choices)
     for t in study.get_trials(deepcopy=False):
         try:
