@@ -152,6 +152,11 @@ class TrialRunner:
         for key, value in (("seed", trial_seed), ("device", self.device), ("steps", spec.steps),
                            ("worker", self.label), ("pid", os.getpid()), ("host", platform.node())):
             trial.set_user_attr(key, value)
+        if self.limits.deadline is not None and time.time() >= self.limits.deadline:
+            # Claimed just before the deadline (a slow worker start, a busy database): not started.
+            trial.set_user_attr("wall_time_s", 0.0)
+            trial.set_user_attr("prune_reason", "not started: the search's --timeout had passed")
+            raise optuna.TrialPruned("not started: the search's --timeout had passed")
         same = self._same_as(trial, config)
         if same is not None:
             trial.set_user_attr("duplicate_of", same.number)
