@@ -58,7 +58,7 @@ trials = [{
     "start": t.datetime_start.timestamp() - started if t.datetime_start else None,
     "end": t.datetime_complete.timestamp() - started if t.datetime_complete else None,
     "duplicate": "duplicate_of" in t.user_attrs,
-    "reason": t.user_attrs.get("prune_reason") or t.user_attrs.get("fail_reason"),
+    "reason": t.user_attrs.get("prune_reason") or t.user_attrs.get("fail_reason") or t.user_attrs.get("stopped"),
 } for t in result.study.get_trials()]
 best = result.best
 print(json.dumps({"seconds": ended - started, "trials": trials, "autometa": autometa.__file__,
