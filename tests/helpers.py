@@ -195,3 +195,22 @@ def assert_fitted_state_kept(result, key: str, fitted_alone: dict[str, torch.Ten
     assert set(model.fitted) == {key}
     for name, value in state.items():
         assert torch.equal(model.fitted[key][name], value), name
+
+
+def split_inputs(folder: str, data: str, label: str, out) -> None:
+    """A worker process's view of a search's shared inputs (the target of a spawned process):
+    per input key, the file its tensor's memory is mapped from, that mapping's permissions (as
+    /proc/self/maps has them) and the tensor's bytes."""
+    from autometa.data.loading import load_dataset
+    from autometa.data.protocols import make_split
+
+    split = make_split(load_dataset(data, label), "standard", shared=folder)
+    with open("/proc/self/maps") as maps:
+        mappings = [line.split(maxsplit=5) for line in maps]
+    found = {}
+    for key, tensor in split.pool.features.inputs.items():
+        pointer = tensor.data_ptr()
+        where = [(m[5].strip(), m[1]) for m in mappings
+                 if len(m) == 6 and int(m[0].split("-")[0], 16) <= pointer < int(m[0].split("-")[1], 16)]
+        found[key] = (*(where[0] if where else (None, None)), tensor.numpy().tobytes())
+    out.put(found)

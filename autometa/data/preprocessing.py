@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from sklearn.utils import murmurhash3_32
 
 from autometa.components import Encoder
 from autometa.data.loading import Column, Dataset
+from autometa.data.shared import load_array, load_state, save_array, save_state
 from autometa.inputs import MASK_PREFIX, InputSpec, derived_key
 from autometa.types import Features
 
@@ -50,8 +52,13 @@ def add_derived(
     encoder: type[Encoder],
     fit_rows: np.ndarray | None = None,
     state: dict[str, torch.Tensor] | None = None,
+    shared: Path | None = None,
 ) -> str | None:
     """Compute ``encoder``'s own input (Encoder.prepare) once; returns its input key.
+
+    With ``shared`` (a search's folder of shared inputs, see autometa.data.shared) it is
+    computed once for all worker processes: taken from there when another already made it,
+    else made and left there for the others.
 
     An encoder that fits its input (Encoder.fit_input) is fitted on ``fit_rows`` only (the
     split's training rows) or given the ``state`` a saved model kept; the state used is stored
@@ -63,6 +70,13 @@ def add_derived(
         return key
     if modality not in features.specs:
         return None
+    device = next(iter(features.inputs.values())).device
+    if shared is not None and state is None and (tensor := load_array(shared, key)) is not None:
+        features.inputs[key] = tensor.to(device)
+        features.specs[key] = InputSpec(modality, tuple(tensor.shape[1:]))
+        if (fitted := load_state(shared, key)) is not None:
+            features.fitted[key] = fitted
+        return key
     raw = _raw(dataset, modality)
     if encoder.fits_input():
         if state is None:
@@ -78,7 +92,10 @@ def add_derived(
         return None
     if tensor.shape[0] != len(dataset):
         raise ValueError(f"encoder {encoder.name!r}: prepare returned {tensor.shape[0]} rows for {len(dataset)}")
-    device = next(iter(features.inputs.values())).device
+    if shared is not None and fit_rows is not None:  # fitted on this split's rows: the same in every worker
+        if state is not None:
+            save_state(shared, key, state)
+        save_array(shared, key, tensor)  # last: a worker that finds the array finds its state too
     features.inputs[key] = tensor.to(device)
     features.specs[key] = InputSpec(modality, tuple(tensor.shape[1:]))
     if state is not None:

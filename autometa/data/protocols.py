@@ -12,8 +12,11 @@ same validation tasks and test tasks are only used for the final report.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,11 +24,15 @@ import torch
 
 from autometa.data.loading import Dataset
 from autometa.data.preprocessing import Preprocessor
+from autometa.data.shared import load_features, save_features
 from autometa.errors import ProtocolError
 from autometa.types import Features, Task, TaskSize, TrainingPool
 
 PROTOCOLS = ("fewshot", "grouped", "standard")
 FEWSHOT_MIN_CLASSES = 20
+# What a trial is scored on at its checkpoints during training (all validation tasks at the end).
+CHECKPOINT_TASKS = 20
+CHECKPOINT_QUERIES = 256  # query rows per task
 
 
 def _by_class(rows: np.ndarray, labels: np.ndarray) -> dict[int, np.ndarray]:
@@ -50,6 +57,23 @@ class Split:
     preprocessor: Preprocessor | None = None
     dataset: Dataset | None = None  # kept for inputs encoders derive on first use
     notes: list[str] = field(default_factory=list)  # what the split left out or cut down, and why
+    shared: Path | None = None  # the search's folder of inputs shared by its workers (autometa.data.shared)
+
+    @cached_property
+    def checkpoint_tasks(self) -> list[Task]:
+        """A fixed subsample of the validation tasks that trials are scored on at their
+        checkpoints during training: the first ``CHECKPOINT_TASKS`` tasks (they are drawn at
+        random already), each with at most ``CHECKPOINT_QUERIES`` evenly spaced query rows.
+        The same for every trial, so the pruner compares like with like."""
+        tasks = []
+        for task in self.validation[:CHECKPOINT_TASKS]:
+            n = task.query.shape[-1]
+            if n <= CHECKPOINT_QUERIES:
+                tasks.append(task)
+                continue
+            keep = torch.linspace(0, n - 1, CHECKPOINT_QUERIES, device=task.query.device).round().long()
+            tasks.append(dataclasses.replace(task, query=task.query[..., keep], query_y=task.query_y[..., keep]))
+        return tasks
 
     def describe(self) -> str:
         sizes = ", ".join(f"{k} {len(v)} rows" for k, v in self.row_splits.items())
@@ -66,9 +90,17 @@ class Split:
         )
 
 
-def _features(dataset: Dataset, rows: np.ndarray, derived, device) -> tuple[Preprocessor, Features]:
+def _features(dataset: Dataset, rows: np.ndarray, derived, device, shared: Path | None) -> tuple[Preprocessor, Features]:
+    """The preprocessor fitted on ``rows`` and every row's inputs: from the ``shared`` folder when
+    the search process left them there, else made (and left there for the workers)."""
+    if shared is not None and not derived and (found := load_features(shared)) is not None:
+        features, extra = found
+        return Preprocessor.from_json(extra["preprocessor"]), features.to(device)
     preprocessor = Preprocessor.fit(dataset, rows)
-    return preprocessor, preprocessor.transform(dataset, derived, fit_rows=rows).to(device)
+    features = preprocessor.transform(dataset, derived, fit_rows=rows)
+    if shared is not None:
+        save_features(features, shared, {"preprocessor": preprocessor.to_json()})
+    return preprocessor, features.to(device)
 
 
 def choose_protocol(dataset: Dataset, requested: str = "auto") -> str:
@@ -106,30 +138,36 @@ def make_split(
     seed: int = 0,
     device: torch.device | str = "cpu",
     derived: dict[str, list] | None = None,
+    shared: str | Path | None = None,
 ) -> Split:
     """Split ``dataset`` under ``protocol`` and draw its fixed validation and test tasks.
 
     ``derived``: per modality, encoder classes that prepare their own inputs (see Encoder.prepare).
+    ``shared``: a folder for inputs shared between the processes of one search: the first split
+    made with it writes its preprocessed inputs there, later ones (the workers') map them
+    read-only instead of preprocessing again; encoders' derived inputs are shared the same way.
     """
     protocol = choose_protocol(dataset, protocol)
     device = torch.device(device)
-    split = _make_split(dataset, protocol, ways, shots, queries, validation_tasks, test_tasks, seed, device, derived)
-    split.dataset = dataset
+    shared = None if shared is None else Path(shared)
+    split = _make_split(dataset, protocol, ways, shots, queries, validation_tasks, test_tasks, seed, device, derived, shared)
+    split.dataset, split.shared = dataset, shared
     return split
 
 
-def _make_split(dataset, protocol, ways, shots, queries, validation_tasks, test_tasks, seed, device, derived) -> Split:
+def _make_split(dataset, protocol, ways, shots, queries, validation_tasks, test_tasks, seed, device, derived, shared) -> Split:
     classes = dataset.classes
     labels = np.searchsorted(np.asarray(classes), dataset.labels)
     rng = np.random.default_rng(seed)
     if protocol == "standard":
-        return _standard(dataset, labels, classes, seed, device, shots, queries, derived)
+        return _standard(dataset, labels, classes, seed, device, shots, queries, derived, shared)
     if protocol == "fewshot":
-        return _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, validation_tasks, test_tasks, derived)
-    return _grouped(dataset, labels, classes, rng, device, ways, shots, queries, derived)
+        return _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, validation_tasks, test_tasks, derived,
+                        shared)
+    return _grouped(dataset, labels, classes, rng, device, ways, shots, queries, derived, shared)
 
 
-def _standard(dataset, labels, classes, seed, device, shots, queries, derived) -> Split:
+def _standard(dataset, labels, classes, seed, device, shots, queries, derived, shared) -> Split:
     counts = Counter(dataset.labels.tolist())
     rare = sorted(c for c, n in counts.items() if n < 3)
     if rare:
@@ -139,7 +177,7 @@ def _standard(dataset, labels, classes, seed, device, shots, queries, derived) -
             "Drop or merge them"
         )
     train, val, test = _stratified_rows(labels, np.random.default_rng(seed))
-    preprocessor, features = _features(dataset, train, derived, device)
+    preprocessor, features = _features(dataset, train, derived, device, shared)
     y = torch.as_tensor(labels, device=device)
     pool = TrainingPool(features, y, train, [_by_class(train, labels)], device, "standard")
     n = len(classes)
@@ -168,7 +206,7 @@ def _stratified_rows(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.n
     return tuple(np.sort(np.concatenate(p)) for p in parts)
 
 
-def _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, n_val, n_test, derived) -> Split:
+def _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, n_val, n_test, derived, shared) -> Split:
     counts = np.bincount(labels, minlength=len(classes))
     usable = np.flatnonzero(counts >= shots + 1)
     notes = []
@@ -192,7 +230,7 @@ def _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, n_val,
         name: rows[np.isin(labels, cls)]
         for name, cls in (("train", train_classes), ("validation", val_classes), ("test", test_classes))
     }
-    preprocessor, features = _features(dataset, split_rows["train"], derived, device)
+    preprocessor, features = _features(dataset, split_rows["train"], derived, device, shared)
     y = torch.as_tensor(labels, device=device)
     pool = TrainingPool(features, y, split_rows["train"], [_by_class(split_rows["train"], labels)], device, "fewshot")
 
@@ -225,7 +263,7 @@ def _fewshot(dataset, labels, classes, rng, device, ways, shots, queries, n_val,
     )
 
 
-def _grouped(dataset, labels, classes, rng, device, ways, shots, queries, derived) -> Split:
+def _grouped(dataset, labels, classes, rng, device, ways, shots, queries, derived, shared) -> Split:
     groups = dataset.groups
     names = sorted(set(groups.tolist()))
     if len(names) < 3:
@@ -238,7 +276,7 @@ def _grouped(dataset, labels, classes, rng, device, ways, shots, queries, derive
     split_groups = {"validation": order[:n_held], "test": order[n_held: 2 * n_held], "train": order[2 * n_held:]}
     rows = np.arange(len(dataset))
     split_rows = {k: rows[np.isin(groups, v)] for k, v in split_groups.items()}
-    preprocessor, features = _features(dataset, split_rows["train"], derived, device)
+    preprocessor, features = _features(dataset, split_rows["train"], derived, device, shared)
     y = torch.as_tensor(labels, device=device)
     sources = [_by_class(rows[groups == g], labels) for g in split_groups["train"]]
     pool = TrainingPool(features, y, split_rows["train"], sources, device, "grouped")

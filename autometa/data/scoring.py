@@ -135,6 +135,14 @@ def score_probabilities(probabilities: list, tasks: list[Task], unit: str = TASK
     return summarise([torch.as_tensor(p).argmax(-1) == task.query_y.cpu() for p, task in zip(probabilities, tasks)], unit)
 
 
+def chance_accuracy(tasks: list[Task]) -> float:
+    """The mean accuracy over ``tasks`` of always guessing each task's most common query class
+    (1/N for balanced N-way episodes): what a learner must beat to have learned anything."""
+    return float(np.mean([
+        torch.bincount(t.query_y.reshape(-1).cpu()).max().item() / t.query_y.numel() for t in tasks
+    ])) if tasks else 0.0
+
+
 def _unusable(logits: torch.Tensor) -> bool:
     """NaN, +inf, or a row without any finite choice (-inf alone is a legitimate "impossible")."""
     return bool(torch.isnan(logits).any() or torch.isposinf(logits).any() or torch.isneginf(logits).all(-1).any())

@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -37,7 +40,9 @@ from autometa.study.devices import resolve_devices, worker_label
 from autometa.study.ensemble import build_ensemble
 from autometa.study.kept import KEPT, KeptModels
 from autometa.study.leaderboard import SearchResult, TrainedModels, _leaderboard
-from autometa.study.objective import SearchSpec, TrialRunner, build_runner, default_pruner, default_sampler
+from autometa.study.objective import (
+    SearchSpec, TrialLimits, TrialRunner, build_runner, default_pruner, default_sampler, enqueue_new,
+)
 from autometa.study.pool import recover_orphans, run_pool
 from autometa.study.settings import SearchSettings
 
@@ -126,6 +131,7 @@ def search(
     ``warm_start_k`` most similar datasets in ``db`` and ``warm_start_prior`` (None: the
     database only), ``warm_start_configs`` in all (see :mod:`autometa.study.warmstart`).
     """
+    started = time.time()  # --timeout counts from here: loading and preparing the data are part of it
     settings = (settings or SearchSettings()).replace(**overrides)
     say = settings.echo or (lambda msg: print(msg, file=sys.stderr))
     if settings.warm_start and (settings.warm_start_k < 1 or settings.warm_start_configs < 1):
@@ -148,12 +154,28 @@ def search(
     dataset, data_path = _load(data, label, settings.group, settings.columns, settings.image_size)
     say(dataset.summary())
     spec = _spec(dataset, data_path, registry, settings, say)
+    # Preprocessed once, here: worker processes map these inputs read-only instead of making
+    # their own (encoders that derive their own inputs, e.g. embeddings, do so when first chosen
+    # and leave them there too).
+    shared = tempfile.mkdtemp(prefix="autometa-inputs-") if settings.isolate else None
+    split = None
+    try:
+        split = make_split(
+            dataset, spec.protocol, ways=settings.ways, shots=settings.shots, queries=settings.queries,
+            validation_tasks=settings.validation_tasks, test_tasks=settings.test_tasks, seed=settings.seed, device=device,
+            shared=shared,
+        )
+        limits = TrialLimits.for_search(settings.timeout, settings.trial_timeout, started)
+        return _search(settings, say, slots, device, registry, dataset, data_path, spec, split, limits)
+    finally:
+        if shared is not None:
+            if split is not None:
+                split.shared = None  # the returned split's inputs stay mapped; new ones are made in memory
+            shutil.rmtree(shared, ignore_errors=True)
+
+
+def _search(settings, say, slots, device, registry, dataset, data_path, spec, split, limits: TrialLimits) -> SearchResult:
     choices = spec.choices
-    # Encoders that derive their own inputs (e.g. pretrained embeddings) do so when first chosen.
-    split = make_split(
-        dataset, spec.protocol, ways=settings.ways, shots=settings.shots, queries=settings.queries,
-        validation_tasks=settings.validation_tasks, test_tasks=settings.test_tasks, seed=settings.seed, device=device,
-    )
     say(split.describe())
     name = settings.study or study_name_for(dataset, spec)
     meta_features = _TrainingMetaFeatures(dataset, split)
@@ -189,8 +211,9 @@ def search(
                 fingerprint=dataset.fingerprint,
             )
         if settings.defaults:
+            # A default a warm-start seed already queued is not queued twice.
             for params in default_trials(registry, choices)[: max(0, remaining - seeded)]:
-                optuna_study.enqueue_trial(params, skip_if_exists=True)
+                enqueue_new(optuna_study, params, registry, choices)
     # Every run of the search is a row of autometa_searches (a resumed one adds another).
     search_id = schema.begin_search(
         settings.db, study=name, dataset=dataset, source=data_path or (str(dataset.path) if dataset.path else None),
@@ -201,13 +224,15 @@ def search(
     try:
         cache: dict[int, tuple[float, MetaAlgorithm]] = {}
         if remaining > 0:
+            # What is left of --timeout once the data is prepared (at least a moment: one trial starts).
+            timeout = None if limits.deadline is None else max(1.0, limits.deadline - time.time())
             if settings.isolate:
                 _optimize_pool(optuna_study, settings.db, slots, spec, dataset, custom, existing, remaining,
-                               settings.timeout, settings.trial_timeout, registry, settings.progress, say)
+                               timeout, settings.trial_timeout, registry, settings.progress, say, limits, split.shared)
             else:
                 runner = TrialRunner(split, registry, spec, str(device), cache=cache, top_k=max(settings.top_k, KEPT),
-                                     db=settings.db)
-                _optimize_here(optuna_study, runner, remaining, settings.timeout, registry, choices, settings.progress, say, settings.db)
+                                     db=settings.db, limits=limits)
+                _optimize_here(optuna_study, runner, remaining, timeout, registry, choices, settings.progress, say, settings.db)
 
         models = TrainedModels(split, registry, choices, settings.steps, settings.eval_every, cache,
                                KeptModels(settings.db, name, max(settings.top_k, KEPT)))
@@ -334,6 +359,10 @@ def _trial_line(frozen: optuna.trial.FrozenTrial, registry: Registry, choices: d
     took = frozen.user_attrs.get("wall_time_s", 0.0)
     if frozen.state == TrialState.COMPLETE:
         outcome = f"validation {100 * frozen.value:.1f}%"
+        if "stopped" in frozen.user_attrs:
+            outcome += f" ({frozen.user_attrs['stopped']})"
+        elif "duplicate_of" in frozen.user_attrs:
+            outcome += f" (same configuration as trial {frozen.user_attrs['duplicate_of']}, not trained again)"
     elif frozen.state == TrialState.PRUNED:
         outcome = frozen.user_attrs.get("prune_reason", "pruned")
     else:
@@ -369,7 +398,8 @@ def _optimize_here(study, runner: TrialRunner, n_trials, timeout, registry, choi
         bar.close()
 
 
-def _optimize_pool(study, db, slots, spec, dataset, custom, existing, n_trials, timeout, trial_timeout, registry, progress, say):
+def _optimize_pool(study, db, slots, spec, dataset, custom, existing, n_trials, timeout, trial_timeout, registry, progress, say,
+                   limits, shared):
     """Trials on isolated worker processes, one per device slot, with a live status per device."""
     bar = tqdm(total=n_trials, desc="search", unit="trial", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     status: dict[str, str] = {s.label: "starting" for s in slots}
@@ -402,7 +432,7 @@ def _optimize_pool(study, db, slots, spec, dataset, custom, existing, n_trials, 
     payload = None if spec.data is not None else dataset
     try:
         run_pool(
-            study, db, slots, n_trials, build_runner, (spec, payload, *custom, existing),
+            study, db, slots, n_trials, build_runner, (spec, payload, *custom, existing, limits, shared),
             timeout=timeout, trial_timeout=trial_timeout, on_event=on_event, on_poll=on_poll, say=say,
         )
         on_poll()

@@ -17,20 +17,43 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
-from autometa.config import configuration_seed, sample_config
+from autometa.config import Config, configuration_seed, sample_config, stored_config
 from autometa.data.loading import Dataset, load_dataset
 from autometa.data.protocols import Split, make_split
+from autometa.data.scoring import chance_accuracy, predict_probabilities
 from autometa.errors import AutometaError, SearchError, first_line
 from autometa.plugins import Registry, get_registry
-from autometa.study.devices import Slot
-from autometa.data.scoring import predict_probabilities
 from autometa.store import schema
+from autometa.study.devices import Slot
 from autometa.study.kept import KEPT, KeptModels
 from autometa.study.leaderboard import _keep_best
 from autometa.study.training import count_parameters, train
 
 logger = logging.getLogger("autometa.study.objective")
+
+CHANCE_WARMUP_CHECKPOINTS = 2  # validation checkpoints a trial gets before it must beat chance
+TRIAL_TIMEOUT_FRACTION = 0.25  # a trial's default time limit, as a share of --timeout
+# Hyperband's step: a third of the trials at a rung go on to a three times longer budget.
+REDUCTION_FACTOR = 3
+
+
+@dataclass(frozen=True)
+class TrialLimits:
+    """When a running trial stops early, scored as trained so far: at ``deadline`` (a
+    ``time.time()`` value, the search's --timeout) and after ``seconds`` of its own."""
+
+    deadline: float | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def for_search(cls, timeout: float | None, trial_timeout: float | None, started: float) -> "TrialLimits":
+        """A search's limits: its --timeout from ``started`` on; without --trial-timeout, each trial
+        at most ``TRIAL_TIMEOUT_FRACTION`` of it (an explicit --trial-timeout kills the worker instead)."""
+        if timeout is None:
+            return cls()
+        return cls(started + timeout, TRIAL_TIMEOUT_FRACTION * timeout if trial_timeout is None else None)
 
 
 @dataclass
@@ -94,11 +117,29 @@ class TrialRunner:
 
     def __init__(self, split: Split, registry: Registry, spec: SearchSpec, device: str, *, label: str = "",
                  events=None, parent_pid: int | None = None, bar=None, cache: dict | None = None, top_k: int = KEPT,
-                 db: str | None = None):
+                 db: str | None = None, limits: TrialLimits | None = None):
         self.split, self.registry, self.spec, self.device = split, registry, spec, device
         self.label, self.events, self.parent_pid, self.bar = label or device, events, parent_pid, bar
         self.cache, self.top_k, self.db = cache, top_k, db
+        self.limits = limits or TrialLimits()
         self.stop_requested = False
+        self.chance = chance_accuracy(split.checkpoint_tasks)  # what the checkpoints score
+        self._configs: dict[int, Config] = {}  # finished trials' configurations, by trial number
+
+    def _same_as(self, trial: optuna.Trial, config: Config) -> optuna.trial.FrozenTrial | None:
+        """A finished trial of the study with this configuration: training it again would
+        reproduce its score (the training seed is the configuration's), so it is not repeated."""
+        for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+            if other.number == trial.number or not other.params or "duplicate_of" in other.user_attrs:
+                continue
+            if other.number not in self._configs:
+                try:
+                    self._configs[other.number] = stored_config(other.params, self.registry, self.spec.choices)
+                except Exception:  # parameters of components no longer installed
+                    continue
+            if self._configs[other.number] == config:
+                return other
+        return None
 
     def _emit(self, *event) -> None:
         if self.events is not None:
@@ -116,26 +157,64 @@ class TrialRunner:
         for key, value in (("seed", trial_seed), ("device", self.device), ("steps", spec.steps),
                            ("worker", self.label), ("pid", os.getpid()), ("host", platform.node())):
             trial.set_user_attr(key, value)
+        if self.limits.deadline is not None and time.time() >= self.limits.deadline:
+            # Claimed just before the deadline (a slow worker start, a busy database): not started.
+            trial.set_user_attr("wall_time_s", 0.0)
+            trial.set_user_attr("prune_reason", "not started: the search's --timeout had passed")
+            raise optuna.TrialPruned("not started: the search's --timeout had passed")
+        same = self._same_as(trial, config)
+        if same is not None:
+            trial.set_user_attr("duplicate_of", same.number)
+            trial.set_user_attr("wall_time_s", 0.0)
+            if same.state == TrialState.PRUNED:
+                reason = f"same configuration as trial {same.number} ({same.user_attrs.get('prune_reason', 'pruned')})"
+                trial.set_user_attr("prune_reason", reason)
+                raise optuna.TrialPruned(reason)
+            return same.value
         self._emit("start", self.label, trial.number, config.label())
         if self.bar is not None:
             self.bar.set_description(f"trial {trial.number}: {config.label()}")
         started = time.perf_counter()
+        last = ""  # the latest validation accuracy, for the reason a trial stops
 
         def report(step: int, value: float) -> None:
+            nonlocal last
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 self.stop_requested = True  # the search process is gone: leave the trial for recovery
                 raise SystemExit(0)
             trial.report(value, step)
+            last = f" (validation {100 * value:.1f}%)"
             self._emit("step", self.label, trial.number, step, spec.steps, value)
             if self.bar is not None:
                 self.bar.set_postfix_str(f"step {step}/{spec.steps} val {100 * value:.1f}%")
+            if step < spec.steps and step >= CHANCE_WARMUP_CHECKPOINTS * spec.eval_every and value <= self.chance:
+                raise optuna.TrialPruned(
+                    f"below chance at step {step}: validation {100 * value:.1f}% is not above the "
+                    f"{100 * self.chance:.1f}% of always guessing the most common class"
+                )
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at step {step} (validation {100 * value:.1f}%)")
+                raise optuna.TrialPruned(f"pruned at step {step}{last}")
+
+        def check(step: int) -> bool:
+            """Out of time: the search's --timeout or the trial's own limit. The trial then ends
+            and is scored as trained so far (its ``steps`` say how far), so a search always has
+            a model when one trained at all; the leaderboard retrains it for as many steps."""
+            limits, why = self.limits, None
+            if limits.deadline is not None and time.time() >= limits.deadline:
+                why = "the search's --timeout"
+            elif limits.seconds is not None and time.perf_counter() - started >= limits.seconds:
+                why = (f"the trial time limit of {limits.seconds:g}s ({TRIAL_TIMEOUT_FRACTION:g} of --timeout; "
+                       "--trial-timeout sets another)")
+            if why is None:
+                return False
+            trial.set_user_attr("steps", step)
+            trial.set_user_attr("stopped", f"stopped at step {step} of {spec.steps} by {why}; scored as trained so far")
+            return True
 
         try:
             algorithm, score = train(
                 config, self.split, seed=trial_seed, steps=spec.steps, eval_every=spec.eval_every,
-                registry=self.registry, report=report,
+                registry=self.registry, report=report, check=check,
             )
         except optuna.TrialPruned as exc:
             trial.set_user_attr("wall_time_s", time.perf_counter() - started)
@@ -176,6 +255,21 @@ class TrialRunner:
                 logger.warning("trial %s: trained model not kept (%s); the leaderboard retrains it", trial.number, exc)
 
 
+def enqueue_new(study: optuna.Study, params: dict[str, Any], registry: Registry, choices: dict[str, list[str]]) -> bool:
+    """Queue ``params`` unless a trial of ``study`` (queued, running or finished) already has the
+    same configuration: parameters are compared as configurations, so a seed that carries
+    parameters its configuration does not use is still recognised. Returns whether it was queued."""
+    config = stored_config(params, registry, choices)
+    for t in study.get_trials(deepcopy=False):
+        try:
+            if stored_config({**t.params, **t.system_attrs.get("fixed_params", {})}, registry, choices) == config:
+                return False
+        except Exception:  # a trial of components no longer installed is no duplicate
+            continue
+    study.enqueue_trial(params, skip_if_exists=False)
+    return True
+
+
 def failure_reason(exc: BaseException, device: str) -> str:
     if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
         return f"out of memory on {device}: {first_line(exc)}"
@@ -192,15 +286,40 @@ def default_sampler(spec: SearchSpec, offset: int = 0) -> optuna.samplers.BaseSa
         )
 
 
+class StepsHyperband(optuna.pruners.HyperbandPruner):
+    """Optuna's Hyperband with the resource in training steps, which prunes nothing until
+    ``startup_trials`` trials have finished: successive halving compares a trial with those that
+    reached its rung before, and the first few have too few competitors for "the best third" to
+    mean anything (the same reason MedianPruner has ``n_startup_trials``). Their rung values are
+    still recorded, so later trials compete with them."""
+
+    def __init__(self, *, startup_trials: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.startup_trials = startup_trials
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        if not super().prune(study, trial):
+            return False
+        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))) >= self.startup_trials
+
+
 def default_pruner(spec: SearchSpec) -> optuna.pruners.BasePruner:
-    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=spec.eval_every)
+    """Hyperband over training steps: brackets of successive halving whose first rung is the
+    first validation checkpoint (``eval_every`` steps) and whose longest budget is the full
+    ``steps``, so most steps go to the trials that lead at each rung instead of to every trial's
+    full length."""
+    return StepsHyperband(
+        min_resource=spec.eval_every, max_resource=max(spec.steps, spec.eval_every), reduction_factor=REDUCTION_FACTOR,
+        startup_trials=REDUCTION_FACTOR,
+    )
 
 
 def build_runner(
-    slot: Slot, spec: SearchSpec, dataset: Dataset | None, sampler=None, pruner=None, existing: int = 0, *,
-    events=None, parent_pid=None, db: str | None = None,
+    slot: Slot, spec: SearchSpec, dataset: Dataset | None, sampler=None, pruner=None, existing: int = 0,
+    limits: TrialLimits | None = None, shared: str | None = None, *, events=None, parent_pid=None, db: str | None = None,
 ) -> TrialRunner:
-    """A worker's objective: rebuild the (deterministic) split on the worker's device.
+    """A worker's objective: rebuild the (deterministic) split on the worker's device, from the
+    inputs the search process preprocessed into ``shared`` when it gives that folder.
 
     Each worker samples with its own seed, so parallel workers do not propose the same trials.
     """
@@ -211,9 +330,10 @@ def build_runner(
     split = make_split(
         dataset, spec.protocol, ways=spec.ways, shots=spec.shots, queries=spec.queries,
         validation_tasks=spec.validation_tasks, test_tasks=spec.test_tasks, seed=spec.seed, device=slot.device,
+        shared=shared,
     )
     runner = TrialRunner(split, get_registry(), spec, slot.device, label=slot.label, events=events, parent_pid=parent_pid,
-                         db=db)
+                         db=db, limits=limits)
     offset = 7919 * existing + 104729 * (slot.index + 1) + 31 * sum(map(ord, slot.device)) + os.getpid() % 997
     runner.sampler = sampler or default_sampler(spec, offset)
     runner.pruner = pruner or default_pruner(spec)

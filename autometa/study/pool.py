@@ -34,6 +34,9 @@ from autometa.study.budget import Budget, DatabaseBudget, budget_used, parent_al
 from autometa.study.devices import Slot, threads_per_worker
 
 MAX_STRIKES = 3  # deaths in a row before any trial, after which a slot is given up
+# Trials prune themselves at the search's --timeout (TrialLimits); a worker still in a trial this
+# long after it (stuck inside one step) is killed and its trial failed.
+DEADLINE_GRACE_S = 10.0
 
 
 def fail_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str, requeue: bool = False,
@@ -248,10 +251,18 @@ def run_pool(
         while workers:
             drain(1.0)
             on_poll()
+            overdue = False
             if timeout is not None and time.monotonic() - started > timeout:
-                budget.cancel()  # workers finish their current trial and stop
-            running = running_by_pid() if trial_timeout is not None else None
+                budget.cancel()  # workers stop their current trial (TrialLimits) and start no other
+                overdue = time.monotonic() - started > timeout + DEADLINE_GRACE_S
+            running = running_by_pid() if trial_timeout is not None or overdue else None
             for label, process in list(workers.items()):
+                if overdue and process.is_alive() and running.get(process.pid):
+                    process.kill()
+                    process.join(10)
+                    for trial in running[process.pid]:
+                        fail_trial(study, trial, f"still running {DEADLINE_GRACE_S:g}s after the search's --timeout of "
+                                   f"{timeout:g}s on {label}; its worker was stopped", db=db)
                 if trial_timeout is not None and process.is_alive():
                     for trial in running.get(process.pid, []):
                         began = trial.datetime_start.timestamp() if trial.datetime_start else time.time()

@@ -25,7 +25,7 @@ class SearchSettings:
     columns: Mapping[str, str] | None = None  # column -> type overrides
     protocol: str = "auto"
     trials: int = 30  # the study's total budget of trials
-    timeout: float | None = None  # stop starting trials after this many seconds
+    timeout: float | None = None  # seconds for the trials: running ones stop then (and each gets 1/4 by default)
     seed: int = 0
     db: str = DEFAULT_DB
     study: str | None = None  # default: named from the data and the settings

@@ -41,8 +41,13 @@ def train(
     eval_every: int,
     registry: Registry,
     report: Callable[[int, float], None] | None = None,
+    check: Callable[[int], None] | None = None,
 ) -> tuple[MetaAlgorithm, Score]:
-    """Build the model for ``config``, meta-train it and return it with its validation score."""
+    """Build the model for ``config``, meta-train it and return it with its validation score.
+
+    ``report(step, accuracy)`` is called at each validation checkpoint (it may raise to stop, as
+    a pruned trial does); ``check(step)`` after every step: when it returns True (out of time),
+    training ends there and the model is scored on all validation tasks as trained so far."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     pool = split.pool
@@ -52,7 +57,8 @@ def train(
         cls = registry.get("encoder", e).cls
         key = None
         if cls.derives_input():
-            key = _plugin_call(registry, "encoder", e, lambda: add_derived(pool.features, split.dataset, m, cls, split.row_splits["train"]))
+            key = _plugin_call(registry, "encoder", e, lambda: add_derived(
+                pool.features, split.dataset, m, cls, split.row_splits["train"], shared=split.shared))
         input_keys[m] = key or m
     def build(key: str, *args, **kwargs):
         kind = key.split(".")[0]
@@ -80,10 +86,16 @@ def train(
             ) from None
         if not math.isfinite(loss):
             raise TrialDiverged(f"training loss became {loss} at step {step}; the learning rates are likely too high")
-        if step % eval_every == 0 or step == steps:
-            score = _plugin_call(registry, "meta_algorithm", config.meta_algorithm, lambda: evaluate(algorithm, split.validation))
-            if report is not None:
+        stopped = step < steps and check is not None and check(step)
+        last = step == steps or stopped
+        if step % eval_every == 0 or last:
+            # Checkpoints score a fixed subsample (for the pruner); the last step every validation task.
+            tasks = split.validation if last else split.checkpoint_tasks
+            score = _plugin_call(registry, "meta_algorithm", config.meta_algorithm, lambda: evaluate(algorithm, tasks))
+            if report is not None and not stopped:
                 report(step, score.mean)
+        if stopped:
+            break
     return algorithm, score
 
 

@@ -1,0 +1,293 @@
+"""No wasted trials, fast trials, multi-fidelity: duplicates answered without training, learners
+at chance pruned, time limits that stop running trials, inputs preprocessed once and shared
+read-only with the workers, Hyperband over training steps by default."""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import tempfile
+import time
+from pathlib import Path
+
+import autometa_builtins
+import numpy as np
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from autometa.components import MetaAlgorithm
+from autometa.config import default_trials, search_choices, stored_config
+from autometa.data.loading import load_dataset
+from autometa.data.protocols import make_split
+from autometa.data.scoring import chance_accuracy, evaluate
+from autometa.data.shared import load_array
+from autometa.hookspecs import hookimpl
+from autometa.plugins import PluginHost, get_registry
+from autometa.study import objective
+from autometa.study.training import train
+from autometa.study.objective import SearchSpec, StepsHyperband, TrialLimits, default_pruner, enqueue_new
+from helpers import split_inputs, write_blobs_csv
+
+engine = importlib.import_module("autometa.study.engine")
+FAST = dict(steps=20, eval_every=10, progress=False, echo=lambda s: None, output=None, top_k=1, warm_start=False)
+PROTONET = {"meta_algorithm": ["protonet"], "fusion": ["concat"], "encoder.tabular": ["linear"]}
+
+
+@pytest.fixture
+def blobs(tmp_path) -> Path:
+    return write_blobs_csv(tmp_path / "blobs.csv", per_class=20)
+
+
+def counting_train(monkeypatch) -> list:
+    """Patch the objective's training function to record its calls (and still train)."""
+    calls = []
+    real = objective.train
+
+    def train(config, *args, **kwargs):
+        calls.append(config)
+        return real(config, *args, **kwargs)
+
+    monkeypatch.setattr(objective, "train", train)
+    return calls
+
+
+# ------------------------------------------------------------------------------ no duplicates
+def test_a_configuration_already_in_the_study_is_not_trained_again(blobs, tmp_path, monkeypatch):
+    calls = counting_train(monkeypatch)
+    db = f"sqlite:///{tmp_path}/d.db"
+    study = optuna.create_study(study_name="dup", storage=db, direction="maximize")
+    registry = get_registry()
+    choices = search_choices(registry, "standard", ["tabular"], PROTONET)
+    (params,) = default_trials(registry, choices)  # every parameter fixed
+    study.enqueue_trial(params)
+    study.enqueue_trial(params, skip_if_exists=False)  # as a warm-start seed and a default could
+    engine.search(blobs, "y", trials=2, db=db, study="dup", isolate=False, include=PROTONET, defaults=False, **FAST)
+    first, second = optuna.load_study(study_name="dup", storage=db).get_trials()
+    assert len(calls) == 1  # trained once
+    assert first.state == second.state == TrialState.COMPLETE
+    assert second.value == first.value
+    assert second.user_attrs["duplicate_of"] == 0 and second.user_attrs["wall_time_s"] == 0.0
+
+
+def test_a_default_already_queued_as_a_seed_is_not_queued_again(blobs):
+    registry = get_registry()
+    dataset = load_dataset(blobs, "y")
+    choices = search_choices(registry, "standard", dataset.modalities)
+    defaults = default_trials(registry, choices)
+    study = optuna.create_study(direction="maximize")
+    # A seed that carries parameters its configuration does not use (another learner's, as a
+    # translated seed may) is the same configuration; Optuna's skip_if_exists compares keys too.
+    unused = {k: v for k, v in defaults[1].items() if k.startswith(f"meta.{defaults[1]['meta_algorithm']}.")}
+    assert unused
+    study.enqueue_trial({**defaults[0], **unused})
+    assert [enqueue_new(study, p, registry, choices) for p in defaults[:2]] == [False, True]
+    assert len(study.get_trials()) == 2
+
+
+# ---------------------------------------------------------------------------- below chance
+class Contrarian(MetaAlgorithm):
+    """A planted learner that always predicts a class that is not the query's: below chance."""
+
+    name = "contrarian"
+    protocols = ("standard",)
+    search_space = {}
+
+    def setup(self, backbone, pool, shape):
+        self.backbone = backbone
+
+    def train_step(self, pool, rng):
+        return 1.0
+
+    def predict(self, task):
+        wrong = (task.query_y + 1) % task.n_way
+        return torch.nn.functional.one_hot(wrong, task.n_way).float()
+
+
+class ContrarianPlugin:
+    @hookimpl
+    def register_meta_algorithms(self, register):
+        register(Contrarian)
+
+
+def test_a_learner_below_chance_is_pruned_after_warm_up_with_the_reason(blobs, tmp_path, monkeypatch):
+    host = PluginHost(strict=True)
+    assert host.add(autometa_builtins, "builtins") and host.add(ContrarianPlugin(), "contrarian_plugin")
+    monkeypatch.setattr(engine, "get_registry", host.build_registry)
+    db = f"sqlite:///{tmp_path}/c.db"
+    include = {**PROTONET, "meta_algorithm": ["contrarian"]}
+    result = engine.search(blobs, "y", trials=1, db=db, study="chance", isolate=False, include=include,
+                           **{**FAST, "steps": 100})
+    (trial,) = result.study.get_trials()
+    assert trial.state == TrialState.PRUNED
+    # Pruned at the first checkpoint after the warm-up of 2 checkpoints, not at the first.
+    assert sorted(trial.intermediate_values) == [10, 20]
+    assert trial.user_attrs["prune_reason"] == (
+        "below chance at step 20: validation 0.0% is not above the 33.3% of always guessing the most common class")
+
+
+def test_chance_is_the_most_common_query_class_per_task(blobs):
+    split = make_split(load_dataset(blobs, "y"), "standard")
+    (task,) = split.validation
+    counts = np.bincount(task.query_y.numpy())
+    assert chance_accuracy(split.validation) == pytest.approx(counts.max() / counts.sum())
+    assert chance_accuracy(split.checkpoint_tasks) == chance_accuracy(split.validation)  # 12 rows: all kept
+
+
+# ------------------------------------------------------------------------------- time limits
+def test_a_running_trial_stops_at_its_default_time_limit(blobs, tmp_path):
+    db = f"sqlite:///{tmp_path}/t.db"
+    started = time.monotonic()
+    result = engine.search(blobs, "y", trials=1, db=db, study="limit", isolate=False, include=PROTONET,
+                           timeout=20, **{**FAST, "steps": 10_000_000, "eval_every": 100})
+    assert time.monotonic() - started < 120  # the trial alone would take hours
+    (trial,) = result.study.get_trials()
+    # Stopped after a quarter of the 20 s budget (the default time limit of a trial), and scored
+    # as trained so far: the search has a model.
+    assert trial.state == TrialState.COMPLETE and result.best.trial == 0
+    steps = trial.user_attrs["steps"]
+    assert 0 < steps < 10_000_000
+    assert trial.user_attrs["stopped"] == (
+        f"stopped at step {steps} of 10000000 by the trial time limit of 5s (0.25 of --timeout; --trial-timeout sets "
+        "another); scored as trained so far")
+    assert 5 <= trial.user_attrs["wall_time_s"] < 10
+
+
+def test_limits_for_a_search():
+    assert TrialLimits.for_search(None, None, 100.0) == TrialLimits(None, None)
+    assert TrialLimits.for_search(600, None, 100.0) == TrialLimits(700.0, 150.0)
+    assert TrialLimits.for_search(600, 30, 100.0) == TrialLimits(700.0, None)  # --trial-timeout kills instead
+
+
+def small_runner(blobs, limits: TrialLimits):
+    registry = get_registry()
+    dataset = load_dataset(blobs, "y")
+    split = make_split(dataset, "standard")
+    choices = search_choices(registry, "standard", dataset.modalities, PROTONET)
+    spec = SearchSpec(None, "y", None, {}, (28, 28), "standard", 5, 5, 15, 2, 2, 0, choices, 1000, 10, 1)
+    return objective.TrialRunner(split, registry, spec, "cpu", limits=limits)
+
+
+def test_a_trial_out_of_time_stops_at_its_next_step_scored_as_trained(blobs):
+    runner = small_runner(blobs, TrialLimits(seconds=1e-9))
+    study = optuna.create_study(direction="maximize")
+    study.optimize(runner, n_trials=1)
+    (trial,) = study.get_trials()
+    assert trial.state == TrialState.COMPLETE
+    assert trial.user_attrs["stopped"] == (
+        "stopped at step 1 of 1000 by the trial time limit of 1e-09s (0.25 of --timeout; --trial-timeout sets another); "
+        "scored as trained so far")
+    assert trial.user_attrs["steps"] == 1 and trial.intermediate_values == {}  # nothing reported to the pruner
+    # The value is that of the model trained for 1 step, on all validation tasks (the
+    # leaderboard retrains it so from its stored steps).
+    config = stored_config(trial.params, runner.registry, runner.spec.choices)
+    again, _ = train(config, runner.split, seed=trial.user_attrs["seed"], steps=1, eval_every=10, registry=runner.registry)
+    assert trial.value == evaluate(again, runner.split.validation).mean
+
+
+def test_a_trial_claimed_after_the_deadline_does_not_start(blobs, monkeypatch):
+    calls = counting_train(monkeypatch)
+    study = optuna.create_study(direction="maximize")
+    study.optimize(small_runner(blobs, TrialLimits(deadline=time.time() - 1)), n_trials=1)
+    (trial,) = study.get_trials()
+    assert trial.state == TrialState.PRUNED and calls == []
+    assert trial.user_attrs["prune_reason"] == "not started: the search's --timeout had passed"
+
+
+# ------------------------------------------------------------------------- shared, read-only
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory mappings from /proc")
+def test_shared_inputs_are_read_only_and_identical_in_every_worker(tmp_path):
+    data = str(Path(__file__).parent.parent / "examples" / "fastfood.csv")
+    folder = tmp_path / "shared"
+    main = make_split(load_dataset(data, "restaurant"), "standard", shared=folder)
+    expected = {key: t.numpy().tobytes() for key, t in main.pool.features.inputs.items()}
+    assert {"tabular", "text"} <= set(expected)
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    workers = [context.Process(target=split_inputs, args=(str(folder), data, "restaurant", out)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    seen = [out.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(30)
+        assert w.exitcode == 0
+    for inputs in seen:
+        assert set(inputs) == set(expected)
+        for key, (path, permissions, content) in inputs.items():
+            # Mapped from the file the search process wrote, read-only and shared: one copy of
+            # its pages for every worker, and no worker can change it.
+            assert Path(path).parent == folder and path.endswith(".npy"), (key, path)
+            assert permissions == "r--s", (key, permissions)
+            assert content == expected[key], key
+
+
+def test_a_derived_input_is_made_once_for_all_workers(tmp_path, monkeypatch):
+    from autometa.data import preprocessing
+
+    data = Path(__file__).parent.parent / "examples" / "fastfood.csv"
+    dataset = load_dataset(data, "restaurant")
+    lsa = get_registry().get("encoder", "lsa").cls
+    first = make_split(dataset, "standard", shared=tmp_path)
+    key = preprocessing.add_derived(first.pool.features, dataset, "text", lsa, first.row_splits["train"], shared=tmp_path)
+    calls = []
+    monkeypatch.setattr(lsa, "fit_input", classmethod(lambda cls, *a: calls.append(a)))  # must not be called again
+    second = make_split(dataset, "standard", shared=tmp_path)
+    assert preprocessing.add_derived(second.pool.features, dataset, "text", lsa, second.row_splits["train"],
+                                     shared=tmp_path) == key
+    assert calls == []
+    assert torch.equal(second.pool.features.inputs[key], first.pool.features.inputs[key])
+    assert torch.equal(load_array(tmp_path, key), first.pool.features.inputs[key])  # it is the shared file's
+    assert set(second.pool.features.fitted[key]) == set(first.pool.features.fitted[key])
+
+
+# ------------------------------------------------------------------------------- Hyperband
+def test_the_default_pruner_is_hyperband_over_training_steps(blobs, tmp_path):
+    spec = SearchSpec(None, "y", None, {}, (28, 28), "standard", 5, 5, 15, 2, 2, 0, {}, 300, 50, 30)
+    pruner = default_pruner(spec)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner) and isinstance(pruner, StepsHyperband)
+    assert (pruner._min_resource, pruner._max_resource, pruner._reduction_factor) == (50, 300, 3)  # noqa: SLF001
+    result = engine.search(blobs, "y", trials=1, db=f"sqlite:///{tmp_path}/h.db", isolate=False, include=PROTONET,
+                           **FAST)
+    assert isinstance(result.study.pruner, StepsHyperband)
+    median = optuna.pruners.MedianPruner()
+    result = engine.search(blobs, "y", trials=1, db=f"sqlite:///{tmp_path}/m.db", isolate=False, include=PROTONET,
+                           pruner=median, **FAST)
+    assert result.study.pruner is median  # the pruner setting still chooses another
+
+
+def test_hyperband_prunes_a_trial_behind_at_its_rung_once_the_startup_trials_finished():
+    study = optuna.create_study(direction="maximize", pruner=StepsHyperband(
+        min_resource=10, max_resource=90, reduction_factor=3, startup_trials=3))
+    outcomes = []
+    # Every trial's curve is its final value at each checkpoint.
+    for value in (0.5, 0.6, 0.7, 0.1, 0.9):
+        trial = study.ask()
+        for step in range(10, 100, 10):
+            trial.report(value, step)
+            if trial.should_prune():
+                study.tell(trial, state=TrialState.PRUNED)
+                outcomes.append("pruned")
+                break
+        else:
+            study.tell(trial, value)
+            outcomes.append("complete")
+    assert outcomes[:3] == ["complete"] * 3  # nothing is pruned before 3 trials finished
+    assert outcomes[3] == "pruned"  # 0.1 is far behind at the first rung
+
+
+@pytest.mark.slow
+def test_worker_processes_stop_at_the_search_timeout(blobs, tmp_path, monkeypatch):
+    """The pool's workers (the default) honour the limits too; the shared inputs are removed after."""
+    made, mkdtemp = [], tempfile.mkdtemp
+    monkeypatch.setattr(engine.tempfile, "mkdtemp", lambda **kwargs: made.append(mkdtemp(**kwargs)) or made[-1])
+    db = f"sqlite:///{tmp_path}/w.db"
+    started = time.monotonic()
+    result = engine.search(blobs, "y", trials=50, db=db, study="pool", devices="cpu", include=PROTONET, timeout=30,
+                           **{**FAST, "steps": 10_000_000, "eval_every": 100})
+    assert time.monotonic() - started < 180  # a trial alone would take hours; start-up and leaderboard on top
+    trials = result.study.get_trials()
+    assert trials and all(t.state == TrialState.COMPLETE for t in trials)
+    assert all("stopped" in t.user_attrs and t.user_attrs["steps"] < 10_000_000 for t in trials)
+    assert all(t.user_attrs["wall_time_s"] < 30 / 4 + 5 for t in trials)  # each at most a quarter of the budget
+    assert result.split.shared is None and len(made) == 1 and not Path(made[0]).exists()
