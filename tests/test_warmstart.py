@@ -3,6 +3,7 @@ a new study from a similar dataset's search, and the knowledge base shipped with
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from autometa.cli.main import cli
-from autometa.config import default_trials, search_choices
+from autometa.config import configuration_label, default_trials, search_choices
 from autometa.data.loading import load_dataset
 from autometa.data.metafeatures import (
     MAX_DIFFERENCE,
@@ -275,6 +276,34 @@ def test_search_is_seeded_with_the_nearest_datasets_best_configuration(tmp_path)
     assert "warm start: 1 seed(s) from neighbours, 0 from the portfolio" in lines
     assert f"validation {100 * best.value:.1f}% there" in seeded[0]
     assert "warm_start" not in trials[1].user_attrs  # then the defaults, within the budget
+
+
+def test_search_labels_portfolio_seeds_in_its_output_and_the_trials(tmp_path, registry):
+    """A prior whose only dataset is far away: the seeds come from its portfolio, and both the
+    output and each seeded trial's user attributes say so."""
+    data = write_table(tmp_path / "data.csv", 100, seed=1, shift=1.8)
+    defaults = default_trials(registry, search_choices(registry, "standard", ["tabular"]))
+    chosen = [defaults[-1], defaults[0]]
+    far = {"rows": 1e6, "log_rows": 6.0, "classes": 500.0, "image_height": 28.0, "landmark_image_1nn": 0.1}
+    prior = tmp_path / "prior.json"
+    prior.write_text(json.dumps({
+        "format": "autometa-knowledge-2", "scales": {},
+        "portfolio": [{"coverage": 0.7, "tasks": 3, "from": "t1", "params": chosen[0]},
+                      {"coverage": 0.9, "tasks": 3, "from": "t2", "params": chosen[1]}],
+        "datasets": [{"name": "far", "fingerprint": "f", "protocol": "standard", "modalities": ["image"],
+                      "meta_features": far, "configurations": [{"value": 0.5, "params": defaults[1]}]}],
+    }))
+    lines: list[str] = []
+    result = search(data, "y", trials=2, db=f"sqlite:///{tmp_path / 's.db'}", warm_start_prior=str(prior),
+                    warm_start_configs=2, echo=lines.append, **FAST)
+    trials = result.study.get_trials()
+    assert [t.user_attrs["warm_start_source"] for t in trials] == ["portfolio", "portfolio"]
+    assert [t.user_attrs["warm_start"] for t in trials] == ["portfolio (first found on t1)", "portfolio (first found on t2)"]
+    assert [t.params["meta_algorithm"] for t in trials] == [c["meta_algorithm"] for c in chosen]
+    assert any(line.startswith("warm start: no stored dataset within distance 1.00 (nearest: far at ") for line in lines)
+    assert [line.split(" is ")[1].split(" (")[0] for line in lines if line.startswith("warm start: trial")] == [
+        f"{configuration_label(c)} from the portfolio" for c in chosen]
+    assert "warm start: 0 seed(s) from neighbours, 2 from the portfolio" in lines
 
 
 def test_searches_of_the_same_data_are_not_neighbours(tmp_path):

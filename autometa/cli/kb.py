@@ -58,10 +58,12 @@ def kb_build(collection, list_file, only, db, trials, seed, protocol, steps, eva
 @click.option("--db", required=True, help="SQLAlchemy URL of the knowledge-base database.")
 @click.option("--configurations", type=int, default=5, show_default=True,
               help="Best distinct configurations kept per dataset.")
-def kb_export(output, db, configurations):
-    """Write the compact knowledge file (meta-features + best configurations) to OUTPUT.json."""
+@click.option("--portfolio", type=int, default=5, show_default=True,
+              help="Configurations in the portfolio, chosen greedily to cover the base's tasks.")
+def kb_export(output, db, configurations, portfolio):
+    """Write the compact knowledge file (meta-features, their scales, best configurations, portfolio) to OUTPUT.json."""
     from autometa.store.knowledge import export
 
-    command = f"autometa kb export --configurations {configurations}"
-    prior = export(db, output, configurations=configurations, command=command)
+    command = f"autometa kb export --configurations {configurations} --portfolio {portfolio}"
+    prior = export(db, output, configurations=configurations, portfolio=portfolio, command=command)
     click.echo(f"{len(prior['datasets'])} dataset(s) written to {output}")
