@@ -1,7 +1,7 @@
 """Task statistics ("meta-features") that describe a dataset, for comparing datasets.
 
-The warm start finds the stored datasets nearest to a new one by a scaled distance over the
-features both have (:func:`rank_by_meta_features`, below), so every value is a finite
+The warm start finds the stored datasets nearest to a new one by a distance defined across
+modalities (:func:`meta_feature_distance`, below), so every value is a finite
 float, the same for the same data and ``seed``, and cheap (seconds on 10^4 rows; see
 ``benchmarks/metafeatures.py``). Features come in groups (:data:`FEATURE_GROUPS`); a feature
 that means the same on every dataset has the same name everywhere.
