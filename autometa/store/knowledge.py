@@ -108,15 +108,16 @@ PORTFOLIO_SIZE = 5
 
 
 def export(db: str, output: str | Path, *, configurations: int = 5, portfolio: int = PORTFOLIO_SIZE,
-           command: str | None = None) -> dict[str, Any]:
+           command: str | None = None, exclude_fingerprint: str | None = None) -> dict[str, Any]:
     """Write the compact prior for every searched dataset in ``db`` to ``output`` (JSON) and return it.
 
     Per (dataset, protocol): name, source, fingerprint, modalities, meta-features and its best
     ``configurations`` distinct configurations (by components) with their validation accuracy.
     Over the whole base: each meta-feature's scale and a greedy portfolio of ``portfolio``
-    configurations chosen on every completed trial of every study.
+    configurations chosen on every completed trial of every study. ``exclude_fingerprint``
+    leaves one dataset out of all of it (a leave-one-out benchmark's held-out dataset).
     """
-    experiences = database_experiences(db)
+    experiences = [e for e in database_experiences(db) if e.fingerprint != exclude_fingerprint]
     if not experiences:
         raise SearchError(f"{db} holds no finished search with meta-features; run `autometa kb build` first")
     experiences = sorted(experiences, key=lambda e: (e.name, e.protocol))
