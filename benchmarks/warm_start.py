@@ -107,9 +107,12 @@ def trials_to_reach(values: list[float | None], target: float) -> int | None:
     return next((n for n, value in enumerate(values, start=1) if value is not None and value >= target), None)
 
 
-def prior_without(prior: dict, fingerprint: str, path: Path) -> Path:
-    """The exported knowledge base (``autometa kb export``) without the held-out dataset."""
-    path.write_text(json.dumps({**prior, "datasets": [d for d in prior["datasets"] if d["fingerprint"] != fingerprint]}))
+def prior_without(kb: str, fingerprint: str, path: Path) -> Path:
+    """The exported knowledge base (``autometa kb export``) without the held-out dataset: its
+    scales and portfolio are chosen without it too."""
+    from autometa.store.knowledge import export
+
+    export(kb, path, exclude_fingerprint=fingerprint)
     return path
 
 
@@ -193,11 +196,11 @@ def main() -> None:
             for entry, d in zip(entries, datasets)
         ]
         print(f"knowledge base ready ({knowledge.result():.0f}s of building)", flush=True)
-        prior = export(kb, args.work / "knowledge.json")  # what `autometa kb export` would ship
+        export(kb, args.work / "knowledge.json")  # what `autometa kb export` would ship
         warm = [
             pool.submit(run_search, entry, f"sqlite:///{args.work / f'warm-{d.name}.db'}", args.trials, args.seed,
                         options, warm_start_k=args.k, warm_start_configs=args.configs,
-                        warm_start_prior=prior_without(prior, d.fingerprint,
+                        warm_start_prior=prior_without(kb, d.fingerprint,
                                                        args.work / f"prior-without-{d.name}.json"))
             for entry, d in zip(entries, datasets)
         ]

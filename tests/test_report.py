@@ -20,7 +20,6 @@ from PIL import Image
 
 from autometa.cli.main import cli
 from autometa.config import configuration_label
-from autometa.data.metafeatures import rank_by_meta_features
 from autometa.errors import AutometaError
 from autometa.results.report import SECTIONS, build_report
 from autometa.store import queries
@@ -214,22 +213,6 @@ def test_nearest_datasets_ranked_by_meta_features(searched):
     distances = [float(r[3]) for r in rows]
     assert all(math.isfinite(d) for d in distances) and distances[0] < distances[1]
     assert rows[0][4] == "4" and rows[0][5] == "80.0%" and rows[0][6].startswith("protonet + concat")
-
-
-def test_rank_by_meta_features_standardises_over_shared_features():
-    ranked = rank_by_meta_features(
-        {"rows": 100, "classes": 2, "name": "text is ignored"},
-        {"b": {"rows": 100, "classes": 3}, "a": {"rows": 10_000, "classes": 2}, "c": {"other": 1.0},
-         "d": {"rows": float("nan"), "classes": 2}},
-    )
-    assert [n.study for n in ranked] == ["d", "a", "b"]  # c shares nothing; d's NaN is not compared
-    assert ranked[0].distance == 0 and ranked[0].shared == 1
-    # Standardised, a 9,900-row gap counts less than a one-class gap (classes vary little here).
-    rows = np.array([100, 100, 10_000, 100])
-    classes = np.array([2, 3, 2, 2])
-    expected_b = abs(classes[0] - classes[1]) / classes.std() / math.sqrt(2)
-    assert ranked[2].distance == pytest.approx(expected_b)
-    assert ranked[1].distance == pytest.approx(abs(rows[0] - rows[2]) / np.array([100, 100, 10_000]).std() / math.sqrt(2))
 
 
 def test_errors_name_the_database_and_the_studies(searched, tmp_path):

