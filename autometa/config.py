@@ -201,7 +201,8 @@ def _note(say: Callable[[str], None] | None, message: str) -> None:
 
 
 def default_trials(registry: Registry, choices: dict[str, list[str]]) -> list[dict[str, Any]]:
-    """One trial per meta-algorithm with every component at its default parameters.
+    """One trial per meta-algorithm with every component at its default parameters, the
+    fixed-features learners (e.g. gbm) first.
 
     A new study starts with these (as auto-sklearn starts from defaults), so even a tiny
     budget scores each learner once at sensible settings before the sampler explores. The
@@ -223,7 +224,9 @@ def default_trials(registry: Registry, choices: dict[str, list[str]]) -> list[di
         if key.startswith("encoder.") and names:
             fixed_shared[FIXED + key] = next(i.name for i in registry.encoders_for(key.split(".", 1)[1]) if i.name in names)
     trials = []
-    for name in choices["meta_algorithm"]:
+    # Fixed-features learners first: they fit once in seconds, so a short budget has a model early.
+    names = sorted(choices["meta_algorithm"], key=lambda n: not registry.get("meta_algorithm", n).cls.fixed_features)
+    for name in names:
         cls = registry.get("meta_algorithm", name).cls
         components = fixed_shared if cls.fixed_features else shared
         trials.append({"meta_algorithm": name, **components, **_defaults(cls, f"meta.{name}."),

@@ -257,8 +257,10 @@ def test_the_default_pruner_is_hyperband_over_training_steps(blobs, tmp_path):
 
 
 def test_hyperband_prunes_a_trial_behind_at_its_rung_once_the_startup_trials_finished():
+    # One bracket (max/min resource below the reduction factor): Hyperband spreads trials over its
+    # brackets by a hash of the study's name, which would make a several-bracket case depend on it.
     study = optuna.create_study(direction="maximize", pruner=StepsHyperband(
-        min_resource=10, max_resource=90, reduction_factor=3, startup_trials=3))
+        min_resource=10, max_resource=20, reduction_factor=3, startup_trials=3))
     outcomes = []
     # Every trial's curve is its final value at each checkpoint.
     for value in (0.5, 0.6, 0.7, 0.1, 0.9):
@@ -286,7 +288,10 @@ def test_worker_processes_stop_at_the_search_timeout(blobs, tmp_path, monkeypatc
     result = engine.search(blobs, "y", trials=50, db=db, study="pool", devices="cpu", include=PROTONET, timeout=30,
                            **{**FAST, "steps": 10_000_000, "eval_every": 100})
     assert time.monotonic() - started < 180  # a trial alone would take hours; start-up and leaderboard on top
-    trials = result.study.get_trials()
+    # Trials a worker claimed after the deadline are not started (pruned, with that reason).
+    late = [t for t in result.study.get_trials() if t.state == TrialState.PRUNED]
+    assert all(t.user_attrs["prune_reason"] == "not started: the search's --timeout had passed" for t in late)
+    trials = [t for t in result.study.get_trials() if t not in late]
     assert trials and all(t.state == TrialState.COMPLETE for t in trials)
     assert all("stopped" in t.user_attrs and t.user_attrs["steps"] < 10_000_000 for t in trials)
     assert all(t.user_attrs["wall_time_s"] < 30 / 4 + 5 for t in trials)  # each at most a quarter of the budget
