@@ -126,7 +126,7 @@ def searched(tmp_path_factory):
     # hashbag only: an installed pretrained text encoder would spend the test's time embedding.
     result = search(write_csv(folder / "tiny.csv"), "y", trials=4, steps=20, eval_every=10, db=db,
                     validation_tasks=5, test_tasks=20, include={"encoder.text": ["hashbag"]}, output=None,
-                    progress=False, echo=lambda m: None,
+                    progress=False, echo=lambda m: None, pruner=optuna.pruners.NopPruner(),  # all four complete
                     warm_start=False)  # the default trials only: one fusion, so one plugin figure below
     name = result.study.study_name
     # Meta-features set by hand so the neighbours below are near and far by construction.
