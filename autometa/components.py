@@ -259,6 +259,10 @@ class MetaAlgorithm(Component):
     # ``fixed_params``, at those parameters, so no trial is spent on encoder, fusion or
     # hyperparameter choices it would ignore (parameter keys ``fixed.fusion``, ``fixed.encoder.<modality>``).
     fixed_features: ClassVar[bool] = False
+    # True when the first ``train_step`` trains the learner completely (a tree ensemble fitted
+    # once): the host then scores it on every validation task and ends its training there
+    # instead of stepping on to the trial's --steps.
+    fits_in_one_step: ClassVar[bool] = False
 
     def setup(self, backbone: Backbone, pool: "TrainingPool", shape: tuple[int, int, int]) -> None:  # pragma: no cover
         """Build heads and optimisers for ``backbone``; ``shape`` is the protocol's

@@ -90,6 +90,21 @@ def _gbm_config(choices, **params):
     return sample_config(FixedTrial(default), registry, choices)
 
 
+def test_a_learner_that_fits_in_one_step_is_trained_once_and_scored_on_every_validation_row(tmp_path, monkeypatch):
+    dataset = load_dataset(_planted(tmp_path / "p.csv"), "label")
+    split = make_split(dataset, "standard", seed=0)
+    registry = get_registry()
+    config = _gbm_config(search_choices(registry, "standard", dataset.modalities), min_samples_leaf=5)
+    cls = registry.get("meta_algorithm", "gbm").cls
+    calls, reports = [], []
+    step = cls.train_step
+    monkeypatch.setattr(cls, "train_step", lambda self, pool, rng: calls.append(1) or step(self, pool, rng))
+    _, score = train(config, split, seed=0, steps=300, eval_every=50, registry=registry,
+                     report=lambda s, v: reports.append((s, v)))
+    assert len(calls) == 1 and reports == [(1, score.mean)]
+    assert score.n == len(split.row_splits["validation"])  # every validation row, not the checkpoint subsample
+
+
 def test_gbm_learns_a_planted_table_and_repeats_under_a_seed(tmp_path):
     dataset = load_dataset(_planted(tmp_path / "p.csv"), "label")
     split = make_split(dataset, "standard", seed=0)

@@ -87,14 +87,14 @@ def train(
         if not math.isfinite(loss):
             raise TrialDiverged(f"training loss became {loss} at step {step}; the learning rates are likely too high")
         stopped = step < steps and check is not None and check(step)
-        last = step == steps or stopped
+        last = step == steps or stopped or algorithm.fits_in_one_step
         if step % eval_every == 0 or last:
             # Checkpoints score a fixed subsample (for the pruner); the last step every validation task.
             tasks = split.validation if last else split.checkpoint_tasks
             score = _plugin_call(registry, "meta_algorithm", config.meta_algorithm, lambda: evaluate(algorithm, tasks))
             if report is not None and not stopped:
                 report(step, score.mean)
-        if stopped:
+        if last:
             break
     return algorithm, score
 

@@ -141,6 +141,7 @@ class GradientBoosting(MetaAlgorithm):
     name = "gbm"
     protocols = ("grouped", "standard")
     fixed_features = True
+    fits_in_one_step = True
     search_space = {
         "learning_rate": FloatDistribution(0.01, 0.3, log=True),
         "max_iter": IntDistribution(50, 500, log=True),
