@@ -243,7 +243,10 @@ def test_resume_adds_only_the_missing_trials(first_search, standard_csv, tmp_pat
     ]
     stored = queries.finalists(db, third.study.study_name, {})
     assert [row["trial"] for row in stored] == [e.trial for e in third.leaderboard]
-    assert sorted(int(p.name.split("-")[1]) for p in (tmp_path / "s.db-weights").glob("*/*.safetensors")) == [3, 4]
+    # Weights exist for the second run's trained trials only (a pruned trial or a duplicate keeps none).
+    trained = [t.number for t in load(db, standard_csv).get_trials()
+               if t.number >= 3 and t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs]
+    assert sorted(int(p.name.split("-")[1]) for p in (tmp_path / "s.db-weights").glob("*/*.safetensors")) == trained
 
 
 # ----------------------------------------------------------------------------- study identity
