@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from autometa.config import Config, configuration_seed, sample_config, stored_config
 from autometa.data.loading import Dataset, load_dataset
 from autometa.data.protocols import Split, make_split
-from autometa.data.scoring import chance_accuracy, predict_probabilities
+from autometa.data.scoring import chance_accuracy
 from autometa.errors import AutometaError, SearchError, first_line
 from autometa.plugins import Registry, get_registry
 from autometa.store import schema
@@ -211,10 +211,11 @@ class TrialRunner:
             trial.set_user_attr("stopped", f"stopped at step {step} of {spec.steps} by {why}; scored as trained so far")
             return True
 
+        validated: list[list[torch.Tensor]] = []
         try:
             algorithm, score = train(
                 config, self.split, seed=trial_seed, steps=spec.steps, eval_every=spec.eval_every,
-                registry=self.registry, report=report, check=check,
+                registry=self.registry, report=report, check=check, validated=validated.append,
             )
         except optuna.TrialPruned as exc:
             trial.set_user_attr("wall_time_s", time.perf_counter() - started)
@@ -230,10 +231,10 @@ class TrialRunner:
             self._emit("end", self.label, trial.number)
         trial.set_user_attr("wall_time_s", time.perf_counter() - started)
         trial.set_user_attr("parameters", count_parameters(algorithm))
-        self._keep(trial, score.mean, algorithm)
+        self._keep(trial, score.mean, algorithm, validated[-1])
         return score.mean
 
-    def _keep(self, trial: optuna.Trial, value: float, algorithm) -> None:
+    def _keep(self, trial: optuna.Trial, value: float, algorithm, probabilities: list[torch.Tensor]) -> None:
         """What the ensemble and the leaderboard use after the search: the trial's validation
         predictions (in the database) and, if it is among the best, its trained model (in this
         process's cache, else in the study's weights folder)."""
@@ -242,11 +243,6 @@ class TrialRunner:
         if self.db is None:
             return
         study = trial.study.study_name
-        try:
-            probabilities = predict_probabilities(algorithm, self.split.validation)
-        except AutometaError as exc:  # scored a moment ago, so unlikely: the trial stands, without ensemble
-            logger.warning("trial %s: validation predictions not kept: %s", trial.number, exc)
-            return
         schema.record_predictions(self.db, study, trial.number, probabilities)
         if self.cache is None:
             try:

@@ -13,7 +13,7 @@ from autometa.components import Backbone, MetaAlgorithm, assemble_backbone
 from autometa.config import Config
 from autometa.data.preprocessing import add_derived
 from autometa.data.protocols import Split
-from autometa.data.scoring import Score, evaluate
+from autometa.data.scoring import Score, predict_probabilities, score_probabilities
 from autometa.errors import AutometaError, PluginError
 from autometa.inputs import MASK_PREFIX
 from autometa.plugins import Registry
@@ -42,12 +42,15 @@ def train(
     registry: Registry,
     report: Callable[[int, float], None] | None = None,
     check: Callable[[int], None] | None = None,
+    validated: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> tuple[MetaAlgorithm, Score]:
     """Build the model for ``config``, meta-train it and return it with its validation score.
 
     ``report(step, accuracy)`` is called at each validation checkpoint (it may raise to stop, as
     a pruned trial does); ``check(step)`` after every step: when it returns True (out of time),
-    training ends there and the model is scored on all validation tasks as trained so far."""
+    training ends there and the model is scored on all validation tasks as trained so far.
+    ``validated(probabilities)`` receives that final scoring's per-task query probabilities (kept
+    for ensembles without predicting the validation tasks again)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     pool = split.pool
@@ -91,7 +94,11 @@ def train(
         if step % eval_every == 0 or last:
             # Checkpoints score a fixed subsample (for the pruner); the last step every validation task.
             tasks = split.validation if last else split.checkpoint_tasks
-            score = _plugin_call(registry, "meta_algorithm", config.meta_algorithm, lambda: evaluate(algorithm, tasks))
+            probabilities = _plugin_call(registry, "meta_algorithm", config.meta_algorithm,
+                                         lambda: predict_probabilities(algorithm, tasks))
+            score = score_probabilities(probabilities, tasks)
+            if last and validated is not None:
+                validated(probabilities)
             if report is not None and not stopped:
                 report(step, score.mean)
         if last:
