@@ -263,6 +263,9 @@ class MetaAlgorithm(Component):
     # once): the host then scores it on every validation task and ends its training there
     # instead of stepping on to the trial's --steps.
     fits_in_one_step: ClassVar[bool] = False
+    # Fixed feature maps (encoder names) the default trial of a fixed-features learner reads where
+    # the search allows them; other modalities get their first-registered fixed map.
+    preferred_features: ClassVar[tuple[str, ...]] = ()
 
     def setup(self, backbone: Backbone, pool: "TrainingPool", shape: tuple[int, int, int]) -> None:  # pragma: no cover
         """Build heads and optimisers for ``backbone``; ``shape`` is the protocol's

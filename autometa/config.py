@@ -202,7 +202,7 @@ def _note(say: Callable[[str], None] | None, message: str) -> None:
 
 def default_trials(registry: Registry, choices: dict[str, list[str]]) -> list[dict[str, Any]]:
     """One trial per meta-algorithm with every component at its default parameters, the
-    fixed-features learners (e.g. gbm) first.
+    fixed-features learners (e.g. gbm) first, each on its ``preferred_features`` where allowed.
 
     A new study starts with these (as auto-sklearn starts from defaults), so even a tiny
     budget scores each learner once at sensible settings before the sampler explores. The
@@ -228,7 +228,11 @@ def default_trials(registry: Registry, choices: dict[str, list[str]]) -> list[di
     names = sorted(choices["meta_algorithm"], key=lambda n: not registry.get("meta_algorithm", n).cls.fixed_features)
     for name in names:
         cls = registry.get("meta_algorithm", name).cls
-        components = fixed_shared if cls.fixed_features else shared
+        components = shared
+        if cls.fixed_features:
+            preferred = {FIXED + key: e for key, allowed in fixed.items() if key.startswith("encoder.")
+                         for e in cls.preferred_features if e in allowed}
+            components = {**fixed_shared, **preferred}
         trials.append({"meta_algorithm": name, **components, **_defaults(cls, f"meta.{name}."),
                        **(DEFAULT_PARAMS if multimodal and cls.uses_auxiliary_loss else {})})
     return trials

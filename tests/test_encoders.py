@@ -52,6 +52,7 @@ SMALL = {
     "vector_mlp": dict(hidden=16, out_dim=8),
     "table": dict(),
     "pixels": dict(),
+    "tfidf": dict(),
 }
 
 

@@ -54,7 +54,7 @@ def test_fixed_feature_maps_pass_their_input_through():
     rows = torch.randn(3, 7)
     assert table.out_dim == 7 and torch.equal(table(rows), rows)
     fixed = {i.name for i in registry.all() if i.kind != "meta_algorithm" and i.cls.fixed_params is not None}
-    assert {"table", "pixels", "identity", "lsa", "minilm", "concat"} <= fixed and "mlp" not in fixed
+    assert {"table", "pixels", "identity", "lsa", "minilm", "tfidf", "concat"} <= fixed and "mlp" not in fixed
 
 
 def test_fixed_params_that_learn_are_refused():
@@ -151,7 +151,7 @@ def test_the_space_of_a_fixed_features_learner_collapses():
             assert not [k for k in trial.params if k.startswith(("fusion", "encoder.", "backbone."))]
             assert config.fusion == "concat" and config.encoders["tabular"] == "table"
             assert config.encoders["image"] in ("pixelpca", "pixels")
-            assert config.encoders["text"] in ("lsa", "minilm")
+            assert config.encoders["text"] in ("lsa", "minilm", "tfidf")
             assert configuration_label(trial.params) == config.label()
             assert config.label().startswith("gbm on fixed features [tabular=table, text=")
     assert seen
@@ -163,8 +163,9 @@ def test_gbm_is_left_out_without_a_fixed_feature_map(capsys):
     registry = get_registry()
     notes = []
     choices = search_choices(registry, "standard", ["tabular", "text"], {"encoder.text": ["hashbag"]}, say=notes.append)
-    assert "gbm" not in choices["meta_algorithm"]
-    assert notes == ["note: meta-algorithm 'gbm' left out: it reads fixed features, and this search allows none for text"]
+    assert "gbm" not in choices["meta_algorithm"] and "linear" not in choices["meta_algorithm"]
+    assert notes == [f"note: meta-algorithm {name!r} left out: it reads fixed features, and this search allows none for text"
+                     for name in ("gbm", "linear")]
     with pytest.raises(SearchError, match="'gbm' reads fixed features.*none for text"):
         search_choices(registry, "standard", ["tabular", "text"], {"encoder.text": ["hashbag"], "meta_algorithm": ["gbm"]})
 

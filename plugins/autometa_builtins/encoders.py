@@ -20,7 +20,7 @@ from torch import nn
 from autometa.components import Encoder, InputSpec
 from autometa_builtins.layers import LayerNorm
 from autometa_builtins.fitted import PixelPCA
-from autometa_builtins.lsa import LatentSemantic
+from autometa_builtins.lsa import LatentSemantic, TfIdf
 from autometa_builtins.pretrained import MiniLM
 
 
@@ -356,6 +356,6 @@ class ResNet12(Encoder):
         return self.net(x)
 
 
-# The first registered for a modality is its default encoder; the fixed feature maps (table, pixels) come last.
+# The first registered for a modality is its default encoder; the fixed feature maps (table, pixels, tfidf) come last.
 ENCODERS = [TabularMLP, TabularLinear, FTTransformer, LatentSemantic, HashBag, BagOfWords, MiniLM, Conv4, PixelPCA, ResNet12, Identity,
-            VectorMLP, Table, Pixels]
+            VectorMLP, Table, Pixels, TfIdf]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from autometa.components import Backbone
 from autometa.errors import ProtocolError
-from autometa.types import TrainingPool
+from autometa.types import Task, TrainingPool
 
 EMBED_BATCH = 1024
 
@@ -17,6 +19,27 @@ def embed(backbone: Backbone, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat(
         [backbone({m: t[i: i + EMBED_BATCH] for m, t in inputs.items()}) for i in range(0, n, EMBED_BATCH)]
     )
+
+
+def through_training_classes(task: Task, logits: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+    """``[n_query, n_way]`` logits of ``task`` from a classifier of the training classes
+    (``logits`` of inputs), for learners fitted once on every training row (gbm, linear).
+
+    A task of the training classes gets the classifier's logits. A task with its own labels (a
+    held-out group, or ``autometa predict --support``) is answered through its class
+    probabilities: each task class's prototype is the mean probability vector of its support
+    rows, and a query's logit for it is the log of the dot product with its own probabilities
+    (the log-probability of the training class, when a task class is one).
+    """
+    query = logits(task.query_inputs())
+    if task.same_classes_as_training:
+        return query
+    support = torch.softmax(logits(task.support_inputs()), dim=-1)
+    prototypes = torch.zeros(task.n_way, support.shape[1], dtype=support.dtype, device=support.device)
+    prototypes.index_add_(0, task.support_y, support)
+    prototypes /= torch.bincount(task.support_y, minlength=task.n_way).clamp_min(1).unsqueeze(1).to(support.dtype)
+    agreement = torch.softmax(query, dim=-1) @ prototypes.T
+    return torch.log(agreement.clamp_min(torch.finfo(agreement.dtype).tiny))
 
 
 def placement(backbone: Backbone, device: torch.device) -> dict:

@@ -26,7 +26,7 @@ from torch import nn
 
 from autometa.components import Backbone, MetaAlgorithm
 from autometa.types import Task, TrainingPool
-from autometa_builtins.meta_algorithms._common import embed
+from autometa_builtins.meta_algorithms._common import embed, through_training_classes
 
 # Rows × features from which a fit uses several OpenMP threads (see train_step).
 LARGE_FIT = 2**22
@@ -131,11 +131,8 @@ class GradientBoosting(MetaAlgorithm):
     (``l2_regularization`` 1e-4 stands for its 0, which a log scale cannot hold); ``early_stopping``
     holds out 10 % of the training rows and stops after 10 iterations without improvement.
 
-    A task of the training classes (standard protocol) gets the trees' scores as logits. A
-    task with its own labels (a held-out group, or ``autometa predict --support``) is answered
-    through the trees' class probabilities: each task class's prototype is the mean probability
-    vector of its support rows, and a query's logit for it is the log of the dot product with
-    its own probabilities (the log-probability of the training class, when a task class is one).
+    A task of the training classes (standard protocol) gets the trees' scores as logits; a task
+    with its own labels is answered through their class probabilities (``through_training_classes``).
     """
 
     name = "gbm"
@@ -210,12 +207,4 @@ class GradientBoosting(MetaAlgorithm):
     def predict(self, task: Task) -> torch.Tensor:
         if not self.trees.fitted:
             raise RuntimeError("gbm predicts only after its first train_step has fitted the trees")
-        query = self._logits(embed(self.backbone, task.query_inputs()))
-        if task.same_classes_as_training:
-            return query
-        support = torch.softmax(self._logits(embed(self.backbone, task.support_inputs())), dim=-1)
-        prototypes = torch.zeros(task.n_way, support.shape[1], dtype=support.dtype, device=support.device)
-        prototypes.index_add_(0, task.support_y, support)
-        prototypes /= torch.bincount(task.support_y, minlength=task.n_way).clamp_min(1).unsqueeze(1).to(support.dtype)
-        agreement = torch.softmax(query, dim=-1) @ prototypes.T
-        return torch.log(agreement.clamp_min(torch.finfo(agreement.dtype).tiny))
+        return through_training_classes(task, lambda inputs: self._logits(embed(self.backbone, inputs)))

@@ -1,0 +1,174 @@
+"""linear, logistic regression on fixed features, and tfidf, the text's TF-IDF as it is: the
+weights are scikit-learn's exactly, absent and binary classes are handled, the TF-IDF columns
+come from training rows only, default trials read tfidf, and a saved model predicts through
+``autometa predict`` without scikit-learn or pickle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from optuna.trial import FixedTrial
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+
+import autometa
+from autometa.cli.main import cli
+from autometa.config import default_trials, sample_config, search_choices
+from autometa.data.loading import load_dataset
+from autometa.data.protocols import make_split
+from autometa.plugins import get_registry
+from autometa.study.training import train
+from autometa_builtins.lsa import BITS, KEPT_PER_KIND, TfIdf, _counts
+from autometa_builtins.meta_algorithms._common import embed
+
+FAST = dict(steps=4, eval_every=2, progress=False, warm_start=False, isolate=False)
+WORDS = {"a": ["crisp", "salad", "leaf"], "b": ["grilled", "burger", "bacon"], "c": ["sweet", "shake", "cream"]}
+
+
+def _planted(path, rows_per_class=30, seed=0, classes="abc"):
+    """Classes told apart by their words (the text) and by a noisy number."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c, label in enumerate(classes):
+        for _ in range(rows_per_class):
+            words = list(rng.choice(WORDS[label], 2)) + list(rng.choice(["with", "and", "large", "small"], 2))
+            rows.append({"item": " ".join(rng.permutation(words)), "x": c + rng.normal(scale=2.0), "label": label})
+    pd.DataFrame(rows).sample(frac=1, random_state=seed).to_csv(path, index=False)
+    return path
+
+
+def _config(choices, meta="linear", **params):
+    registry = get_registry()
+    default = next(t for t in default_trials(registry, choices) if t["meta_algorithm"] == meta)
+    default.update({f"meta.{meta}.{k}": v for k, v in params.items()})
+    return sample_config(FixedTrial(default), registry, choices)
+
+
+def test_default_trials_give_linear_tfidf_and_gbm_its_first_fixed_map():
+    registry = get_registry()
+    choices = search_choices(registry, "standard", ["tabular", "text"])
+    trials = {t["meta_algorithm"]: t for t in default_trials(registry, choices)}
+    assert trials["linear"]["fixed.encoder.text"] == "tfidf" and trials["linear"]["fixed.encoder.tabular"] == "table"
+    assert trials["gbm"]["fixed.encoder.text"] == "lsa"
+    # Not allowed: the first-registered fixed map instead.
+    narrowed = search_choices(registry, "standard", ["tabular", "text"], {"encoder.text": ["lsa", "hashbag"]})
+    assert next(t for t in default_trials(registry, narrowed) if t["meta_algorithm"] == "linear")["fixed.encoder.text"] == "lsa"
+
+
+def test_tfidf_keeps_the_most_frequent_training_columns_and_nothing_held_out():
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(["alpha", "beta", "gamma", "delta"], 3)) for _ in range(20)]
+    texts += ["zeta omega unseen words"] * 3  # rows outside the fitted ones
+    train = np.arange(20)
+    state = TfIdf.fit_input(texts, train)
+    counts = _counts([texts[i] for i in train])
+    df = np.asarray((counts > 0).sum(axis=0)).ravel()
+    expected = np.flatnonzero(df >= 2)  # fewer than KEPT_PER_KIND per kind here: all of them
+    np.testing.assert_array_equal(state["columns"].numpy(), expected)
+    held_out = np.flatnonzero(np.asarray(_counts(texts[20:]).sum(axis=0)).ravel())
+    assert not np.isin(np.setdiff1d(held_out, np.flatnonzero(df)), state["columns"].numpy()).any()
+    x = TfIdf.prepare(texts, state)
+    assert x.shape == (len(texts), len(expected)) and x.dtype == torch.float32
+    # Word and character parts each of unit norm, so a row's norm is 1 where it has both.
+    assert torch.allclose(x[:20].norm(dim=1), torch.ones(20), atol=1e-5)
+    words = int(np.searchsorted(state["columns"].numpy(), 2**BITS))
+    assert torch.allclose(x[:20, :words].norm(dim=1), torch.full((20,), 2**-0.5), atol=1e-5)
+    # Many distinct n-grams: at most KEPT_PER_KIND of each kind, the most frequent ones.
+    many = [f"w{i} w{i + 1} w{i % 7}" for i in range(6000)]
+    big = TfIdf.fit_input(many, np.arange(6000))["columns"].numpy()
+    assert (big < 2**BITS).sum() == KEPT_PER_KIND
+    kept_df = np.asarray((_counts(many) > 0).sum(axis=0)).ravel()
+    word_df = kept_df[: 2**BITS]
+    threshold = np.sort(word_df)[::-1][KEPT_PER_KIND - 1]
+    assert word_df[big[big < 2**BITS]].min() == threshold and (word_df > threshold).sum() <= KEPT_PER_KIND
+
+
+def test_linear_weights_are_scikit_learns(tmp_path):
+    dataset = load_dataset(_planted(tmp_path / "p.csv"), "label")
+    split = make_split(dataset, "standard", seed=0)
+    registry = get_registry()
+    config = _config(search_choices(registry, "standard", dataset.modalities), C=3.0)
+    assert config.encoders == {"tabular": "table", "text": "tfidf"}
+    algorithm, score = train(config, split, seed=0, steps=5, eval_every=5, registry=registry)
+    # The reference: the same features of the same training rows, scikit-learn's fit.
+    pool = split.pool
+    rows = torch.as_tensor(pool.rows)
+    x = embed(algorithm.backbone, pool.features.take(rows)).double().numpy()
+    y = pool._local[pool.labels[rows]].numpy()  # noqa: SLF001 - the pool's own label mapping
+    reference = LogisticRegression(C=3.0, max_iter=300).fit(x, y)
+    np.testing.assert_allclose(algorithm.head.weight.double().numpy(), reference.coef_, atol=1e-4)
+    np.testing.assert_allclose(algorithm.head.bias.double().numpy(), reference.intercept_, atol=1e-4)
+    task = split.test[0]
+    query = embed(algorithm.backbone, task.query_inputs()).double().numpy()
+    np.testing.assert_allclose(torch.softmax(algorithm.predict(task).double(), -1).numpy(), reference.predict_proba(query), atol=1e-4)
+    assert score.mean >= 0.9  # the planted words separate the classes
+
+
+def test_a_class_absent_from_training_is_never_predicted_and_binary_keeps_two_columns(tmp_path):
+    from autometa_builtins.meta_algorithms.linear import ABSENT, Linear
+
+    class Pool:  # the two members of TrainingPool that train_step reads, three classes, two present
+        rows = np.arange(40)
+        n_classes = 3
+
+        def rows_batch(self, n, rng):
+            x = torch.cat([torch.randn(20, 2) - 2, torch.randn(20, 2) + 2])
+            return {"v": x}, torch.tensor([0] * 20 + [2] * 20)
+
+    class Backbone(torch.nn.Module):
+        out_dim = 2
+
+        def forward(self, inputs):
+            return inputs["v"]
+
+    algorithm = Linear(C=1.0)
+    algorithm.backbone = Backbone()
+    algorithm.head = torch.nn.Linear(2, 3).requires_grad_(False)
+    algorithm.head.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+    torch.manual_seed(0)
+    algorithm.train_step(Pool(), np.random.default_rng(0))
+    assert algorithm.head.bias[1] == ABSENT and not algorithm.head.weight[1].any()
+    assert not algorithm.head.weight[0].any() and algorithm.head.bias[0] == 0  # class 0: the zero reference
+    logits = algorithm.head(torch.tensor([[-2.0, -2.0], [2.0, 2.0]]))
+    assert logits.argmax(1).tolist() == [0, 2]
+
+
+def test_saved_linear_round_trips_through_autometa_predict(tmp_path):
+    path = _planted(tmp_path / "p.csv")
+    result = autometa.search(path, "label", trials=1, db=f"sqlite:///{tmp_path}/s.db", output=tmp_path / "models",
+                             include={"meta_algorithm": ["linear"]}, echo=lambda m: None, **FAST)
+    assert result.best.config.meta_algorithm == "linear" and result.best.config.encoders["text"] == "tfidf"
+    test_task = result.split.test[0]
+    expected = torch.softmax(result.best.algorithm.predict(test_task).double(), dim=-1).numpy()
+    frame = pd.read_csv(path)
+    rows = tmp_path / "rows.csv"
+    frame.iloc[result.split.row_splits["test"]].drop(columns=["label"]).to_csv(rows, index=False)
+    out = tmp_path / "pred.csv"
+    run = CliRunner().invoke(cli, ["predict", str(result.model_path), str(rows), "--output", str(out)])
+    assert run.exit_code == 0, run.output
+    written = pd.read_csv(out)
+    np.testing.assert_allclose(written[[f"proba_{c}" for c in "abc"]].to_numpy(), expected, rtol=1e-5, atol=1e-7)
+    weights = (result.model_path / "weights.safetensors").read_bytes()
+    assert b"head.fitted" in weights and b"fitted.text@tfidf.idf" in weights and b"pickle" not in weights
+
+
+def test_tfidf_matches_scikit_learns_word_weights_on_a_word_only_text():
+    """Against an independent reference: scikit-learn's TfidfVectorizer (sublinear tf, smoothed
+    idf) over the same word uni/bigrams agrees on each word column's idf."""
+    texts = ["red apple pie", "green apple", "red wine", "apple wine red", "pie"]
+    state = TfIdf.fit_input(texts, np.arange(5))
+    reference = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2).fit(texts)
+    words = state["columns"].numpy() < 2**BITS
+    idf = np.sort(state["idf"].numpy()[words])
+    np.testing.assert_allclose(idf, np.sort(reference.idf_), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0])
+def test_a_non_positive_c_is_refused(bad):
+    from autometa_builtins.meta_algorithms.linear import Linear
+
+    with pytest.raises(ValueError, match="C must be positive"):
+        Linear(C=bad)
