@@ -296,3 +296,18 @@ def test_worker_processes_stop_at_the_search_timeout(blobs, tmp_path, monkeypatc
     assert all("stopped" in t.user_attrs and t.user_attrs["steps"] < 10_000_000 for t in trials)
     assert all(t.user_attrs["wall_time_s"] < 30 / 4 + 5 for t in trials)  # each at most a quarter of the budget
     assert result.split.shared is None and len(made) == 1 and not Path(made[0]).exists()
+
+
+def test_a_timeout_without_trials_is_the_budget(blobs, tmp_path, monkeypatch):
+    """--timeout alone does not stop at the default 30 trials: the time is the budget (bounded)."""
+    from autometa.study import settings
+
+    assert settings.SearchSettings().trial_budget == settings.DEFAULT_TRIALS == 30
+    assert settings.SearchSettings(timeout=60).trial_budget == settings.TIMED_TRIALS
+    assert settings.SearchSettings(timeout=60, trials=5).trial_budget == 5
+    monkeypatch.setattr(settings, "TIMED_TRIALS", 32)  # the bound, small enough for a test
+    said = []
+    result = engine.search(blobs, "y", db=f"sqlite:///{tmp_path}/t.db", study="timed", isolate=False, timeout=600,
+                           include=PROTONET, **{**FAST, "steps": 2, "eval_every": 2, "echo": said.append})
+    assert len(result.study.get_trials()) == 32
+    assert "study 'timed' in sqlite:///" in said[2] and said[2].endswith("as many trials as 600 s allow (at most 32) on cpu")

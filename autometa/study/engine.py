@@ -93,7 +93,7 @@ def _spec(dataset: Dataset, data_path: str | None, registry: Registry, settings:
     return SearchSpec(
         data_path, dataset.label_column, dataset.group_column, {c.name: c.modality for c in dataset.columns},
         tuple(settings.image_size), protocol, settings.ways, settings.shots, settings.queries, settings.validation_tasks,
-        settings.test_tasks, settings.seed, choices, settings.steps, settings.eval_every, settings.trials, dataset.fingerprint,
+        settings.test_tasks, settings.seed, choices, settings.steps, settings.eval_every, settings.trial_budget, dataset.fingerprint,
     )
 
 
@@ -136,7 +136,7 @@ def search(
     say = settings.echo or (lambda msg: print(msg, file=sys.stderr))
     if settings.warm_start and (settings.warm_start_k < 1 or settings.warm_start_configs < 1):
         raise SearchError("--warm-start-k and --warm-start-configs must be at least 1")
-    if settings.trials < 1:
+    if settings.trials is not None and settings.trials < 1:
         raise SearchError("--trials must be at least 1")
     if settings.steps < 1 or settings.eval_every < 1:
         raise SearchError("--steps and --eval-every must be at least 1")
@@ -192,13 +192,16 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
     recover_orphans(optuna_study, say)
     existing = finished_trials(name, storage)
 
-    remaining = settings.trials - existing
+    budget = settings.trial_budget
+    remaining = budget - existing
     where = ", ".join(s.label for s in slots) if settings.isolate else str(device)
     if existing:
         say(f"study {name!r} resumed: {existing} trial(s) already finished, {max(0, remaining)} of the budget of "
-            f"{settings.trials} left")
+            f"{budget} left")
     else:
-        say(f"study {name!r} in {settings.db}: {settings.trials} trial(s) on {where}")
+        count = f"{budget} trial(s)" if settings.trials is not None or settings.timeout is None else \
+            f"as many trials as {settings.timeout:g} s allow (at most {budget})"
+        say(f"study {name!r} in {settings.db}: {count} on {where}")
 
     if not optuna_study.get_trials(deepcopy=False):
         seeded = 0
@@ -217,7 +220,7 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
     # Every run of the search is a row of autometa_searches (a resumed one adds another).
     search_id = schema.begin_search(
         settings.db, study=name, dataset=dataset, source=data_path or (str(dataset.path) if dataset.path else None),
-        protocol=split.protocol, budget=settings.trials, seed=settings.seed, plugins=schema.plugin_versions(registry, choices),
+        protocol=split.protocol, budget=budget, seed=settings.seed, plugins=schema.plugin_versions(registry, choices),
         host=host_info(), autometa_version=__version__,
         describe=lambda d: optuna_study.user_attrs.get("meta_features") or meta_features(),  # computed once
     )

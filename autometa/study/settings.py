@@ -13,6 +13,9 @@ from typing import Any, Callable, Mapping
 
 from autometa.store import DEFAULT_DB, PRIOR_PATH
 
+DEFAULT_TRIALS = 30  # a search's budget of trials when it has no --timeout
+TIMED_TRIALS = 1000  # with --timeout and no --trials the time is the budget; this only bounds it
+
 WARM_START_K = 3  # nearest datasets drawn from
 WARM_START_CONFIGS = 3  # configurations seeded in all (one from each of the 3 nearest by default)
 
@@ -24,7 +27,7 @@ class SearchSettings:
     group: str | None = None  # group column: one task per group (grouped protocol)
     columns: Mapping[str, str] | None = None  # column -> type overrides
     protocol: str = "auto"
-    trials: int = 30  # the study's total budget of trials
+    trials: int | None = None  # the study's total budget of trials (None: see trial_budget)
     timeout: float | None = None  # seconds for the trials: running ones stop then (and each gets 1/4 by default)
     seed: int = 0
     db: str = DEFAULT_DB
@@ -54,6 +57,13 @@ class SearchSettings:
     warm_start_k: int = WARM_START_K
     warm_start_configs: int = WARM_START_CONFIGS
     warm_start_prior: str | Path | None = PRIOR_PATH
+
+    @property
+    def trial_budget(self) -> int:
+        """``trials``, or by default 30 trials, or as many as ``timeout`` allows (at most 1000)."""
+        if self.trials is not None:
+            return self.trials
+        return DEFAULT_TRIALS if self.timeout is None else TIMED_TRIALS
 
     def replace(self, **overrides: Any) -> "SearchSettings":
         """These settings with some changed (an unknown name raises TypeError)."""
