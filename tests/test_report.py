@@ -249,3 +249,20 @@ def test_study_with_only_failed_trials_renders_escaped(tmp_path):
     assert "No leaderboard" in page.text("leaderboard")
     assert "No other study" in page.text("dataset")
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_fixed_feature_choices_count_with_the_other_plugins(tmp_path):
+    """A gbm trial's encoders (stored under fixed.*) appear in the plugin tables beside the others'."""
+    db = f"sqlite:///{tmp_path / 'fixed.db'}"
+    study = optuna.create_study(study_name="mixed", storage=db, direction="maximize")
+    space = {"meta_algorithm": ["gbm", "protonet"], "fusion": ["concat"], "encoder.text": ["hashbag", "lsa"],
+             "fixed.fusion": ["concat"], "fixed.encoder.text": ["lsa"]}
+    for value, params in ((0.6, {"meta_algorithm": "protonet", "fusion": "concat", "encoder.text": "hashbag"}),
+                          (0.8, {"meta_algorithm": "gbm", "fixed.fusion": "concat", "fixed.encoder.text": "lsa"})):
+        study.add_trial(create_trial(params=params, value=value,
+                                     distributions={k: CategoricalDistribution(space[k]) for k in params}))
+    page = Page(build_report("mixed", db, tmp_path / "out").read_text(encoding="utf-8"))
+    text = page.text("plugins")
+    assert "Encoder for text" in text and "fixed." not in text
+    rows = {tuple(r[:2]) for t in page.sections["plugins"]["tables"] for r in t["rows"]}
+    assert {("lsa", "1"), ("hashbag", "1"), ("gbm", "1"), ("protonet", "1"), ("concat", "2")} <= rows

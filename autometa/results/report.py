@@ -38,7 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from autometa._version import __version__
-from autometa.config import configuration_label, is_component_key, label_suffix
+from autometa.config import FIXED, configuration_label, is_component_key, label_suffix
 from autometa.data.metafeatures import rank_by_meta_features
 from autometa.data.scoring import INTERVALS, format_score
 from autometa.results.artifacts import folder_name
@@ -151,6 +151,11 @@ def _importance_figure(importances: list[tuple[str, float]]) -> bytes:
 
 def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
+
+
+def _chosen(params: Mapping[str, Any], key: str) -> Any:
+    """The plugin a trial chose for ``key``: under ``key``, or ``fixed.`` + key for a fixed-features learner."""
+    return params.get(key, params.get(FIXED + key))
 
 
 def _pct(value: Any) -> str:
@@ -378,10 +383,11 @@ class _Report:
         ])
 
     def plugins(self) -> str:
+        # A fixed-features learner's choices (fixed.fusion, fixed.encoder.<m>) count with the others'.
         if not self.complete:
             return _note("No trial completed, so there are no validation accuracies to compare plugins by.")
         choices = self.attrs.get("choices") if isinstance(self.attrs.get("choices"), Mapping) else {}
-        keys = list(choices) or sorted({k for t in self.trials for k in t.params if is_component_key(k)})
+        keys = list(choices) or sorted({k.removeprefix(FIXED) for t in self.trials for k in t.params if is_component_key(k)})
         keys = sorted(keys, key=lambda k: (k != "meta_algorithm", k != "fusion", k))
         out = [_note("Validation accuracy of the complete trials grouped by each plugin choice "
                      "(boxes: quartiles and median; dots: trials). Pruned and failed trials are counted in the tables.")]
@@ -389,9 +395,10 @@ class _Report:
             title = {"meta_algorithm": "Meta-algorithm", "fusion": "Fusion"}.get(key, f"Encoder for {key.split('.', 1)[-1]}")
             by_name: dict[str, list[float]] = defaultdict(list)
             for t in self.complete:
-                if key in t.params:
-                    by_name[str(t.params[key])].append(t.value)
-            stopped = {state: Counter(str(t.params[key]) for t in self.trials if t.state == state and key in t.params)
+                if _chosen(t.params, key) is not None:
+                    by_name[str(_chosen(t.params, key))].append(t.value)
+            stopped = {state: Counter(str(_chosen(t.params, key)) for t in self.trials
+                                      if t.state == state and _chosen(t.params, key) is not None)
                        for state in (TrialState.PRUNED, TrialState.FAIL)}
             groups = sorted(by_name.items(), key=lambda kv: -statistics.median(kv[1]))
             out.append(f"<h3>{_e(title)}</h3>")
