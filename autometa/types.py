@@ -130,6 +130,17 @@ class TrainingPool:
     def n_classes(self) -> int:
         return len(self.classes)
 
+    def including(self, extra: np.ndarray) -> "TrainingPool":
+        """This pool with ``extra`` rows added to its one source (the standard protocol's); rows
+        of a class the pool lacks are left out, so the classes, and the labels 0..n_classes-1, stay."""
+        if len(self.sources) != 1:
+            raise ValueError("only a pool with one source (the standard protocol's) takes extra rows")
+        labels = self.labels.cpu().numpy()
+        extra = np.asarray(extra)[np.isin(labels[extra], self.classes)]
+        rows = np.concatenate([self.rows, extra])
+        source = {c: np.concatenate([r, extra[labels[extra] == c]]) for c, r in self.sources[0].items()}
+        return TrainingPool(self.features, self.labels, rows, [source], self.device, self.protocol)
+
     def rows_batch(self, batch_size: int, rng: np.random.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """A random batch of training rows with labels 0..n_classes-1 over the training classes."""
         pick = rng.choice(self.rows, size=min(batch_size, len(self.rows)), replace=False)

@@ -172,3 +172,62 @@ def test_a_non_positive_c_is_refused(bad):
 
     with pytest.raises(ValueError, match="C must be positive"):
         Linear(C=bad)
+
+
+def _reference(algorithm, split, rows, C):
+    """scikit-learn's fit on ``rows`` of the split's features, as the learner sees them."""
+    pool = split.pool
+    index = torch.as_tensor(rows)
+    x = embed(algorithm.backbone, pool.features.take(index)).double().numpy()
+    return LogisticRegression(C=C, max_iter=300).fit(x, pool._local[pool.labels[index]].numpy())  # noqa: SLF001
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_chosen_one_step_learners_are_refitted_on_training_and_validation_rows(tmp_path, refit):
+    said = []
+    result = autometa.search(_planted(tmp_path / "p.csv"), "label", trials=1, db=f"sqlite:///{tmp_path}/s.db",
+                             output=None, include={"meta_algorithm": ["linear"]}, refit=refit,
+                             **{**FAST, "echo": said.append})
+    split, algorithm = result.split, result.best.algorithm
+    rows = split.row_splits["train"]
+    if refit:
+        rows = np.concatenate([rows, split.row_splits["validation"]])
+    reference = _reference(algorithm, split, rows, C=10.0)
+    np.testing.assert_allclose(algorithm.head.weight.double().numpy(), reference.coef_, atol=1e-4)
+    # The leaderboard's validation figure is the trial's (fitted on training rows only).
+    assert result.best.validation == result.study.trials[0].value
+    assert any(m.startswith("refitted on the training + validation rows") and "trial(s) 0 " in m for m in said) == refit
+
+
+def test_refit_applies_to_one_step_learners_on_the_standard_protocol_only(tmp_path):
+    from autometa.study.training import refits
+
+    registry = get_registry()
+    dataset = load_dataset(_planted(tmp_path / "p.csv"), "label")
+    split = make_split(dataset, "standard", seed=0)
+    choices = search_choices(registry, "standard", dataset.modalities)
+    assert refits(_config(choices), split, registry) and refits(_config(choices, "gbm"), split, registry)
+    protonet = sample_config(FixedTrial(next(t for t in default_trials(registry, choices)
+                                             if t["meta_algorithm"] == "protonet")), registry, choices)
+    assert not refits(protonet, split, registry)
+    grouped = pd.read_csv(tmp_path / "p.csv").assign(site=lambda f: [f"s{i % 5}" for i in range(len(f))])
+    grouped.to_csv(tmp_path / "g.csv", index=False)
+    gsplit = make_split(load_dataset(tmp_path / "g.csv", "label", group="site"), "grouped", shots=2, seed=0)
+    assert not refits(_config(search_choices(registry, "grouped", dataset.modalities)), gsplit, registry)
+
+
+def test_a_pool_including_extra_rows_keeps_its_classes(tmp_path):
+    dataset = load_dataset(_planted(tmp_path / "p.csv"), "label")
+    pool = make_split(dataset, "standard", seed=0).pool
+    labels = pool.labels.numpy()
+    kept_class = pool.classes[0]
+    extra = np.setdiff1d(np.arange(len(labels)), pool.rows)
+    # Pretend the pool lacks one class: rows of it among the extra ones are left out.
+    without = pool.including(np.array([], dtype=int))
+    assert np.array_equal(without.rows, pool.rows) and np.array_equal(without.classes, pool.classes)
+    narrowed = type(pool)(pool.features, pool.labels, pool.rows[labels[pool.rows] == kept_class],
+                          [{kept_class: pool.rows[labels[pool.rows] == kept_class]}], pool.device, pool.protocol)
+    grown = narrowed.including(extra)
+    assert np.array_equal(grown.classes, [kept_class]) and set(labels[grown.rows]) == {kept_class}
+    assert len(grown.rows) == len(narrowed.rows) + int((labels[extra] == kept_class).sum())
+    assert np.array_equal(np.sort(grown.sources[0][kept_class]), np.sort(grown.rows))

@@ -51,6 +51,9 @@ DEFAULTS = SearchSettings()  # every default, written once in SearchSettings
               help="Configurations scored on the test tasks.")
 @click.option("--no-ensemble", is_flag=True,
               help="Do not build an ensemble of the best trials (chosen on validation; saved when it beats the best).")
+@click.option("--no-refit", is_flag=True,
+              help="Score and save learners that fit in one step (gbm, linear) as their trials fitted them, on the training "
+                   "rows only, instead of refitted on the training + validation rows.")
 @click.option("--image-size", type=int, default=DEFAULTS.image_size[0], show_default=True,
               help="Images are resized to SIZE×SIZE.")
 @click.option("--meta-algorithm", "meta_algorithms", multiple=True, metavar="NAME",
@@ -74,7 +77,7 @@ DEFAULTS = SearchSettings()  # every default, written once in SearchSettings
               help="A knowledge file from `autometa kb export` instead of the one shipped with autometa.")
 def search(data, label, group, columns, protocol, trials, timeout, seed, db, study, devices, trials_per_device,
            trial_timeout, in_process, steps, eval_every,
-           ways, shots, queries, validation_tasks, test_tasks, top_k, no_ensemble, image_size, meta_algorithms, fusions,
+           ways, shots, queries, validation_tasks, test_tasks, top_k, no_ensemble, no_refit, image_size, meta_algorithms, fusions,
            encoders, output, fmt, no_progress, no_defaults, no_warm_start, warm_start_k, warm_start_configs,
            warm_start_prior):
     """Search encoders, fusion and meta-algorithm for DATA (CSV, Parquet, JSON Lines or .npz)."""
@@ -85,7 +88,8 @@ def search(data, label, group, columns, protocol, trials, timeout, seed, db, stu
         group=group, columns=parse_column_overrides(columns), protocol=protocol, trials=trials, timeout=timeout, seed=seed,
         db=db, study=study, devices=devices, trials_per_device=trials_per_device, trial_timeout=trial_timeout,
         isolate=not in_process, steps=steps, eval_every=eval_every, ways=ways, shots=shots, queries=queries,
-        validation_tasks=validation_tasks, test_tasks=test_tasks, top_k=top_k, ensemble=not no_ensemble, image_size=(image_size, image_size),
+        validation_tasks=validation_tasks, test_tasks=test_tasks, top_k=top_k, ensemble=not no_ensemble, refit=not no_refit,
+        image_size=(image_size, image_size),
         progress=not no_progress, include=_restrictions(meta_algorithms, fusions, encoders), output=output,
         defaults=not no_defaults, warm_start=not no_warm_start, warm_start_k=warm_start_k,
         warm_start_configs=warm_start_configs, **({"warm_start_prior": warm_start_prior} if warm_start_prior else {}),

@@ -238,7 +238,7 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
                 _optimize_here(optuna_study, runner, remaining, timeout, registry, choices, settings.progress, say, settings.db)
 
         models = TrainedModels(split, registry, choices, settings.steps, settings.eval_every, cache,
-                               KeptModels(settings.db, name, max(settings.top_k, KEPT)))
+                               KeptModels(settings.db, name, max(settings.top_k, KEPT)), refit=settings.refit)
         leaderboard = _leaderboard(optuna_study, split, registry, choices, settings.top_k, models, say)
         ensemble = None
         if settings.ensemble and leaderboard:
@@ -248,6 +248,9 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
                 say(f"ensemble: not built: {exc}")
         if models.restored or models.retrained:
             say(f"trained models: {models.restored} loaded from the weights their workers kept, {models.retrained} retrained")
+        if models.refitted:
+            say(f"refitted on the training + validation rows for the test tasks and the saved model: trial(s) "
+                f"{', '.join(map(str, sorted(models.refitted)))} (learners that fit in one step; --no-refit keeps their trials' fits)")
         plain = baselines(split)
         optuna_study.set_user_attr("baselines", [b.as_dict() for b in plain])
         optuna_study.set_user_attr("test_warnings", caveats(split))

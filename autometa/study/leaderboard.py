@@ -19,7 +19,7 @@ from autometa.data.scoring import INTERVALS, Baseline, Score, caveats, evaluate,
 from autometa.errors import one_line
 from autometa.study.ensemble import EnsembleEntry, distinct_best
 from autometa.study.kept import KeptModels
-from autometa.study.training import count_parameters, train
+from autometa.study.training import count_parameters, refit, refits, train
 
 
 @dataclass
@@ -129,19 +129,30 @@ def _keep_best(cache: dict[int, tuple[float, MetaAlgorithm]], number: int, value
 
 class TrainedModels:
     """A complete trial's trained model: kept by this process (``cache``), kept by the worker
-    that trained it (``kept``), or, when neither has it, retrained from its parameters and seed."""
+    that trained it (``kept``), or, when neither has it, retrained from its parameters and seed.
+    With ``refit``, a learner that fits in one step is fitted again on the training and
+    validation rows instead (standard protocol; see ``training.refit``)."""
 
     def __init__(self, split: Split, registry, choices, steps: int, eval_every: int,
-                 cache: dict[int, tuple[float, MetaAlgorithm]], kept: KeptModels):
+                 cache: dict[int, tuple[float, MetaAlgorithm]], kept: KeptModels, refit: bool = True):
         self.split, self.registry, self.choices, self.steps, self.eval_every = split, registry, choices, steps, eval_every
-        self.cache, self.kept = cache, kept
-        self.restored, self.retrained = 0, 0
+        self.cache, self.kept, self.refit = cache, kept, refit
+        self.restored, self.retrained, self.refitted = 0, 0, []
+        self.ready: set[int] = set()  # trials whose model in the cache is the final one
 
     def __call__(self, t: FrozenTrial) -> MetaAlgorithm:
-        if t.number in self.cache:
+        if t.number in self.ready:
             return self.cache[t.number][1]
+        self.ready.add(t.number)
         config = stored_config(t.params, self.registry, self.choices)
         seed = t.user_attrs.get("seed", t.number)
+        if self.refit and refits(config, self.split, self.registry):
+            algorithm = refit(config, self.split, seed=seed, registry=self.registry)
+            self.refitted.append(t.number)
+            self.cache[t.number] = (t.value, algorithm)
+            return algorithm
+        if t.number in self.cache:
+            return self.cache[t.number][1]
         algorithm, _ = train(config, self.split, seed=seed, steps=0, eval_every=self.eval_every, registry=self.registry)
         if self.kept.restore(t.number, algorithm):
             self.restored += 1

@@ -45,6 +45,7 @@ class SearchSettings:
     test_tasks: int = 600
     top_k: int = 3  # configurations scored on the test tasks
     ensemble: bool = True  # choose an ensemble of the best trials on validation; saved when it beats its best member
+    refit: bool = True  # learners that fit in one step are refitted on training + validation rows once chosen
     sampler: Any = None  # an optuna sampler; None: autometa's default
     pruner: Any = None  # an optuna pruner; None: autometa's default
     image_size: tuple[int, int] = (28, 28)
