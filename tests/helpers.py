@@ -214,3 +214,19 @@ def split_inputs(folder: str, data: str, label: str, out) -> None:
                  if len(m) == 6 and int(m[0].split("-")[0], 16) <= pointer < int(m[0].split("-")[1], 16)]
         found[key] = (*(where[0] if where else (None, None)), tensor.numpy().tobytes())
     out.put(found)
+
+
+def predicted_by_the_cli(result, data: Path, label: str, folder: Path) -> tuple[np.ndarray, "pd.DataFrame"]:
+    """What the search's own model gives the first test task's query rows (class probabilities)
+    and what ``autometa predict`` writes for the test rows of ``data`` from the saved model."""
+    from click.testing import CliRunner
+
+    from autometa.cli.main import cli
+
+    expected = torch.softmax(result.best.algorithm.predict(result.split.test[0]).double(), dim=-1).numpy()
+    rows, out = folder / "rows.csv", folder / "pred.csv"
+    frame = pd.read_csv(data)
+    frame.iloc[result.split.row_splits["test"]].drop(columns=[label]).to_csv(rows, index=False)
+    run = CliRunner().invoke(cli, ["predict", str(result.model_path), str(rows), "--output", str(out)])
+    assert run.exit_code == 0, run.output
+    return expected, pd.read_csv(out)

@@ -10,12 +10,10 @@ import optuna
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 from optuna.trial import FixedTrial
 from sklearn.ensemble import HistGradientBoostingClassifier
 
 import autometa
-from autometa.cli.main import cli
 from autometa.config import configuration_label, default_trials, sample_config, search_choices, structure
 from autometa.data.loading import load_dataset
 from autometa.data.protocols import make_split, task_size
@@ -24,6 +22,7 @@ from autometa.errors import PluginError, SearchError
 from autometa.plugins import get_registry
 from autometa.study.training import train
 from autometa_builtins.meta_algorithms.trees import TreeEnsemble
+from helpers import predicted_by_the_cli
 
 FAST = dict(steps=4, eval_every=2, progress=False, warm_start=False, isolate=False)
 
@@ -175,15 +174,7 @@ def test_saved_gbm_round_trips_through_autometa_predict(tmp_path):
     result = autometa.search(path, "label", trials=1, db=f"sqlite:///{tmp_path}/s.db", output=tmp_path / "models",
                              include={"meta_algorithm": ["gbm"]}, echo=lambda m: None, **FAST)
     assert result.best.config.meta_algorithm == "gbm" and result.model_path is not None
-    test_task = result.split.test[0]
-    expected = torch.softmax(result.best.algorithm.predict(test_task).double(), dim=-1).numpy()
-    frame = pd.read_csv(path)
-    rows = tmp_path / "rows.csv"
-    frame.iloc[result.split.row_splits["test"]].drop(columns=["label"]).to_csv(rows, index=False)
-    out = tmp_path / "pred.csv"
-    run = CliRunner().invoke(cli, ["predict", str(result.model_path), str(rows), "--output", str(out)])
-    assert run.exit_code == 0, run.output
-    written = pd.read_csv(out)
+    expected, written = predicted_by_the_cli(result, path, "label", tmp_path)
     np.testing.assert_allclose(written[[f"proba_{c}" for c in "abc"]].to_numpy(), expected, rtol=1e-6, atol=1e-9)
     assert list(written["prediction"]) == [list("abc")[i] for i in expected.argmax(1)]
     weights = (result.model_path / "weights.safetensors").read_bytes()

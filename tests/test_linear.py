@@ -9,20 +9,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 from optuna.trial import FixedTrial
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 import autometa
-from autometa.cli.main import cli
 from autometa.config import default_trials, sample_config, search_choices
 from autometa.data.loading import load_dataset
 from autometa.data.protocols import make_split
 from autometa.plugins import get_registry
 from autometa.study.training import train
-from autometa_builtins.lsa import BITS, KEPT_PER_KIND, TfIdf, _counts
+from autometa_builtins.encoders import TfIdf
+from autometa_builtins.lsa import BITS, KEPT_PER_KIND, _counts
 from autometa_builtins.meta_algorithms._common import embed
+from helpers import predicted_by_the_cli
 
 FAST = dict(steps=4, eval_every=2, progress=False, warm_start=False, isolate=False)
 WORDS = {"a": ["crisp", "salad", "leaf"], "b": ["grilled", "burger", "bacon"], "c": ["sweet", "shake", "cream"]}
@@ -141,15 +141,7 @@ def test_saved_linear_round_trips_through_autometa_predict(tmp_path):
     result = autometa.search(path, "label", trials=1, db=f"sqlite:///{tmp_path}/s.db", output=tmp_path / "models",
                              include={"meta_algorithm": ["linear"]}, echo=lambda m: None, **FAST)
     assert result.best.config.meta_algorithm == "linear" and result.best.config.encoders["text"] == "tfidf"
-    test_task = result.split.test[0]
-    expected = torch.softmax(result.best.algorithm.predict(test_task).double(), dim=-1).numpy()
-    frame = pd.read_csv(path)
-    rows = tmp_path / "rows.csv"
-    frame.iloc[result.split.row_splits["test"]].drop(columns=["label"]).to_csv(rows, index=False)
-    out = tmp_path / "pred.csv"
-    run = CliRunner().invoke(cli, ["predict", str(result.model_path), str(rows), "--output", str(out)])
-    assert run.exit_code == 0, run.output
-    written = pd.read_csv(out)
+    expected, written = predicted_by_the_cli(result, path, "label", tmp_path)
     np.testing.assert_allclose(written[[f"proba_{c}" for c in "abc"]].to_numpy(), expected, rtol=1e-5, atol=1e-7)
     weights = (result.model_path / "weights.safetensors").read_bytes()
     assert b"head.fitted" in weights and b"fitted.text@tfidf.idf" in weights and b"pickle" not in weights

@@ -20,7 +20,6 @@ from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.preprocessing import normalize
 
-from autometa.components import Encoder, InputSpec
 from autometa_builtins.fitted import FittedFeatures, unit_rows
 
 BITS = 14  # hash columns per n-gram kind: 2 x 16,384 in all
@@ -94,49 +93,27 @@ class LatentSemantic(FittedFeatures):
         return unit_rows(np.asarray(z))
 
 
-class TfIdf(Encoder):
-    """TF-IDF word 1-2-grams and character 2-5-grams, as they are: the most frequent 4,096 columns
-    of each kind among the training rows (an n-gram in at least two of them), each kind scaled to
-    unit norm, then the row. Nothing is learned on top (``fixed_params``): what a linear model
-    reads (the ``linear`` meta-algorithm, as a TF-IDF → logistic regression pipeline does), and a
-    wide sparse input the neural fusions project down.
 
-    Against ``lsa``: no SVD, so rare but telling n-grams (a product name, a typo a class shares)
-    keep their own weight; a linear model over them usually beats one over 256 SVD dimensions
-    on a standard task with hundreds of rows per class. Size: at most 8,192 float32 per row
-    (32 KiB: 3,000 rows are 98 MiB, shared read-only by the workers); the state is one column
-    index and one idf per kept column.
-    """
+def fit_tfidf(raw: list[str], rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """``tfidf``'s state: the most frequent ``KEPT_PER_KIND`` word and character columns of the
+    training rows ``raw[rows]`` (each n-gram in at least two of them) and their idf."""
+    counts = _counts([raw[i] for i in rows])
+    df = np.asarray((counts > 0).sum(axis=0)).ravel()
+    columns = []
+    for kind in (slice(0, 2**BITS), slice(2**BITS, 2 * 2**BITS)):
+        seen = np.flatnonzero(df[kind] >= min(2, len(rows))) + kind.start
+        # Most frequent first; ties by column, so the choice does not depend on the sort.
+        columns.append(np.sort(seen[np.lexsort((seen, -df[seen]))][:KEPT_PER_KIND]))
+    columns = np.concatenate(columns)
+    if len(columns) < 2:
+        raise ValueError(f"the {len(rows)} training rows share {len(columns)} n-gram(s); give text to fit on")
+    return {"columns": torch.from_numpy(columns.astype(np.int64)),
+            "idf": torch.from_numpy(_idf(counts, columns).astype(np.float32))}
 
-    name = "tfidf"
-    modality = "text"
-    fixed_params = {}
 
-    def __init__(self, spec: InputSpec):
-        super().__init__()
-        self.out_dim = spec.shape[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    @classmethod
-    def fit_input(cls, raw: list[str], rows: np.ndarray) -> dict[str, torch.Tensor]:
-        counts = _counts([raw[i] for i in rows])
-        df = np.asarray((counts > 0).sum(axis=0)).ravel()
-        columns = []
-        for kind in (slice(0, 2**BITS), slice(2**BITS, 2 * 2**BITS)):
-            seen = np.flatnonzero(df[kind] >= min(2, len(rows))) + kind.start
-            # Most frequent first; ties by column, so the choice does not depend on the sort.
-            columns.append(np.sort(seen[np.lexsort((seen, -df[seen]))][:KEPT_PER_KIND]))
-        columns = np.concatenate(columns)
-        if len(columns) < 2:
-            raise ValueError(f"the {len(rows)} training rows share {len(columns)} n-gram(s); give text to fit on")
-        return {"columns": torch.from_numpy(columns.astype(np.int64)),
-                "idf": torch.from_numpy(_idf(counts, columns).astype(np.float32))}
-
-    @classmethod
-    def prepare(cls, raw: list[str], state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        if state is None:
-            raise ValueError("tfidf features are fitted on training rows: call fit_input first")
-        x = _tfidf(_counts(list(raw)), state["columns"].numpy(), state["idf"].numpy())
-        return torch.from_numpy(x.astype(np.float32).toarray())
+def tfidf_features(raw: list[str], state: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """Dense float32 ``[N, columns]`` TF-IDF of ``raw`` over ``fit_tfidf``'s columns."""
+    if state is None:
+        raise ValueError("tfidf features are fitted on training rows: call fit_input first")
+    x = _tfidf(_counts(list(raw)), state["columns"].numpy(), state["idf"].numpy())
+    return torch.from_numpy(x.astype(np.float32).toarray())

@@ -21,6 +21,14 @@ def embed(backbone: Backbone, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     )
 
 
+def every_training_row(backbone: Backbone, pool: TrainingPool, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every training row's fixed features and label, in a seeded order: what a learner that fits
+    once on the backbone's output (gbm, linear) fits on."""
+    inputs, y = pool.rows_batch(len(pool.rows), rng)
+    with torch.no_grad():
+        return embed(backbone, inputs), y
+
+
 def through_training_classes(task: Task, logits: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> torch.Tensor:
     """``[n_query, n_way]`` logits of ``task`` from a classifier of the training classes
     (``logits`` of inputs), for learners fitted once on every training row (gbm, linear).

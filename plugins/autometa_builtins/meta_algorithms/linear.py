@@ -20,7 +20,7 @@ from torch import nn
 
 from autometa.components import Backbone, MetaAlgorithm
 from autometa.types import Task, TrainingPool
-from autometa_builtins.meta_algorithms._common import embed, embedding_placement, through_training_classes
+from autometa_builtins.meta_algorithms._common import embed, embedding_placement, every_training_row, through_training_classes
 
 # A class absent from the training rows can never be predicted: its logit is this far below.
 ABSENT = -1e4
@@ -66,9 +66,7 @@ class Linear(MetaAlgorithm):
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
 
-        inputs, y = pool.rows_batch(len(pool.rows), rng)  # every training row, in a seeded order
-        with torch.no_grad():
-            x = embed(self.backbone, inputs)
+        x, y = every_training_row(self.backbone, pool, rng)
         labels = y.cpu().numpy()
         classes = np.unique(labels)
         weight = torch.zeros_like(self.head.weight)

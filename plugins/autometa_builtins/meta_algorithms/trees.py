@@ -26,7 +26,7 @@ from torch import nn
 
 from autometa.components import Backbone, MetaAlgorithm
 from autometa.types import Task, TrainingPool
-from autometa_builtins.meta_algorithms._common import embed, through_training_classes
+from autometa_builtins.meta_algorithms._common import embed, every_training_row, through_training_classes
 
 # Rows × features from which a fit uses several OpenMP threads (see train_step).
 LARGE_FIT = 2**22
@@ -180,9 +180,7 @@ class GradientBoosting(MetaAlgorithm):
             return self.loss
         from sklearn.ensemble import HistGradientBoostingClassifier
 
-        inputs, y = pool.rows_batch(len(pool.rows), rng)  # every training row, in a seeded order
-        with torch.no_grad():
-            x = embed(self.backbone, inputs)
+        x, y = every_training_row(self.backbone, pool, rng)
         model = HistGradientBoostingClassifier(
             **self.params, validation_fraction=0.1, n_iter_no_change=10, random_state=int(rng.integers(2**31)),
         )
