@@ -201,3 +201,37 @@ def test_a_learner_that_cannot_work_at_the_task_size_is_left_out_with_a_note(tmp
         search_choices(get_registry(), "standard", ["tabular"], {"meta_algorithm": ["relationnet"]}, size)
     # At 5 ways it stays.
     assert "relationnet" in search_choices(get_registry(), "fewshot", ["tabular"], size=task_size(dataset, "fewshot", ways=5, shots=1))["meta_algorithm"]
+
+
+def test_a_wide_input_is_fitted_on_its_most_often_non_zero_columns(monkeypatch):
+    """Beyond MAX_COLUMNS, the trees are fitted on the columns most often non-zero and read them
+    at their place in the whole input: the same scores as scikit-learn's fit on those columns."""
+    from autometa_builtins.meta_algorithms import trees as module
+
+    monkeypatch.setattr(module, "MAX_COLUMNS", 4)
+    rng = np.random.default_rng(0)
+    x = np.zeros((200, 10))
+    dense = [1, 4, 6, 9]  # non-zero in every row; the others in a few
+    x[:, dense] = rng.normal(size=(200, 4))
+    x[rng.random((200, 10)) < 0.03] = 1.0
+    y = (x[:, 4] > 0).astype(int)
+
+    class Pool:
+        rows = np.arange(200)
+        n_classes = 2
+        device = torch.device("cpu")
+
+        def rows_batch(self, n, rng):
+            return {"v": torch.from_numpy(x)}, torch.from_numpy(y)
+
+    algorithm = module.GradientBoosting(max_iter=20)
+    algorithm.backbone = lambda inputs: inputs["v"]
+    algorithm.trees = module.TreeEnsemble()
+    algorithm.train_step(Pool(), np.random.default_rng(0))
+    used = sorted(set(algorithm.trees.feature[~torch.isinf(algorithm.trees.threshold)].tolist()))
+    assert set(used) <= set(dense) and 4 in used
+    seed = np.random.default_rng(0).integers(2**31)  # the fit's random_state, drawn as train_step draws it
+    reference = HistGradientBoostingClassifier(max_iter=20, validation_fraction=0.1, n_iter_no_change=10,
+                                               random_state=int(seed), l2_regularization=1e-4).fit(x[:, dense], y)
+    np.testing.assert_allclose(algorithm.trees(torch.from_numpy(x)).numpy().ravel(),
+                               reference._raw_predict(x[:, dense]).ravel())  # noqa: SLF001 - the reference

@@ -223,3 +223,17 @@ def test_a_pool_including_extra_rows_keeps_its_classes(tmp_path):
     assert np.array_equal(grown.classes, [kept_class]) and set(labels[grown.rows]) == {kept_class}
     assert len(grown.rows) == len(narrowed.rows) + int((labels[extra] == kept_class).sum())
     assert np.array_equal(np.sort(grown.sources[0][kept_class]), np.sort(grown.rows))
+
+
+def test_no_refit_starts_long_after_the_timeout(tmp_path, monkeypatch):
+    import importlib
+
+    engine = importlib.import_module("autometa.study.engine")
+    monkeypatch.setattr(engine, "REFIT_SHARE", -100.0)  # refits allowed until long before the deadline: none
+    said = []
+    result = autometa.search(_planted(tmp_path / "p.csv"), "label", trials=1, timeout=60, db=f"sqlite:///{tmp_path}/s.db",
+                             output=None, include={"meta_algorithm": ["linear"]}, **{**FAST, "echo": said.append})
+    reference = _reference(result.best.algorithm, result.split, result.split.row_splits["train"], C=10.0)
+    np.testing.assert_allclose(result.best.algorithm.head.weight.double().numpy(), reference.coef_, atol=1e-4)
+    assert "not refitted, more than -10000% of --timeout past its end: trial(s) 0 (scored and saved as their trials fitted them)" in said
+    assert not any(m.startswith("refitted") for m in said)

@@ -49,6 +49,9 @@ from autometa.study.settings import SearchSettings
 logger = logging.getLogger("autometa.study.engine")
 
 
+# Refits (learners that fit in one step) start until this share of --timeout past its end.
+REFIT_SHARE = 0.1
+
 def open_study(name: str, storage, db: str, sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner) -> optuna.Study:
     try:
         return optuna.create_study(
@@ -238,7 +241,8 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
                 _optimize_here(optuna_study, runner, remaining, timeout, registry, choices, settings.progress, say, settings.db)
 
         models = TrainedModels(split, registry, choices, settings.steps, settings.eval_every, cache,
-                               KeptModels(settings.db, name, max(settings.top_k, KEPT)), refit=settings.refit)
+                               KeptModels(settings.db, name, max(settings.top_k, KEPT)), refit=settings.refit,
+                               refit_until=None if limits.deadline is None else limits.deadline + REFIT_SHARE * settings.timeout)
         leaderboard = _leaderboard(optuna_study, split, registry, choices, settings.top_k, models, say)
         ensemble = None
         if settings.ensemble and leaderboard:
@@ -251,6 +255,9 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
         if models.refitted:
             say(f"refitted on the training + validation rows for the test tasks and the saved model: trial(s) "
                 f"{', '.join(map(str, sorted(models.refitted)))} (learners that fit in one step; --no-refit keeps their trials' fits)")
+        if models.late:
+            say(f"not refitted, more than {REFIT_SHARE:.0%} of --timeout past its end: trial(s) "
+                f"{', '.join(map(str, sorted(models.late)))} (scored and saved as their trials fitted them)")
         plain = baselines(split)
         optuna_study.set_user_attr("baselines", [b.as_dict() for b in plain])
         optuna_study.set_user_attr("test_warnings", caveats(split))

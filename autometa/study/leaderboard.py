@@ -3,6 +3,7 @@ the test tasks), the result ``search()`` returns, and how both are printed."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,13 +132,15 @@ class TrainedModels:
     """A complete trial's trained model: kept by this process (``cache``), kept by the worker
     that trained it (``kept``), or, when neither has it, retrained from its parameters and seed.
     With ``refit``, a learner that fits in one step is fitted again on the training and
-    validation rows instead (standard protocol; see ``training.refit``)."""
+    validation rows instead (standard protocol; see ``training.refit``), unless it would start
+    after ``refit_until`` (a time.time(); None: no limit): it then keeps its trial's fit."""
 
     def __init__(self, split: Split, registry, choices, steps: int, eval_every: int,
-                 cache: dict[int, tuple[float, MetaAlgorithm]], kept: KeptModels, refit: bool = True):
+                 cache: dict[int, tuple[float, MetaAlgorithm]], kept: KeptModels, refit: bool = True,
+                 refit_until: float | None = None):
         self.split, self.registry, self.choices, self.steps, self.eval_every = split, registry, choices, steps, eval_every
-        self.cache, self.kept, self.refit = cache, kept, refit
-        self.restored, self.retrained, self.refitted = 0, 0, []
+        self.cache, self.kept, self.refit, self.refit_until = cache, kept, refit, refit_until
+        self.restored, self.retrained, self.refitted, self.late = 0, 0, [], []
         self.ready: set[int] = set()  # trials whose model in the cache is the final one
 
     def __call__(self, t: FrozenTrial) -> MetaAlgorithm:
@@ -147,10 +150,12 @@ class TrainedModels:
         config = stored_config(t.params, self.registry, self.choices)
         seed = t.user_attrs.get("seed", t.number)
         if self.refit and refits(config, self.split, self.registry):
-            algorithm = refit(config, self.split, seed=seed, registry=self.registry)
-            self.refitted.append(t.number)
-            self.cache[t.number] = (t.value, algorithm)
-            return algorithm
+            if self.refit_until is None or time.time() < self.refit_until:
+                algorithm = refit(config, self.split, seed=seed, registry=self.registry)
+                self.refitted.append(t.number)
+                self.cache[t.number] = (t.value, algorithm)
+                return algorithm
+            self.late.append(t.number)
         if t.number in self.cache:
             return self.cache[t.number][1]
         algorithm, _ = train(config, self.split, seed=seed, steps=0, eval_every=self.eval_every, registry=self.registry)
