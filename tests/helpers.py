@@ -214,3 +214,17 @@ def split_inputs(folder: str, data: str, label: str, out) -> None:
                  if len(m) == 6 and int(m[0].split("-")[0], 16) <= pointer < int(m[0].split("-")[1], 16)]
         found[key] = (*(where[0] if where else (None, None)), tensor.numpy().tobytes())
     out.put(found)
+
+
+def benchmark_script(file_name: str, module_name: str):
+    """A generator that imports ``benchmarks/FILE_NAME`` as ``module_name``, yields it and forgets it
+    again (for a module-scoped fixture: the scripts are not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / file_name
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
