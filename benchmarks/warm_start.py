@@ -152,6 +152,23 @@ def table(summary: dict, checkpoints: tuple[int, ...]) -> str:
     return "\n".join(lines)
 
 
+def per_task_table(rows: list[dict], checkpoints: tuple[int, ...]) -> str:
+    """Each task's normalised scores (mean over its seeds) at every checkpoint and its winners' test
+    accuracy, per search, with where warm start's seeds came from."""
+    arms = " | ".join(f"{arm} @{','.join(map(str, checkpoints))}" for arm in ARMS)
+    lines = [f"| task | seeds | {arms} | test: scratch / defaults / warm | warm's seeds |", "|---|---|---|---|---|---|---|"]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        cells = [" ".join(f"{statistics.fmean(r['curves'][arm][i] for r in mine):.2f}" for i in range(len(checkpoints)))
+                 for arm in ARMS]
+        tests = " / ".join(f"{100 * statistics.fmean(r['test'][arm] for r in mine):.1f}%" for arm in ARMS)
+        sources = [seed.split(" from ", 1)[1] for r in mine for seed in r["seeded"]]
+        neighbours = sum(source.startswith("neighbour") for source in sources)
+        lines.append(f"| {task} | {len(mine)} | " + " | ".join(cells) + f" | {tests} | "
+                     f"{neighbours} neighbour, {len(sources) - neighbours} portfolio |")
+    return "\n".join(lines)
+
+
 def _percent(interval: Interval) -> str:
     if math.isnan(interval.low):
         return f"{100 * interval.mean:.1f}%"
@@ -291,6 +308,8 @@ def report(rows: list[dict], trials: int, seconds: float) -> None:
     print("Mean normalised best validation so far (0: the task's worst configuration, 1: its best), "
           "95% CI over tasks:\n")
     print(table(summary, checkpoints))
+    print()
+    print(per_task_table(rows, checkpoints))
     print()
     for line in goal_lines(summary):
         print(line)

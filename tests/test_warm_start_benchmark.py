@@ -88,3 +88,14 @@ def test_goal_lines_say_met_or_not_with_the_figures(bench):
     # A budget under 10 trials cannot measure the first goal.
     summary["curves"]["defaults"] = {3: interval(0.8, 0.7, 0.9, 8)}
     assert "not measured (budget below 10)" in bench.goal_lines(summary)[0]
+
+
+def test_per_task_table_averages_seeds_and_counts_the_seeds_sources(bench):
+    rows = [
+        {**row("a", 0, {"scratch": [0.0], "defaults": [0.5], "warm": [1.0]}, {"scratch": 0.5, "defaults": 0.6, "warm": 0.7}),
+         "seeded": ["x from neighbour b (prior; distance 0.5)", "y from the portfolio (first found on b)"]},
+        {**row("a", 1, {"scratch": [1.0], "defaults": [0.0], "warm": [1.0]}, {"scratch": 0.7, "defaults": 0.6, "warm": 0.9}),
+         "seeded": ["x from neighbour b (prior; distance 0.4)"]},
+    ]
+    lines = bench.per_task_table(rows, (1,)).splitlines()
+    assert lines[2] == "| a | 2 | 0.50 | 0.25 | 1.00 | 60.0% / 60.0% / 80.0% | 2 neighbour, 1 portfolio |"
