@@ -27,6 +27,9 @@ base of each seed is built first (resumable: a second run reuses every finished 
 
     python benchmarks/warm_start.py [--collection multimodal] [--only fastfood digits ...]
         [--seeds 3] [--trials 20] [--steps 60] [--jobs 1] [--work /tmp/warm-start]
+
+Each run writes ``WORK/results-seeds-A-B.json``; seeds can run apart (``--first-seed 1 --seeds 1``)
+and be summarised together: ``python benchmarks/warm_start.py --report WORK/results-seeds-*.json``.
 """
 
 from __future__ import annotations
