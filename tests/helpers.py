@@ -230,3 +230,17 @@ def predicted_by_the_cli(result, data: Path, label: str, folder: Path) -> tuple[
     run = CliRunner().invoke(cli, ["predict", str(result.model_path), str(rows), "--output", str(out)])
     assert run.exit_code == 0, run.output
     return expected, pd.read_csv(out)
+
+
+def benchmark_script(file_name: str, module_name: str):
+    """A generator that imports ``benchmarks/FILE_NAME`` as ``module_name``, yields it and forgets it
+    again (for a module-scoped fixture: the scripts are not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / file_name
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]

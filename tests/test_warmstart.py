@@ -137,6 +137,44 @@ def test_halves_of_one_dataset_are_nearest_and_text_tables_before_tables(tmp_pat
     assert {e.modalities[0] for e in prior.experiences} == {"tabular"}  # the rest are tables
 
 
+def write_stroke_images(path: Path, per_class: int, seed: int) -> Path:
+    """16x16 grey images of one bright line each, its angle the class (4 classes), jittered."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label, angle in enumerate((0.0, 45.0, 90.0, 135.0)):
+        for _ in range(per_class):
+            t = np.linspace(-6, 6, 40)
+            a = np.deg2rad(angle + rng.normal(0, 8))
+            x, y = 7.5 + t * np.cos(a) + rng.normal(0, 1), 7.5 + t * np.sin(a) + rng.normal(0, 1)
+            image = np.zeros((16, 16), dtype=np.uint8)
+            inside = (x >= 0) & (x < 16) & (y >= 0) & (y < 16)
+            image[y[inside].astype(int), x[inside].astype(int)] = 255
+            images.append(image)
+            labels.append(label)
+    np.savez_compressed(path, image=np.stack(images), label=np.array(labels))
+    return path
+
+
+def test_halves_of_an_image_dataset_are_nearest_and_image_sets_before_tables(tmp_path):
+    """Two random halves of scikit-learn's handwritten digits (as images) are each other's nearest,
+    then another image set (planted line drawings), and only then the shipped prior's tables."""
+    from autometa.data.builders.suite import digits
+
+    dataset = load_dataset(digits(tmp_path).path, "label")
+    order = np.random.default_rng(0).permutation(len(dataset))
+    half_a, half_b = (describe(dataset.subset(np.sort(rows))) for rows in np.array_split(order, 2))
+    assert {"landmark_image_pca_ncm", "landmark_image_pca_1nn", "landmark_image_pca_variance"} <= set(half_a)
+    lines = describe(load_dataset(write_stroke_images(tmp_path / "lines.npz", 60, 0), "label"))
+    prior = read_prior()
+    pool = {"half_b": half_b, "lines": lines, **{e.name: e.meta_features for e in prior.experiences}}
+    ranked = rank_by_meta_features(half_a, pool, prior.scales)
+    assert [n.study for n in ranked[:2]] == ["half_b", "lines"]
+    assert ranked[0].distance < NEAR < ranked[1].distance
+    # The halves' image landmarkers agree (the same data), the line drawings' do not.
+    for name in ("landmark_image_pca_ncm", "landmark_image_pca_variance"):
+        assert abs(half_a[name] - half_b[name]) < 0.05 < abs(half_a[name] - lines[name]), name
+
+
 def test_distinct_best_keeps_one_configuration_per_set_of_components():
     low = {"meta_algorithm": "protonet", "fusion": "concat", "encoder.tabular": "mlp", "meta.protonet.lr": 1e-3}
     high = {**low, "meta.protonet.lr": 5e-3}

