@@ -15,7 +15,9 @@ from autometa.components import MetaAlgorithm
 from autometa.config import Config, stored_config
 from autometa.data.loading import Dataset
 from autometa.data.protocols import Split
-from autometa.data.scoring import INTERVALS, Baseline, Score, caveats, evaluate, score_unit
+from autometa.data.scoring import (
+    INTERVALS, Baseline, Score, caveats, predict_probabilities, score_probabilities, score_unit,
+)
 from autometa.errors import one_line
 from autometa.study.ensemble import EnsembleEntry, distinct_best
 from autometa.study.kept import KeptModels
@@ -129,13 +131,25 @@ def _keep_best(cache: dict[int, tuple[float, MetaAlgorithm]], number: int, value
 
 class TrainedModels:
     """A complete trial's trained model: kept by this process (``cache``), kept by the worker
-    that trained it (``kept``), or, when neither has it, retrained from its parameters and seed."""
+    that trained it (``kept``), or, when neither has it, retrained from its parameters and seed;
+    and its predictions of the test tasks, made once for the leaderboard and the ensemble alike
+    (adapting to 600 support sets can take minutes for a learner that fine-tunes per task)."""
 
     def __init__(self, split: Split, registry, choices, steps: int, eval_every: int,
                  cache: dict[int, tuple[float, MetaAlgorithm]], kept: KeptModels):
         self.split, self.registry, self.choices, self.steps, self.eval_every = split, registry, choices, steps, eval_every
         self.cache, self.kept = cache, kept
         self.restored, self.retrained = 0, 0
+        self._tested: dict[int, list] = {}
+
+    def test_probabilities(self, t: FrozenTrial) -> list:
+        """Trial ``t``'s model's query probabilities on each test task (predicted once)."""
+        if t.number not in self._tested:
+            self._tested[t.number] = predict_probabilities(self(t), self.split.test)
+        return self._tested[t.number]
+
+    def tested(self, t: FrozenTrial) -> bool:
+        return t.number in self._tested
 
     def __call__(self, t: FrozenTrial) -> MetaAlgorithm:
         if t.number in self.cache:
@@ -153,6 +167,14 @@ class TrainedModels:
         return algorithm
 
 
+def scoring_reserve(study: optuna.Study, top_k: int, test_tasks: int) -> float:
+    """Seconds that scoring the current finalists (the ``top_k`` best distinct complete trials)
+    on ``test_tasks`` tasks will take, from each one's seconds per validation task: what a search
+    with a --timeout keeps back from its trials, so that the whole search ends near its budget
+    (few-shot learners that fine-tune on each of 600 support sets take minutes to score)."""
+    return test_tasks * sum(t.user_attrs.get("scoring_s_per_task", 0.0) for t in distinct_best(study, top_k))
+
+
 def _leaderboard(study, split, registry, choices, top_k, models: TrainedModels, say) -> list[LeaderboardEntry]:
     chosen = distinct_best(study, top_k)
     if not chosen:
@@ -163,7 +185,7 @@ def _leaderboard(study, split, registry, choices, top_k, models: TrainedModels, 
     for rank, t in enumerate(chosen, start=1):
         config = stored_config(t.params, registry, choices)
         algorithm = models(t)
-        test = evaluate(algorithm, split.test, score_unit(split))
+        test = score_probabilities(models.test_probabilities(t), split.test, score_unit(split))
         parameters = count_parameters(algorithm)
         entries.append(LeaderboardEntry(rank, t.number, config, t.value, test, parameters, algorithm))
     return entries
