@@ -338,3 +338,33 @@ def test_worker_processes_stop_at_the_search_timeout(blobs, tmp_path, monkeypatc
     assert all("stopped" in t.user_attrs and t.user_attrs["steps"] < 10_000_000 for t in trials)
     assert all(t.user_attrs["wall_time_s"] < 30 / 4 + 5 for t in trials)  # each at most a quarter of the budget
     assert result.split.shared is None and len(made) == 1 and not Path(made[0]).exists()
+
+
+def test_past_the_deadline_only_the_best_finalist_is_scored_on_the_test_tasks(monkeypatch):
+    from types import SimpleNamespace
+
+    leaderboard = importlib.import_module("autometa.study.leaderboard")
+    study = optuna.create_study(direction="maximize")
+    for i, value in enumerate([0.5, 0.9, 0.7]):
+        study.add_trial(optuna.trial.create_trial(
+            params={"a": i}, distributions={"a": optuna.distributions.IntDistribution(0, 2)}, value=value))
+    monkeypatch.setattr(leaderboard, "stored_config", lambda params, registry, choices: params)
+    monkeypatch.setattr(leaderboard, "count_parameters", lambda algorithm: 0)
+    task = SimpleNamespace(query_y=torch.zeros(2, dtype=torch.long))
+    split = SimpleNamespace(test=[task, task], protocol="fewshot")
+    scored = []
+
+    class Models:
+        def __call__(self, t):
+            return None
+
+        def test_probabilities(self, t):
+            scored.append(t.number)
+            return [torch.tensor([[1.0, 0.0], [0.0, 1.0]])] * 2
+
+    messages = []
+    late = leaderboard._leaderboard(study, split, None, None, 3, Models(), messages.append, deadline=time.time() - 1)
+    assert [e.trial for e in late] == [1] and scored == [1] and late[0].test.mean == 0.5
+    assert messages[-1] == "the --timeout has passed: 2 more finalist(s) not scored on the test tasks"
+    in_time = leaderboard._leaderboard(study, split, None, None, 3, Models(), messages.append, deadline=time.time() + 60)
+    assert [e.trial for e in in_time] == [1, 2, 0]

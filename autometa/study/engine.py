@@ -238,14 +238,14 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
 
         models = TrainedModels(split, registry, choices, settings.steps, settings.eval_every, cache,
                                KeptModels(settings.db, name, max(settings.top_k, KEPT)))
-        leaderboard = _leaderboard(optuna_study, split, registry, choices, settings.top_k, models, say)
+        leaderboard = _leaderboard(optuna_study, split, registry, choices, settings.top_k, models, say, limits.deadline)
         ensemble = None
         if settings.ensemble and leaderboard:
             candidates = KEPT
             if limits.deadline is not None and time.time() > limits.deadline:
                 # Past the budget: members whose test predictions the leaderboard already made.
-                candidates = settings.top_k
-                say(f"ensemble: the --timeout has passed, so it is chosen among the {len(leaderboard)} finalist(s) only")
+                candidates = len(leaderboard)
+                say(f"ensemble: the --timeout has passed, so it is chosen among the {len(leaderboard)} scored finalist(s) only")
             try:
                 ensemble = build_ensemble(optuna_study, split, settings.db, models, say, candidates,
                                           test_probabilities=models.test_probabilities)

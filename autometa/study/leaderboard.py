@@ -3,6 +3,7 @@ the test tasks), the result ``search()`` returns, and how both are printed."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,7 +176,11 @@ def scoring_reserve(study: optuna.Study, top_k: int, test_tasks: int) -> float:
     return test_tasks * sum(t.user_attrs.get("scoring_s_per_task", 0.0) for t in distinct_best(study, top_k))
 
 
-def _leaderboard(study, split, registry, choices, top_k, models: TrainedModels, say) -> list[LeaderboardEntry]:
+def _leaderboard(study, split, registry, choices, top_k, models: TrainedModels, say,
+                 deadline: float | None = None) -> list[LeaderboardEntry]:
+    """The ``top_k`` best distinct trials scored on the test tasks, best first. Past ``deadline``
+    (the search's --timeout, a ``time.time()`` value) only the best is scored: the others' test
+    scores are a comparison, the best's is the result."""
     chosen = distinct_best(study, top_k)
     if not chosen:
         say("no trial completed: nothing to evaluate on the test tasks (see the failure reasons above)")
@@ -183,6 +188,9 @@ def _leaderboard(study, split, registry, choices, top_k, models: TrainedModels, 
     say(f"scoring the top {len(chosen)} configuration(s) on {len(split.test)} held-out test task(s)")
     entries = []
     for rank, t in enumerate(chosen, start=1):
+        if rank > 1 and deadline is not None and time.time() > deadline:
+            say(f"the --timeout has passed: {len(chosen) - rank + 1} more finalist(s) not scored on the test tasks")
+            break
         config = stored_config(t.params, registry, choices)
         algorithm = models(t)
         test = score_probabilities(models.test_probabilities(t), split.test, score_unit(split))
