@@ -229,7 +229,7 @@ def run_autometa(prepared: Prepared, budget: float, seed: int, work: Path, devic
     data = prepared.data
     db_file = work / f"{prepared.name}.db"
     for stale in work.glob(f"{prepared.name}.db*"):  # a fresh database: no resume, no warm start from a rerun
-        stale.unlink()
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()  # the study's kept weights are a folder
     db = f"sqlite:///{db_file}"
     command = [
         *autometa_command(), "search", str(data.path), "--label", data.label, "--protocol", data.protocol,
