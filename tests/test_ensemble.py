@@ -87,7 +87,8 @@ def test_ensemble_is_chosen_on_validation_rows_only(tmp_path):
         schema.record_predictions(db, "planted", i, [validation[i]])
 
     def task(kind, n):
-        return SimpleNamespace(kind=kind, query=torch.arange(n), n_way=2, query_y=torch.zeros(n, dtype=torch.long))
+        return SimpleNamespace(kind=kind, support=torch.arange(2), query=torch.arange(n), n_way=2,
+                               query_y=torch.zeros(n, dtype=torch.long))
 
     split = SimpleNamespace(protocol="standard", validation=[task("validation", 3)], test=[task("test", 4)])
 
@@ -110,6 +111,15 @@ def test_ensemble_is_chosen_on_validation_rows_only(tmp_path):
     assert (entry.validation, entry.best_member_validation, entry.chosen) == (1.0, pytest.approx(2 / 3), True)
     assert entry.test.mean == 0.0  # the test-optimal ensemble (the first alone) would score 100%
     assert "validation 100.0% vs 66.7% for the best single trial, better than its best member" in messages[-1]
+
+    # With the members' test predictions kept (the leaderboard made them), none is predicted again.
+    class Unused(Planted):
+        def predict(self, t):
+            raise AssertionError("a member kept its test predictions; it must not predict again")
+
+    kept = build_ensemble(study, split, db, lambda t: Unused(t.number), messages.append, candidates=8,
+                          test_probabilities=lambda t: [torch.as_tensor(test[t.number])])
+    assert kept.members == entry.members and kept.test == entry.test
 
 
 # --- a real search ----------------------------------------------------------------------------

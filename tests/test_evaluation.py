@@ -153,3 +153,35 @@ def test_few_test_groups_are_a_caveat(tmp_path):
     assert caveats(split) == [
         "only 1 test group(s): the interval covers that group, not how the model does on new groups; it "
         "understates the uncertainty"]
+
+
+def test_small_tasks_are_predicted_on_one_thread_and_the_setting_is_restored():
+    """Adapting to a 5-way task's few rows gains nothing from threads, which only contend."""
+    from types import SimpleNamespace
+
+    from autometa.data.scoring import SMALL_TASK_ROWS, predict_probabilities
+
+    class Recording:
+        name = "recording"
+        seen: list[int] = []
+
+        def modules(self):
+            return {}
+
+        def predict(self, task):
+            self.seen.append(torch.get_num_threads())
+            return torch.zeros(task.query.shape[0], task.n_way)
+
+    def task(rows):
+        return SimpleNamespace(support=torch.arange(5), query=torch.arange(rows - 5), n_way=5)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        algorithm = Recording()
+        predict_probabilities(algorithm, [task(80), task(80)])
+        assert algorithm.seen == [1, 1] and torch.get_num_threads() == 2
+        predict_probabilities(algorithm, [task(80), task(SMALL_TASK_ROWS + 1)])  # one large task: the usual threads
+        assert algorithm.seen[2:] == [2, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -229,7 +229,7 @@ def test_no_refit_starts_long_after_the_timeout(tmp_path, monkeypatch):
     import importlib
 
     engine = importlib.import_module("autometa.study.engine")
-    monkeypatch.setattr(engine, "REFIT_SHARE", -100.0)  # refits allowed until long before the deadline: none
+    monkeypatch.setattr(engine, "OVERTIME_SHARE", -100.0)  # refits allowed until long before the deadline: none
     said = []
     result = autometa.search(_planted(tmp_path / "p.csv"), "label", trials=1, timeout=60, db=f"sqlite:///{tmp_path}/s.db",
                              output=None, include={"meta_algorithm": ["linear"]}, **{**FAST, "echo": said.append})

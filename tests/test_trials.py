@@ -160,6 +160,48 @@ def test_limits_for_a_search():
     assert TrialLimits.for_search(600, 30, 100.0) == TrialLimits(700.0, None)  # --trial-timeout kills instead
 
 
+def test_time_kept_for_the_finalists_moves_the_trials_deadline_at_most_halfway():
+    limits = TrialLimits.for_search(600, None, 100.0)
+    assert (limits.stop_at(), limits.kept_back()) == (700.0, 0.0)
+    limits.keep_back(120.0)
+    assert (limits.stop_at(), limits.kept_back()) == (580.0, 120.0)
+    limits.keep_back(1e6)  # finalists that would take longer than the search: trials still get half of it
+    assert limits.stop_at() == 400.0
+
+
+def test_the_reserve_is_the_finalists_seconds_per_task_times_the_test_tasks():
+    study = optuna.create_study(direction="maximize")
+    planted = [  # (value, seconds per validation task, configuration)
+        (0.9, 0.5, {"a": 1}), (0.8, 0.1, {"a": 2}), (0.85, 9.0, {"a": 1}), (0.7, 0.2, {"a": 3}), (0.6, 100.0, {"a": 4}),
+    ]
+    for value, seconds, params in planted:
+        trial = optuna.trial.create_trial(
+            params=params, distributions={"a": optuna.distributions.IntDistribution(1, 4)}, value=value,
+            user_attrs={"scoring_s_per_task": seconds})
+        study.add_trial(trial)
+    # The 3 best distinct configurations: a=1 (0.9; its repeat at 0.85 is the same finalist), a=2, a=3.
+    assert engine.scoring_reserve(study, 3, 600) == pytest.approx(600 * (0.5 + 0.1 + 0.2))
+
+
+def test_a_trial_stops_early_by_the_time_kept_for_the_finalists(blobs):
+    class Reserve:  # none when the trial starts, then (as finished trials report their scoring) 300 s
+        reads = 0
+
+        @property
+        def value(self):
+            self.reads += 1
+            return 0.0 if self.reads == 1 else 300.0
+
+    limits = TrialLimits(time.time() + 299.0, None, Reserve(), 600)
+    study = optuna.create_study(direction="maximize")
+    study.optimize(small_runner(blobs, limits), n_trials=1)
+    (trial,) = study.get_trials()
+    assert trial.state == TrialState.COMPLETE
+    assert trial.user_attrs["stopped"] == ("stopped at step 1 of 1000 by the search's --timeout (less 300s kept for "
+                                           "scoring the finalists on the test tasks); scored as trained so far")
+    assert trial.user_attrs["scoring_s_per_task"] > 0
+
+
 def small_runner(blobs, limits: TrialLimits):
     registry = get_registry()
     dataset = load_dataset(blobs, "y")
@@ -311,3 +353,33 @@ def test_a_timeout_without_trials_is_the_budget(blobs, tmp_path, monkeypatch):
                            include=PROTONET, **{**FAST, "steps": 2, "eval_every": 2, "echo": said.append})
     assert len(result.study.get_trials()) == 32
     assert "study 'timed' in sqlite:///" in said[2] and said[2].endswith("as many trials as 600 s allow (at most 32) on cpu")
+
+
+def test_past_the_deadline_only_the_best_finalist_is_scored_on_the_test_tasks(monkeypatch):
+    from types import SimpleNamespace
+
+    leaderboard = importlib.import_module("autometa.study.leaderboard")
+    study = optuna.create_study(direction="maximize")
+    for i, value in enumerate([0.5, 0.9, 0.7]):
+        study.add_trial(optuna.trial.create_trial(
+            params={"a": i}, distributions={"a": optuna.distributions.IntDistribution(0, 2)}, value=value))
+    monkeypatch.setattr(leaderboard, "stored_config", lambda params, registry, choices: params)
+    monkeypatch.setattr(leaderboard, "count_parameters", lambda algorithm: 0)
+    task = SimpleNamespace(query_y=torch.zeros(2, dtype=torch.long))
+    split = SimpleNamespace(test=[task, task], protocol="fewshot")
+    scored = []
+
+    class Models:
+        def __call__(self, t):
+            return None
+
+        def test_probabilities(self, t):
+            scored.append(t.number)
+            return [torch.tensor([[1.0, 0.0], [0.0, 1.0]])] * 2
+
+    messages = []
+    late = leaderboard._leaderboard(study, split, None, None, 3, Models(), messages.append, deadline=time.time() - 1)
+    assert [e.trial for e in late] == [1] and scored == [1] and late[0].test.mean == 0.5
+    assert messages[-1] == "the --timeout has passed: 2 more finalist(s) not scored on the test tasks"
+    in_time = leaderboard._leaderboard(study, split, None, None, 3, Models(), messages.append, deadline=time.time() + 60)
+    assert [e.trial for e in in_time] == [1, 2, 0]

@@ -23,8 +23,9 @@ DEFAULTS = SearchSettings()  # every default, written once in SearchSettings
 @click.option("--protocol", type=click.Choice(["auto", "fewshot", "grouped", "standard"]), default=DEFAULTS.protocol, show_default=True)
 @click.option("--trials", type=int, default=None,
               help="The study's total budget of trials [default: 30; with --timeout, as many as it allows, at most 1000].")
-@click.option("--timeout", type=float, default=DEFAULTS.timeout, help="Stop the trials after this many seconds (running ones are scored as "
-              "trained so far); each trial gets a quarter of it unless --trial-timeout is given.")
+@click.option("--timeout", type=float, default=DEFAULTS.timeout, help="The search's seconds, scoring the finalists on the test tasks included: "
+              "trials stop early enough to leave that time (running ones are scored as trained so far); each "
+              "trial gets a quarter of it unless --trial-timeout is given.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)
 @click.option("--db", default=DEFAULTS.db, show_default=True, help="SQLAlchemy URL of the study database.")
 @click.option("--study", default=DEFAULTS.study,

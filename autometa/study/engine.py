@@ -39,7 +39,7 @@ from autometa.study.budget import budget_used
 from autometa.study.devices import resolve_devices, worker_label
 from autometa.study.ensemble import build_ensemble
 from autometa.study.kept import KEPT, KeptModels
-from autometa.study.leaderboard import SearchResult, TrainedModels, _leaderboard
+from autometa.study.leaderboard import SearchResult, TrainedModels, _leaderboard, scoring_reserve
 from autometa.study.objective import (
     SearchSpec, TrialLimits, TrialRunner, build_runner, default_pruner, default_sampler, enqueue_new,
 )
@@ -49,8 +49,9 @@ from autometa.study.settings import SearchSettings
 logger = logging.getLogger("autometa.study.engine")
 
 
-# Refits (learners that fit in one step) start until this share of --timeout past its end.
-REFIT_SHARE = 0.1
+# How far past --timeout's end (a share of it) refits of learners that fit in one step may start
+# and the ensemble's extra members (beyond the finalists) may be scored on the test tasks.
+OVERTIME_SHARE = 0.1
 
 def open_study(name: str, storage, db: str, sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner) -> optuna.Study:
     try:
@@ -230,24 +231,35 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
     try:
         cache: dict[int, tuple[float, MetaAlgorithm]] = {}
         if remaining > 0:
-            # What is left of --timeout once the data is prepared (at least a moment: one trial starts).
-            timeout = None if limits.deadline is None else max(1.0, limits.deadline - time.time())
+            # Time for the finalists' test scoring is kept back from the trials as they finish.
+            reserve = lambda: limits.keep_back(scoring_reserve(optuna_study, settings.top_k, len(split.test)))  # noqa: E731
+            reserve()
             if settings.isolate:
                 _optimize_pool(optuna_study, settings.db, slots, spec, dataset, custom, existing, remaining,
-                               timeout, settings.trial_timeout, registry, settings.progress, say, limits, split.shared)
+                               settings.trial_timeout, registry, settings.progress, say, limits, split.shared, reserve)
             else:
                 runner = TrialRunner(split, registry, spec, str(device), cache=cache, top_k=max(settings.top_k, KEPT),
                                      db=settings.db, limits=limits)
-                _optimize_here(optuna_study, runner, remaining, timeout, registry, choices, settings.progress, say, settings.db)
+                _optimize_here(optuna_study, runner, remaining, limits, registry, choices, settings.progress, say,
+                               settings.db, reserve)
 
         models = TrainedModels(split, registry, choices, settings.steps, settings.eval_every, cache,
                                KeptModels(settings.db, name, max(settings.top_k, KEPT)), refit=settings.refit,
-                               refit_until=None if limits.deadline is None else limits.deadline + REFIT_SHARE * settings.timeout)
-        leaderboard = _leaderboard(optuna_study, split, registry, choices, settings.top_k, models, say)
+                               refit_until=None if limits.deadline is None else limits.deadline + OVERTIME_SHARE * settings.timeout)
+        leaderboard = _leaderboard(optuna_study, split, registry, choices, settings.top_k, models, say, limits.deadline)
         ensemble = None
         if settings.ensemble and leaderboard:
+            candidates = KEPT
+            # Past the budget, and the other members' test scoring would take long (few-shot
+            # learners adapting to 600 support sets): members the leaderboard already scored.
+            extra = (scoring_reserve(optuna_study, KEPT, len(split.test))
+                     - scoring_reserve(optuna_study, settings.top_k, len(split.test)))
+            if limits.deadline is not None and time.time() > limits.deadline and extra > OVERTIME_SHARE * settings.timeout:
+                candidates = len(leaderboard)
+                say(f"ensemble: the --timeout has passed, so it is chosen among the {len(leaderboard)} scored finalist(s) only")
             try:
-                ensemble = build_ensemble(optuna_study, split, settings.db, models, say, KEPT)
+                ensemble = build_ensemble(optuna_study, split, settings.db, models, say, candidates,
+                                          test_probabilities=models.test_probabilities)
             except AutometaError as exc:  # e.g. a member's plugin failing on a test task: the finalists stand
                 say(f"ensemble: not built: {exc}")
         if models.restored or models.retrained:
@@ -256,7 +268,7 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
             say(f"refitted on the training + validation rows for the test tasks and the saved model: trial(s) "
                 f"{', '.join(map(str, sorted(models.refitted)))} (learners that fit in one step; --no-refit keeps their trials' fits)")
         if models.late:
-            say(f"not refitted, more than {REFIT_SHARE:.0%} of --timeout past its end: trial(s) "
+            say(f"not refitted, more than {OVERTIME_SHARE:.0%} of --timeout past its end: trial(s) "
                 f"{', '.join(map(str, sorted(models.late)))} (scored and saved as their trials fitted them)")
         plain = baselines(split)
         optuna_study.set_user_attr("baselines", [b.as_dict() for b in plain])
@@ -385,8 +397,9 @@ def _trial_line(frozen: optuna.trial.FrozenTrial, registry: Registry, choices: d
     return f"trial {frozen.number:>3} {outcome} ({took:.1f}s{where}) {config.label() if config else ''}"
 
 
-def _optimize_here(study, runner: TrialRunner, n_trials, timeout, registry, choices, progress, say, db):
-    """Trials one after another in this process (no isolation)."""
+def _optimize_here(study, runner: TrialRunner, n_trials, limits: TrialLimits, registry, choices, progress, say, db, reserve):
+    """Trials one after another in this process (no isolation), until ``limits.stop_at()``;
+    ``reserve()`` updates the time kept back for the finalists after each trial."""
     bar = tqdm(total=n_trials, desc="search", unit="trial", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     runner.bar = bar
 
@@ -397,11 +410,14 @@ def _optimize_here(study, runner: TrialRunner, n_trials, timeout, registry, choi
             bar.set_postfix_str(f"best {100 * study.best_value:.1f}%")
         except ValueError:
             pass
+        reserve()
+        if limits.deadline is not None and time.time() >= limits.stop_at():
+            study.stop()
 
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines report every trial
     try:
-        study.optimize(runner, n_trials=n_trials, timeout=timeout, catch=(Exception,),
+        study.optimize(runner, n_trials=n_trials, catch=(Exception,),
                        callbacks=[schema.TrialRecorder(db), on_trial_end])
     except KeyboardInterrupt:
         say("interrupted: finished trials are saved; run the same command again to resume")
@@ -411,9 +427,11 @@ def _optimize_here(study, runner: TrialRunner, n_trials, timeout, registry, choi
         bar.close()
 
 
-def _optimize_pool(study, db, slots, spec, dataset, custom, existing, n_trials, timeout, trial_timeout, registry, progress, say,
-                   limits, shared):
-    """Trials on isolated worker processes, one per device slot, with a live status per device."""
+def _optimize_pool(study, db, slots, spec, dataset, custom, existing, n_trials, trial_timeout, registry, progress, say,
+                   limits: TrialLimits, shared, reserve):
+    """Trials on isolated worker processes, one per device slot, with a live status per device,
+    until ``limits.stop_at()``; ``reserve()`` updates the time kept back for the finalists as
+    trials finish."""
     bar = tqdm(total=n_trials, desc="search", unit="trial", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     status: dict[str, str] = {s.label: "starting" for s in slots}
     printed = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
@@ -431,15 +449,21 @@ def _optimize_pool(study, db, slots, spec, dataset, custom, existing, n_trials, 
         bar.set_description(" | ".join(f"{k}: {v}" for k, v in status.items()))
 
     def on_poll() -> None:
-        for frozen in study.get_trials(deepcopy=False, states=FINISHED):
-            if frozen.number not in printed:
-                printed.add(frozen.number)
-                bar.update(1)
-                bar.write(_trial_line(frozen, registry, spec.choices), file=sys.stderr)
-                try:
-                    bar.set_postfix_str(f"best {100 * study.best_value:.1f}%")
-                except ValueError:
-                    pass
+        finished = [t for t in study.get_trials(deepcopy=False, states=FINISHED) if t.number not in printed]
+        for frozen in finished:
+            printed.add(frozen.number)
+            bar.update(1)
+            bar.write(_trial_line(frozen, registry, spec.choices), file=sys.stderr)
+            try:
+                bar.set_postfix_str(f"best {100 * study.best_value:.1f}%")
+            except ValueError:
+                pass
+        if finished:
+            reserve()
+
+    # Seconds from the pool's start until trials stop (at least a moment: one trial starts).
+    began = time.time()
+    timeout = None if limits.deadline is None else lambda: max(1.0, limits.stop_at() - began)
 
     # A worker rebuilds the split from the data; a file path is enough, else the data travels.
     payload = None if spec.data is not None else dataset

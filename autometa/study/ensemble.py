@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from autometa.components import MetaAlgorithm
 from autometa.data.protocols import Split
-from autometa.data.scoring import Score, evaluate, score_unit
+from autometa.data.scoring import Score, evaluate, score_probabilities, score_unit
 from autometa.store import schema
 
 ROUNDS = 25  # additions (with replacement): weights in steps of 1/25 at the finest
@@ -117,11 +117,14 @@ class EnsembleEntry:
 
 
 def build_ensemble(study: optuna.Study, split: Split, db: str, model: Callable[[FrozenTrial], MetaAlgorithm],
-                   say: Callable[[str], None], candidates: int, rounds: int = ROUNDS) -> EnsembleEntry | None:
+                   say: Callable[[str], None], candidates: int, rounds: int = ROUNDS,
+                   test_probabilities: Callable[[FrozenTrial], list] | None = None) -> EnsembleEntry | None:
     """Choose an ensemble among the ``candidates`` best distinct trials on the validation tasks
-    and score it on the test tasks (``model(trial)``: a trial's trained model); None when fewer
-    than two trials have validation predictions stored. The selection may keep one trial alone:
-    then the ensemble is that trial, no better than it, and says so."""
+    and score it on the test tasks (``model(trial)``: a trial's trained model;
+    ``test_probabilities(trial)``: its test predictions, when they are kept, so that finalists
+    are not predicted twice); None when fewer than two trials have validation predictions
+    stored. The selection may keep one trial alone: then the ensemble is that trial, no better
+    than it, and says so."""
     best = distinct_best(study, candidates)
     try:
         with schema.recording_engine(db).connect() as connection:
@@ -143,7 +146,12 @@ def build_ensemble(study: optuna.Study, split: Split, db: str, model: Callable[[
     validation = accuracy(mixed, targets)
     single = max(accuracy(p, targets) for p in library)
     algorithm = EnsembleAlgorithm([(w, model(t)) for (t, _), (_, w) in zip(members, weights)])
-    test = evaluate(algorithm, split.test, score_unit(split))
+    if test_probabilities is None:
+        test = evaluate(algorithm, split.test, score_unit(split))
+    else:  # what EnsembleAlgorithm.predict computes, from the members' kept test predictions
+        tested = [test_probabilities(t) for t, _ in members]
+        mixed_test = [sum(w * p for (_, w), p in zip(weights, parts)) for parts in zip(*tested)]
+        test = score_probabilities(mixed_test, split.test, score_unit(split))
     entry = EnsembleEntry(weights, validation, single, test, validation > single, algorithm)
     verdict = ("better than its best member: saved as the model" if entry.chosen else
                "no better than its best member: the single best model is kept")

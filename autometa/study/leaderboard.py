@@ -16,7 +16,9 @@ from autometa.components import MetaAlgorithm
 from autometa.config import Config, stored_config
 from autometa.data.loading import Dataset
 from autometa.data.protocols import Split
-from autometa.data.scoring import INTERVALS, Baseline, Score, caveats, evaluate, score_unit
+from autometa.data.scoring import (
+    INTERVALS, Baseline, Score, caveats, predict_probabilities, score_probabilities, score_unit,
+)
 from autometa.errors import one_line
 from autometa.study.ensemble import EnsembleEntry, distinct_best
 from autometa.study.kept import KeptModels
@@ -130,7 +132,9 @@ def _keep_best(cache: dict[int, tuple[float, MetaAlgorithm]], number: int, value
 
 class TrainedModels:
     """A complete trial's trained model: kept by this process (``cache``), kept by the worker
-    that trained it (``kept``), or, when neither has it, retrained from its parameters and seed.
+    that trained it (``kept``), or, when neither has it, retrained from its parameters and seed;
+    and its predictions of the test tasks, made once for the leaderboard and the ensemble alike
+    (adapting to 600 support sets can take minutes for a learner that fine-tunes per task).
     With ``refit``, a learner that fits in one step is fitted again on the training and
     validation rows instead (standard protocol; see ``training.refit``), unless it would start
     after ``refit_until`` (a time.time(); None: no limit): it then keeps its trial's fit."""
@@ -142,18 +146,30 @@ class TrainedModels:
         self.cache, self.kept, self.refit, self.refit_until = cache, kept, refit, refit_until
         self.restored, self.retrained, self.refitted, self.late = 0, 0, [], []
         self.ready: set[int] = set()  # trials whose model in the cache is the final one
+        self._tested: dict[int, list] = {}
+
+    def test_probabilities(self, t: FrozenTrial) -> list:
+        """Trial ``t``'s model's query probabilities on each test task (predicted once)."""
+        if t.number not in self._tested:
+            self._tested[t.number] = predict_probabilities(self(t), self.split.test)
+        return self._tested[t.number]
+
+    def tested(self, t: FrozenTrial) -> bool:
+        return t.number in self._tested
 
     def __call__(self, t: FrozenTrial) -> MetaAlgorithm:
-        if t.number in self.ready:
-            return self.cache[t.number][1]
-        self.ready.add(t.number)
+        if t.number not in self.ready:
+            self.cache[t.number] = (t.value, self._final(t))
+            self.ready.add(t.number)
+        return self.cache[t.number][1]
+
+    def _final(self, t: FrozenTrial) -> MetaAlgorithm:
         config = stored_config(t.params, self.registry, self.choices)
         seed = t.user_attrs.get("seed", t.number)
         if self.refit and refits(config, self.split, self.registry):
             if self.refit_until is None or time.time() < self.refit_until:
                 algorithm = refit(config, self.split, seed=seed, registry=self.registry)
                 self.refitted.append(t.number)
-                self.cache[t.number] = (t.value, algorithm)
                 return algorithm
             self.late.append(t.number)
         if t.number in self.cache:
@@ -161,15 +177,25 @@ class TrainedModels:
         algorithm, _ = train(config, self.split, seed=seed, steps=0, eval_every=self.eval_every, registry=self.registry)
         if self.kept.restore(t.number, algorithm):
             self.restored += 1
-        else:
-            algorithm, _ = train(config, self.split, seed=seed, steps=t.user_attrs.get("steps", self.steps),
-                                 eval_every=self.eval_every, registry=self.registry)
-            self.retrained += 1
-        self.cache[t.number] = (t.value, algorithm)
-        return algorithm
+            return algorithm
+        self.retrained += 1
+        return train(config, self.split, seed=seed, steps=t.user_attrs.get("steps", self.steps),
+                     eval_every=self.eval_every, registry=self.registry)[0]
 
 
-def _leaderboard(study, split, registry, choices, top_k, models: TrainedModels, say) -> list[LeaderboardEntry]:
+def scoring_reserve(study: optuna.Study, top_k: int, test_tasks: int) -> float:
+    """Seconds that scoring the current finalists (the ``top_k`` best distinct complete trials)
+    on ``test_tasks`` tasks will take, from each one's seconds per validation task: what a search
+    with a --timeout keeps back from its trials, so that the whole search ends near its budget
+    (few-shot learners that fine-tune on each of 600 support sets take minutes to score)."""
+    return test_tasks * sum(t.user_attrs.get("scoring_s_per_task", 0.0) for t in distinct_best(study, top_k))
+
+
+def _leaderboard(study, split, registry, choices, top_k, models: TrainedModels, say,
+                 deadline: float | None = None) -> list[LeaderboardEntry]:
+    """The ``top_k`` best distinct trials scored on the test tasks, best first. Past ``deadline``
+    (the search's --timeout, a ``time.time()`` value) only the best is scored: the others' test
+    scores are a comparison, the best's is the result."""
     chosen = distinct_best(study, top_k)
     if not chosen:
         say("no trial completed: nothing to evaluate on the test tasks (see the failure reasons above)")
@@ -177,9 +203,12 @@ def _leaderboard(study, split, registry, choices, top_k, models: TrainedModels, 
     say(f"scoring the top {len(chosen)} configuration(s) on {len(split.test)} held-out test task(s)")
     entries = []
     for rank, t in enumerate(chosen, start=1):
+        if rank > 1 and deadline is not None and time.time() > deadline:
+            say(f"the --timeout has passed: {len(chosen) - rank + 1} more finalist(s) not scored on the test tasks")
+            break
         config = stored_config(t.params, registry, choices)
         algorithm = models(t)
-        test = evaluate(algorithm, split.test, score_unit(split))
+        test = score_probabilities(models.test_probabilities(t), split.test, score_unit(split))
         parameters = count_parameters(algorithm)
         entries.append(LeaderboardEntry(rank, t.number, config, t.value, test, parameters, algorithm))
     return entries

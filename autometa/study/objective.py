@@ -8,11 +8,12 @@ import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -35,6 +36,9 @@ logger = logging.getLogger("autometa.study.objective")
 
 CHANCE_WARMUP_CHECKPOINTS = 2  # validation checkpoints a trial gets before it must beat chance
 TRIAL_TIMEOUT_FRACTION = 0.25  # a trial's default time limit, as a share of --timeout
+# At most this share of --timeout is kept back from the trials for scoring the finalists on the
+# test tasks (the rest always goes to trials, however slow the finalists are to score).
+RESERVE_FRACTION = 0.5
 # Hyperband's step: a third of the trials at a rung go on to a three times longer budget.
 REDUCTION_FACTOR = 3
 
@@ -42,10 +46,17 @@ REDUCTION_FACTOR = 3
 @dataclass(frozen=True)
 class TrialLimits:
     """When a running trial stops early, scored as trained so far: at ``deadline`` (a
-    ``time.time()`` value, the search's --timeout) and after ``seconds`` of its own."""
+    ``time.time()`` value, the search's --timeout) less ``reserve``, and after ``seconds`` of its own.
+
+    ``reserve`` is a shared double (``multiprocessing`` raw value, so worker processes read what
+    the search process writes): the seconds kept back from the deadline for scoring the finalists
+    on the test tasks, which the search estimates as trials finish (see ``scoring_reserve``).
+    """
 
     deadline: float | None = None
     seconds: float | None = None
+    reserve: Any = field(default=None, compare=False, repr=False)
+    timeout: float | None = field(default=None, compare=False)
 
     @classmethod
     def for_search(cls, timeout: float | None, trial_timeout: float | None, started: float) -> "TrialLimits":
@@ -53,7 +64,21 @@ class TrialLimits:
         at most ``TRIAL_TIMEOUT_FRACTION`` of it (an explicit --trial-timeout kills the worker instead)."""
         if timeout is None:
             return cls()
-        return cls(started + timeout, TRIAL_TIMEOUT_FRACTION * timeout if trial_timeout is None else None)
+        reserve = multiprocessing.get_context("spawn").RawValue("d", 0.0)
+        return cls(started + timeout, TRIAL_TIMEOUT_FRACTION * timeout if trial_timeout is None else None, reserve, timeout)
+
+    def kept_back(self) -> float:
+        return 0.0 if self.reserve is None else self.reserve.value
+
+    def stop_at(self) -> float | None:
+        """When trials stop: the deadline less the time kept for scoring the finalists."""
+        return None if self.deadline is None else self.deadline - self.kept_back()
+
+    def keep_back(self, seconds: float) -> None:
+        """Keep ``seconds`` of the search's time for scoring its finalists, at most
+        ``RESERVE_FRACTION`` of the --timeout (trials always get the rest)."""
+        if self.reserve is not None:
+            self.reserve.value = min(seconds, RESERVE_FRACTION * self.timeout)
 
 
 @dataclass
@@ -157,7 +182,7 @@ class TrialRunner:
         for key, value in (("seed", trial_seed), ("device", self.device), ("steps", spec.steps),
                            ("worker", self.label), ("pid", os.getpid()), ("host", platform.node())):
             trial.set_user_attr(key, value)
-        if self.limits.deadline is not None and time.time() >= self.limits.deadline:
+        if self.limits.deadline is not None and time.time() >= self.limits.stop_at():
             # Claimed just before the deadline (a slow worker start, a busy database): not started.
             trial.set_user_attr("wall_time_s", 0.0)
             trial.set_user_attr("prune_reason", "not started: the search's --timeout had passed")
@@ -195,14 +220,17 @@ class TrialRunner:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step}{last}")
 
-        def check(step: int) -> bool:
-            """Out of time: the search's --timeout or the trial's own limit. The trial then ends
-            and is scored as trained so far (its ``steps`` say how far), so a search always has
-            a model when one trained at all; the leaderboard retrains it for as many steps."""
+        def check(step: int, scoring_s: float) -> bool:
+            """Out of time, once the ``scoring_s`` its final validation scoring will take are
+            counted: the search's --timeout or the trial's own limit. The trial then ends and is
+            scored as trained so far (its ``steps`` say how far), so a search always has a model
+            when one trained at all; the leaderboard retrains it for as many steps."""
             limits, why = self.limits, None
-            if limits.deadline is not None and time.time() >= limits.deadline:
+            if limits.deadline is not None and time.time() + scoring_s >= limits.stop_at():
                 why = "the search's --timeout"
-            elif limits.seconds is not None and time.perf_counter() - started >= limits.seconds:
+                if limits.kept_back() > 0:
+                    why += f" (less {limits.kept_back():.0f}s kept for scoring the finalists on the test tasks)"
+            elif limits.seconds is not None and time.perf_counter() - started + scoring_s >= limits.seconds:
                 why = (f"the trial time limit of {limits.seconds:g}s ({TRIAL_TIMEOUT_FRACTION:g} of --timeout; "
                        "--trial-timeout sets another)")
             if why is None:
@@ -211,11 +239,11 @@ class TrialRunner:
             trial.set_user_attr("stopped", f"stopped at step {step} of {spec.steps} by {why}; scored as trained so far")
             return True
 
-        validated: list[list[torch.Tensor]] = []
+        validated: list[tuple[list[torch.Tensor], float]] = []
         try:
             algorithm, score = train(
                 config, self.split, seed=trial_seed, steps=spec.steps, eval_every=spec.eval_every,
-                registry=self.registry, report=report, check=check, validated=validated.append,
+                registry=self.registry, report=report, check=check, validated=lambda *found: validated.append(found),
             )
         except optuna.TrialPruned as exc:
             trial.set_user_attr("wall_time_s", time.perf_counter() - started)
@@ -231,7 +259,10 @@ class TrialRunner:
             self._emit("end", self.label, trial.number)
         trial.set_user_attr("wall_time_s", time.perf_counter() - started)
         trial.set_user_attr("parameters", count_parameters(algorithm))
-        self._keep(trial, score.mean, algorithm, validated[-1])
+        probabilities, scoring_s = validated[-1]
+        # Seconds per validation task to adapt and predict: what the test tasks will cost (scoring_reserve).
+        trial.set_user_attr("scoring_s_per_task", scoring_s / max(1, len(probabilities)))
+        self._keep(trial, score.mean, algorithm, probabilities)
         return score.mean
 
     def _keep(self, trial: optuna.Trial, value: float, algorithm, probabilities: list[torch.Tensor]) -> None:

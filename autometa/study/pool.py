@@ -191,13 +191,16 @@ def run_pool(
     build: Callable,
     build_args: tuple,
     *,
-    timeout: float | None,
+    timeout: float | Callable[[], float] | None,
     trial_timeout: float | None,
     on_event: Callable[[tuple], None],
     on_poll: Callable[[], None],
     say: Callable[[str], None],
 ) -> None:
     """Run ``n_trials`` more trials of ``study`` on worker processes, one per slot, replacing dead ones.
+
+    ``timeout``: seconds from the start after which no trial starts and running ones must end
+    (or a function giving them, for a limit that moves while the trials run).
 
     ``n_trials`` may be a DatabaseBudget instead: trials until the study holds its budget
     (workers joining from another machine). Either way trials run elsewhere on the same study
@@ -252,9 +255,10 @@ def run_pool(
             drain(1.0)
             on_poll()
             overdue = False
-            if timeout is not None and time.monotonic() - started > timeout:
+            limit = timeout() if callable(timeout) else timeout
+            if limit is not None and time.monotonic() - started > limit:
                 budget.cancel()  # workers stop their current trial (TrialLimits) and start no other
-                overdue = time.monotonic() - started > timeout + DEADLINE_GRACE_S
+                overdue = time.monotonic() - started > limit + DEADLINE_GRACE_S
             running = running_by_pid() if trial_timeout is not None or overdue else None
             for label, process in list(workers.items()):
                 if overdue and process.is_alive() and running.get(process.pid):
@@ -262,7 +266,7 @@ def run_pool(
                     process.join(10)
                     for trial in running[process.pid]:
                         fail_trial(study, trial, f"still running {DEADLINE_GRACE_S:g}s after the search's --timeout of "
-                                   f"{timeout:g}s on {label}; its worker was stopped", db=db)
+                                   f"{limit:.0f}s on {label}; its worker was stopped", db=db)
                 if trial_timeout is not None and process.is_alive():
                     for trial in running.get(process.pid, []):
                         began = trial.datetime_start.timestamp() if trial.datetime_start else time.time()

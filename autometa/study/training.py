@@ -4,6 +4,7 @@ model is built from a ``Config``, for a trial and for a saved model alike."""
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -41,16 +42,19 @@ def train(
     eval_every: int,
     registry: Registry,
     report: Callable[[int, float], None] | None = None,
-    check: Callable[[int], None] | None = None,
-    validated: Callable[[list[torch.Tensor]], None] | None = None,
+    check: Callable[[int, float], bool] | None = None,
+    validated: Callable[[list[torch.Tensor], float], None] | None = None,
 ) -> tuple[MetaAlgorithm, Score]:
     """Build the model for ``config``, meta-train it and return it with its validation score.
 
     ``report(step, accuracy)`` is called at each validation checkpoint (it may raise to stop, as
-    a pruned trial does); ``check(step)`` after every step: when it returns True (out of time),
-    training ends there and the model is scored on all validation tasks as trained so far.
-    ``validated(probabilities)`` receives that final scoring's per-task query probabilities (kept
-    for ensembles without predicting the validation tasks again)."""
+    a pruned trial does); ``check(step, scoring_s)`` after every step, with the seconds that
+    scoring every validation task is expected to take (from the latest checkpoint's time per task;
+    0 before the first): when it returns True (out of time), training ends there and the model is
+    scored on all validation tasks as trained so far.
+    ``validated(probabilities, seconds)`` receives that final scoring's per-task query
+    probabilities (kept for ensembles without predicting the validation tasks again) and how long
+    it took (what scoring the test tasks will cost, per task)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     pool = split.pool
@@ -76,7 +80,7 @@ def train(
     )
     _plugin_call(registry, "meta_algorithm", config.meta_algorithm,
                  lambda: algorithm.setup(backbone, pool, (split.ways, split.shots, split.queries)))
-    score = None
+    score, per_task = None, 0.0
     for step in range(1, steps + 1):
         loss = _plugin_call(registry, "meta_algorithm", config.meta_algorithm, lambda: algorithm.train_step(pool, rng))
         try:
@@ -89,16 +93,19 @@ def train(
             ) from None
         if not math.isfinite(loss):
             raise TrialDiverged(f"training loss became {loss} at step {step}; the learning rates are likely too high")
-        stopped = step < steps and check is not None and check(step)
+        stopped = step < steps and check is not None and check(step, per_task * len(split.validation))
         last = step == steps or stopped or algorithm.fits_in_one_step
         if step % eval_every == 0 or last:
             # Checkpoints score a fixed subsample (for the pruner); the last step every validation task.
             tasks = split.validation if last else split.checkpoint_tasks
+            scoring = time.perf_counter()
             probabilities = _plugin_call(registry, "meta_algorithm", config.meta_algorithm,
                                          lambda: predict_probabilities(algorithm, tasks))
             score = score_probabilities(probabilities, tasks)
+            scoring = time.perf_counter() - scoring
+            per_task = scoring / max(1, len(tasks))
             if last and validated is not None:
-                validated(probabilities)
+                validated(probabilities, scoring)
             if report is not None and not stopped:
                 report(step, score.mean)
         if last:
