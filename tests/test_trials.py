@@ -383,3 +383,13 @@ def test_past_the_deadline_only_the_best_finalist_is_scored_on_the_test_tasks(mo
     assert messages[-1] == "the --timeout has passed: 2 more finalist(s) not scored on the test tasks"
     in_time = leaderboard._leaderboard(study, split, None, None, 3, Models(), messages.append, deadline=time.time() + 60)
     assert [e.trial for e in in_time] == [1, 2, 0]
+
+
+def test_a_queued_trial_no_worker_claimed_is_reported_as_not_started():
+    from autometa.study.leaderboard import SearchResult
+
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"meta_algorithm": "gbm"})
+    result = SearchResult(study, None, None, [], [], 0)
+    assert result.outcomes() == ("1 waiting: queued, not started: the search ended first "
+                                 "(a --timeout shorter than preparing the data?)")

@@ -69,9 +69,13 @@ class SearchResult:
         RuntimeError: ...; 1 pruned" (for a search in which none completed)."""
         words = {TrialState.FAIL: "failed", TrialState.PRUNED: "pruned", TrialState.RUNNING: "still running",
                  TrialState.WAITING: "waiting"}
+        # A queued trial no worker claimed before the search ended (e.g. its --timeout passed
+        # while the data was prepared) has no reason of its own.
+        unclaimed = "queued, not started: the search ended first (a --timeout shorter than preparing the data?)"
         counts = Counter(
             "completed" if t.state == TrialState.COMPLETE else f"{words[t.state]}: " + one_line(
-                t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason") or "no reason recorded", 160)
+                t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason")
+                or (unclaimed if t.state == TrialState.WAITING else "no reason recorded"), 160)
             for t in self.study.get_trials(deepcopy=False)
         )
         listed = [f"{n} {what}" for what, n in counts.most_common(shown)]
