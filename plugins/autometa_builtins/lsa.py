@@ -37,9 +37,9 @@ def _counts(texts: list[str]) -> sparse.csr_matrix:
     return sparse.hstack([h.transform(texts) for h in _HASHERS], format="csr")
 
 
-def _idf(counts: sparse.csr_matrix, columns: np.ndarray) -> np.ndarray:
-    df = np.asarray((counts[:, columns] > 0).sum(axis=0)).ravel()
-    return np.log((1 + counts.shape[0]) / (1 + df)) + 1.0  # scikit-learn's smoothed idf
+def _idf(df: np.ndarray, rows: int) -> np.ndarray:
+    """scikit-learn's smoothed idf of columns in ``df`` of ``rows`` training rows."""
+    return np.log((1 + rows) / (1 + df)) + 1.0
 
 
 def _tfidf(counts: sparse.csr_matrix, columns: np.ndarray, idf: np.ndarray) -> sparse.csr_matrix:
@@ -73,7 +73,7 @@ class LatentSemantic(FittedFeatures):
         columns = np.flatnonzero(df)
         if len(columns) < 2:
             raise ValueError(f"the {len(rows)} training rows have {len(columns)} distinct n-gram(s); give text to fit on")
-        idf = _idf(counts, columns)
+        idf = _idf(df[columns], len(rows))
         x = _tfidf(counts, columns, idf)
         dims = max(1, min(DIMS, len(rows) - 1, len(columns) - 1))
         svd = TruncatedSVD(dims, algorithm="randomized", n_iter=7, random_state=0).fit(x)
@@ -108,7 +108,7 @@ def fit_tfidf(raw: list[str], rows: np.ndarray) -> dict[str, torch.Tensor]:
     if len(columns) < 2:
         raise ValueError(f"the {len(rows)} training rows share {len(columns)} n-gram(s); give text to fit on")
     return {"columns": torch.from_numpy(columns.astype(np.int64)),
-            "idf": torch.from_numpy(_idf(counts, columns).astype(np.float32))}
+            "idf": torch.from_numpy(_idf(df[columns], len(rows)).astype(np.float32))}
 
 
 def tfidf_features(raw: list[str], state: dict[str, torch.Tensor] | None) -> torch.Tensor:
