@@ -158,9 +158,6 @@ class TrainedModels:
             self._tested[t.number] = predict_probabilities(self(t), self.split.test)
         return self._tested[t.number]
 
-    def tested(self, t: FrozenTrial) -> bool:
-        return t.number in self._tested
-
     def __call__(self, t: FrozenTrial) -> MetaAlgorithm:
         if t.number not in self.ready:
             self.cache[t.number] = (t.value, self._final(t))
