@@ -130,16 +130,20 @@ class TrainingPool:
     def n_classes(self) -> int:
         return len(self.classes)
 
-    def including(self, extra: np.ndarray) -> "TrainingPool":
-        """This pool with ``extra`` rows added to its one source (the standard protocol's); rows
-        of a class the pool lacks are left out, so the classes, and the labels 0..n_classes-1, stay."""
+    def over(self, rows: np.ndarray) -> "TrainingPool":
+        """This pool's features and labels over ``rows`` instead of its own (one source: the
+        standard protocol's), for a refit on more rows or a cross-validation fold on others.
+        Rows of a class the pool lacks are left out, so the classes, and the labels
+        0..n_classes-1, stay; ``rows`` must hold every one of them."""
         if len(self.sources) != 1:
-            raise ValueError("only a pool with one source (the standard protocol's) takes extra rows")
+            raise ValueError("only a pool with one source (the standard protocol's) takes other rows")
         labels = self.labels.cpu().numpy()
-        extra = np.asarray(extra)[np.isin(labels[extra], self.classes)]
-        rows = np.concatenate([self.rows, extra])
-        source = {c: np.concatenate([r, extra[labels[extra] == c]]) for c, r in self.sources[0].items()}
-        return TrainingPool(self.features, self.labels, rows, [source], self.device, self.protocol)
+        rows = np.asarray(rows)[np.isin(labels[rows], self.classes)]
+        pool = TrainingPool(self.features, self.labels, rows, [{c: rows[labels[rows] == c] for c in self.classes}],
+                            self.device, self.protocol)
+        if not np.array_equal(pool.classes, self.classes):
+            raise ValueError(f"rows lack class(es) {sorted(set(self.classes) - set(pool.classes))} of this pool")
+        return pool
 
     def rows_batch(self, batch_size: int, rng: np.random.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """A random batch of training rows with labels 0..n_classes-1 over the training classes."""

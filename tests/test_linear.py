@@ -208,18 +208,18 @@ def test_refit_applies_to_one_step_learners_on_the_standard_protocol_only(tmp_pa
     assert not refits(_config(search_choices(registry, "grouped", dataset.modalities)), gsplit, registry)
 
 
-def test_a_pool_including_extra_rows_keeps_its_classes(tmp_path):
+def test_a_pool_over_other_rows_keeps_its_classes(tmp_path):
     dataset = load_dataset(_planted(tmp_path / "p.csv"), "label")
     pool = make_split(dataset, "standard", seed=0).pool
     labels = pool.labels.numpy()
     kept_class = pool.classes[0]
     extra = np.setdiff1d(np.arange(len(labels)), pool.rows)
     # Pretend the pool lacks one class: rows of it among the extra ones are left out.
-    without = pool.including(np.array([], dtype=int))
+    without = pool.over(pool.rows)
     assert np.array_equal(without.rows, pool.rows) and np.array_equal(without.classes, pool.classes)
     narrowed = type(pool)(pool.features, pool.labels, pool.rows[labels[pool.rows] == kept_class],
                           [{kept_class: pool.rows[labels[pool.rows] == kept_class]}], pool.device, pool.protocol)
-    grown = narrowed.including(extra)
+    grown = narrowed.over(np.concatenate([narrowed.rows, extra]))
     assert np.array_equal(grown.classes, [kept_class]) and set(labels[grown.rows]) == {kept_class}
     assert len(grown.rows) == len(narrowed.rows) + int((labels[extra] == kept_class).sum())
     assert np.array_equal(np.sort(grown.sources[0][kept_class]), np.sort(grown.rows))
@@ -237,3 +237,105 @@ def test_no_refit_starts_long_after_the_timeout(tmp_path, monkeypatch):
     np.testing.assert_allclose(result.best.algorithm.head.weight.double().numpy(), reference.coef_, atol=1e-4)
     assert "not refitted, more than -10000% of --timeout past its end: trial(s) 0 (scored and saved as their trials fitted them)" in said
     assert not any(m.startswith("refitted") for m in said)
+
+
+def _blurred(path, rows_per_class=40, seed=1):
+    """Like ``_planted``, but a third of the rows carry another class's words: about 55 % accuracy,
+    so a cross-validated score differs from a holdout one and from 100 %."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c, label in enumerate("abc"):
+        for i in range(rows_per_class):
+            source = label if i % 3 else "abc"[(c + 1) % 3]
+            words = list(rng.choice(WORDS[source], 2)) + list(rng.choice(["with", "and", "large", "small"], 2))
+            rows.append({"item": " ".join(rng.permutation(words)), "x": c + rng.normal(scale=2.0), "label": label})
+    pd.DataFrame(rows).sample(frac=1, random_state=seed).to_csv(path, index=False)
+    return path
+
+
+def test_cross_validation_equals_scikit_learns_folds_with_the_validation_rows_as_one(tmp_path):
+    from sklearn.model_selection import StratifiedKFold
+
+    from autometa.study.training import CROSS_VALIDATION_FOLDS, cross_validate, cross_validates
+
+    dataset = load_dataset(_blurred(tmp_path / "b.csv"), "label")
+    split = make_split(dataset, "standard", seed=0)
+    registry = get_registry()
+    config = _config(search_choices(registry, "standard", dataset.modalities), C=3.0)
+    assert cross_validates(config, split, registry)
+    algorithm, score = train(config, split, seed=7, steps=1, eval_every=1, registry=registry)
+    train_rows, validation_rows = split.row_splits["train"], split.row_splits["validation"]
+    labels = split.pool.labels.numpy()
+
+    def hits(fit_rows, predicted):
+        reference = _reference(algorithm, split, fit_rows, C=3.0)
+        x = embed(algorithm.backbone, split.pool.features.take(torch.as_tensor(predicted))).double().numpy()
+        return int((reference.predict(x) == labels[predicted]).sum())
+
+    validation_hits = hits(train_rows, validation_rows)
+    assert validation_hits == round(score.mean * len(validation_rows))
+    expected = validation_hits
+    folds = StratifiedKFold(CROSS_VALIDATION_FOLDS - 1, shuffle=True, random_state=7)
+    for kept, held in folds.split(train_rows, labels[train_rows]):
+        expected += hits(np.concatenate([train_rows[kept], validation_rows]), train_rows[held])
+    value = cross_validate(config, split, validation_hits, seed=7, registry=registry)
+    assert value == pytest.approx(expected / (len(train_rows) + len(validation_rows)))
+    assert 0.4 < value < 0.9 and value != score.mean  # above chance (1/3), below perfect
+
+
+def test_each_fold_is_fitted_without_its_rows_and_with_every_validation_row(tmp_path, monkeypatch):
+    from autometa.study.training import cross_validate
+    from autometa_builtins.meta_algorithms.linear import Linear
+
+    dataset = load_dataset(_blurred(tmp_path / "b.csv"), "label")
+    split = make_split(dataset, "standard", seed=0)
+    registry = get_registry()
+    config = _config(search_choices(registry, "standard", dataset.modalities))
+    fitted_on = []
+    fit = Linear.train_step
+    monkeypatch.setattr(Linear, "train_step", lambda self, pool, rng: (fitted_on.append(np.sort(pool.rows)), fit(self, pool, rng))[1])
+    cross_validate(config, split, 0, seed=0, registry=registry)
+    train_rows, validation_rows = split.row_splits["train"], split.row_splits["validation"]
+    held = [np.setdiff1d(train_rows, rows) for rows in fitted_on]
+    assert len(fitted_on) == 3 and all(np.isin(validation_rows, rows).all() for rows in fitted_on)
+    assert np.array_equal(np.sort(np.concatenate(held)), np.sort(train_rows))  # every training row held out once
+    assert all(not np.isin(rows, split.row_splits["test"]).any() for rows in fitted_on)
+
+
+def test_a_one_step_trial_is_scored_by_cross_validation_and_says_so(tmp_path, capsys):
+    result = autometa.search(_blurred(tmp_path / "b.csv"), "label", trials=1, db=f"sqlite:///{tmp_path}/s.db",
+                             output=None, include={"meta_algorithm": ["linear"]}, **FAST)
+    trial = result.study.trials[0]
+    rows = len(result.split.row_splits["train"]) + len(result.split.row_splits["validation"])
+    assert trial.user_attrs["cross_validation"] == f"4 folds over {rows} training + validation rows"
+    holdout = trial.user_attrs["holdout_validation"]
+    assert trial.value != holdout
+    line = next(m for m in capsys.readouterr().err.splitlines() if m.startswith("trial   0"))
+    assert (f"validation {100 * trial.value:.1f}% cross-validated (4 folds over {rows} training + validation rows; "
+            f"{100 * holdout:.1f}% on the validation rows alone)") in line
+
+
+def test_cross_validation_is_skipped_when_its_folds_would_pass_the_trial_time_limit(tmp_path):
+    import time
+
+    from autometa.study.objective import TrialLimits, TrialRunner
+
+    class Trial:
+        user_attrs: dict = {}
+
+        def set_user_attr(self, key, value):
+            self.user_attrs[key] = value
+
+    dataset = load_dataset(_blurred(tmp_path / "b.csv"), "label")
+    runner = TrialRunner.__new__(TrialRunner)  # only what _cross_validated reads
+    runner.split, runner.registry = make_split(dataset, "standard", seed=0), get_registry()
+    config = _config(search_choices(runner.registry, "standard", dataset.modalities))
+    trial, probabilities = Trial(), [torch.zeros(len(runner.split.validation[0].query), 3)]
+    # The fit took 0.5 s of a 1.2 s limit: three more would pass it.
+    runner.limits = TrialLimits(seconds=1.2)
+    assert runner._cross_validated(trial, config, 0, probabilities, 0.5, time.perf_counter() - 0.5) == 0.5
+    assert trial.user_attrs == {"holdout_validation": 0.5,
+                                "cross_validation": "not run: its folds' fits would pass the time limit"}
+    runner.limits = TrialLimits(seconds=100.0)
+    assert runner._cross_validated(trial, config, 0, probabilities, 0.5, time.perf_counter() - 0.5) != 0.5
+    assert trial.user_attrs["cross_validation"].startswith("4 folds over")

@@ -384,6 +384,9 @@ def _trial_line(frozen: optuna.trial.FrozenTrial, registry: Registry, choices: d
     took = frozen.user_attrs.get("wall_time_s", 0.0)
     if frozen.state == TrialState.COMPLETE:
         outcome = f"validation {100 * frozen.value:.1f}%"
+        if "holdout_validation" in frozen.user_attrs and frozen.value != frozen.user_attrs["holdout_validation"]:
+            outcome += (f" cross-validated ({frozen.user_attrs['cross_validation']}; "
+                        f"{100 * frozen.user_attrs['holdout_validation']:.1f}% on the validation rows alone)")
         if "stopped" in frozen.user_attrs:
             outcome += f" ({frozen.user_attrs['stopped']})"
         elif "duplicate_of" in frozen.user_attrs:

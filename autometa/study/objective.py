@@ -30,7 +30,8 @@ from autometa.store import schema
 from autometa.study.devices import Slot
 from autometa.study.kept import KEPT, KeptModels
 from autometa.study.leaderboard import _keep_best
-from autometa.study.training import count_parameters, train
+from autometa.study.training import (CROSS_VALIDATION_FOLDS, count_parameters, cross_validate, cross_validates,
+                                     train)
 
 logger = logging.getLogger("autometa.study.objective")
 
@@ -257,13 +258,35 @@ class TrialRunner:
             raise
         finally:
             self._emit("end", self.label, trial.number)
+        probabilities, scoring_s = validated[-1]
+        value = score.mean
+        if cross_validates(config, self.split, self.registry):
+            value = self._cross_validated(trial, config, trial_seed, probabilities, score.mean, started)
         trial.set_user_attr("wall_time_s", time.perf_counter() - started)
         trial.set_user_attr("parameters", count_parameters(algorithm))
-        probabilities, scoring_s = validated[-1]
         # Seconds per validation task to adapt and predict: what the test tasks will cost (scoring_reserve).
         trial.set_user_attr("scoring_s_per_task", scoring_s / max(1, len(probabilities)))
-        self._keep(trial, score.mean, algorithm, probabilities)
-        return score.mean
+        self._keep(trial, value, algorithm, probabilities)
+        return value
+
+    def _cross_validated(self, trial: optuna.Trial, config: Config, seed: int, probabilities: list[torch.Tensor],
+                         holdout: float, started: float) -> float:
+        """The trial's cross-validated accuracy (``cross_validate``), or its validation accuracy
+        when the folds' fits (as long as the trial's own, each) would run past its time limits."""
+        trial.set_user_attr("holdout_validation", holdout)
+        folds = CROSS_VALIDATION_FOLDS - 1
+        needed = folds * (time.perf_counter() - started)
+        limits = self.limits
+        if ((limits.deadline is not None and time.time() + needed >= limits.stop_at())
+                or (limits.seconds is not None and time.perf_counter() - started + needed >= limits.seconds)):
+            trial.set_user_attr("cross_validation", "not run: its folds' fits would pass the time limit")
+            return holdout
+        task = self.split.validation[0]
+        hits = int((probabilities[0].argmax(-1).cpu() == task.query_y.cpu()).sum())
+        value = cross_validate(config, self.split, hits, seed=seed, registry=self.registry)
+        rows = len(self.split.row_splits["train"]) + len(task.query)
+        trial.set_user_attr("cross_validation", f"{CROSS_VALIDATION_FOLDS} folds over {rows} training + validation rows")
+        return value
 
     def _keep(self, trial: optuna.Trial, value: float, algorithm, probabilities: list[torch.Tensor]) -> None:
         """What the ensemble and the leaderboard use after the search: the trial's validation

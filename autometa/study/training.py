@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from sklearn.model_selection import StratifiedKFold
 
 from autometa.components import Backbone, MetaAlgorithm, assemble_backbone
 from autometa.config import Config
@@ -18,6 +20,13 @@ from autometa.data.scoring import Score, predict_probabilities, score_probabilit
 from autometa.errors import AutometaError, PluginError
 from autometa.inputs import MASK_PREFIX
 from autometa.plugins import Registry
+from autometa.types import Task
+
+# Trials of one-step learners on standard splits up to this many training + validation rows are
+# scored by cross-validation (``cross_validate``): above it the validation rows alone are
+# many enough (their accuracy's standard error is under about 1.5 points) and the folds' fits cost more.
+CROSS_VALIDATION_ROWS = 5000
+CROSS_VALIDATION_FOLDS = 4  # the validation rows and three folds of the training rows
 
 
 def _plugin_call(registry: Registry, kind: str, name: str, build: Callable[[], Any]) -> Any:
@@ -121,16 +130,61 @@ def refit(config: Config, split: Split, *, seed: int, registry: Registry) -> Met
     and, once it is chosen, train it too (a quarter more rows at 60/20/20). The features stay
     as the search made them (fitted encoders on the training rows only); test rows are not read.
     """
-    algorithm, _ = train(config, split, seed=seed, steps=0, eval_every=1, registry=registry)
-    pool = split.pool.including(split.row_splits["validation"])
-    _plugin_call(registry, "meta_algorithm", config.meta_algorithm,
-                 lambda: algorithm.train_step(pool, np.random.default_rng(seed)))
-    return algorithm
+    rows = np.concatenate([split.row_splits["train"], split.row_splits["validation"]])
+    return _fit_once(config, split, rows, seed=seed, registry=registry)
 
 
 def refits(config: Config, split: Split, registry: Registry) -> bool:
     """True when ``refit`` applies: a standard split and a learner that fits in one step."""
     return split.protocol == "standard" and registry.get("meta_algorithm", config.meta_algorithm).cls.fits_in_one_step
+
+
+def cross_validates(config: Config, split: Split, registry: Registry) -> bool:
+    """True when a trial of ``config`` is scored by ``cross_validate``: a learner that fits in one
+    step, on a standard split of at most ``CROSS_VALIDATION_ROWS`` training + validation rows."""
+    if not refits(config, split, registry):
+        return False
+    train_rows, validation_rows = len(split.row_splits["train"]), len(split.row_splits["validation"])
+    return CROSS_VALIDATION_FOLDS - 1 <= train_rows and train_rows + validation_rows <= CROSS_VALIDATION_ROWS
+
+
+def cross_validate(config: Config, split: Split, validation_hits: int, *, seed: int, registry: Registry) -> float:
+    """Accuracy over every training and validation row, each predicted by a fit that did not see it.
+
+    The validation rows are one fold, scored by the trial's own fit (``validation_hits``); the
+    training rows are cut into ``CROSS_VALIDATION_FOLDS`` - 1 more (stratified), each predicted
+    by a fit on the other training rows and the validation rows. At 60/20/20 every fold's fit
+    learns from as many rows as the trial's own, and the estimate rests on four times as many
+    rows as the validation rows alone: on small data a choice between cheap learners otherwise
+    follows the noise of a few hundred rows. Features are the search's (fitted on the training
+    rows, labels unseen); test rows are not read.
+    """
+    train_rows, validation_rows = split.row_splits["train"], split.row_splits["validation"]
+    labels = split.pool.labels.cpu().numpy()
+    folds = StratifiedKFold(CROSS_VALIDATION_FOLDS - 1, shuffle=True, random_state=seed)
+    hits = validation_hits
+    with warnings.catch_warnings():  # a class with fewer training rows than folds is expected on small data
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        parts = list(folds.split(train_rows, labels[train_rows]))
+    for kept, held in parts:
+        algorithm = _fit_once(config, split, np.concatenate([train_rows[kept], validation_rows]), seed=seed,
+                              registry=registry)
+        query = torch.as_tensor(train_rows[held], device=split.pool.device)
+        fold = Task(split.pool.features, query, split.pool.labels[query], query, split.pool.labels[query],
+                    split.pool.n_classes, same_classes_as_training=True)
+        probabilities = _plugin_call(registry, "meta_algorithm", config.meta_algorithm,
+                                     lambda: predict_probabilities(algorithm, [fold]))
+        hits += int((probabilities[0].argmax(-1).cpu() == fold.query_y.cpu()).sum())
+    return hits / (len(train_rows) + len(validation_rows))
+
+
+def _fit_once(config: Config, split: Split, rows: np.ndarray, *, seed: int, registry: Registry) -> MetaAlgorithm:
+    """``config``'s one-step learner, built as a trial builds it, fitted on ``rows`` of a standard split."""
+    algorithm, _ = train(config, split, seed=seed, steps=0, eval_every=1, registry=registry)
+    pool = split.pool.over(rows)
+    _plugin_call(registry, "meta_algorithm", config.meta_algorithm,
+                 lambda: algorithm.train_step(pool, np.random.default_rng(seed)))
+    return algorithm
 
 
 def _probe(backbone: Backbone, pool, config: Config, registry: Registry) -> None:
