@@ -74,6 +74,25 @@ def test_selection_averages_the_validation_optimal_members():
     assert same.tolist() == [1, 0]
 
 
+def test_held_out_folds_keep_an_ensemble_only_when_choosing_one_beats_choosing_a_trial():
+    from autometa.study.ensemble import held_out_choices
+
+    targets = [np.zeros(15, dtype=np.int64)]
+    right, wrong = [0.9, 0.1], [0.2, 0.8]
+    # Each candidate wrong on its own third of the rows: any two of them outvote the third, so an
+    # ensemble chosen on any four folds is right on every held-out row. One trial is wrong on 5 rows,
+    # and the one chosen on four folds is the one with the fewest there, i.e. the most held out:
+    # below its 2/3 on all rows.
+    thirds = [[np.array([wrong if r % 3 == i else right for r in range(15)])] for i in range(3)]
+    ensemble, single = held_out_choices(thirds, targets)
+    assert ensemble == 1.0 and single < 2 / 3
+    # One candidate always right, one always wrong: the ensemble chosen is the right one alone,
+    # no better than choosing it: not kept (the search keeps it only when strictly better).
+    ensemble, single = held_out_choices([[np.array([right] * 15)], [np.array([wrong] * 15)]], targets)
+    assert ensemble == single == 1.0
+    assert held_out_choices(thirds, [np.zeros(4, dtype=np.int64)] * 1, folds=5) is None  # 4 rows: too few to fold
+
+
 def test_ensemble_is_chosen_on_validation_rows_only(tmp_path):
     """The planted test rows favour the first candidate alone (100% vs 0% for the three together);
     the validation rows favour the three together: those are chosen, and scored on test as they are."""
@@ -110,7 +129,8 @@ def test_ensemble_is_chosen_on_validation_rows_only(tmp_path):
     assert [t for t, _ in entry.members] == [0, 1, 2] and [w for _, w in entry.members] == pytest.approx([1 / 3] * 3)
     assert (entry.validation, entry.best_member_validation, entry.chosen) == (1.0, pytest.approx(2 / 3), True)
     assert entry.test.mean == 0.0  # the test-optimal ensemble (the first alone) would score 100%
-    assert "validation 100.0% vs 66.7% for the best single trial, better than its best member" in messages[-1]
+    # 3 validation rows are too few to fold: kept on being better on them.
+    assert messages[-1].endswith("validation 100.0% vs 66.7% for the best single trial: saved as the model")
 
     # With the members' test predictions kept (the leaderboard made them), none is predicted again.
     class Unused(Planted):

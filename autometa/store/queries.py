@@ -353,7 +353,7 @@ def leaderboard(db: str, study: str) -> list[dict[str, Any]]:
         rows.append({"rank": None, "trial": None, "validation": ensemble["validation"],
                      **{k: ensemble[k] for k in ("test_mean", "test_low", "test_high", "test_units", "test_unit")},
                      "parameters": None, "configuration": f"ensemble of trials {members}"
-                     + ("" if ensemble["chosen"] else " (not kept: no better on validation than its best member)")})
+                     + ("" if ensemble["chosen"] else " (not kept: no better on validation than the best single trial)")})
     with _reading(db) as connection:
         stored = schema.stored_baselines(connection, study)
     if not stored:  # before schema version 2: the study's attributes

@@ -142,7 +142,7 @@ ensembles = Table(
     Column("members", Text, nullable=False),  # JSON [{"trial": n, "weight": w}, ...]
     Column("validation", Float),  # its validation accuracy (chosen on it)
     Column("best_member_validation", Float),  # the best single member's, for comparison
-    Column("chosen", Integer, nullable=False),  # 1: saved as the study's model; 0: no better than its best member
+    Column("chosen", Integer, nullable=False),  # 1: saved as the study's model; 0: no better than the best single trial
     Column("test_mean", Float),
     Column("test_low", Float),
     Column("test_high", Float),

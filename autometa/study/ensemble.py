@@ -26,6 +26,7 @@ from autometa.data.scoring import Score, evaluate, score_probabilities, score_un
 from autometa.store import schema
 
 ROUNDS = 25  # additions (with replacement): weights in steps of 1/25 at the finest
+DECISION_FOLDS = 5  # folds of every validation task's rows that decide whether the ensemble is kept
 _TINY = 1e-12  # probabilities are clipped here for the log-loss and for the ensemble's logits
 
 
@@ -73,6 +74,34 @@ def select(candidates: list[list[np.ndarray]], targets: list[np.ndarray], rounds
     return best_counts
 
 
+def held_out_choices(candidates: list[list[np.ndarray]], targets: list[np.ndarray], rounds: int = ROUNDS,
+                     folds: int = DECISION_FOLDS, seed: int = 0) -> tuple[float, float] | None:
+    """Validation accuracy of two ways to choose, each made on the other folds of every task's
+    rows and scored on the held-out fold: Caruana's selection (``select``) and the single best
+    candidate. None when a task has fewer rows than ``folds``.
+
+    Scored on the rows it was chosen on, an ensemble flatters itself: it is fitted to them, more
+    than picking one of a few trials is. On fastfood's 102 validation rows an ensemble scored 5.9
+    points above its best member there and 4 points below the best finalist on the test rows.
+    """
+    if min(len(y) for y in targets) < folds:
+        return None
+    rng = np.random.default_rng(seed)
+    fold_of = [rng.permutation(len(y)) % folds for y in targets]  # each task's rows, dealt into the folds
+    ensemble = [np.zeros_like(p, dtype=np.float64) for p in candidates[0]]
+    single = [np.zeros_like(p, dtype=np.float64) for p in candidates[0]]
+    for fold in range(folds):
+        kept = [f != fold for f in fold_of]
+        rows = lambda parts, which: [p[w] for p, w in zip(parts, which)]  # noqa: E731
+        chosen_on = [rows(c, kept) for c in candidates]
+        counts = select(chosen_on, rows(targets, kept), rounds)
+        best = int(np.argmax([accuracy(c, rows(targets, kept)) for c in chosen_on]))
+        for task, held in enumerate(f == fold for f in fold_of):
+            ensemble[task][held] = sum(n * c[task][held] for n, c in zip(counts, candidates)) / counts.sum()
+            single[task][held] = candidates[best][task][held]
+    return accuracy(ensemble, targets), accuracy(single, targets)
+
+
 class EnsembleAlgorithm:
     """Trained models predicting together: the weighted mean of their class probabilities
     (returned as log-probabilities, so anything that scores logits scores it)."""
@@ -102,6 +131,8 @@ class EnsembleEntry:
     test: Score
     chosen: bool
     algorithm: EnsembleAlgorithm | None = field(default=None, repr=False, compare=False)
+    # ``held_out_choices``: (ensemble, best single) chosen on other folds of the validation rows
+    held_out: tuple[float, float] | None = None
 
     def label(self) -> str:
         return "ensemble of trials " + ", ".join(f"{t}×{w:.2f}" for t, w in self.members)
@@ -112,6 +143,7 @@ class EnsembleEntry:
             "validation_accuracy": self.validation,
             "best_member_validation": self.best_member_validation,
             "chosen": self.chosen,
+            "held_out_validation": None if self.held_out is None else list(self.held_out),
             **self.test.as_dict(),
         }
 
@@ -152,9 +184,15 @@ def build_ensemble(study: optuna.Study, split: Split, db: str, model: Callable[[
         tested = [test_probabilities(t) for t, _ in members]
         mixed_test = [sum(w * p for (_, w), p in zip(weights, parts)) for parts in zip(*tested)]
         test = score_probabilities(mixed_test, split.test, score_unit(split))
-    entry = EnsembleEntry(weights, validation, single, test, validation > single, algorithm)
-    verdict = ("better than its best member: saved as the model" if entry.chosen else
-               "no better than its best member: the single best model is kept")
-    say(f"{entry.label()}: validation {100 * validation:.1f}% vs {100 * single:.1f}% for the best single trial, "
+    # Kept when it is better than its best member on the validation rows and, where each task
+    # has rows enough to fold, when choosing an ensemble beats choosing one trial on held-out folds.
+    held_out = held_out_choices(library, targets, rounds)
+    chosen = validation > single and (held_out is None or held_out[0] > held_out[1])
+    entry = EnsembleEntry(weights, validation, single, test, chosen, algorithm, held_out)
+    verdict = "saved as the model" if entry.chosen else "the single best model is kept"
+    folded = "" if held_out is None else (
+        f"; chosen on {DECISION_FOLDS - 1} of {DECISION_FOLDS} folds of the validation rows and scored on the other, "
+        f"{100 * held_out[0]:.1f}% vs {100 * held_out[1]:.1f}% for the best single trial")
+    say(f"{entry.label()}: validation {100 * validation:.1f}% vs {100 * single:.1f}% for the best single trial{folded}: "
         f"{verdict}")
     return entry

@@ -103,7 +103,7 @@ class SearchResult:
             lines.append(f"{e.rank:>4}  {e.trial:>5}  {100 * e.validation:>9.1f}%  {str(e.test):>20}  {e.config.label()}")
         if self.ensemble is not None:
             e = self.ensemble
-            note = "saved as the model" if e.chosen else "not kept: no better on validation than its best member"
+            note = "saved as the model" if e.chosen else "not kept: no better on validation than the best single trial"
             lines.append(f"{'ens':>4}  {'':>5}  {100 * e.validation:>9.1f}%  {str(e.test):>20}  {e.label()} ({note})")
         for b in self.baselines:
             lines.append(f"{'':>4}  {'':>5}  {'':>10}  {str(b.score):>20}  baseline: {b.label}")
