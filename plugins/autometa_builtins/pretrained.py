@@ -159,8 +159,8 @@ class MiniLM(Encoder):
     fixed_params = {"out_dim": 0}  # the frozen embeddings as they are
     # Trained on a billion sentence pairs, not on this data's training rows, its embeddings carry
     # to classes and groups training never saw, where features fitted on ~2,000 training rows do
-    # not: on WordNet glosses, 5-way 1-shot on held-out classes, a search over it reached 52.5 %
-    # against 42.7 % over the first-registered lsa (docs/automl-benchmark.md, few-shot rows).
+    # not: on WordNet glosses, 5-way 1-shot on held-out classes, the 600 s default search reached
+    # 52.7 % starting from it, 43.2 % from lsa without it (docs/automl-benchmark.md, few-shot rows).
     default_for = ("fewshot", "grouped")
 
     def __init__(self, spec: InputSpec, *, out_dim: int = 128):
