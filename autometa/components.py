@@ -87,6 +87,11 @@ class Encoder(Component, nn.Module):
     """
 
     modality: ClassVar[str] = ""
+    # Protocols whose searches start from this encoder for its modality (the default trials, and
+    # warm-start seeds that name no encoder for it) instead of the first registered one, where it
+    # is available and allowed. For pretrained features that transfer to what training never
+    # saw: few-shot tasks on new classes, held-out groups (``("fewshot", "grouped")``).
+    default_for: ClassVar[tuple[str, ...]] = ()
     out_dim: int
 
     @classmethod

@@ -200,29 +200,37 @@ def _note(say: Callable[[str], None] | None, message: str) -> None:
         say(f"note: {message}")
 
 
-def default_trials(registry: Registry, choices: dict[str, list[str]]) -> list[dict[str, Any]]:
+def default_encoder(registry: Registry, modality: str, allowed: list[str], protocol: str | None = None) -> str:
+    """A modality's default encoder among ``allowed``: the first registered one that declares
+    ``protocol`` in its ``default_for`` (a pretrained encoder on few-shot tasks), else the first registered."""
+    infos = [i for i in registry.encoders_for(modality) if i.name in allowed]
+    return next((i.name for i in infos if protocol in i.cls.default_for), infos[0].name)
+
+
+def default_trials(registry: Registry, choices: dict[str, list[str]], protocol: str | None = None) -> list[dict[str, Any]]:
     """One trial per meta-algorithm with every component at its default parameters, the
     fixed-features learners (e.g. gbm) first, each on its ``preferred_features`` where allowed.
 
     A new study starts with these (as auto-sklearn starts from defaults), so even a tiny
     budget scores each learner once at sensible settings before the sampler explores. The
-    default fusion is concat when allowed; an encoder's default is the first one registered.
+    default fusion is concat when allowed; an encoder's default is ``default_encoder``'s for the
+    search's ``protocol``.
     """
     fusion = "concat" if "concat" in choices["fusion"] else choices["fusion"][0]
     shared: dict[str, Any] = {"fusion": fusion, **_defaults(registry.get("fusion", fusion).cls, f"fusion.{fusion}.")}
     for key, names in choices.items():
         if key.startswith("encoder."):
             m = key.split(".", 1)[1]
-            e = next(i.name for i in registry.encoders_for(m) if i.name in names)
+            e = default_encoder(registry, m, names, protocol)
             shared[key] = e
             shared.update(_defaults(registry.get("encoder", e).cls, f"encoder.{m}.{e}."))
     multimodal = sum(key.startswith("encoder.") for key in choices) >= 2
-    # A fixed-features learner's: concat when allowed, each modality's first-registered fixed map.
+    # A fixed-features learner's: concat when allowed, each modality's default fixed map.
     fixed = fixed_choices(registry, choices)
     fixed_shared = {FIXED + "fusion": "concat" if "concat" in fixed["fusion"] else (fixed["fusion"] or [None])[0]}
     for key, names in fixed.items():
         if key.startswith("encoder.") and names:
-            fixed_shared[FIXED + key] = next(i.name for i in registry.encoders_for(key.split(".", 1)[1]) if i.name in names)
+            fixed_shared[FIXED + key] = default_encoder(registry, key.split(".", 1)[1], names, protocol)
     trials = []
     # Fixed-features learners first: they fit once in seconds, so a short budget has a model early.
     names = sorted(choices["meta_algorithm"], key=lambda n: not registry.get("meta_algorithm", n).cls.fixed_features)

@@ -124,13 +124,19 @@ def validate_component(kind: str, cls: Any) -> None:
         )
     if kind == "encoder" and cls.fits_input() and not cls.derives_input():
         raise PluginError(f"encoder {name!r} overrides fit_input but not prepare(raw, state), which applies the state")
+    protocols = {"fewshot", "grouped", "standard"}
     if kind == "meta_algorithm":
-        unknown = set(cls.protocols) - {"fewshot", "grouped", "standard"}
+        unknown = set(cls.protocols) - protocols
         if not cls.protocols or unknown:
             raise PluginError(
                 f"meta-algorithm {name!r} declares protocols {tuple(cls.protocols)!r}; "
                 "use a non-empty subset of ('fewshot', 'grouped', 'standard')"
             )
+    if kind == "encoder" and (isinstance(cls.default_for, str) or set(cls.default_for) - protocols):
+        raise PluginError(
+            f"encoder {name!r} declares default_for {cls.default_for!r}; "
+            "use a tuple of protocols from ('fewshot', 'grouped', 'standard'), or () for none"
+        )
     space = cls.search_space
     if not isinstance(space, dict):
         raise PluginError(f"{kind} {name!r}: search_space must be a dict of Optuna distributions")

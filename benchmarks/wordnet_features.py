@@ -4,18 +4,20 @@ On the AutoML benchmark's WordNet split (benchmarks/automl.py: 27 / 9 / 9 train 
 test lexicographer files, its 100 validation and 600 test episodes, 5-way, 15 queries per class)
 this prints, side by side, validation and test accuracy ± 95 % CI of:
 
-- nearest class mean (cosine) over the benchmark's TF-IDF (word 1-2 + character 2-5-grams);
+- nearest class mean (cosine) over the benchmark's TF-IDF (word 1-2 + character 2-5-grams), as it
+  is and centred on the training rows' mean (SimpleShot's CL2N, Wang et al. 2019);
 - nearest class mean over `lsa` features of several SVD sizes, as they are and centred on the
   training rows' mean;
 - ProtoNet on fixed `lsa` (256) features with a learned map trained on training-class episodes
   (``linear``: x + Wx + b from zero, as `lsa`'s projection; ``mlp``: x + B relu(A x)), squared
-  Euclidean distance or cosine with a learned temperature; the map is checkpointed every quarter of
-  ``--steps`` and the one best on the validation episodes is tested.
+  Euclidean distance or cosine with a learned temperature, on `lsa` as it is and (``--centred``)
+  centred on the training rows' mean; the map is checkpointed every quarter of ``--steps`` and the
+  one best on the validation episodes is tested.
 
 Nothing is chosen on test episodes. One CPU thread (the maps are small).
 
     apt-get install wordnet-base
-    python benchmarks/wordnet_features.py [--shots 1] [--dims 64 256 1024] [--steps 2000]
+    python benchmarks/wordnet_features.py [--shots 1] [--dims 64 256 1024] [--steps 2000] [--centred]
 """
 
 from __future__ import annotations
@@ -42,12 +44,15 @@ def interval(accuracies: list[float]) -> str:
     return f"{a.mean():.1f} ± {1.96 * a.std(ddof=1) / math.sqrt(len(a)):.1f}"
 
 
-def nearest_mean(x, episodes) -> list[float]:
-    """Cosine nearest class mean per episode (x: rows × features, dense or sparse)."""
+def nearest_mean(x, episodes, centre=None) -> list[float]:
+    """Cosine nearest class mean per episode (x: rows × features, dense or sparse); with ``centre``
+    (a mean row), each row is first centred on it and scaled to unit norm (SimpleShot's CL2N)."""
     found = []
     for e in episodes:
-        means = np.stack([np.asarray(x[e.support[e.support_y == c]].mean(0)).ravel() for c in range(e.support_y.max() + 1)])
-        scores = normalize(x[e.query]) @ normalize(means).T
+        rows = lambda r: x[r] if centre is None else normalize(np.asarray(x[r].todense() if hasattr(x, "todense") else x[r]) - centre)  # noqa: E731
+        support = rows(e.support)
+        means = np.stack([np.asarray(support[e.support_y == c].mean(0)).ravel() for c in range(e.support_y.max() + 1)])
+        scores = normalize(rows(e.query)) @ normalize(means).T
         found.append(float((np.asarray(scores).argmax(1) == e.query_y).mean()))
     return found
 
@@ -113,6 +118,9 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--centred", action="store_true", help="also train the maps on centred lsa features")
+    parser.add_argument("--maps", nargs="+", default=["linear", "mlp"], choices=["linear", "mlp"])
+    parser.add_argument("--metrics", nargs="+", default=["euclidean", "cosine"], choices=["euclidean", "cosine"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     prepared = automl.prepare(f"wordnet-{args.shots}shot", 0, automl.suite_dir())
@@ -121,6 +129,9 @@ def main() -> None:
     tfidf = automl._fewshot_inputs(prepared)
     print(f"| TF-IDF (benchmark's) | nearest class mean | {interval(nearest_mean(tfidf, prepared.validation))} | "
           f"{interval(nearest_mean(tfidf, prepared.test))} | |", flush=True)
+    mean = np.asarray(tfidf[prepared.fit_rows].mean(0))
+    print(f"| TF-IDF, centred | nearest class mean | {interval(nearest_mean(tfidf, prepared.validation, mean))} | "
+          f"{interval(nearest_mean(tfidf, prepared.test, mean))} | |", flush=True)
     lsa = get_registry().get("encoder", "lsa").cls
     lsa_module = sys.modules[lsa.__module__]
     default_dims, features = lsa_module.DIMS, {}
@@ -135,13 +146,19 @@ def main() -> None:
             print(f"| {name} | nearest class mean | {interval(nearest_mean(z, prepared.validation))} | "
                   f"{interval(nearest_mean(z, prepared.test))} | fitted in {took:.0f} s |", flush=True)
     lsa_module.DIMS = default_dims
-    x = torch.from_numpy(features.get(default_dims, features[max(features)]))
-    for kind in ("linear", "mlp"):
-        for metric in ("euclidean", "cosine"):
-            started = time.perf_counter()
-            validation, test, step = protonet(x, prepared, kind, metric, args.steps, args.shots)
-            print(f"| lsa {x.shape[1]} | protonet, {kind} map, {metric} | {interval(validation)} | {interval(test)} | "
-                  f"best at step {step} of {args.steps}; {time.perf_counter() - started:.0f} s |", flush=True)
+    raw = features.get(default_dims, features[max(features)])
+    inputs = {"": raw}
+    if args.centred:
+        inputs[", centred"] = normalize(raw - raw[prepared.fit_rows].mean(0)).astype(np.float32)
+    for kind in args.maps:
+        for metric in args.metrics:
+            for label, z in inputs.items():
+                x = torch.from_numpy(z)
+                started = time.perf_counter()
+                validation, test, step = protonet(x, prepared, kind, metric, args.steps, args.shots)
+                print(f"| lsa {x.shape[1]}{label} | protonet, {kind} map, {metric} | {interval(validation)} | "
+                      f"{interval(test)} | best at step {step} of {args.steps}; {time.perf_counter() - started:.0f} s |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import autometa
 from autometa.results.artifacts import WEIGHTS_FILE, ModelError
 from autometa.cli.main import cli
 from autometa.components import InputSpec
-from autometa_builtins.lsa import LatentSemantic, _counts
+from autometa_builtins.lsa import LatentSemantic, _counts, _tfidf, centred_unit_rows
+from sklearn.preprocessing import normalize
 from helpers import assert_fitted_state_kept
 
 WORDS = ["stone", "river", "bridge", "walks", "slowly", "under", "old", "light", "green", "field"]
@@ -123,3 +124,30 @@ def test_features_are_unit_rows_of_the_svd_basis():
     assert torch.equal(z[-1], torch.zeros(z.shape[1]))  # no text: no n-gram, a zero row
     with pytest.raises(ValueError, match="give text to fit on"):
         LatentSemantic.fit_input(["", ""], np.arange(2))
+
+
+def test_centred_unit_rows_by_hand():
+    """SimpleShot's CL2N on numbers worked by hand: (3, 4) → (0.6, 0.8); minus the mean (0.6, 0)
+    → (0, 0.8) → (0, 1). (0, 2) → (0, 1) → (-0.6, 1) → (-0.6, 1) / √1.36. A zero row stays zero."""
+    z = np.array([[3.0, 4.0], [0.0, 2.0], [0.0, 0.0]])
+    got = centred_unit_rows(z, np.array([0.6, 0.0]))
+    norm = np.sqrt(0.36 + 1.0)
+    np.testing.assert_allclose(got, [[0.0, 1.0], [-0.6 / norm, 1.0 / norm], [0.0, 0.0]], atol=1e-12)
+
+
+def test_features_are_centred_on_the_training_rows_mean():
+    texts = [f"{a} {b} walks" for a in WORDS for b in WORDS[:5]]
+    rows = np.arange(0, len(texts), 2)
+    state = LatentSemantic.fit_input(texts, rows)
+    # The saved mean is the training rows' mean unit row in the SVD space, nothing of the others.
+    x = _tfidf(_counts(texts), state["columns"].numpy(), state["idf"].numpy())
+    unit = normalize(np.asarray(x @ state["components"].numpy().astype(np.float64).T))
+    np.testing.assert_allclose(state["mean"].numpy(), unit[rows].mean(axis=0), rtol=1e-5, atol=1e-7)
+    z = LatentSemantic.prepare(texts, state).numpy()
+    np.testing.assert_allclose(z, normalize(unit - unit[rows].mean(axis=0)), rtol=1e-5, atol=1e-6)
+    # Centring removed the shared direction: the training rows' features now average near zero
+    # (before, every row shared "walks" and the mean's norm was large).
+    assert np.linalg.norm(z[rows].mean(axis=0)) < 0.2 * np.linalg.norm(unit[rows].mean(axis=0))
+    # A model saved before centring (no mean in its state) keeps its uncentred features.
+    old = {k: v for k, v in state.items() if k != "mean"}
+    np.testing.assert_allclose(LatentSemantic.prepare(texts, old).numpy(), unit, rtol=1e-5, atol=1e-6)

@@ -215,11 +215,11 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
                 optuna_study, optuna_study.user_attrs.get("meta_features") or meta_features(), registry, choices,
                 db=settings.db, prior=settings.warm_start_prior, k=settings.warm_start_k,
                 configs=min(settings.warm_start_configs, remaining), say=say,
-                fingerprint=dataset.fingerprint,
+                fingerprint=dataset.fingerprint, protocol=spec.protocol,
             )
         if settings.defaults:
             # A default a warm-start seed already queued is not queued twice.
-            for params in default_trials(registry, choices)[: max(0, remaining - seeded)]:
+            for params in default_trials(registry, choices, spec.protocol)[: max(0, remaining - seeded)]:
                 enqueue_new(optuna_study, params, registry, choices)
     # Every run of the search is a row of autometa_searches (a resumed one adds another).
     search_id = schema.begin_search(

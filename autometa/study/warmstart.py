@@ -31,7 +31,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from autometa.config import configuration_label, default_trials, sample_config
+from autometa.config import configuration_label, default_encoder, default_trials, sample_config
 from autometa.data.loading import load_dataset
 from autometa.data.metafeatures import describe, rank_by_meta_features
 from autometa.errors import SearchError
@@ -88,7 +88,7 @@ class Translation:
     dropped: list[str] = field(default_factory=list)
 
 
-def translate(params: Mapping[str, Any], registry, choices: Mapping[str, list[str]]) -> Translation:
+def translate(params: Mapping[str, Any], registry, choices: Mapping[str, list[str]], protocol: str | None = None) -> Translation:
     """``params`` (stored Optuna parameters) as parameters of this search, or why it cannot be.
 
     Components must be installed, available and among this search's choices. Encoders map by
@@ -96,7 +96,9 @@ def translate(params: Mapping[str, Any], registry, choices: Mapping[str, list[st
     stored data lacked the modality, and the stored data's other modalities are dropped.
     Hyperparameters are kept where this search's space has them and the value is in range;
     values out of range are left to the sampler, and parameters the stored configuration never
-    had (a new modality's encoder, a newer plugin's option) take their defaults.
+    had (a new modality's encoder, a newer plugin's option) take their defaults: this search's
+    ``protocol``'s (``default_trials``), so a few-shot search fills a text column with a pretrained
+    encoder where one declares ``default_for`` it.
     """
     fixed: dict[str, Any] = {}
     for key in ("meta_algorithm", "fusion"):
@@ -115,14 +117,14 @@ def translate(params: Mapping[str, Any], registry, choices: Mapping[str, list[st
         modality = key.split(".", 1)[1]
         name = params.get(key)
         if name is None:  # the stored data lacked this modality: the default encoder, as default_trials has it
-            name = next(i.name for i in registry.encoders_for(modality) if i.name in names)
+            name = default_encoder(registry, modality, names, protocol)
         else:
             problem = _unusable(registry, "encoder", name, names, modality)
             if problem:
                 return Translation(None, problem)
         fixed[key] = name
     defaults: dict[str, Any] = {}
-    for trial in default_trials(registry, dict(choices)):
+    for trial in default_trials(registry, dict(choices), protocol):
         defaults.update(trial)
     recorder = _Recorder({**defaults, **params, **fixed})
     sample_config(recorder, registry, dict(choices))
@@ -194,10 +196,11 @@ def plan(
     scales: Mapping[str, float] | None = None,
     portfolio: list[PortfolioEntry] = (),
     near: float = NEAR,
+    protocol: str | None = None,
 ) -> WarmStart:
     """The configurations to seed: from the ``k`` nearest experiences within distance ``near``
     with a usable configuration, round-robin over them, then the ``portfolio`` in its order,
-    until ``configs`` distinct ones are chosen."""
+    until ``configs`` distinct ones are chosen, translated to this search's ``protocol``."""
     if k < 1 or configs < 1:
         raise SearchError("--warm-start-k and --warm-start-configs must be at least 1")
     ranked = rank_by_meta_features(meta_features, {str(i): e.meta_features for i, e in enumerate(experiences)}, scales)
@@ -208,7 +211,7 @@ def plan(
         experience = experiences[int(near_one.study)]
         usable = []
         for params, value in distinct_best(experience.configurations)[:configs]:
-            translated = translate(params, registry, choices)
+            translated = translate(params, registry, choices, protocol)
             if translated.params is None:
                 notes.append(f"skipped {configuration_label(params)} from {experience.name}: {translated.note}")
             else:
@@ -234,7 +237,7 @@ def plan(
     for entry in portfolio:
         if len(seeds) == configs:
             break
-        translated = translate(entry.params, registry, choices)
+        translated = translate(entry.params, registry, choices, protocol)
         if translated.params is None:
             notes.append(f"skipped {configuration_label(entry.params)} from the portfolio: {translated.note}")
         else:
@@ -277,7 +280,7 @@ def similar(data, label_column: str, *, db: str | None, prior: str | Path | None
 
 def seed_study(study: optuna.Study, meta_features: Mapping[str, Any], registry, choices: Mapping[str, list[str]], *,
                db: str | None, prior: str | Path | None = PRIOR_PATH, k: int = WARM_START_K, configs: int = WARM_START_CONFIGS,
-               say=print, fingerprint: str | None = None, near: float = NEAR) -> int:
+               say=print, fingerprint: str | None = None, near: float = NEAR, protocol: str | None = None) -> int:
     """Enqueue the warm-start configurations as ``study``'s next trials, say which and from
     where, and return how many were enqueued.
 
@@ -299,7 +302,7 @@ def seed_study(study: optuna.Study, meta_features: Mapping[str, Any], registry, 
         say("warm start: no searched dataset to learn from yet")
         return 0
     warm = plan(meta_features, experiences, registry, choices, k=k, configs=configs, scales=known.scales,
-                portfolio=known.portfolio, near=near)
+                portfolio=known.portfolio, near=near, protocol=protocol)
     for note in warm.notes:
         say(f"warm start: {note}")
     if not warm.seeds:

@@ -20,7 +20,7 @@ from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.preprocessing import normalize
 
-from autometa_builtins.fitted import FittedFeatures, unit_rows
+from autometa_builtins.fitted import FittedFeatures
 
 BITS = 14  # hash columns per n-gram kind: 2 x 16,384 in all
 DIMS = 256
@@ -51,9 +51,23 @@ def _tfidf(counts: sparse.csr_matrix, columns: np.ndarray, idf: np.ndarray) -> s
     return normalize(sparse.hstack([normalize(x[:, :boundary]), normalize(x[:, boundary:])], format="csr"))
 
 
+def centred_unit_rows(z: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """SimpleShot's CL2N (Wang et al. 2019): unit rows of ``z``, centred on ``mean`` (the training
+    rows' mean unit row) and scaled to unit norm again. A row without features stays zero."""
+    unit = normalize(z)
+    present = np.linalg.norm(unit, axis=1, keepdims=True) > 0
+    return normalize(np.where(present, unit - mean, 0.0))
+
+
+def _project(x: sparse.csr_matrix, components: torch.Tensor) -> np.ndarray:
+    """TF-IDF rows onto the saved (float32) SVD basis, in float64."""
+    return np.asarray(x @ components.numpy().astype(np.float64).T)
+
+
 class LatentSemantic(FittedFeatures):
-    """TF-IDF word 1-2-grams and character 2-5-grams → truncated SVD (256) → unit norm, fitted on
-    training rows only (``fit_input``), then an identity-initialised linear map the meta-learner
+    """TF-IDF word 1-2-grams and character 2-5-grams → truncated SVD (256) → unit norm → centred on
+    the training rows' mean and unit norm again (SimpleShot's CL2N), fitted on training rows only
+    (``fit_input``), then an identity-initialised linear map the meta-learner
     adapts (``projection="linear"``: x + Wx + b with W, b zero at first, so training starts from the
     fixed features; ``"none"`` uses them as they are, a nearest-centroid-like model).
 
@@ -61,6 +75,11 @@ class LatentSemantic(FittedFeatures):
     2^15 × 256 float32 (32 MiB; 3,500 WordNet glosses fill about 27,000 columns: 27 MiB), plus one
     idf and one column index per column; the learned map is 256² + 256 = 65,792 weights.
     Fitting takes a few seconds per thousand rows on one core.
+
+    Centring removes the direction every text shares (function words, common endings), so
+    cosines compare what sets texts apart: on WordNet's validation episodes (5-way 1-shot, held-out
+    classes) it lifted a nearest class mean over these features from 34.1 to 35.5 % and ProtoNet's
+    map from 39.0 to 39.1 (cosine) and 37.6 to 38.0 (Euclidean); docs/benchmarks.md.
     """
 
     name = "lsa"
@@ -77,20 +96,26 @@ class LatentSemantic(FittedFeatures):
         x = _tfidf(counts, columns, idf)
         dims = max(1, min(DIMS, len(rows) - 1, len(columns) - 1))
         svd = TruncatedSVD(dims, algorithm="randomized", n_iter=7, random_state=0).fit(x)
+        components = torch.from_numpy(svd.components_.astype(np.float32))
+        unit = normalize(_project(x, components))
+        present = np.linalg.norm(unit, axis=1) > 0
+        mean = unit[present].mean(axis=0) if present.any() else np.zeros(unit.shape[1])
         return {
             "columns": torch.from_numpy(columns.astype(np.int64)),
             "idf": torch.from_numpy(idf.astype(np.float32)),
-            "components": torch.from_numpy(svd.components_.astype(np.float32)),
+            "components": components,
+            "mean": torch.from_numpy(mean.astype(np.float32)),
         }
 
     @classmethod
     def prepare(cls, raw: list[str], state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         if state is None:
             raise ValueError("lsa features are fitted on training rows: call fit_input first")
-        columns = state["columns"].numpy()
-        x = _tfidf(_counts(list(raw)), columns, state["idf"].numpy())
-        z = x @ state["components"].numpy().astype(np.float64).T
-        return unit_rows(np.asarray(z))
+        x = _tfidf(_counts(list(raw)), state["columns"].numpy(), state["idf"].numpy())
+        z = _project(x, state["components"])
+        # Models saved before centring have no mean: their features stay as they were trained on.
+        z = centred_unit_rows(z, state["mean"].numpy().astype(np.float64)) if "mean" in state else normalize(z)
+        return torch.from_numpy(z.astype(np.float32))
 
 
 
