@@ -1,5 +1,5 @@
 """Which encoder a search starts from (``Encoder.default_for``): a pretrained text encoder on
-few-shot and grouped searches where it is installed, the first registered one otherwise."""
+few-shot searches where it is installed, the first registered one otherwise."""
 
 from __future__ import annotations
 
@@ -38,10 +38,10 @@ def _text_encoders(trials):
     return {t["meta_algorithm"]: t.get("encoder.text", t.get("fixed.encoder.text")) for t in trials}
 
 
-def test_fewshot_and_grouped_default_trials_read_the_pretrained_encoder(installed):
+def test_fewshot_default_trials_read_the_pretrained_encoder(installed):
     registry = installed
-    assert MiniLM.default_for == ("fewshot", "grouped")
-    for protocol in ("fewshot", "grouped"):
+    assert MiniLM.default_for == ("fewshot",)
+    for protocol in ("fewshot",):
         choices = search_choices(registry, protocol, ["tabular", "text"])
         trials = default_trials(registry, choices, protocol)
         encoders = _text_encoders(trials)
