@@ -167,10 +167,11 @@ def cross_validate(config: Config, split: Split, validation_hits: int, *, seed: 
         warnings.filterwarnings("ignore", "The least populated class", UserWarning)
         parts = list(folds.split(train_rows, labels[train_rows]))
     for kept, held in parts:
-        algorithm = _fit_once(config, split, np.concatenate([train_rows[kept], validation_rows]), seed=seed,
-                              registry=registry)
-        query = torch.as_tensor(train_rows[held], device=split.pool.device)
-        fold = Task(split.pool.features, query, split.pool.labels[query], query, split.pool.labels[query],
+        fitted_on = np.concatenate([train_rows[kept], validation_rows])
+        algorithm = _fit_once(config, split, fitted_on, seed=seed, registry=registry)
+        # As the standard protocol's tasks: the fit's rows are the support, the held-out ones the queries.
+        support, query = (torch.as_tensor(r, device=split.pool.device) for r in (fitted_on, train_rows[held]))
+        fold = Task(split.pool.features, support, split.pool.labels[support], query, split.pool.labels[query],
                     split.pool.n_classes, same_classes_as_training=True)
         probabilities = _plugin_call(registry, "meta_algorithm", config.meta_algorithm,
                                      lambda: predict_probabilities(algorithm, [fold]))
