@@ -130,6 +130,15 @@ def stored_config(params: Mapping[str, Any], registry: Registry, choices: dict[s
     return sample_config(FixedTrial({**DEFAULT_PARAMS, **params}), registry, choices)
 
 
+def check_component_names(registry: Registry, include: Mapping[str, list[str]] | None) -> None:
+    """Raise ``PluginError`` for a name in ``include`` that no plugin registers, before any data is read."""
+    for key, names in (include or {}).items():
+        kind = "encoder" if key.startswith("encoder.") else key
+        if kind in registry.components:
+            for name in names:
+                registry.get(kind, name)
+
+
 def search_choices(
     registry: Registry, protocol: str, modalities: list[str], include: Mapping[str, list[str]] | None = None,
     size: "TaskSize | None" = None, say: Callable[[str], None] | None = None,

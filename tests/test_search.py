@@ -24,7 +24,7 @@ from autometa.components import MetaAlgorithm
 from autometa.config import configuration_seed, sample_config
 from autometa.data.loading import fingerprint, load_dataset
 from autometa.data.scoring import evaluate
-from autometa.errors import AutometaError
+from autometa.errors import AutometaError, PluginError
 from autometa.hookspecs import hookimpl
 from autometa.plugins import PluginHost
 from autometa.store import queries
@@ -508,6 +508,15 @@ def test_restricted_search_uses_only_the_chosen_components(standard_csv, tmp_pat
 def test_restriction_errors_name_the_component(standard_csv, tmp_path, include, message):
     with pytest.raises(AutometaError, match=message):
         search(standard_csv, "y", trials=1, db=f"sqlite:///{tmp_path}/e.db", include=include, **FAST)
+    assert not (tmp_path / "e.db").exists()
+
+
+def test_unknown_component_name_fails_before_the_data_is_read(tmp_path):
+    # The data file does not exist: a name checked only after loading would raise DataError instead.
+    for include, kind in (({"meta_algorithm": ["nosuch"]}, "meta-algorithm"), ({"encoder.text": ["nosuch"]}, "encoder"),
+                          ({"fusion": ["nosuch"]}, "fusion")):
+        with pytest.raises(PluginError, match=rf"no {kind} named 'nosuch' is registered"):
+            search(tmp_path / "missing.csv", "y", trials=1, db=f"sqlite:///{tmp_path}/e.db", include=include, **FAST)
     assert not (tmp_path / "e.db").exists()
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from autometa._version import __version__
 from autometa.components import MetaAlgorithm
-from autometa.config import default_trials, search_choices, stored_config
+from autometa.config import check_component_names, default_trials, search_choices, stored_config
 from autometa.data.loading import Dataset, load_dataset
 from autometa.data.metafeatures import describe
 from autometa.data.protocols import Split, choose_protocol, make_split, task_size
@@ -155,6 +155,7 @@ def search(
         raise SearchError("--trial-timeout needs isolated worker processes")
     device = torch.device(slots[0].device)
     registry = get_registry()
+    check_component_names(registry, settings.include)  # a misspelt name fails before the data is read
     dataset, data_path = _load(data, label, settings.group, settings.columns, settings.image_size)
     say(dataset.summary())
     spec = _spec(dataset, data_path, registry, settings, say)
