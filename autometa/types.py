@@ -18,6 +18,17 @@ from autometa.errors import ProtocolError
 from autometa.inputs import MASK_PREFIX, InputSpec
 
 
+def _tfidf(counts: sparse.csr_matrix, idf_rows: np.ndarray) -> sparse.csr_matrix:
+    """Rows of token ``counts`` as 1 + log(count) × log((1 + n) / (1 + df)) + 1 over the document
+    frequencies of ``idf_rows`` (scikit-learn's smoothed idf), scaled to unit length."""
+    df = np.asarray((counts[idf_rows] > 0).sum(axis=0)).ravel()
+    weighted = counts.copy()
+    weighted.data = 1.0 + np.log(weighted.data)
+    weighted = weighted @ sparse.diags(np.log((1 + len(idf_rows)) / (1 + df)) + 1.0)
+    norms = np.sqrt(np.asarray(weighted.multiply(weighted).sum(axis=1)).ravel())
+    return sparse.csr_matrix(sparse.diags(1.0 / np.where(norms > 0, norms, 1.0)) @ weighted)
+
+
 @dataclass
 class Features:
     """Model inputs for every row (``inputs[modality]`` has the row count as first dimension)."""
@@ -49,12 +60,15 @@ class Features:
         """Gather rows; ``rows`` may carry leading task dims, e.g. ``[tasks, shots]``."""
         return {m: t[rows] for m, t in self.inputs.items()}
 
-    def design_matrix(self) -> sparse.csr_matrix:
+    def design_matrix(self, idf_rows: np.ndarray | None = None) -> sparse.csr_matrix:
         """Every row's inputs as one flat float64 row for a plain model (the baselines).
 
         The dataset's modalities side by side, in their fixed order: tabular and vector columns
         as preprocessed, text as a bag of its hashed words (counts per token id), images
-        flattened. Encoders' derived inputs are left out: they are not "the same inputs".
+        flattened. With ``idf_rows``, each text is TF-IDF instead, as a plain text pipeline
+        weighs words: sublinear counts × the smoothed idf of those rows (the rows a model is
+        fitted on, never the rows it is scored on), each row scaled to unit length.
+        Encoders' derived inputs are left out: they are not "the same inputs".
         """
         blocks = []
         for m in self.modalities:
@@ -63,7 +77,8 @@ class Features:
                 rows, positions = torch.nonzero(x, as_tuple=True)
                 ids = x[rows, positions].numpy()
                 shape = (len(x), self.specs[m].vocab_size)
-                blocks.append(sparse.csr_matrix((np.ones(len(ids)), (rows.numpy(), ids)), shape=shape))
+                counts = sparse.csr_matrix((np.ones(len(ids)), (rows.numpy(), ids)), shape=shape)
+                blocks.append(counts if idf_rows is None else _tfidf(counts, idf_rows))
             else:
                 blocks.append(sparse.csr_matrix(x.reshape(len(x), -1).double().numpy()))
         return sparse.hstack(blocks, format="csr")

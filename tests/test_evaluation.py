@@ -88,6 +88,23 @@ def test_design_matrix_is_the_preprocessed_inputs_side_by_side():
     ]
 
 
+def test_design_matrix_weighs_text_as_tfidf_over_the_given_rows():
+    features = Features(
+        {"tabular": torch.tensor([[0.5], [2.0], [1.0]]), "text": torch.tensor([[3, 1, 3], [1, 0, 0], [0, 0, 0]])},
+        {"tabular": InputSpec("tabular", (1,)), "text": InputSpec("text", (3,), vocab_size=4)},
+    )
+    matrix = features.design_matrix(idf_rows=np.array([0, 1])).toarray()
+    # Over rows 0 and 1 (n = 2): id 1 is in both, idf = ln(3/3) + 1 = 1; id 3 in one, ln(3/2) + 1.
+    # Row 0: sublinear tf 1 (id 1) and 1 + ln 2 (id 3), then unit length; row 2 has no text.
+    idf3 = math.log(1.5) + 1
+    row0 = np.array([0, 1.0, 0, (1 + math.log(2)) * idf3])
+    row0 /= np.linalg.norm(row0)
+    assert matrix[:, 0].tolist() == [0.5, 2.0, 1.0]  # the table as it is
+    np.testing.assert_allclose(matrix[0, 1:], row0)
+    np.testing.assert_allclose(matrix[1, 1:], [0, 1, 0, 0])
+    np.testing.assert_allclose(matrix[2, 1:], 0)
+
+
 # -- baselines ------------------------------------------------------------------------------------
 def _skewed_groups(path, groups: int = 15, common: int = 36, rare: int = 4):
     """Every group is 90% 'usual': the rare class sorts first, so it is each task's local class 0."""
@@ -145,6 +162,27 @@ def test_fewshot_baselines_are_chance_and_nearest_class_mean(tmp_path):
     assert caveats(split) == [
         "the 10 test tasks are drawn from only 2 test classes (fewer than 2 × 2 ways), so they share classes: the "
         "interval understates the uncertainty"]
+
+
+def test_fewshot_text_baseline_weighs_words_by_tfidf(tmp_path):
+    """Each text is its class's own word among 1-30 repetitions of "the": as raw counts the
+    nearest class mean follows how often "the" occurs (near chance); as TF-IDF the class word
+    dominates, as it does for the few lines of scikit-learn a user would write first."""
+    rng = np.random.default_rng(0)
+    rows = [{"text": " ".join(["the"] * int(rng.integers(1, 31)) + [f"word{c}"]), "y": f"k{c:02d}"}
+            for c in range(20) for _ in range(6)]
+    pd.DataFrame(rows).to_csv(tmp_path / "words.csv", index=False)
+    split = make_split(load_dataset(tmp_path / "words.csv", "y", columns={"text": "text"}), "fewshot", ways=2,
+                       shots=1, queries=3, validation_tasks=4, test_tasks=20)
+    _, linear = baselines(split)
+    assert linear.score.mean == 1.0
+    raw = split.pool.features.design_matrix()  # what the baseline read before: counts, no idf
+    hits = []
+    for task in split.test:
+        s, q = task.support.numpy(), task.query.numpy()
+        means = np.stack([raw[s][task.support_y.numpy() == c].toarray().mean(0) for c in range(2)])
+        hits.append((((raw[q].toarray()[:, None] - means) ** 2).sum(-1).argmin(1) == task.query_y.numpy()).mean())
+    assert np.mean(hits) < 0.8
 
 
 def test_few_test_groups_are_a_caveat(tmp_path):

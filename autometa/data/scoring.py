@@ -8,7 +8,8 @@ the wider interval it deserves, not the normal approximation's.
 
 The baselines are what a user could compute without autometa: the majority class of the
 labelled rows available at prediction time (chance, 1/N, for balanced few-shot episodes) and
-a plain linear model on the same preprocessed inputs.
+a plain linear model on the same preprocessed inputs (few-shot: a nearest class mean, text
+weighted as TF-IDF over the training rows, as a plain text pipeline weighs it).
 """
 
 from __future__ import annotations
@@ -202,9 +203,9 @@ def baselines(split: Split) -> list[Baseline]:
     unit = score_unit(split)
     labels = split.pool.labels.cpu().numpy()
     train = split.row_splits["train"]
-    x = split.pool.features.design_matrix()
     majority, linear = [], []
     if split.protocol == "fewshot":
+        x = split.pool.features.design_matrix(idf_rows=train)
         # Balanced episodes of classes never seen in training: a majority rule can only guess
         # (chance, 1/N), and the plain model is the support's class means.
         for task in split.test:
@@ -219,6 +220,7 @@ def baselines(split: Split) -> list[Baseline]:
                      Score(float(chance.mean()), float(chance.mean()), float(chance.mean()), len(chance), unit)),
             Baseline("linear", "nearest class mean of the preprocessed inputs", _score(linear, unit)),
         ]
+    x = split.pool.features.design_matrix()
     for task in split.test:
         support, query = task.support.cpu().numpy(), task.query.cpu().numpy()
         query_y = task.query_y.cpu().numpy()
