@@ -32,8 +32,8 @@ from autometa_builtins.meta_algorithms._common import embed, every_training_row,
 LARGE_FIT = 2**22
 # Columns a fit reads at most: of wider inputs (tfidf's 8,192), the most often non-zero. A fit's
 # cost grows with the columns, and a cross-validated trial makes four: on table + tfidf, 256 of
-# them cost a fifth of 1,024 (fastfood, 500 iterations: 9.6 against 48.5 s a fit; tweets, 3,000
-# rows: 3.4 against 16.7 s) for 4-fold accuracy within a point or two (79.6 against 77.7 %; 80.2 against 81.3 %).
+# them take a fifth to a third of the time of 1,024 for accuracy within two points either way
+# (benchmarks/gbm_columns.py; docs/benchmarks.md "gbm's column cap").
 MAX_COLUMNS = 256
 # Rows × trees walked at once when predicting (each step gathers a few tensors of this size).
 WALK_ELEMENTS = 2**22
