@@ -84,17 +84,19 @@ class Features:
         return sparse.hstack(blocks, format="csr")
 
     def subset(self, rows: torch.Tensor) -> "Features":
-        return Features(self.take(rows), self.specs)
+        """These rows, with the same fitted encoder states (fitted on the training rows, not on them)."""
+        return Features(self.take(rows), self.specs, self.fitted)
 
     @staticmethod
     def concat(first: "Features", second: "Features") -> "Features":
-        """Rows of ``first`` then ``second`` (same inputs; a mask missing on one side means present)."""
+        """Rows of ``first`` then ``second`` (same inputs; a mask missing on one side means present),
+        with ``first``'s fitted encoder states where both have one."""
         keys = [k for k in first.inputs if not k.startswith(MASK_PREFIX)]
         inputs = {k: torch.cat([first.inputs[k], second.inputs[k]]) for k in keys}
         for m in first.modalities:
             if MASK_PREFIX + m in first.inputs or MASK_PREFIX + m in second.inputs:
                 inputs[MASK_PREFIX + m] = torch.cat([first.present(m), second.present(m)])
-        return Features(inputs, first.specs)
+        return Features(inputs, first.specs, {**second.fitted, **first.fitted})
 
 
 @dataclass

@@ -105,6 +105,19 @@ def test_design_matrix_weighs_text_as_tfidf_over_the_given_rows():
     np.testing.assert_allclose(matrix[2, 1:], 0)
 
 
+def test_subset_and_concat_keep_the_fitted_encoder_states():
+    specs = {"text": InputSpec("text", (2,), vocab_size=4), "text@lsa": InputSpec("text", (1,))}
+    first = Features({"text": torch.tensor([[1, 2], [3, 0]]), "text@lsa": torch.tensor([[0.5], [1.0]])}, specs,
+                     {"text@lsa": {"mean": torch.tensor([1.0])}})
+    second = Features({"text": torch.tensor([[2, 2]]), "text@lsa": torch.tensor([[2.0]])}, specs,
+                      {"text@lsa": {"mean": torch.tensor([9.0])}, "text@other": {"w": torch.tensor([2.0])}})
+    part = first.subset(torch.tensor([1]))
+    assert part.inputs["text"].tolist() == [[3, 0]] and part.fitted is first.fitted
+    both = Features.concat(first, second)
+    assert both.inputs["text@lsa"].tolist() == [[0.5], [1.0], [2.0]]
+    assert both.fitted["text@lsa"]["mean"].item() == 1.0 and both.fitted["text@other"]["w"].item() == 2.0
+
+
 # -- baselines ------------------------------------------------------------------------------------
 def _skewed_groups(path, groups: int = 15, common: int = 36, rare: int = 4):
     """Every group is 90% 'usual': the rare class sorts first, so it is each task's local class 0."""
