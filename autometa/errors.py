@@ -21,6 +21,12 @@ class SearchError(AutometaError):
     """The search cannot run as configured (no usable plugins, bad devices, bad database)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's stop, ``kill``), raised by the CLI's handler: handled as Ctrl-C
+    is, so a search marks its running trials failed, records itself interrupted and removes its
+    temporary files, where Python's default would end the process on the spot."""
+
+
 def one_line(message: object, limit: int | None = 300) -> str:
     """``message`` on one line, cut to ``limit`` characters when given (for quoting it in another)."""
     text = " ".join(str(message).split())

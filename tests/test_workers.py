@@ -454,6 +454,32 @@ def test_ctrl_c_exits_130_and_the_search_resumes(data, tmp_path, launch):
 
 
 @pytest.mark.slow
+def test_sigterm_stops_the_search_as_ctrl_c_does_and_leaves_no_temporary_files(data, tmp_path, launch, monkeypatch):
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setitem(ENV, "TMPDIR", str(temporary))  # where the search maps its shared inputs
+    db = f"sqlite:///{tmp_path}/t.db"
+    args = [*CLI, "search", str(data), "--label", "y", "--trials", "4", "--db", db, "--study", "term",
+            "--devices", "cpu", "--trials-per-device", "2", "--steps", str(SLOW["steps"]),
+            "--eval-every", str(SLOW["eval_every"]), "--validation-tasks", "2", "--test-tasks", "2", "--top-k", "1",
+            "--meta-algorithm", "protonet", "--fusion", "concat", "--encoder", "tabular=linear", "--no-progress"]
+    proc = launch(args, "search")
+    reader = Reader(db, "term")
+    wait_for(lambda: running_mid_trial(reader, finished_at_least=1), "a finished and a running trial", proc)
+    assert list(temporary.glob("autometa-inputs-*"))
+    os.kill(proc.pid, signal.SIGTERM)  # the search's process only, as `kill PID` does
+
+    assert finish(proc, 60) == 128 + signal.SIGTERM, output(proc)
+    assert "terminated" in output(proc) and "Traceback" not in output(proc)
+    trials = final(db, "term")
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    assert stopped and all(t.user_attrs["fail_reason"].startswith("terminated (SIGTERM)") for t in stopped)
+    assert not list(temporary.glob("autometa-inputs-*"))
+    assert not workers_of(proc.pid)
+
+
+@pytest.mark.slow
 def test_trial_timeout_fails_the_trial_and_replaces_its_worker(data, tmp_path):
     db = f"sqlite:///{tmp_path}/t.db"
     messages: list[str] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
@@ -14,8 +15,12 @@ from autometa.cli.kb import kb
 from autometa.cli.plugins import plugins
 from autometa.cli.report import report
 from autometa.cli.search import predict, search, worker
-from autometa.errors import AutometaError
+from autometa.errors import AutometaError, Terminated
 from autometa.plugins import default_host
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
 
 
 class _Errors(click.Group):
@@ -34,6 +39,9 @@ class _Errors(click.Group):
             click.echo(f"Error: {exc.filename}: {exc.strerror or exc}; check the path (and its folder) and try again",
                        err=True)
             ctx.exit(1)
+        except Terminated:
+            click.echo("terminated", err=True)
+            ctx.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
@@ -51,6 +59,7 @@ for command in (search, predict, worker, plugins, datasets, report, db, kb):
 
 def main() -> None:
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         default_host().add_commands(cli)
     except AutometaError as exc:

@@ -26,7 +26,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from autometa.errors import SearchError
+from autometa.errors import SearchError, Terminated
 from autometa.store import schema
 from autometa.store.schema import process_alive
 from autometa.store.storage import GRACE_S, REQUEUED, storage_for
@@ -172,6 +172,10 @@ def _without_main_module():
             main.__file__ = saved_file
 
 
+def _stopped_by(stop: KeyboardInterrupt) -> str:
+    return "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted (Ctrl-C)"
+
+
 def _exit_reason(code: int | None) -> str:
     if code is None:
         return "still running"
@@ -310,7 +314,7 @@ def run_pool(
                 if budget.remaining(study) > 0:
                     say(f"worker {label} {_exit_reason(process.exitcode)}; starting a fresh one")
                     start(by_label[label])
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         budget.cancel()
         for process in workers.values():
             process.terminate()
@@ -319,7 +323,7 @@ def run_pool(
         running = running_by_pid()
         for process in workers.values():
             for trial in running.get(process.pid, []):
-                fail_trial(study, trial, "interrupted (Ctrl-C) while running; run the search again to resume", db=db)
+                fail_trial(study, trial, f"{_stopped_by(stop)} while running; run the search again to resume", db=db)
         raise
     finally:
         for process in workers.values():
