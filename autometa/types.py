@@ -9,6 +9,7 @@ authors all import them from here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -16,17 +17,6 @@ from scipy import sparse
 
 from autometa.errors import ProtocolError
 from autometa.inputs import MASK_PREFIX, InputSpec
-
-
-def _tfidf(counts: sparse.csr_matrix, idf_rows: np.ndarray) -> sparse.csr_matrix:
-    """Rows of token ``counts`` as 1 + log(count) × log((1 + n) / (1 + df)) + 1 over the document
-    frequencies of ``idf_rows`` (scikit-learn's smoothed idf), scaled to unit length."""
-    df = np.asarray((counts[idf_rows] > 0).sum(axis=0)).ravel()
-    weighted = counts.copy()
-    weighted.data = 1.0 + np.log(weighted.data)
-    weighted = weighted @ sparse.diags(np.log((1 + len(idf_rows)) / (1 + df)) + 1.0)
-    norms = np.sqrt(np.asarray(weighted.multiply(weighted).sum(axis=1)).ravel())
-    return sparse.csr_matrix(sparse.diags(1.0 / np.where(norms > 0, norms, 1.0)) @ weighted)
 
 
 @dataclass
@@ -60,15 +50,13 @@ class Features:
         """Gather rows; ``rows`` may carry leading task dims, e.g. ``[tasks, shots]``."""
         return {m: t[rows] for m, t in self.inputs.items()}
 
-    def design_matrix(self, idf_rows: np.ndarray | None = None) -> sparse.csr_matrix:
+    def design_matrix(self, text: Callable[[sparse.csr_matrix], sparse.csr_matrix] | None = None) -> sparse.csr_matrix:
         """Every row's inputs as one flat float64 row for a plain model (the baselines).
 
         The dataset's modalities side by side, in their fixed order: tabular and vector columns
-        as preprocessed, text as a bag of its hashed words (counts per token id), images
-        flattened. With ``idf_rows``, each text is TF-IDF instead, as a plain text pipeline
-        weighs words: sublinear counts × the smoothed idf of those rows (the rows a model is
-        fitted on, never the rows it is scored on), each row scaled to unit length.
-        Encoders' derived inputs are left out: they are not "the same inputs".
+        as preprocessed, text as a bag of its hashed words (counts per token id, or what ``text``
+        makes of each text's counts, e.g. TF-IDF weights), images flattened. Encoders' derived
+        inputs are left out: they are not "the same inputs".
         """
         blocks = []
         for m in self.modalities:
@@ -78,7 +66,7 @@ class Features:
                 ids = x[rows, positions].numpy()
                 shape = (len(x), self.specs[m].vocab_size)
                 counts = sparse.csr_matrix((np.ones(len(ids)), (rows.numpy(), ids)), shape=shape)
-                blocks.append(counts if idf_rows is None else _tfidf(counts, idf_rows))
+                blocks.append(counts if text is None else text(counts))
             else:
                 blocks.append(sparse.csr_matrix(x.reshape(len(x), -1).double().numpy()))
         return sparse.hstack(blocks, format="csr")

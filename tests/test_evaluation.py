@@ -12,7 +12,8 @@ import torch
 from autometa.components import InputSpec
 from autometa.data.loading import load_dataset
 from autometa.data.protocols import make_split
-from autometa.data.scoring import Score, baselines, caveats, format_score, score_unit, student_t, summarise, wilson
+from autometa.data.scoring import (Score, baselines, caveats, format_score, score_unit, student_t, summarise, tfidf_over,
+                                   wilson)
 from autometa.types import Features
 
 Z = 1.959963984540054  # the normal distribution's 97.5% quantile
@@ -93,7 +94,7 @@ def test_design_matrix_weighs_text_as_tfidf_over_the_given_rows():
         {"tabular": torch.tensor([[0.5], [2.0], [1.0]]), "text": torch.tensor([[3, 1, 3], [1, 0, 0], [0, 0, 0]])},
         {"tabular": InputSpec("tabular", (1,)), "text": InputSpec("text", (3,), vocab_size=4)},
     )
-    matrix = features.design_matrix(idf_rows=np.array([0, 1])).toarray()
+    matrix = features.design_matrix(text=tfidf_over(np.array([0, 1]))).toarray()
     # Over rows 0 and 1 (n = 2): id 1 is in both, idf = ln(3/3) + 1 = 1; id 3 in one, ln(3/2) + 1.
     # Row 0: sublinear tf 1 (id 1) and 1 + ln 2 (id 3), then unit length; row 2 has no text.
     idf3 = math.log(1.5) + 1

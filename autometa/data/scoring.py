@@ -205,7 +205,7 @@ def baselines(split: Split) -> list[Baseline]:
     train = split.row_splits["train"]
     majority, linear = [], []
     if split.protocol == "fewshot":
-        x = split.pool.features.design_matrix(idf_rows=train)
+        x = split.pool.features.design_matrix(text=tfidf_over(train))
         # Balanced episodes of classes never seen in training: a majority rule can only guess
         # (chance, 1/N), and the plain model is the support's class means.
         for task in split.test:
@@ -240,6 +240,14 @@ def baselines(split: Split) -> list[Baseline]:
         Baseline("majority", f"majority class of the {where}", _score(majority, unit)),
         Baseline("linear", "logistic regression on the preprocessed inputs", _score(linear, unit)),
     ]
+
+
+def tfidf_over(rows: np.ndarray):
+    """Text token counts → TF-IDF as a plain text pipeline weighs them (scikit-learn's sublinear
+    tf, smoothed idf and unit rows), the idf from ``rows`` only (a baseline's fitting rows)."""
+    from sklearn.feature_extraction.text import TfidfTransformer
+
+    return lambda counts: TfidfTransformer(sublinear_tf=True).fit(counts[rows]).transform(counts)
 
 
 def _score(hits: list[np.ndarray], unit: str) -> Score:
