@@ -207,15 +207,9 @@ def row_result(prepared: Prepared, system: str, hits: int, n: int, **extra) -> R
     return Result(prepared.name, system, hits / n, low, high, n, "rows", **extra)
 
 
-def task_result(prepared: Prepared, system: str, mean: float, sem: float, n: int, **extra) -> Result:
-    half = stats.t.ppf(0.975, n - 1) * sem
-    return Result(prepared.name, system, mean, mean - half, mean + half, n, "tasks", **extra)
-
-
 def episodes_result(prepared: Prepared, system: str, accuracies: list[float], **extra) -> Result:
-    values = np.asarray(accuracies, dtype=float)
-    sem = values.std(ddof=1) / math.sqrt(len(values))
-    return task_result(prepared, system, float(values.mean()), float(sem), len(values), **extra)
+    mean, half = _t_interval(np.asarray(accuracies, dtype=float))
+    return Result(prepared.name, system, mean, mean - half, mean + half, len(accuracies), "tasks", **extra)
 
 
 # ---------------------------------------------------------------------------- autometa
@@ -268,7 +262,7 @@ def run_autometa(prepared: Prepared, budget: float, seed: int, work: Path, devic
         if best["test_units"] != len(prepared.test):
             raise SystemExit(f"{prepared.name}: autometa scored {best['test_units']} test tasks, the split here has "
                              f"{len(prepared.test)}: the benchmark's split is not the search's")
-        # The search's own interval: Student's t over the test tasks, as task_result computes it.
+        # The search's own interval: Student's t over the test tasks, as episodes_result computes it.
         return Result(prepared.name, "autometa", best["test_accuracy"], best["test_ci95_low"], best["test_ci95_high"],
                       best["test_units"], "tasks", trials=finished, wall_s=wall, details=details)
     n = len(prepared.test_rows)
