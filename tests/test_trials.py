@@ -22,10 +22,12 @@ from autometa.config import default_trials, search_choices, stored_config
 from autometa.data.loading import load_dataset
 from autometa.data.protocols import make_split
 from autometa.data.scoring import chance_accuracy, evaluate
+from autometa.errors import SearchError
 from autometa.data.shared import load_array
 from autometa.hookspecs import hookimpl
 from autometa.plugins import PluginHost, get_registry
 from autometa.study import objective
+from autometa.study.budget import Patience
 from autometa.study.training import train
 from autometa.study.objective import SearchSpec, StepsHyperband, TrialLimits, default_pruner, enqueue_new
 from helpers import split_inputs, write_blobs_csv
@@ -350,7 +352,7 @@ def test_a_timeout_without_trials_is_the_budget(blobs, tmp_path, monkeypatch):
     monkeypatch.setattr(settings, "TIMED_TRIALS", 32)  # the bound, small enough for a test
     said = []
     result = engine.search(blobs, "y", db=f"sqlite:///{tmp_path}/t.db", study="timed", isolate=False, timeout=600,
-                           include=PROTONET, **{**FAST, "steps": 2, "eval_every": 2, "echo": said.append})
+                           include=PROTONET, patience=0, **{**FAST, "steps": 2, "eval_every": 2, "echo": said.append})
     assert len(result.study.get_trials()) == 32
     assert "study 'timed' in sqlite:///" in said[2] and said[2].endswith("as many trials as 600 s allow (at most 32) on cpu")
 
@@ -393,3 +395,65 @@ def test_a_queued_trial_no_worker_claimed_is_reported_as_not_started():
     result = SearchResult(study, None, None, [], [], 0)
     assert result.outcomes() == ("1 waiting: queued, not started: the search ended first "
                                  "(a --timeout shorter than preparing the data?)")
+
+
+# ------------------------------------------------------------------------------ patience
+def _study_of(outcomes: list[float | None]) -> optuna.Study:
+    """A study whose trials are ``outcomes`` in order: a value is a completed trial, None a pruned one."""
+    study = optuna.create_study(direction="maximize")
+    for value in outcomes:
+        state = TrialState.PRUNED if value is None else TrialState.COMPLETE
+        study.add_trial(optuna.trial.create_trial(state=state, value=value))
+    return study
+
+
+def test_patience_runs_out_after_that_many_completed_trials_without_a_better_one():
+    patience = Patience(3)
+    assert not patience.reached(_study_of([0.5, 0.6, 0.55, 0.6]))  # a tie does not beat the best; 2 since it
+    assert not patience.reached(_study_of([0.5, 0.6, 0.55, 0.6, None]))  # a pruned trial does not count
+    assert patience.reached(_study_of([0.5, 0.6, 0.55, 0.6, None, 0.58]))
+    assert not patience.reached(_study_of([0.5, 0.6, 0.55, 0.6, None, 0.61]))  # a new best starts the count again
+    assert not Patience(0).reached(_study_of([0.9] + [0.1] * 50))  # 0: never
+    assert Patience(3).note(_study_of([0.5, 0.6, 0.55, 0.6, 0.58])).startswith(
+        "stopped early: no trial has beaten the best validation accuracy (60.0%, trial 1) in the last 3 completed trials")
+
+
+LINEAR = {"meta_algorithm": ["linear"]}
+
+
+def _first_stop(study: optuna.Study, patience: int) -> int:
+    """How many trials of ``study`` had finished when ``patience`` first ran out."""
+    trials = study.get_trials()
+    return next(n for n in range(1, len(trials) + 1) if Patience(patience).reached(_study_of(
+        [t.value if t.state == TrialState.COMPLETE else None for t in trials[:n]])))
+
+
+def test_a_search_stops_when_its_patience_runs_out(blobs, tmp_path):
+    said = []
+    result = engine.search(blobs, "y", trials=25, db=f"sqlite:///{tmp_path}/p.db", study="patient", isolate=False,
+                           include=LINEAR, patience=3, **{**FAST, "echo": said.append})
+    trials = result.study.get_trials()
+    assert len(trials) < 25 and len(trials) == _first_stop(result.study, 3)  # it stopped at the first chance
+    assert Patience(3).note(result.study) in said
+    full = engine.search(blobs, "y", trials=len(trials) + 3, db=f"sqlite:///{tmp_path}/q.db", study="whole",
+                         isolate=False, include=LINEAR, patience=0, **FAST)
+    assert len(full.study.get_trials()) == len(trials) + 3
+
+
+def test_a_negative_patience_is_refused(blobs, tmp_path):
+    with pytest.raises(SearchError, match=r"--patience must be 0 \(off\) or a number of completed trials, got -1"):
+        engine.search(blobs, "y", trials=2, db=f"sqlite:///{tmp_path}/n.db", isolate=False, include=LINEAR,
+                      patience=-1, **FAST)
+
+
+@pytest.mark.slow
+def test_worker_processes_stop_starting_trials_when_patience_runs_out(blobs, tmp_path):
+    said = []
+    result = engine.search(blobs, "y", trials=40, db=f"sqlite:///{tmp_path}/w.db", study="pool", devices="cpu",
+                           include=LINEAR, patience=3, **{**FAST, "echo": said.append})
+    trials = result.study.get_trials()
+    # The pool sees finished trials once a second: a worker may have started a few more by then,
+    # and those finish (none is failed or cut short), but no trial starts after that.
+    assert _first_stop(result.study, 3) <= len(trials) < 40
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert any(line.startswith("stopped early: no trial has beaten the best validation accuracy") for line in said)

@@ -26,6 +26,9 @@ DEFAULTS = SearchSettings()  # every default, written once in SearchSettings
 @click.option("--timeout", type=float, default=DEFAULTS.timeout, help="The search's seconds, scoring the finalists on the test tasks included: "
               "trials stop early enough to leave that time (running ones are scored as trained so far); each "
               "trial gets a quarter of it unless --trial-timeout is given.")
+@click.option("--patience", type=int, default=DEFAULTS.patience, show_default=True, metavar="N",
+              help="Stop once the last N completed trials have not beaten the best validation accuracy (running "
+                   "trials finish); 0 runs the whole budget.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)
 @click.option("--db", default=DEFAULTS.db, show_default=True, help="SQLAlchemy URL of the study database.")
 @click.option("--study", default=DEFAULTS.study,
@@ -76,7 +79,7 @@ DEFAULTS = SearchSettings()  # every default, written once in SearchSettings
               help="Configurations warm start seeds in all (round-robin over the similar datasets).")
 @click.option("--warm-start-prior", default=None, metavar="FILE",
               help="A knowledge file from `autometa kb export` instead of the one shipped with autometa.")
-def search(data, label, group, columns, protocol, trials, timeout, seed, db, study, devices, trials_per_device,
+def search(data, label, group, columns, protocol, trials, timeout, patience, seed, db, study, devices, trials_per_device,
            trial_timeout, in_process, steps, eval_every,
            ways, shots, queries, validation_tasks, test_tasks, top_k, no_ensemble, no_refit, image_size, meta_algorithms, fusions,
            encoders, output, fmt, no_progress, no_defaults, no_warm_start, warm_start_k, warm_start_configs,
@@ -86,7 +89,7 @@ def search(data, label, group, columns, protocol, trials, timeout, seed, db, stu
     from autometa.study.engine import search as run_search
 
     settings = DEFAULTS.replace(
-        group=group, columns=parse_column_overrides(columns), protocol=protocol, trials=trials, timeout=timeout, seed=seed,
+        group=group, columns=parse_column_overrides(columns), protocol=protocol, trials=trials, timeout=timeout, patience=patience, seed=seed,
         db=db, study=study, devices=devices, trials_per_device=trials_per_device, trial_timeout=trial_timeout,
         isolate=not in_process, steps=steps, eval_every=eval_every, ways=ways, shots=shots, queries=queries,
         validation_tasks=validation_tasks, test_tasks=test_tasks, top_k=top_k, ensemble=not no_ensemble, refit=not no_refit,

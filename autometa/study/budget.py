@@ -1,4 +1,5 @@
-"""The study's trial budget, shared by every worker: claimed before a trial starts."""
+"""The study's trial budget, shared by every worker: claimed before a trial starts; and the
+patience that ends a search whose best trial has stopped changing."""
 
 from __future__ import annotations
 
@@ -86,3 +87,33 @@ class DatabaseBudget:
     def remaining(self) -> int:
         stored = optuna.load_study(study_name=self.study, storage=storage_for(self.db))
         return self.budget - budget_used(stored)
+
+
+class Patience:
+    """A search's early stop: once none of the last ``trials`` completed trials has beaten the best
+    validation accuracy before them, no further trial starts (running ones finish). 0: never.
+
+    Measured (issue 15's benchmark at 600 s): searches of fast one-step trials found their best
+    in the first 85–120 trials and ran 170–300 more without a better one; with 30, fastfood's
+    search would have stopped at 253 s with the same best trial. Searches of a few slow trials
+    never stop early. Pruned and failed trials do not count. (Optuna's own rule,
+    ``BestValueStagnationEvaluator``, is deprecated since Optuna 4.9 and goes in 6.0.)
+    """
+
+    def __init__(self, trials: int):
+        self.trials = trials
+
+    def reached(self, study: optuna.Study) -> bool:
+        if not self.trials:
+            return False
+        values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        if len(values) <= self.trials:
+            return False
+        since_best = len(values) - 1 - max(range(len(values)), key=lambda i: (values[i], -i))
+        return since_best >= self.trials
+
+    def note(self, study: optuna.Study) -> str:
+        """The line a search prints when it stops early."""
+        best = study.best_trial
+        return (f"stopped early: no trial has beaten the best validation accuracy ({100 * best.value:.1f}%, trial "
+                f"{best.number}) in the last {self.trials} completed trials (--patience {self.trials}; 0 runs the whole budget)")

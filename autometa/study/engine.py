@@ -35,7 +35,7 @@ from autometa.results.artifacts import folder_name, save_ensemble, save_model
 from autometa.store import schema
 from autometa.store.storage import FINISHED, checkpoint, storage_for
 from autometa.study import warmstart
-from autometa.study.budget import budget_used
+from autometa.study.budget import Patience, budget_used
 from autometa.study.devices import resolve_devices, worker_label
 from autometa.study.ensemble import build_ensemble
 from autometa.study.kept import KEPT, KeptModels
@@ -146,6 +146,8 @@ def search(
         raise SearchError("--steps and --eval-every must be at least 1")
     if settings.trial_timeout is not None and settings.trial_timeout <= 0:
         raise SearchError("--trial-timeout must be positive")
+    if settings.patience < 0:
+        raise SearchError(f"--patience must be 0 (off) or a number of completed trials, got {settings.patience}")
     if settings.output is not None:
         _check_output_folder(Path(settings.output))
     slots = resolve_devices(settings.devices, settings.trials_per_device)
@@ -235,14 +237,16 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
             # Time for the finalists' test scoring is kept back from the trials as they finish.
             reserve = lambda: limits.keep_back(scoring_reserve(optuna_study, settings.top_k, len(split.test)))  # noqa: E731
             reserve()
+            patience = Patience(settings.patience)
             if settings.isolate:
                 _optimize_pool(optuna_study, settings.db, slots, spec, dataset, custom, existing, remaining,
-                               settings.trial_timeout, registry, settings.progress, say, limits, split.shared, reserve)
+                               settings.trial_timeout, registry, settings.progress, say, limits, split.shared, reserve,
+                               patience)
             else:
                 runner = TrialRunner(split, registry, spec, str(device), cache=cache, top_k=max(settings.top_k, KEPT),
                                      db=settings.db, limits=limits)
                 _optimize_here(optuna_study, runner, remaining, limits, registry, choices, settings.progress, say,
-                               settings.db, reserve)
+                               settings.db, reserve, patience)
 
         models = TrainedModels(split, registry, choices, settings.steps, settings.eval_every, cache,
                                KeptModels(settings.db, name, max(settings.top_k, KEPT)), refit=settings.refit,
@@ -401,9 +405,10 @@ def _trial_line(frozen: optuna.trial.FrozenTrial, registry: Registry, choices: d
     return f"trial {frozen.number:>3} {outcome} ({took:.1f}s{where}) {config.label() if config else ''}"
 
 
-def _optimize_here(study, runner: TrialRunner, n_trials, limits: TrialLimits, registry, choices, progress, say, db, reserve):
-    """Trials one after another in this process (no isolation), until ``limits.stop_at()``;
-    ``reserve()`` updates the time kept back for the finalists after each trial."""
+def _optimize_here(study, runner: TrialRunner, n_trials, limits: TrialLimits, registry, choices, progress, say, db, reserve,
+                   patience: Patience):
+    """Trials one after another in this process (no isolation), until ``limits.stop_at()`` or
+    ``patience``; ``reserve()`` updates the time kept back for the finalists after each trial."""
     bar = tqdm(total=n_trials, desc="search", unit="trial", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     runner.bar = bar
 
@@ -416,6 +421,9 @@ def _optimize_here(study, runner: TrialRunner, n_trials, limits: TrialLimits, re
             pass
         reserve()
         if limits.deadline is not None and time.time() >= limits.stop_at():
+            study.stop()
+        elif frozen.state == TrialState.COMPLETE and patience.reached(study):
+            say(patience.note(study))
             study.stop()
 
     level = optuna.logging.get_verbosity()
@@ -432,13 +440,14 @@ def _optimize_here(study, runner: TrialRunner, n_trials, limits: TrialLimits, re
 
 
 def _optimize_pool(study, db, slots, spec, dataset, custom, existing, n_trials, trial_timeout, registry, progress, say,
-                   limits: TrialLimits, shared, reserve):
+                   limits: TrialLimits, shared, reserve, patience: Patience):
     """Trials on isolated worker processes, one per device slot, with a live status per device,
-    until ``limits.stop_at()``; ``reserve()`` updates the time kept back for the finalists as
-    trials finish."""
+    until ``limits.stop_at()`` or ``patience`` (then running trials finish); ``reserve()``
+    updates the time kept back for the finalists as trials finish."""
     bar = tqdm(total=n_trials, desc="search", unit="trial", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     status: dict[str, str] = {s.label: "starting" for s in slots}
     printed = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
+    patient = [True]  # False once patience ran out: no trial starts
 
     def on_event(event: tuple) -> None:
         kind, label = event[0], event[1]
@@ -464,6 +473,9 @@ def _optimize_pool(study, db, slots, spec, dataset, custom, existing, n_trials, 
                 pass
         if finished:
             reserve()
+            if patient[0] and any(t.state == TrialState.COMPLETE for t in finished) and patience.reached(study):
+                patient[0] = False
+                say(patience.note(study))
 
     # Seconds from the pool's start until trials stop (at least a moment: one trial starts).
     began = time.time()
@@ -475,6 +487,7 @@ def _optimize_pool(study, db, slots, spec, dataset, custom, existing, n_trials, 
         run_pool(
             study, db, slots, n_trials, build_runner, (spec, payload, *custom, existing, limits, shared),
             timeout=timeout, trial_timeout=trial_timeout, on_event=on_event, on_poll=on_poll, say=say,
+            go_on=lambda: patient[0],
         )
         on_poll()
     except KeyboardInterrupt:

@@ -200,11 +200,13 @@ def run_pool(
     on_event: Callable[[tuple], None],
     on_poll: Callable[[], None],
     say: Callable[[str], None],
+    go_on: Callable[[], bool] = lambda: True,
 ) -> None:
     """Run ``n_trials`` more trials of ``study`` on worker processes, one per slot, replacing dead ones.
 
     ``timeout``: seconds from the start after which no trial starts and running ones must end
-    (or a function giving them, for a limit that moves while the trials run).
+    (or a function giving them, for a limit that moves while the trials run). Once ``go_on()``
+    is False (checked after ``on_poll``), no trial starts and running ones finish.
 
     ``n_trials`` may be a DatabaseBudget instead: trials until the study holds its budget
     (workers joining from another machine). Either way trials run elsewhere on the same study
@@ -258,6 +260,8 @@ def run_pool(
         while workers:
             drain(1.0)
             on_poll()
+            if not go_on():
+                budget.cancel()
             overdue = False
             limit = timeout() if callable(timeout) else timeout
             if limit is not None and time.monotonic() - started > limit:

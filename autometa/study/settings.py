@@ -16,6 +16,8 @@ from autometa.store import DEFAULT_DB, PRIOR_PATH
 DEFAULT_TRIALS = 30  # a search's budget of trials when it has no --timeout
 TIMED_TRIALS = 1000  # with --timeout and no --trials the time is the budget; this only bounds it
 
+PATIENCE = 30  # a search stops once this many completed trials in a row have not beaten its best (0: never)
+
 WARM_START_K = 3  # nearest datasets drawn from
 WARM_START_CONFIGS = 3  # configurations seeded in all (one from each of the 3 nearest by default)
 
@@ -35,6 +37,7 @@ class SearchSettings:
     devices: str = "auto"  # auto (every GPU, else the CPU), cpu or cuda:0,cuda:1,...
     trials_per_device: int = 1
     trial_timeout: float | None = None
+    patience: int = PATIENCE  # stop once the last N completed trials have not beaten the best (0: never)
     isolate: bool = True  # trials in worker processes (False: in this process, one at a time)
     steps: int = 300  # meta-training steps per trial
     eval_every: int = 50
