@@ -271,7 +271,7 @@ def test_trial_lines_name_the_host_of_a_worker_on_another_machine():
 def test_four_workers_share_one_sqlite_file(data, tmp_path):
     db = f"sqlite:///{tmp_path}/w.db"
     result = autometa.search(
-        data, "y", trials=100, db=db, study="four", devices="cpu", trials_per_device=4, steps=5, eval_every=5,
+        data, "y", trials=100, db=db, study="four", devices="cpu", trials_per_device=4, steps=5, eval_every=5, patience=0,
         include=CHEAP, echo=lambda message: None, **SMALL,
     )
     assert result.new_trials == 100
@@ -545,6 +545,22 @@ def test_worker_checks_its_data_and_budget_before_starting_workers(finished_stud
 
     missing = runner.invoke(cli, ["worker", "--db", db, "--study", name, "--data", str(tmp_path / "gone.csv")])
     assert missing.exit_code == 1 and "gone.csv" in missing.stderr and "Traceback" not in missing.output
+
+
+def test_a_worker_does_not_join_a_search_that_stopped_early_until_it_runs_again(data, tmp_path):
+    db = f"sqlite:///{tmp_path}/s.db"
+    common = dict(db=db, study="patient", isolate=False, steps=5, eval_every=5, include=CHEAP, echo=lambda m: None, **SMALL)
+    result = autometa.search(data, "y", trials=20, patience=1, **common)
+    finished = len(result.study.get_trials())
+    assert finished < 20 and result.study.user_attrs["stopped"] == "its --patience (1 completed trials without a better one)"
+    joined = CliRunner().invoke(cli, ["worker", "--db", db, "--study", "patient", "--devices", "cpu"])
+    assert joined.exit_code == 0, joined.output
+    assert (f"study 'patient': the search stopped starting trials at its --patience (1 completed trials without a "
+            f"better one) ({finished} trials finished)") in joined.stdout
+    assert len(optuna.load_study(study_name="patient", storage=storage_for(db)).get_trials()) == finished
+    # Run again without patience: it resumes, and workers may join it again.
+    resumed = autometa.search(data, "y", trials=finished + 1, patience=0, **common)
+    assert len(resumed.study.get_trials()) == finished + 1 and resumed.study.user_attrs["stopped"] is None
 
 
 @pytest.mark.slow

@@ -160,11 +160,16 @@ def _check_output_file(output: str, inputs: list[tuple[str, str | None]]) -> Non
 @click.option("--data", default=None,
               help="Where the data file is on this machine (default: the path the search used).")
 def worker(db, study, devices, trials_per_device, trial_timeout, data):
-    """Join an existing search from this machine until its trial budget is used."""
+    """Join an existing search from this machine until its trial budget is used (or the search
+    stops starting trials: its --timeout or --patience)."""
     from autometa.study.distributed import join
 
-    finished = join(db, study, devices=devices, trials_per_device=trials_per_device, trial_timeout=trial_timeout, data=data)
-    click.echo(f"study {study!r}: budget reached ({finished} trials finished)")
+    finished, stopped = join(db, study, devices=devices, trials_per_device=trials_per_device, trial_timeout=trial_timeout,
+                             data=data)
+    if stopped:
+        click.echo(f"study {study!r}: the search stopped starting trials at {stopped} ({finished} trials finished)")
+    else:
+        click.echo(f"study {study!r}: budget reached ({finished} trials finished)")
 
 
 def _restrictions(meta_algorithms, fusions, encoders) -> dict[str, list[str]]:

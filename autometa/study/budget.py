@@ -10,6 +10,10 @@ from optuna.trial import TrialState
 
 from autometa.store.storage import FINISHED, REQUEUED, storage_for
 
+# Study attribute: why the search stopped starting trials before its budget was used (its
+# --timeout or --patience), so workers that joined it from elsewhere stop too; None while it runs.
+STOPPED = "stopped"
+
 
 def parent_alive(parent_pid: int) -> bool:
     return os.getppid() == parent_pid
@@ -112,6 +116,11 @@ class Patience:
             return False
         since_best = len(values) - 1 - max(range(len(values)), key=lambda i: (values[i], -i))
         return since_best >= self.trials
+
+    @property
+    def reason(self) -> str:
+        """Why the search stopped, for workers that joined it (``STOPPED``)."""
+        return f"its --patience ({self.trials} completed trials without a better one)"
 
     def note(self, study: optuna.Study) -> str:
         """The line a search prints when it stops early."""

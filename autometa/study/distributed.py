@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from autometa.data.loading import load_dataset
 from autometa.errors import SearchError
 from autometa.store.storage import FINISHED, storage_for
-from autometa.study.budget import DatabaseBudget, budget_used
+from autometa.study.budget import STOPPED, DatabaseBudget, budget_used
 from autometa.study.devices import resolve_devices, worker_label
 from autometa.study.objective import SearchSpec, build_runner
 from autometa.study.pool import recover_orphans, run_pool
@@ -30,8 +30,9 @@ def join(
     trial_timeout: float | None = None,
     data: str | None = None,
     say=lambda message: print(message, file=sys.stderr),
-) -> int:
-    """Run trials of an existing study until its budget is used; returns the finished count."""
+) -> tuple[int, str | None]:
+    """Run trials of an existing study until its budget is used or its search stops starting
+    trials; returns the finished count and, in the latter case, why the search stopped."""
     storage = storage_for(db, create=False)
     names = [s.study_name for s in storage.get_all_studies()]
     if study not in names:
@@ -58,9 +59,12 @@ def join(
     recover_orphans(optuna_study, say)
     budget = DatabaseBudget(db, study, spec.budget)
     left = budget.remaining()
+    stopped = lambda: optuna_study.user_attrs.get(STOPPED)  # noqa: E731 - the search stopped starting trials
+    if stopped():
+        return budget_used(optuna_study, running=False), stopped()
     say(f"joining study {study!r} on {', '.join(s.label for s in slots)}: {max(0, left)} trial(s) of the budget of {spec.budget} left")
     if left <= 0:
-        return budget_used(optuna_study, running=False)
+        return budget_used(optuna_study, running=False), None
 
     def finished() -> int:
         return budget_used(optuna_study, running=False)
@@ -78,5 +82,6 @@ def join(
     run_pool(
         optuna_study, db, slots, budget, build_runner, (spec, None, None, None, existing),
         timeout=None, trial_timeout=trial_timeout, on_event=lambda event: None, on_poll=on_poll, say=say,
+        go_on=lambda: not stopped(),
     )
-    return finished()
+    return finished(), stopped()

@@ -35,7 +35,7 @@ from autometa.results.artifacts import folder_name, save_ensemble, save_model
 from autometa.store import schema
 from autometa.store.storage import FINISHED, checkpoint, storage_for
 from autometa.study import warmstart
-from autometa.study.budget import Patience, budget_used
+from autometa.study.budget import STOPPED, Patience, budget_used
 from autometa.study.devices import resolve_devices, worker_label
 from autometa.study.ensemble import build_ensemble
 from autometa.study.kept import KEPT, KeptModels
@@ -238,6 +238,7 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
             reserve = lambda: limits.keep_back(scoring_reserve(optuna_study, settings.top_k, len(split.test)))  # noqa: E731
             reserve()
             patience = Patience(settings.patience)
+            optuna_study.set_user_attr(STOPPED, None)  # a resumed search runs again, and its joined workers
             if settings.isolate:
                 _optimize_pool(optuna_study, settings.db, slots, spec, dataset, custom, existing, remaining,
                                settings.trial_timeout, registry, settings.progress, say, limits, split.shared, reserve,
@@ -421,9 +422,11 @@ def _optimize_here(study, runner: TrialRunner, n_trials, limits: TrialLimits, re
             pass
         reserve()
         if limits.deadline is not None and time.time() >= limits.stop_at():
+            study.set_user_attr(STOPPED, "its --timeout")
             study.stop()
         elif frozen.state == TrialState.COMPLETE and patience.reached(study):
             say(patience.note(study))
+            study.set_user_attr(STOPPED, patience.reason)
             study.stop()
 
     level = optuna.logging.get_verbosity()
@@ -448,6 +451,7 @@ def _optimize_pool(study, db, slots, spec, dataset, custom, existing, n_trials, 
     status: dict[str, str] = {s.label: "starting" for s in slots}
     printed = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
     patient = [True]  # False once patience ran out: no trial starts
+    timed_out = [False]  # True once trials stop for the --timeout (told to joined workers once)
 
     def on_event(event: tuple) -> None:
         kind, label = event[0], event[1]
@@ -476,6 +480,10 @@ def _optimize_pool(study, db, slots, spec, dataset, custom, existing, n_trials, 
             if patient[0] and any(t.state == TrialState.COMPLETE for t in finished) and patience.reached(study):
                 patient[0] = False
                 say(patience.note(study))
+                study.set_user_attr(STOPPED, patience.reason)
+        if limits.deadline is not None and time.time() >= limits.stop_at() and not timed_out[0]:
+            timed_out[0] = True
+            study.set_user_attr(STOPPED, "its --timeout")
 
     # Seconds from the pool's start until trials stop (at least a moment: one trial starts).
     began = time.time()
