@@ -238,7 +238,7 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
             reserve = lambda: limits.keep_back(scoring_reserve(optuna_study, settings.top_k, len(split.test)))  # noqa: E731
             reserve()
             patience = Patience(settings.patience)
-            optuna_study.set_user_attr(STOPPED, None)  # a resumed search runs again, and its joined workers
+            optuna_study.set_user_attr(STOPPED, None)  # cleared: a resumed search runs trials, and workers may join it
             if settings.isolate:
                 _optimize_pool(optuna_study, settings.db, slots, spec, dataset, custom, existing, remaining,
                                settings.trial_timeout, registry, settings.progress, say, limits, split.shared, reserve,

@@ -141,15 +141,26 @@ def worker_main(job: WorkerJob, budget: "Budget", events) -> None:
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("host", platform.node())
         trial.set_user_attr("search_pid", job.parent_pid)
+        _hold_sigterm(False)  # a stop from here on leaves a trial its search can attribute and fail
         return objective(trial)
 
     while parent_alive(job.parent_pid) and budget.claim(study, job.parent_pid):
+        # The search stops its workers with SIGTERM (Ctrl-C): held from before the trial exists until
+        # it names its worker, or the trial would stay "running" with nothing to say whose it is.
+        _hold_sigterm(True)
         try:
             study.optimize(run, n_trials=1, catch=(Exception,), callbacks=[schema.TrialRecorder(job.db)])
         finally:
             budget.release()
+            _hold_sigterm(False)
         if objective.stop_requested:
             break
+
+
+def _hold_sigterm(hold: bool) -> None:
+    """Hold SIGTERM back (delivered when released), where the platform can (POSIX)."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK if hold else signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 @contextmanager
