@@ -57,11 +57,11 @@ def join(
             f"the study's is {expected[:10]}); pass --data PATH to a copy of that file"
         )
     recover_orphans(optuna_study, say)
-    budget = DatabaseBudget(db, study, spec.budget)
-    left = budget.remaining()
     stopped = lambda: optuna_study.user_attrs.get(STOPPED)  # noqa: E731 - the search stopped starting trials
     if stopped():
         return budget_used(optuna_study, running=False), stopped()
+    budget = DatabaseBudget(db, study, spec.budget)
+    left = budget.remaining()
     say(f"joining study {study!r} on {', '.join(s.label for s in slots)}: {max(0, left)} trial(s) of the budget of {spec.budget} left")
     if left <= 0:
         return budget_used(optuna_study, running=False), None

@@ -237,17 +237,15 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
             # Time for the finalists' test scoring is kept back from the trials as they finish.
             reserve = lambda: limits.keep_back(scoring_reserve(optuna_study, settings.top_k, len(split.test)))  # noqa: E731
             reserve()
-            patience = Patience(settings.patience)
-            optuna_study.set_user_attr(STOPPED, None)  # cleared: a resumed search runs trials, and workers may join it
+            stop = _Stop(optuna_study, limits, Patience(settings.patience), say)
             if settings.isolate:
                 _optimize_pool(optuna_study, settings.db, slots, spec, dataset, custom, existing, remaining,
-                               settings.trial_timeout, registry, settings.progress, say, limits, split.shared, reserve,
-                               patience)
+                               settings.trial_timeout, registry, settings.progress, say, limits, split.shared, reserve, stop)
             else:
                 runner = TrialRunner(split, registry, spec, str(device), cache=cache, top_k=max(settings.top_k, KEPT),
                                      db=settings.db, limits=limits)
-                _optimize_here(optuna_study, runner, remaining, limits, registry, choices, settings.progress, say,
-                               settings.db, reserve, patience)
+                _optimize_here(optuna_study, runner, remaining, registry, choices, settings.progress, say, settings.db,
+                               reserve, stop)
 
         models = TrainedModels(split, registry, choices, settings.steps, settings.eval_every, cache,
                                KeptModels(settings.db, name, max(settings.top_k, KEPT)), refit=settings.refit,
@@ -406,10 +404,38 @@ def _trial_line(frozen: optuna.trial.FrozenTrial, registry: Registry, choices: d
     return f"trial {frozen.number:>3} {outcome} ({took:.1f}s{where}) {config.label() if config else ''}"
 
 
-def _optimize_here(study, runner: TrialRunner, n_trials, limits: TrialLimits, registry, choices, progress, say, db, reserve,
-                   patience: Patience):
-    """Trials one after another in this process (no isolation), until ``limits.stop_at()`` or
-    ``patience``; ``reserve()`` updates the time kept back for the finalists after each trial."""
+class _Stop:
+    """When a search stops starting trials before its budget is used: at the ``limits``' deadline
+    (less the time kept for the finalists) or when its ``patience`` runs out. Decided once, said
+    once, and recorded in the study (``STOPPED``) for workers that joined it from elsewhere."""
+
+    TIMEOUT = "its --timeout"
+
+    def __init__(self, study: optuna.Study, limits: TrialLimits, patience: Patience, say):
+        self.study, self.limits, self.patience, self.say = study, limits, patience, say
+        self.reason: str | None = None
+        study.set_user_attr(STOPPED, None)  # cleared: a resumed search runs trials, and workers may join it
+
+    def check(self, completed: bool) -> bool:
+        """After trials finished (``completed``: one of them completed): whether trials stop now."""
+        if self.reason is None:
+            if self.limits.deadline is not None and time.time() >= self.limits.stop_at():
+                self.reason = self.TIMEOUT
+            elif completed and self.patience.reached(self.study):
+                self.say(self.patience.note(self.study))
+                self.reason = self.patience.reason
+            if self.reason is not None:
+                self.study.set_user_attr(STOPPED, self.reason)
+        return self.reason is not None
+
+    @property
+    def patience_ran_out(self) -> bool:
+        return self.reason == self.patience.reason
+
+
+def _optimize_here(study, runner: TrialRunner, n_trials, registry, choices, progress, say, db, reserve, stop: _Stop):
+    """Trials one after another in this process (no isolation), until ``stop``; ``reserve()``
+    updates the time kept back for the finalists after each trial."""
     bar = tqdm(total=n_trials, desc="search", unit="trial", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     runner.bar = bar
 
@@ -421,12 +447,7 @@ def _optimize_here(study, runner: TrialRunner, n_trials, limits: TrialLimits, re
         except ValueError:
             pass
         reserve()
-        if limits.deadline is not None and time.time() >= limits.stop_at():
-            study.set_user_attr(STOPPED, "its --timeout")
-            study.stop()
-        elif frozen.state == TrialState.COMPLETE and patience.reached(study):
-            say(patience.note(study))
-            study.set_user_attr(STOPPED, patience.reason)
+        if stop.check(completed=frozen.state == TrialState.COMPLETE):
             study.stop()
 
     level = optuna.logging.get_verbosity()
@@ -443,15 +464,13 @@ def _optimize_here(study, runner: TrialRunner, n_trials, limits: TrialLimits, re
 
 
 def _optimize_pool(study, db, slots, spec, dataset, custom, existing, n_trials, trial_timeout, registry, progress, say,
-                   limits: TrialLimits, shared, reserve, patience: Patience):
+                   limits: TrialLimits, shared, reserve, stop: _Stop):
     """Trials on isolated worker processes, one per device slot, with a live status per device,
-    until ``limits.stop_at()`` or ``patience`` (then running trials finish); ``reserve()``
+    until ``limits.stop_at()`` or ``stop`` (patience: running trials finish); ``reserve()``
     updates the time kept back for the finalists as trials finish."""
     bar = tqdm(total=n_trials, desc="search", unit="trial", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     status: dict[str, str] = {s.label: "starting" for s in slots}
     printed = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
-    patient = [True]  # False once patience ran out: no trial starts
-    timed_out = [False]  # True once trials stop for the --timeout (told to joined workers once)
 
     def on_event(event: tuple) -> None:
         kind, label = event[0], event[1]
@@ -477,13 +496,7 @@ def _optimize_pool(study, db, slots, spec, dataset, custom, existing, n_trials, 
                 pass
         if finished:
             reserve()
-            if patient[0] and any(t.state == TrialState.COMPLETE for t in finished) and patience.reached(study):
-                patient[0] = False
-                say(patience.note(study))
-                study.set_user_attr(STOPPED, patience.reason)
-        if limits.deadline is not None and time.time() >= limits.stop_at() and not timed_out[0]:
-            timed_out[0] = True
-            study.set_user_attr(STOPPED, "its --timeout")
+        stop.check(completed=any(t.state == TrialState.COMPLETE for t in finished))
 
     # Seconds from the pool's start until trials stop (at least a moment: one trial starts).
     began = time.time()
@@ -495,7 +508,7 @@ def _optimize_pool(study, db, slots, spec, dataset, custom, existing, n_trials, 
         run_pool(
             study, db, slots, n_trials, build_runner, (spec, payload, *custom, existing, limits, shared),
             timeout=timeout, trial_timeout=trial_timeout, on_event=on_event, on_poll=on_poll, say=say,
-            go_on=lambda: patient[0],
+            go_on=lambda: not stop.patience_ran_out,  # the --timeout stops them by run_pool's own clock
         )
         on_poll()
     except KeyboardInterrupt:
