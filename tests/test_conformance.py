@@ -310,6 +310,28 @@ def test_checks_leave_the_callers_random_state_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_checks_compare_in_full_float32_and_restore_the_callers_tf32_settings():
+    # On a GPU, cuDNN's default TF32 convolutions made every conv encoder fail the vmap check by
+    # rounding alone (seen on an H200); the flags are plain attributes on a CPU build as well.
+    seen = []
+
+    class RecordsPrecision(TinyEncoder):
+        name = "records_precision"
+
+        def forward(self, x):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return super().forward(x)
+
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        testing.check_encoder(RecordsPrecision, device="cpu")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    assert seen and set(seen) == {(False, False)}
+
+
 def test_check_component_rejects_other_classes():
     with pytest.raises(AssertionError, match="not a subclass"):
         testing.check_component(nn.Linear)
