@@ -38,7 +38,7 @@ from autometa.store.knowledge import (
     score_matrix,
 )
 from autometa.study.engine import search, study_name
-from autometa.study.warmstart import NEAR, plan, translate
+from autometa.study.warmstart import NEAR, Seed, enqueue_opening, opening, plan, translate
 
 FAST = dict(steps=6, eval_every=3, validation_tasks=1, test_tasks=1, top_k=1, isolate=False, output=None,
             progress=False, protocol="standard")
@@ -311,22 +311,53 @@ def test_portfolio_seeds_when_nothing_is_near_and_fills_after_the_neighbours(reg
 def test_search_is_seeded_with_the_nearest_datasets_best_configuration(tmp_path):
     db = f"sqlite:///{tmp_path / 'studies.db'}"
     first = write_table(tmp_path / "first.csv", 120, seed=0, shift=2.0)
-    search(first, "y", trials=3, db=db, warm_start=False, echo=lambda s: None, **FAST)
+    # Sampled trials, so that its best is none of the default trials.
+    search(first, "y", trials=3, db=db, warm_start=False, defaults=False, echo=lambda s: None, **FAST)
     stored = optuna.load_study(study_name=study_name(first, "y", **FAST), storage=db)
     best = stored.best_trial
 
     lines: list[str] = []
     second = write_table(tmp_path / "second.csv", 100, seed=1, shift=1.8)
-    result = search(second, "y", trials=2, db=db, warm_start_prior=None, warm_start_configs=1, echo=lines.append, **FAST)
+    result = search(second, "y", trials=3, db=db, warm_start_prior=None, warm_start_configs=1, echo=lines.append, **FAST)
     trials = result.study.get_trials()
-    assert trials[0].params == best.params
-    assert trials[0].user_attrs["warm_start"].startswith("first (database, distance ")
-    assert trials[0].user_attrs["warm_start_source"] == "neighbour"
-    seeded = [line for line in lines if line.startswith("warm start: trial 0 is")]
-    assert len(seeded) == 1 and "from neighbour first (study" in seeded[0]
+    defaults = default_trials(get_registry(), result.study.user_attrs["choices"])
+    # The first default, the seed, the second default.
+    assert trials[0].system_attrs["fixed_params"] == defaults[0] and "warm_start" not in trials[0].user_attrs
+    assert trials[1].params == best.params
+    assert trials[1].user_attrs["warm_start"].startswith("first (database, distance ")
+    assert trials[1].user_attrs["warm_start_source"] == "neighbour"
+    assert trials[2].system_attrs["fixed_params"] == defaults[1] and "warm_start" not in trials[2].user_attrs
+    seeded = [line for line in lines if line.startswith("warm start: trial")]
+    assert len(seeded) == 1 and seeded[0].startswith("warm start: trial 1 is ") and "from neighbour first (study" in seeded[0]
     assert "warm start: 1 seed(s) from neighbours, 0 from the portfolio" in lines
     assert f"validation {100 * best.value:.1f}% there" in seeded[0]
-    assert "warm_start" not in trials[1].user_attrs  # then the defaults, within the budget
+
+
+def test_opening_alternates_defaults_and_seeds_and_queues_none_twice(registry):
+    choices = search_choices(registry, "standard", ["tabular"])
+    defaults = default_trials(registry, choices)
+    seeds = [Seed(dict(defaults[0]), portfolio=PortfolioEntry(dict(defaults[0]), 0.5, 3, "t1")),  # a default again
+             Seed(dict(defaults[-1]), portfolio=PortfolioEntry(dict(defaults[-1]), 0.7, 3, "t2"))]
+    assert [(p, s) for p, s in opening(defaults[:3], seeds)] == [
+        (defaults[0], None), (seeds[0].params, seeds[0]), (defaults[1], None), (seeds[1].params, seeds[1]),
+        (defaults[2], None)]
+    assert [s for _, s in opening([], seeds)] == seeds and opening(defaults[:2], []) == [(d, None) for d in defaults[:2]]
+
+    study = optuna.create_study()
+    lines: list[str] = []
+    assert enqueue_opening(study, defaults[:3], seeds, 4, registry, choices, lines.append) == 4
+    queued = study.get_trials()
+    assert [t.system_attrs["fixed_params"] for t in queued] == [defaults[0], defaults[1], defaults[-1], defaults[2]]
+    assert [t.user_attrs.get("warm_start_source") for t in queued] == [None, None, "portfolio", None]
+    assert lines == [
+        f"warm start: {seeds[0].describe()} is already queued as a default trial",
+        f"warm start: trial 2 is {seeds[1].describe()}",
+        "warm start: 0 seed(s) from neighbours, 1 from the portfolio",
+    ]
+    # The budget caps what is queued: one trial is the first default.
+    small = optuna.create_study()
+    assert enqueue_opening(small, defaults, seeds, 1, registry, choices, lambda s: None) == 1
+    assert [t.system_attrs["fixed_params"] for t in small.get_trials()] == [defaults[0]]
 
 
 def test_search_labels_portfolio_seeds_in_its_output_and_the_trials(tmp_path, registry):
@@ -334,7 +365,7 @@ def test_search_labels_portfolio_seeds_in_its_output_and_the_trials(tmp_path, re
     output and each seeded trial's user attributes say so."""
     data = write_table(tmp_path / "data.csv", 100, seed=1, shift=1.8)
     defaults = default_trials(registry, search_choices(registry, "standard", ["tabular"]))
-    chosen = [defaults[-1], defaults[0]]
+    chosen = [defaults[-1], defaults[-2]]
     far = {"rows": 1e6, "log_rows": 6.0, "classes": 500.0, "image_height": 28.0, "landmark_image_1nn": 0.1}
     prior = tmp_path / "prior.json"
     prior.write_text(json.dumps({
@@ -345,9 +376,9 @@ def test_search_labels_portfolio_seeds_in_its_output_and_the_trials(tmp_path, re
                       "meta_features": far, "configurations": [{"value": 0.5, "params": defaults[1]}]}],
     }))
     lines: list[str] = []
-    result = search(data, "y", trials=2, db=f"sqlite:///{tmp_path / 's.db'}", warm_start_prior=str(prior),
+    result = search(data, "y", trials=4, db=f"sqlite:///{tmp_path / 's.db'}", warm_start_prior=str(prior),
                     warm_start_configs=2, echo=lines.append, **FAST)
-    trials = result.study.get_trials()
+    trials = result.study.get_trials()[1::2]  # after each default trial, a seed
     assert [t.user_attrs["warm_start_source"] for t in trials] == ["portfolio", "portfolio"]
     assert [t.user_attrs["warm_start"] for t in trials] == ["portfolio (first found on t1)", "portfolio (first found on t2)"]
     assert [t.params["meta_algorithm"] for t in trials] == [c["meta_algorithm"] for c in chosen]

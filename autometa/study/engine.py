@@ -41,7 +41,7 @@ from autometa.study.ensemble import build_ensemble
 from autometa.study.kept import KEPT, KeptModels
 from autometa.study.leaderboard import SearchResult, TrainedModels, _leaderboard, scoring_reserve
 from autometa.study.objective import (
-    SearchSpec, TrialLimits, TrialRunner, build_runner, default_pruner, default_sampler, enqueue_new,
+    SearchSpec, TrialLimits, TrialRunner, build_runner, default_pruner, default_sampler,
 )
 from autometa.study.pool import recover_orphans, run_pool
 from autometa.study.settings import SearchSettings
@@ -131,9 +131,10 @@ def search(
 
     ``defaults``: a new study runs one trial per meta-algorithm at default parameters before
     the sampler explores (False: the sampler chooses every trial). ``warm_start``: a new
-    study's first trials are the best configurations of the
+    study's first trials include the best configurations of the
     ``warm_start_k`` most similar datasets in ``db`` and ``warm_start_prior`` (None: the
-    database only), ``warm_start_configs`` in all (see :mod:`autometa.study.warmstart`).
+    database only), ``warm_start_configs`` in all, alternating with the default trials (see
+    :mod:`autometa.study.warmstart`).
     """
     started = time.time()  # --timeout counts from here: loading and preparing the data are part of it
     settings = (settings or SearchSettings()).replace(**overrides)
@@ -211,19 +212,15 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
         say(f"study {name!r} in {settings.db}: {count} on {where}")
 
     if not optuna_study.get_trials(deepcopy=False):
-        seeded = 0
+        seeds = []
         if settings.warm_start and remaining > 0:
-            # Before the defaults: with a tiny budget, the neighbours' best take the first slots.
-            seeded = warmstart.seed_study(
+            seeds = warmstart.plan_seeds(
                 optuna_study, optuna_study.user_attrs.get("meta_features") or meta_features(), registry, choices,
                 db=settings.db, prior=settings.warm_start_prior, k=settings.warm_start_k,
-                configs=min(settings.warm_start_configs, remaining), say=say,
-                fingerprint=dataset.fingerprint, protocol=spec.protocol,
+                configs=settings.warm_start_configs, say=say, fingerprint=dataset.fingerprint, protocol=spec.protocol,
             )
-        if settings.defaults:
-            # A default a warm-start seed already queued is not queued twice.
-            for params in default_trials(registry, choices, spec.protocol)[: max(0, remaining - seeded)]:
-                enqueue_new(optuna_study, params, registry, choices)
+        defaults = default_trials(registry, choices, spec.protocol) if settings.defaults else []
+        warmstart.enqueue_opening(optuna_study, defaults, seeds, max(0, remaining), registry, choices, say)
     # Every run of the search is a row of autometa_searches (a resumed one adds another).
     search_id = schema.begin_search(
         settings.db, study=name, dataset=dataset, source=data_path or (str(dataset.path) if dataset.path else None),

@@ -305,10 +305,12 @@ class TrialRunner:
                 logger.warning("trial %s: trained model not kept (%s); the leaderboard retrains it", trial.number, exc)
 
 
-def enqueue_new(study: optuna.Study, params: dict[str, Any], registry: Registry, choices: dict[str, list[str]]) -> bool:
-    """Queue ``params`` unless a trial of ``study`` (queued, running or finished) already has the
-    same configuration: parameters are compared as configurations, so a seed that carries
-    parameters its configuration does not use is still recognised. Returns whether it was queued."""
+def enqueue_new(study: optuna.Study, params: dict[str, Any], registry: Registry, choices: dict[str, list[str]],
+                user_attrs: dict[str, Any] | None = None) -> bool:
+    """Queue ``params`` (with ``user_attrs``) unless a trial of ``study`` (queued, running or
+    finished) already has the same configuration: parameters are compared as configurations, so
+    a seed that carries parameters its configuration does not use is still recognised. Returns
+    whether it was queued."""
     config = stored_config(params, registry, choices)
     for t in study.get_trials(deepcopy=False):
         try:
@@ -316,7 +318,7 @@ def enqueue_new(study: optuna.Study, params: dict[str, Any], registry: Registry,
                 return False
         except Exception:  # a trial of components no longer installed is no duplicate
             continue
-    study.enqueue_trial(params, skip_if_exists=False)
+    study.enqueue_trial(params, user_attrs=user_attrs, skip_if_exists=False)
     return True
 
 
