@@ -9,11 +9,12 @@ A new dataset is compared with them by a distance over meta-features that is def
 modalities (:func:`autometa.data.metafeatures.meta_feature_distance`, with the prior's fixed
 scales). From the ``k`` nearest datasets within distance ``near`` that have a usable
 configuration, their best distinct configurations are translated to this search (plugins
-installed now, this data's modalities, this search's choices and ranges) and queued among the
-first trials (alternating with the default trials, :func:`opening`), round-robin: the nearest
-dataset's best, the second nearest's best, ..., then each one's second best. Seeds the neighbours do not fill (all of them when nothing is that
-near) come from the prior's portfolio, configurations chosen to do well across its tasks
-(auto-sklearn 2.0's portfolio). Each seed says which of the two it came from.
+installed now, this data's modalities, this search's choices and ranges) round-robin: the
+nearest dataset's best, the second nearest's best, ..., then each one's second best. Seeds the
+neighbours do not fill (all of them when nothing is that near) come from the prior's portfolio,
+configurations chosen to do well across its tasks (auto-sklearn 2.0's portfolio). Each seed
+says which of the two it came from. The seeds alternate with the default trials as the new
+study's first trials (:func:`opening`).
 """
 
 from __future__ import annotations
