@@ -31,12 +31,9 @@ from scipy import stats
 
 from autometa.config import stored_config
 from autometa.plugins import get_registry
+from autometa.study.warmstart import opening
 
 Order = Callable[[list, list], list]
-
-
-def alternate(defaults: list, seeds: list) -> list:
-    return [x for i in range(max(len(defaults), len(seeds))) for x in (defaults[i:i + 1] + seeds[i:i + 1])]
 
 
 ORDERS: dict[str, Order] = {
@@ -44,7 +41,7 @@ ORDERS: dict[str, Order] = {
     "defaults only": lambda defaults, seeds: defaults,
     "one default first": lambda defaults, seeds: defaults[:1] + seeds + defaults[1:],
     "two defaults first": lambda defaults, seeds: defaults[:2] + seeds + defaults[2:],
-    "alternating": alternate,  # autometa's opening (autometa.study.warmstart.opening)
+    "alternating": opening,  # autometa's own
 }
 CHECKPOINTS = (1, 3, 5, 10)
 

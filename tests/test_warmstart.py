@@ -338,10 +338,9 @@ def test_opening_alternates_defaults_and_seeds_and_queues_none_twice(registry):
     defaults = default_trials(registry, choices)
     seeds = [Seed(dict(defaults[0]), portfolio=PortfolioEntry(dict(defaults[0]), 0.5, 3, "t1")),  # a default again
              Seed(dict(defaults[-1]), portfolio=PortfolioEntry(dict(defaults[-1]), 0.7, 3, "t2"))]
-    assert [(p, s) for p, s in opening(defaults[:3], seeds)] == [
-        (defaults[0], None), (seeds[0].params, seeds[0]), (defaults[1], None), (seeds[1].params, seeds[1]),
-        (defaults[2], None)]
-    assert [s for _, s in opening([], seeds)] == seeds and opening(defaults[:2], []) == [(d, None) for d in defaults[:2]]
+    assert opening(defaults[:3], seeds) == [defaults[0], seeds[0], defaults[1], seeds[1], defaults[2]]
+    assert opening(defaults[:1], seeds) == [defaults[0], seeds[0], seeds[1]]
+    assert opening([], seeds) == seeds and opening(defaults[:2], []) == defaults[:2]
 
     study = optuna.create_study()
     lines: list[str] = []

@@ -314,30 +314,29 @@ def plan_seeds(study: optuna.Study, meta_features: Mapping[str, Any], registry, 
     return warm.seeds
 
 
-def opening(defaults: list[dict[str, Any]], seeds: list[Seed]) -> list[tuple[dict[str, Any], Seed | None]]:
+def opening(defaults: list, seeds: list) -> list:
     """A new search's first trials: a default trial, a seed, the next default, the next seed, ...,
-    then the remaining defaults. Alternating, because neither source leads on its own: replayed
-    on the 39 leave-one-out searches of docs/warm-start.md (validation scores only,
+    then the rest of the longer list. Alternating, because neither source leads on its own:
+    replayed on the 39 leave-one-out searches of docs/warm-start.md (validation scores only,
     benchmarks/warm_start_openings.py), seeds first reached 0.81 of the best after 3 trials and
     the defaults alone 0.86; alternating, 0.87 after 3 and 0.90 after 5 (0.89 and 0.88)."""
-    order: list[tuple[dict[str, Any], Seed | None]] = []
-    for i in range(max(len(defaults), len(seeds))):
-        order += [(defaults[i], None)] if i < len(defaults) else []
-        order += [(seeds[i].params, seeds[i])] if i < len(seeds) else []
-    return order
+    return [item for i in range(max(len(defaults), len(seeds))) for item in defaults[i:i + 1] + seeds[i:i + 1]]
 
 
 def enqueue_opening(study: optuna.Study, defaults: list[dict[str, Any]], seeds: list[Seed], budget: int, registry,
                     choices: Mapping[str, list[str]], say=print) -> int:
-    """Queue :func:`opening`'s trials, at most ``budget``, none twice (a configuration already
-    queued is skipped), saying which trials are seeds; returns how many were queued."""
+    """Queue :func:`opening` of the default trials' parameters and the seeds, at most ``budget``,
+    none twice (a configuration already queued is skipped), saying which trials are seeds;
+    returns how many were queued."""
     queued = 0
     sources = {"neighbour": 0, "portfolio": 0}
-    for params, seed in opening(defaults, seeds):
+    for item in opening(defaults, seeds):
         if queued >= budget:
             break
+        seed = item if isinstance(item, Seed) else None
+        params = item.params if seed else item
         number = len(study.get_trials(deepcopy=False))
-        attrs = {} if seed is None else {"warm_start": seed.origin(), "warm_start_source": seed.source}
+        attrs = {"warm_start": seed.origin(), "warm_start_source": seed.source} if seed else {}
         if not enqueue_new(study, params, registry, dict(choices), user_attrs=attrs):
             if seed is not None:
                 say(f"warm start: {seed.describe()} is already queued as a default trial")
