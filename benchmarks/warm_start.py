@@ -10,7 +10,7 @@ seed, three searches with the same budget (``--trials``), seed and search space:
   meta-algorithm, then TPE. These are the knowledge base's own searches (``autometa kb build``).
 * warm: autometa as it runs by default, warm-started from the knowledge base of the same seed
   *without T* (exported as ``autometa kb export`` would, so its scales and portfolio are chosen
-  without T too), then the defaults, then TPE.
+  without T too): its seeds alternate with the default trials, then TPE.
 
 Each search's anytime curve is its best validation accuracy after n trials (a trial that did not
 complete adds nothing), normalised per task and seed between the worst (0) and best (1)
@@ -30,6 +30,15 @@ base of each seed is built first (resumable: a second run reuses every finished 
 
 Each run writes ``WORK/results-seeds-A-B.json``; seeds can run apart (``--first-seed 1 --seeds 1``)
 and be summarised together: ``python benchmarks/warm_start.py --report WORK/results-seeds-*.json``.
+
+``--openings`` runs nothing either: it replays other orders of a new study's first trials (the
+default trials and the warm seeds) on the searches recorded in ``--work`` for ``--first-seed``.
+The defaults come from the knowledge base's defaults search of each task (its enqueued trials in
+order), the seeds from the task's warm search (trials with a ``warm_start`` attribute). A
+configuration scores the same whichever trial runs it (its training seed follows from it), so
+each order's curve is read off the recorded values without training; validation scores only.
+Only the opening is replayed (what TPE proposes after it depends on the history): a checkpoint
+past a task's opening leaves that task out, and the task counts are printed.
 """
 
 from __future__ import annotations
@@ -178,6 +187,18 @@ def _percent(interval: Interval) -> str:
     return f"{100 * interval.mean:.1f}% [{100 * interval.low:.1f}, {100 * interval.high:.1f}]"
 
 
+def opening_values(order: list[str], values: dict[str, float | None]) -> list[float | None]:
+    """The validation values of an opening's trials in order, each configuration (key) queued once;
+    None for a trial that did not complete."""
+    seen: set[str] = set()
+    opened = []
+    for key in order:
+        if key not in seen:
+            seen.add(key)
+            opened.append(values.get(key))
+    return opened
+
+
 # --- the searches -------------------------------------------------------------------------------
 
 
@@ -223,6 +244,81 @@ def prior_without(kb: str, fingerprint: str, path: Path) -> str:
     return str(path)
 
 
+def openings() -> dict:
+    """The orders ``--openings`` compares: name -> (default trials, seeds) -> the opening."""
+    from autometa.study.warmstart import opening
+
+    return {
+        "seeds first": lambda defaults, seeds: seeds + defaults,
+        "defaults only": lambda defaults, seeds: defaults,
+        "one default first": lambda defaults, seeds: defaults[:1] + seeds + defaults[1:],
+        "two defaults first": lambda defaults, seeds: defaults[:2] + seeds + defaults[2:],
+        "alternating": opening,  # autometa's own
+    }
+
+
+def replay_openings(work: Path, seed: int, checkpoints: tuple[int, ...] = (1, 3, 5, 10)) -> None:
+    import optuna
+    from optuna.trial import TrialState
+
+    from autometa.config import stored_config
+    from autometa.plugins import get_registry
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    registry, orders = get_registry(), openings()
+    kb = f"sqlite:///{work / f'kb-seed{seed}.db'}"
+    kb_studies = optuna.get_all_study_names(kb)
+
+    def trials(storage: str, name: str | None = None) -> list:
+        study = optuna.load_study(study_name=name or optuna.get_all_study_names(storage)[0], storage=storage)
+        return sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+
+    scores: dict[str, dict[int, list[float]]] = {name: {n: [] for n in checkpoints} for name in orders}
+    for warm_db in sorted(work.glob(f"warm-*-seed{seed}.db")):
+        task = warm_db.name[len("warm-"):-len(f"-seed{seed}.db")]
+        kb_name = next((n for n in kb_studies if n.rsplit("-", 1)[0] == task), None)
+        if kb_name is None:
+            print(f"{task}: no defaults search in kb-seed{seed}.db; left out")
+            continue
+        warm, defaults_search = trials(f"sqlite:///{warm_db}"), trials(kb, kb_name)
+        scratch_db = work / f"scratch-{task}-seed{seed}.db"
+        scratch = trials(f"sqlite:///{scratch_db}") if scratch_db.exists() else []
+        value = lambda t: t.value if t.state == TrialState.COMPLETE else None  # noqa: E731
+        bounds = task_range({arm: [value(t) for t in arm_trials]
+                             for arm, arm_trials in (("warm", warm), ("defaults", defaults_search), ("scratch", scratch))})
+        if bounds is None:
+            continue
+        choices = optuna.load_study(study_name=kb_name, storage=kb).user_attrs["choices"]
+        key = lambda t: json.dumps(stored_config(t.params, registry, choices), sort_keys=True, default=str)  # noqa: E731
+        values: dict[str, float | None] = {}
+        for t in warm + defaults_search:
+            values.setdefault(key(t), value(t))
+        defaults = [key(t) for t in defaults_search if "fixed_params" in t.system_attrs]
+        seeds = [key(t) for t in warm if "warm_start" in t.user_attrs]
+        for name, order in orders.items():
+            opened = opening_values(order(defaults, seeds), values)
+            reached = tuple(n for n in checkpoints if n <= len(opened))
+            for n, score in zip(reached, normalised_curve(opened, *bounds, reached)):
+                scores[name][n].append(score)
+    tasks = len(scores["alternating"][checkpoints[0]])
+    print(f"{tasks} tasks in {work}, seed {seed}: mean normalised best validation after n trials (tasks whose "
+          "opening is that long)")
+    print(f"{'opening':<20}" + "".join(f"{'@' + str(n):>14}" for n in checkpoints))
+    for name in orders:
+        print(f"{name:<20}" + "".join(f"{statistics.fmean(v):>8.3f} ({len(v):>2})" if v else f"{'-':>14}"
+                                      for v in scores[name].values()))
+    print("\nalternating minus each other opening, paired over tasks, 95% Student-t interval:")
+    for other in orders:
+        if other != "alternating":
+            cells = []
+            for n in checkpoints:
+                mine, theirs = scores["alternating"][n], scores[other][n]
+                if len(mine) == len(theirs) >= 2:
+                    d = mean_interval([a - b for a, b in zip(mine, theirs)])
+                    cells.append(f"@{n} {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
+            print(f"  vs {other:<18} " + "; ".join(cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/warm-start"), help="Databases and priors go here.")
@@ -232,6 +328,8 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--report", type=Path, nargs="+", default=None, metavar="RESULTS",
                         help="Run nothing: print the summary of earlier runs' results-*.json together (e.g. one per seed).")
+    parser.add_argument("--openings", action="store_true",
+                        help="Run nothing: replay other orders of the default trials and warm seeds on --work's searches.")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=20)
@@ -242,6 +340,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="Searches run at once (one thread each).")
     parser.add_argument("--cache", type=Path, default=None, help="Where the collection's files are written.")
     args = parser.parse_args()
+    if args.openings:
+        replay_openings(args.work, args.first_seed)
+        return
     if args.report:
         runs = [json.loads(path.read_text()) for path in args.report]
         report([row for run in runs for row in run["rows"]], int(runs[0]["args"]["trials"]), sum(r["seconds"] for r in runs))

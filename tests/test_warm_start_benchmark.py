@@ -99,3 +99,21 @@ def test_per_task_table_averages_seeds_and_counts_the_seeds_sources(bench):
     ]
     lines = bench.per_task_table(rows, (1,)).splitlines()
     assert lines[2] == "| a | 2 | 0.50 | 0.25 | 1.00 | 60.0% / 60.0% / 80.0% | 2 neighbour, 1 portfolio |"
+
+
+def test_opening_values_queue_each_configuration_once_in_order(bench):
+    values = {"a": 0.7, "b": None, "c": 0.9}
+    # "a" again (a seed that is a default) is not a second trial; "d" was never run: None.
+    assert bench.opening_values(["a", "b", "a", "c", "d"], values) == [0.7, None, 0.9, None]
+    assert bench.opening_values([], values) == []
+
+
+def test_openings_compares_autometas_own_alternating_order(bench):
+    from autometa.study.warmstart import opening
+
+    orders = bench.openings()
+    assert orders["alternating"] is opening
+    defaults, seeds = ["d0", "d1", "d2"], ["s0", "s1"]
+    assert orders["seeds first"](defaults, seeds) == ["s0", "s1", "d0", "d1", "d2"]
+    assert orders["two defaults first"](defaults, seeds) == ["d0", "d1", "s0", "s1", "d2"]
+    assert orders["alternating"](defaults, seeds) == ["d0", "s0", "d1", "s1", "d2"]

@@ -318,7 +318,7 @@ def opening(defaults: list, seeds: list) -> list:
     """A new search's first trials: a default trial, a seed, the next default, the next seed, ...,
     then the rest of the longer list. Alternating, because neither source leads on its own:
     replayed on the 39 leave-one-out searches of docs/warm-start.md (validation scores only,
-    benchmarks/warm_start_openings.py), seeds first reached 0.81 of the best after 3 trials and
+    `benchmarks/warm_start.py --openings`), seeds first reached 0.81 of the best after 3 trials and
     the defaults alone 0.86; alternating, 0.87 after 3 and 0.90 after 5 (0.89 and 0.88)."""
     return [item for i in range(max(len(defaults), len(seeds))) for item in defaults[i:i + 1] + seeds[i:i + 1]]
 
