@@ -269,9 +269,14 @@ def replay_openings(work: Path, seed: int, checkpoints: tuple[int, ...] = (1, 3,
     kb = f"sqlite:///{work / f'kb-seed{seed}.db'}"
     kb_studies = optuna.get_all_study_names(kb)
 
-    def trials(storage: str, name: str | None = None) -> list:
-        study = optuna.load_study(study_name=name or optuna.get_all_study_names(storage)[0], storage=storage)
+    def load(storage: str, name: str | None = None) -> optuna.Study:
+        return optuna.load_study(study_name=name or optuna.get_all_study_names(storage)[0], storage=storage)
+
+    def in_order(study: optuna.Study) -> list:
         return sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+
+    def value(trial) -> float | None:
+        return trial.value if trial.state == TrialState.COMPLETE else None
 
     scores: dict[str, dict[int, list[float]]] = {name: {n: [] for n in checkpoints} for name in orders}
     for warm_db in sorted(work.glob(f"warm-*-seed{seed}.db")):
@@ -280,15 +285,15 @@ def replay_openings(work: Path, seed: int, checkpoints: tuple[int, ...] = (1, 3,
         if kb_name is None:
             print(f"{task}: no defaults search in kb-seed{seed}.db; left out")
             continue
-        warm, defaults_search = trials(f"sqlite:///{warm_db}"), trials(kb, kb_name)
+        kb_study = load(kb, kb_name)
+        warm, defaults_search = in_order(load(f"sqlite:///{warm_db}")), in_order(kb_study)
         scratch_db = work / f"scratch-{task}-seed{seed}.db"
-        scratch = trials(f"sqlite:///{scratch_db}") if scratch_db.exists() else []
-        value = lambda t: t.value if t.state == TrialState.COMPLETE else None  # noqa: E731
+        scratch = in_order(load(f"sqlite:///{scratch_db}")) if scratch_db.exists() else []
         bounds = task_range({arm: [value(t) for t in arm_trials]
                              for arm, arm_trials in (("warm", warm), ("defaults", defaults_search), ("scratch", scratch))})
         if bounds is None:
             continue
-        choices = optuna.load_study(study_name=kb_name, storage=kb).user_attrs["choices"]
+        choices = kb_study.user_attrs["choices"]
         key = lambda t: json.dumps(stored_config(t.params, registry, choices), sort_keys=True, default=str)  # noqa: E731
         values: dict[str, float | None] = {}
         for t in warm + defaults_search:
