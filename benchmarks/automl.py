@@ -493,7 +493,8 @@ def seeds_report(runs: list[dict], goal: float = 0.02) -> str:
     """Several runs (``--output`` files of one budget, each its own ``--seed``, so its own split
     and search) side by side: each system's mean test accuracy over the seeds, and autometa's
     paired difference to the best scikit-learn baseline and to AutoGluon with Student's t 95%
-    interval over the seeds. A single split cannot tell a 2-point difference from its noise (the
+    interval over the seeds, then each system's mean and mean rank over the dataset × seed cells.
+    A single split cannot tell a 2-point difference from its noise (the
     test rows alone give intervals of ±2 to ±8 points); over seeds the split's and the search's
     luck average out. The goal (issue 15): autometa at least ``goal`` above the best baseline and
     above AutoGluon on every dataset."""
@@ -527,6 +528,19 @@ def seeds_report(runs: list[dict], goal: float = 0.02) -> str:
             shown.append(mean - half >= margin - 1e-9 if margin else mean - half > 0)
         verdict = "n/a" if not by_mean else "not met" if not all(by_mean) else "met" if all(shown) else "met by the mean, not shown"
         lines.append(f"| {d} | {len(ran)} | " + " | ".join(cells) + f" | {versus[0]} | {versus[1]} | {verdict} |")
+    # Over every dataset × seed cell: a system's mean accuracy (where it scored every cell) and its
+    # mean rank (1 = best, ties share; over the cells it scored, as the single-run report ranks).
+    cells = [(seed, d) for seed in seeds for d in datasets if any((seed, d, s) in accuracy for s in systems)]
+    ranks: dict[str, list[float]] = {s: [] for s in systems}
+    for seed, d in cells:
+        scored = [s for s in systems if (seed, d, s) in accuracy]
+        for s, rank in zip(scored, stats.rankdata([-accuracy[seed, d, s] for s in scored])):
+            ranks[s].append(float(rank))
+    means = [f"{100 * np.mean([accuracy[seed, d, s] for seed, d in cells]):.1f}"
+             if all((seed, d, s) in accuracy for seed, d in cells) else "" for s in systems]
+    lines.append("| mean | | " + " | ".join(means) + " | | | |")
+    lines.append(f"| mean rank ({len(cells)} cells) | | "
+                 + " | ".join(f"{np.mean(ranks[s]):.2f} ({len(ranks[s])})" if ranks[s] else "" for s in systems) + " | | | |")
     lines += ["", f"goal: autometa's mean at least +{100 * goal:g} pp above the best baseline and above AutoGluon; "
               "'met' when the 95% intervals show it too, 'met by the mean, not shown' when an interval reaches below"]
     return "\n".join(lines)

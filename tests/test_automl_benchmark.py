@@ -70,6 +70,11 @@ def test_seeds_report_gives_means_and_paired_differences_over_the_seeds(bench, t
             "| met by the mean, not shown |") in table
     # u: +10 pp on every seed (interval of width 0): shown; AutoGluon did not run there.
     assert "| u | 3 | 50.0 | 40.0 |  |  | +10.0 [+10.0, +10.0] vs logreg | n/a | met |" in table
+    # Over the 6 cells: autometa (88+50)/2 = 69.0, logreg (85+40)/2 = 62.5; hgb and AutoGluon lack u.
+    # Ranks on t per seed: autometa 1, 1.5 (tied with hgb), 1; logreg 3, 4, 2; hgb 4, 1.5, 3;
+    # AutoGluon 2, 3, 4. On u autometa 1 and logreg 2 each time.
+    assert "| mean | | 69.0 | 62.5 |  |  | | | |" in table
+    assert "| mean rank (6 cells) | | 1.08 (6) | 2.50 (6) | 2.83 (3) | 3.00 (3) | | | |" in table
     paths[1].write_text(paths[0].read_text())
     with pytest.raises(SystemExit, match="distinct seeds"):
         bench.main(["--seeds-report", *map(str, paths)])
