@@ -49,6 +49,7 @@ def test_blocks_fit_on_training_rows_and_code_categories(bench, tmp_path):
     assert not np.isnan(blocks["native"][:30, 1]).any()
     # Text statistics are standardised over the training rows.
     np.testing.assert_allclose(blocks["stats"][train].mean(axis=0), 0, atol=1e-9)
-    scores = bench.fit_and_score("gbm, native categories", blocks, dataset.labels,
-                                 {"train": train, "validation": np.arange(30, 35), "test": np.arange(35, 40)})
-    assert set(scores) == {"validation", "test"} and all(0 <= v <= 1 for v in scores.values())
+    # The trees fit with the codes as categorical splits ("blue", unknown, goes where missing values
+    # go); scikit-learn refuses a categorical mask of another width than the fitted columns.
+    accuracy = bench.test_accuracy("gbm, native categories", blocks, dataset.labels, train, np.arange(30, 40))
+    assert accuracy in {k / 10 for k in range(11)}
