@@ -53,24 +53,26 @@ def searched(tmp_path_factory):
 
 # --- the selection ----------------------------------------------------------------------------
 def planted_predictions():
-    """Three candidates, each right on two of three validation rows (class 0 throughout), each
-    wrong on a different row: together, by majority, right on all three. On the test rows only
-    the first is right, and the other two are confidently wrong."""
+    """Three candidates on three validation rows of classes 0, 1, 2 (chance: 1/3), each right on
+    two rows and wrong on a different one: together, by majority, right on all three. On the
+    test rows (class 0) only the first is right, and the other two are confidently wrong."""
+    targets = np.array([0, 1, 2])
+
     def rows(right):
-        return np.array([[0.9, 0.1] if r else [0.2, 0.8] for r in right], dtype=np.float32)
+        return np.array([np.roll([0.8, 0.1, 0.1], y + (not r)) for y, r in zip(targets, right)], dtype=np.float32)
 
     validation = [rows([1, 1, 0]), rows([0, 1, 1]), rows([1, 0, 1])]
-    test = [np.array([[0.9, 0.1]] * 4, dtype=np.float32)] + [np.array([[0.05, 0.95]] * 4, dtype=np.float32)] * 2
-    return validation, test
+    test = [np.array([[0.9, 0.05, 0.05]] * 4, dtype=np.float32)] + [np.array([[0.05, 0.9, 0.05]] * 4, dtype=np.float32)] * 2
+    return validation, test, targets
 
 
 def test_selection_averages_the_validation_optimal_members():
-    validation, _ = planted_predictions()
-    counts = caruana([[p] for p in validation], [np.zeros(3, dtype=np.int64)])
+    validation, _, targets = planted_predictions()
+    counts = caruana([[p] for p in validation], [targets])
     assert counts.tolist() == [1, 1, 1]  # each alone: 2/3; the three averaged: 3/3 (by hand)
-    assert accuracy([sum(validation) / 3], [np.zeros(3, dtype=np.int64)]) == 1.0
+    assert accuracy([sum(validation) / 3], [targets]) == 1.0
     # Identical candidates: the first is chosen, and the ensemble is that candidate.
-    same = caruana([[validation[0]], [validation[0].copy()]], [np.zeros(3, dtype=np.int64)])
+    same = caruana([[validation[0]], [validation[0].copy()]], [targets])
     assert same.tolist() == [1, 0]
 
 
@@ -96,7 +98,7 @@ def test_held_out_folds_keep_an_ensemble_only_when_choosing_one_beats_choosing_a
 def test_ensemble_is_chosen_on_validation_rows_only(tmp_path):
     """The planted test rows favour the first candidate alone (100% vs 0% for the three together);
     the validation rows favour the three together: those are chosen, and scored on test as they are."""
-    validation, test = planted_predictions()
+    validation, test, targets = planted_predictions()
     db = f"sqlite:///{tmp_path}/p.db"
     schema.recording_engine(db)
     study = optuna.create_study(study_name="planted", storage=db, direction="maximize")
@@ -105,11 +107,11 @@ def test_ensemble_is_chosen_on_validation_rows_only(tmp_path):
                                      distributions={"meta_algorithm": CategoricalDistribution(["m0", "m1", "m2"])}))
         schema.record_predictions(db, "planted", i, [validation[i]])
 
-    def task(kind, n):
-        return SimpleNamespace(kind=kind, support=torch.arange(2), query=torch.arange(n), n_way=2,
-                               query_y=torch.zeros(n, dtype=torch.long))
+    def task(kind, labels):
+        return SimpleNamespace(kind=kind, support=torch.arange(3), query=torch.arange(len(labels)), n_way=3,
+                               query_y=torch.as_tensor(labels, dtype=torch.long))
 
-    split = SimpleNamespace(protocol="standard", validation=[task("validation", 3)], test=[task("test", 4)])
+    split = SimpleNamespace(protocol="standard", validation=[task("validation", targets)], test=[task("test", [0] * 4)])
 
     class Planted:
         name = "planted"
@@ -140,6 +142,35 @@ def test_ensemble_is_chosen_on_validation_rows_only(tmp_path):
     kept = build_ensemble(study, split, db, lambda t: Unused(t.number), messages.append, candidates=8,
                           test_probabilities=lambda t: [torch.as_tensor(test[t.number])])
     assert kept.members == entry.members and kept.test == entry.test
+
+
+def test_a_trial_not_above_chance_is_left_out_of_the_ensemble(tmp_path):
+    """A planted trial right on one validation row of three (chance: 1/3) where the best trial is
+    wrong: greedy selection would add it (together 3/3); it is left out, and the search says so."""
+    targets = np.array([0, 1, 2])
+    best = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.8, 0.1, 0.1]], dtype=np.float32)  # wrong on row 2
+    weak = np.array([[0.3, 0.4, 0.3], [0.3, 0.3, 0.4], [0.005, 0.005, 0.99]], dtype=np.float32)  # right on row 2 only
+    assert (caruana([[best], [weak]], [targets]) > 0).all()  # both chosen: 3/3 together
+    db = f"sqlite:///{tmp_path}/w.db"
+    schema.recording_engine(db)
+    study = optuna.create_study(study_name="weak", storage=db, direction="maximize")
+    names = CategoricalDistribution(["m0", "m1", "m2", "m3"])
+    for i, (value, predictions) in enumerate([(2 / 3, best), (2 / 3, best.copy()), (1 / 3, weak)]):
+        study.add_trial(create_trial(params={"meta_algorithm": f"m{i}"}, value=value, distributions={"meta_algorithm": names}))
+        schema.record_predictions(db, "weak", i, [predictions])
+    task = SimpleNamespace(support=torch.arange(3), query=torch.arange(3), n_way=3, query_y=torch.as_tensor(targets))
+    split = SimpleNamespace(protocol="standard", validation=[task], test=[task])
+    messages = []
+    entry = build_ensemble(study, split, db, lambda t: None, messages.append, candidates=8,
+                           test_probabilities=lambda t: [torch.full((3, 3), 1 / 3)])
+    assert 2 not in [t for t, _ in entry.members]
+    assert "ensemble: trial(s) 2 left out, their validation accuracy not above the 33.3% of always guessing the " \
+           "most common class" in messages
+    # The weak trial and one other as the only candidates: fewer than two above chance, no ensemble.
+    study.add_trial(create_trial(params={"meta_algorithm": "m3"}, value=0.9, distributions={"meta_algorithm": names}))
+    schema.record_predictions(db, "weak", 3, [weak.copy()])
+    assert build_ensemble(study, split, db, lambda t: None, messages.append, candidates=2) is None
+    assert messages[-1] == "ensemble: fewer than two trials above chance have validation predictions stored; no ensemble"
 
 
 # --- a real search ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from autometa.components import MetaAlgorithm
 from autometa.data.protocols import Split
-from autometa.data.scoring import Score, evaluate, score_probabilities, score_unit
+from autometa.data.scoring import Score, chance_accuracy, evaluate, score_probabilities, score_unit
 from autometa.store import schema
 
 ROUNDS = 25  # additions (with replacement): weights in steps of 1/25 at the finest
@@ -153,9 +153,9 @@ def build_ensemble(study: optuna.Study, split: Split, db: str, model: Callable[[
     """Choose an ensemble among the ``candidates`` best distinct trials on the validation tasks
     and score it on the test tasks (``model(trial)``: a trial's trained model;
     ``test_probabilities(trial)``: its test predictions, when they are kept, so that finalists
-    are not predicted twice); None when fewer than two trials have validation predictions
-    stored. The selection may keep one trial alone: then the ensemble is that trial, no better
-    than it, and says so."""
+    are not predicted twice); None when fewer than two trials above chance have validation
+    predictions stored. The selection may keep one trial alone: then the ensemble is that
+    trial, no better than it, and says so."""
     best = distinct_best(study, candidates)
     try:
         with schema.recording_engine(db).connect() as connection:
@@ -165,10 +165,20 @@ def build_ensemble(study: optuna.Study, split: Split, db: str, model: Callable[[
         return None
     shapes = [(len(task.query), task.n_way) for task in split.validation]
     usable = [t for t in best if t.number in stored and [p.shape for p in stored[t.number]] == shapes]
-    if len(usable) < 2:
-        say("ensemble: fewer than two trials have validation predictions stored; no ensemble")
-        return None
     targets = [task.query_y.cpu().numpy() for task in split.validation]
+    # A trial no better than always guessing the most common class (the rule that stops trials
+    # below chance) has learned nothing to add, yet greedy selection takes it wherever it flips a
+    # few validation rows, and then scores and saves it (auto-sklearn leaves out models worse
+    # than its dummy likewise). Trials stopped by a time limit before that rule ran end up here.
+    chance = chance_accuracy(split.validation)
+    weak = [t.number for t in usable if accuracy(stored[t.number], targets) <= chance]
+    if weak:
+        say(f"ensemble: trial(s) {', '.join(map(str, weak))} left out, their validation accuracy not above the "
+            f"{100 * chance:.1f}% of always guessing the most common class")
+        usable = [t for t in usable if t.number not in weak]
+    if len(usable) < 2:
+        say("ensemble: fewer than two trials above chance have validation predictions stored; no ensemble")
+        return None
     library = [stored[t.number] for t in usable]
     counts = select(library, targets, rounds)
     members = [(t, int(c)) for t, c in zip(usable, counts) if c]
