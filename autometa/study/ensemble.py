@@ -170,8 +170,9 @@ def build_ensemble(study: optuna.Study, split: Split, db: str, model: Callable[[
     # below chance) has learned nothing to add, yet greedy selection takes it wherever it flips a
     # few validation rows, and then scores and saves it (auto-sklearn leaves out models worse
     # than its dummy likewise). Trials stopped by a time limit before that rule ran end up here.
+    alone = {t.number: accuracy(stored[t.number], targets) for t in usable}  # each trial's validation accuracy
     chance = chance_accuracy(split.validation)
-    weak = [t.number for t in usable if accuracy(stored[t.number], targets) <= chance]
+    weak = [t.number for t in usable if alone[t.number] <= chance]
     if weak:
         say(f"ensemble: trial(s) {', '.join(map(str, weak))} left out, their validation accuracy not above the "
             f"{100 * chance:.1f}% of always guessing the most common class")
@@ -185,7 +186,7 @@ def build_ensemble(study: optuna.Study, split: Split, db: str, model: Callable[[
     weights = [(t.number, c / counts.sum()) for t, c in members]
     mixed = [sum(w * p for (_, w), p in zip(weights, parts)) for parts in zip(*(stored[t.number] for t, _ in members))]
     validation = accuracy(mixed, targets)
-    single = max(accuracy(p, targets) for p in library)
+    single = max(alone[t.number] for t in usable)
     algorithm = EnsembleAlgorithm([(w, model(t)) for (t, _), (_, w) in zip(members, weights)])
     if test_probabilities is None:
         test = evaluate(algorithm, split.test, score_unit(split))
