@@ -78,6 +78,7 @@ from autometa.data.builders.suite import BUILDERS, SuiteData, suite_dir
 # search itself runs through the `autometa` command line, which stays as users type it).
 from autometa.data.loading import load_dataset
 from autometa.data.protocols import make_split
+from autometa.data.scoring import t_half_width
 
 SYSTEMS = ("autometa", "logreg", "hgb", "ncm", "autogluon")
 # The search's episode settings (the CLI's defaults), passed to the search and to the split alike.
@@ -548,9 +549,7 @@ def seeds_report(runs: list[dict], goal: float = 0.02) -> str:
 
 def _t_interval(values: np.ndarray) -> tuple[float, float]:
     """Mean and the half-width of Student's t 95% interval (infinite for one value)."""
-    if len(values) < 2:
-        return float(values.mean()), math.inf
-    return float(values.mean()), float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+    return float(values.mean()), math.inf if len(values) < 2 else t_half_width(values)
 
 
 def save(path: Path | None, results: list[Result], args: argparse.Namespace) -> None:

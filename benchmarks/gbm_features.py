@@ -26,7 +26,6 @@ import warnings
 
 import numpy as np
 import torch
-from scipy import stats as scipy_stats
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -37,6 +36,7 @@ from threadpoolctl import threadpool_limits
 from autometa.data.builders import suite
 from autometa.data.loading import load_dataset
 from autometa.data.preprocessing import Preprocessor, _categories
+from autometa.data.scoring import t_half_width
 from autometa_builtins.lsa import LatentSemantic, fit_tfidf, tfidf_features
 
 DATASETS = ("fastfood", "finefood", "birds", "tweets", "challenges", "salaries", "breaches", "nace")
@@ -112,14 +112,6 @@ def test_accuracy(variant: str, features: dict[str, np.ndarray], y: np.ndarray, 
     return float(model.score(x[test], y[test]))
 
 
-def t_interval(values: np.ndarray) -> tuple[float, float, float]:
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    half = float(scipy_stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
-    return mean, mean - half, mean + half
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -148,8 +140,8 @@ def main() -> None:
         if variant == learner:
             continue
         diff = 100 * np.array([test[variant][d] - test[learner][d] for d in args.datasets])
-        mean, low, high = t_interval(diff)
-        print(f"  {variant:27} {mean:+5.2f} [{low:+.2f}, {high:+.2f}]   per dataset: "
+        mean, half = float(diff.mean()), t_half_width(diff)
+        print(f"  {variant:27} {mean:+5.2f} [{mean - half:+.2f}, {mean + half:+.2f}]   per dataset: "
               + " ".join(f"{d} {v:+.1f}" for d, v in zip(args.datasets, diff)))
 
 

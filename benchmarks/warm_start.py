@@ -55,7 +55,6 @@ from pathlib import Path
 
 ARMS = ("scratch", "defaults", "warm")
 CHECKPOINTS = (1, 3, 5, 10, 20)
-CONFIDENCE = 0.95
 
 
 # --- pure parts: normalisation and aggregation (unit-tested) ----------------------------------
@@ -100,12 +99,10 @@ class Interval:
 def mean_interval(values: list[float]) -> Interval:
     """Mean and 95 % Student-t interval, unclipped: differences may be negative (so not
     :func:`autometa.data.scoring.student_t`, which is for accuracies in [0, 1])."""
-    from scipy import stats
+    from autometa.data.scoring import t_half_width
 
     n, mean = len(values), float(statistics.fmean(values))
-    if n < 2:
-        return Interval(mean, math.nan, math.nan, n)
-    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * statistics.stdev(values) / math.sqrt(n))
+    half = t_half_width(values)
     return Interval(mean, mean - half, mean + half, n)
 
 

@@ -74,13 +74,23 @@ def wilson(hits: int, n: int) -> Score:
     return Score(hits / n, float(interval.low), float(interval.high), n, ROWS)
 
 
+def t_half_width(values) -> float:
+    """Half the width of Student's t interval (``CONFIDENCE``) around the mean of ``values``,
+    unclipped (differences may be negative); NaN for fewer than two values."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if n < 2:
+        return math.nan
+    return float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
+
+
 def student_t(accuracies: np.ndarray, unit: str) -> Score:
     """The mean of per-task (or per-group) accuracies with Student's t interval, clipped to [0, 1]."""
     values = np.asarray(accuracies, dtype=np.float64)
     n, mean = len(values), float(values.mean())
     if n < 2:
         return Score(mean, math.nan, math.nan, n, unit)
-    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
+    half = t_half_width(values)
     return Score(mean, max(0.0, mean - half), min(1.0, mean + half), n, unit)
 
 
