@@ -123,6 +123,7 @@ class WorkerJob:
 def worker_main(job: WorkerJob, budget: "Budget", events) -> None:
     """Run trials until the budget is claimed away or the parent disappears."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    _SIGTERM.install()
     torch.set_num_threads(job.threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
@@ -141,26 +142,59 @@ def worker_main(job: WorkerJob, budget: "Budget", events) -> None:
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("host", platform.node())
         trial.set_user_attr("search_pid", job.parent_pid)
-        _hold_sigterm(False)  # a stop from here on leaves a trial its search can attribute and fail
+        _SIGTERM.release()  # a stop from here on leaves a trial its search can attribute and fail
         return objective(trial)
 
     while parent_alive(job.parent_pid) and budget.claim(study, job.parent_pid):
         # The search stops its workers with SIGTERM (Ctrl-C): held from before the trial exists until
         # it names its worker, or the trial would stay "running" with nothing to say whose it is.
-        _hold_sigterm(True)
+        _SIGTERM.hold()
         try:
             study.optimize(run, n_trials=1, catch=(Exception,), callbacks=[schema.TrialRecorder(job.db)])
         finally:
             budget.release()
-            _hold_sigterm(False)
+            _SIGTERM.release()
         if objective.stop_requested:
             break
 
 
-def _hold_sigterm(hold: bool) -> None:
-    """Hold SIGTERM back (delivered when released), where the platform can (POSIX)."""
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK if hold else signal.SIG_UNBLOCK, {signal.SIGTERM})
+class _HeldSigterm:
+    """A worker's SIGTERM, held back while asked to (delivered on release): it still kills the
+    worker as the default action would, exit status included.
+
+    A Python handler, not the signal mask: the mask is per thread, and the threads torch starts in
+    a worker's first trial would take a masked SIGTERM and die of it, leaving the next trial
+    "running" unnamed (CI caught it). Python runs handlers in the main thread, whichever took it.
+    """
+
+    def __init__(self) -> None:
+        self.held = self.pending = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._received)
+
+    def hold(self) -> None:
+        self.held = True
+
+    def release(self) -> None:
+        self.held = False
+        if self.pending:
+            self._die()
+
+    def _received(self, signum, frame) -> None:
+        if self.held:
+            self.pending = True
+        else:
+            self._die()
+
+    @staticmethod
+    def _die() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os._exit(128 + signal.SIGTERM)  # not reached where the default action kills at once
+
+
+_SIGTERM = _HeldSigterm()
 
 
 @contextmanager
