@@ -203,18 +203,22 @@ def test_a_learner_that_cannot_work_at_the_task_size_is_left_out_with_a_note(tmp
     assert "relationnet" in search_choices(get_registry(), "fewshot", ["tabular"], size=task_size(dataset, "fewshot", ways=5, shots=1))["meta_algorithm"]
 
 
-def test_a_wide_input_is_fitted_on_its_most_often_non_zero_columns(monkeypatch):
-    """Beyond MAX_COLUMNS, the trees are fitted on the columns most often non-zero and read them
-    at their place in the whole input: the same scores as scikit-learn's fit on those columns."""
+def test_a_wide_input_is_fitted_on_the_columns_that_separate_its_classes(monkeypatch):
+    """Beyond MAX_COLUMNS, the trees are fitted on the columns whose values differ most between the
+    classes and read them at their place in the whole input: the same scores as scikit-learn's fit
+    on those columns. A rare one-hot column that tells the class is kept over dense noise (the rule
+    before, most often non-zero first, dropped every one-hot column of a table beside lsa)."""
     from autometa_builtins.meta_algorithms import trees as module
 
     monkeypatch.setattr(module, "MAX_COLUMNS", 4)
     rng = np.random.default_rng(0)
-    x = np.zeros((200, 10))
-    dense = [1, 4, 6, 9]  # non-zero in every row; the others in a few
-    x[:, dense] = rng.normal(size=(200, 4))
-    x[rng.random((200, 10)) < 0.03] = 1.0
+    x = rng.normal(size=(200, 10))  # dense noise, non-zero in every row
     y = (x[:, 4] > 0).astype(int)
+    x[:, 7] = (y == 1) & (rng.random(200) < 0.3)  # a one-hot column: 1 in a third of class 1's rows
+    x[:, 8] = 0.0
+    assert (x[:, 7] != 0).sum() < 50
+    kept = module.informative_columns(x, y, 4)
+    assert kept.tolist() == sorted(kept.tolist()) and {4, 7} <= set(kept.tolist()) and 8 not in kept
 
     class Pool:
         rows = np.arange(200)
@@ -229,9 +233,23 @@ def test_a_wide_input_is_fitted_on_its_most_often_non_zero_columns(monkeypatch):
     algorithm.trees = module.TreeEnsemble()
     algorithm.train_step(Pool(), np.random.default_rng(0))
     used = sorted(set(algorithm.trees.feature[~torch.isinf(algorithm.trees.threshold)].tolist()))
-    assert set(used) <= set(dense) and 4 in used
+    assert set(used) <= set(kept.tolist()) and 4 in used
     seed = np.random.default_rng(0).integers(2**31)  # the fit's random_state, drawn as train_step draws it
     reference = HistGradientBoostingClassifier(max_iter=20, validation_fraction=0.1, n_iter_no_change=10,
-                                               random_state=int(seed), l2_regularization=1e-4).fit(x[:, dense], y)
+                                               random_state=int(seed), l2_regularization=1e-4).fit(x[:, kept], y)
     np.testing.assert_allclose(algorithm.trees(torch.from_numpy(x)).numpy().ravel(),
-                               reference._raw_predict(x[:, dense]).ravel())  # noqa: SLF001 - the reference
+                               reference._raw_predict(x[:, kept]).ravel())  # noqa: SLF001 - the reference
+
+
+def test_informative_columns_rank_by_the_f_statistic_with_constant_columns_last():
+    """Hand-computed: two classes of two rows. Column 1 separates them perfectly (F infinite),
+    column 2 has F = 2 (class means 0 and 2 about a mean of 1: squares between 4 on 1 degree of
+    freedom, within 4 on 2, so 4 / 2), column 3 has F = 0 (same means), column 0 is constant."""
+    from autometa_builtins.meta_algorithms.trees import informative_columns
+
+    x = np.array([[5.0, 0.0, -1.0, 1.0], [5.0, 0.0, 1.0, -1.0], [5.0, 1.0, 1.0, 1.0], [5.0, 1.0, 3.0, -1.0]])
+    y = np.array([0, 0, 1, 1])
+    assert informative_columns(x, y, 1).tolist() == [1]
+    assert informative_columns(x, y, 2).tolist() == [1, 2]
+    assert informative_columns(x, y, 3).tolist() == [1, 2, 3]
+    assert informative_columns(x, y, 4).tolist() == [0, 1, 2, 3]

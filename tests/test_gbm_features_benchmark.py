@@ -53,3 +53,10 @@ def test_blocks_fit_on_training_rows_and_code_categories(bench, tmp_path):
     # go); scikit-learn refuses a categorical mask of another width than the fitted columns.
     accuracy = bench.test_accuracy("gbm, native categories", blocks, dataset.labels, train, np.arange(30, 40))
     assert accuracy in {k / 10 for k in range(11)}
+
+
+def test_frequent_columns_by_hand(bench):
+    """gbm's rule before informative_columns: most often non-zero first, ties by position."""
+    x = np.array([[0.0, 1.0, 2.0], [0.0, 0.0, 3.0], [1.0, 0.0, 4.0]])  # non-zero 1, 1 and 3 times
+    assert bench.frequent_columns(x, 2).tolist() == [0, 2]
+    assert bench.frequent_columns(x, 1).tolist() == [2]

@@ -17,6 +17,8 @@ scikit-learn versions and thread counts, which nobody promises.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,10 +32,11 @@ from autometa_builtins.meta_algorithms._common import embed, every_training_row,
 
 # Rows × features from which a fit uses several OpenMP threads (see train_step).
 LARGE_FIT = 2**22
-# Columns a fit reads at most: of wider inputs (tfidf's 8,192), the most often non-zero. A fit's
-# cost grows with the columns, and a cross-validated trial makes four: on table + tfidf, 256 of
-# them take a fifth to a third of the time of 1,024 for accuracy within two points either way
-# (benchmarks/gbm_columns.py; docs/benchmarks.md "gbm's column cap").
+# Columns a fit reads at most: of wider inputs (table + lsa's 256, tfidf's 8,192), those whose
+# values differ most between the classes (``informative_columns``). A fit's cost grows with the
+# columns, and a cross-validated trial makes four: on table + tfidf, 256 of them take a fifth to a
+# third of the time of 1,024 for accuracy within two points either way (benchmarks/gbm_columns.py;
+# docs/benchmarks.md "gbm's column cap").
 MAX_COLUMNS = 256
 # Rows × trees walked at once when predicting (each step gathers a few tensors of this size).
 WALK_ELEMENTS = 2**22
@@ -129,6 +132,24 @@ class TreeEnsemble(nn.Module):
         return out
 
 
+def informative_columns(x: np.ndarray, y: np.ndarray, keep: int) -> np.ndarray:
+    """The ``keep`` columns of ``x`` whose values differ most between the classes ``y`` (ANOVA F
+    statistic of the rows given, scikit-learn's ``f_classif``; constant columns last, ties by
+    position), in their order in ``x``.
+
+    Not the most often non-zero, the rule before: beside lsa's 256 dense components that kept no
+    one-hot column of the table at all (on the nace set: 44.5 % where the F rule reaches 90.2 %;
+    docs/benchmarks.md "gbm features").
+    """
+    from sklearn.feature_selection import f_classif
+
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # constant columns: F is NaN, ranked last
+        warnings.filterwarnings("ignore", message="Features .* are constant")
+        score = np.nan_to_num(f_classif(x, y)[0], nan=-1.0, posinf=np.finfo(np.float64).max)
+    return np.sort(np.argsort(-score, kind="stable")[:keep])
+
+
 class GradientBoosting(MetaAlgorithm):
     """Gradient-boosted trees on fixed features (``HistGradientBoostingClassifier``).
 
@@ -137,8 +158,9 @@ class GradientBoosting(MetaAlgorithm):
     nothing and return the same loss). Its hyperparameters are scikit-learn's, with its defaults
     (``l2_regularization`` 1e-4 stands for its 0, which a log scale cannot hold); ``early_stopping``
     holds out 10 % of the training rows and stops after 10 iterations without improvement.
-    Of an input wider than ``MAX_COLUMNS`` it fits on the columns most often non-zero in the
-    training rows (a tree rarely splits on an n-gram few rows have, and each column costs time).
+    Of an input wider than ``MAX_COLUMNS`` it fits on the columns that best separate the classes
+    of the training rows (``informative_columns``): each column costs time, and most n-grams say
+    nothing of the label.
 
     A task of the training classes (standard protocol) gets the trees' scores as logits; a task
     with its own labels is answered through their class probabilities (``through_training_classes``).
@@ -196,14 +218,12 @@ class GradientBoosting(MetaAlgorithm):
         # One OpenMP thread for small fits: there its threads only contend, and on a busy 2-core
         # machine, two had not finished in 120 s a 310-row fit that one did in 25 s (trials run in parallel instead);
         # large ones get the threads torch may use here (a worker's share of the cores).
-        columns = None
-        if x.shape[1] > MAX_COLUMNS:  # most often non-zero first, ties by position (stable sort)
-            columns = np.sort(np.argsort(-(x != 0).sum(0).cpu().numpy(), kind="stable")[:MAX_COLUMNS])
-        fitted = x.detach().cpu().double().numpy()
+        fitted, labels = x.detach().cpu().double().numpy(), y.cpu().numpy()
+        columns = informative_columns(fitted, labels, MAX_COLUMNS) if fitted.shape[1] > MAX_COLUMNS else None
         fitted = fitted if columns is None else fitted[:, columns]
         threads = torch.get_num_threads() if fitted.size >= LARGE_FIT else 1
         with threadpool_limits(threads, user_api="openmp"):
-            model.fit(fitted, y.cpu().numpy())
+            model.fit(fitted, labels)
         self.trees.set_trees(model, columns)
         with torch.no_grad():
             self.loss = float(F.cross_entropy(self._logits(x), y))
