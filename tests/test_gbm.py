@@ -5,6 +5,8 @@ a task's size are left out up front with a note."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import optuna
 import pandas as pd
@@ -253,3 +255,15 @@ def test_informative_columns_rank_by_the_f_statistic_with_constant_columns_last(
     assert informative_columns(x, y, 2).tolist() == [1, 2]
     assert informative_columns(x, y, 3).tolist() == [1, 2, 3]
     assert informative_columns(x, y, 4).tolist() == [0, 1, 2, 3]
+
+
+def test_informative_columns_warn_of_no_constant_column_however_many():
+    """scikit-learn warns of constant columns in a message that wraps lines once they are many
+    (an n-gram absent from the training rows): a search's output must not show it."""
+    from autometa_builtins.meta_algorithms.trees import informative_columns
+
+    x = np.zeros((6, 400))
+    x[:, 399] = [0, 0, 0, 1, 1, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert informative_columns(x, np.array([0, 0, 0, 1, 1, 1]), 1).tolist() == [399]

@@ -145,7 +145,7 @@ def informative_columns(x: np.ndarray, y: np.ndarray, keep: int) -> np.ndarray:
 
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # constant columns: F is NaN, ranked last
-        warnings.filterwarnings("ignore", message="Features .* are constant")
+        warnings.filterwarnings("ignore", message=r"(?s)Features .* are constant")  # a long list wraps lines
         score = np.nan_to_num(f_classif(x, y)[0], nan=-1.0, posinf=np.finfo(np.float64).max)
     return np.sort(np.argsort(-score, kind="stable")[:keep])
 
