@@ -34,8 +34,8 @@ from autometa_builtins.meta_algorithms._common import embed, every_training_row,
 LARGE_FIT = 2**22
 # Columns a fit reads at most: of wider inputs (table + lsa's 256, tfidf's 8,192), those whose
 # values differ most between the classes (``informative_columns``). A fit's cost grows with the
-# columns, and a cross-validated trial makes four: on table + tfidf, 256 of them take a fifth to a
-# third of the time of 1,024 for accuracy within two points either way (benchmarks/gbm_columns.py;
+# columns, and a cross-validated trial makes four: on table + tfidf, 256 of them take a quarter to a
+# third of the time of 1,024 for 0.4-2.1 points less, inside the intervals (benchmarks/gbm_columns.py;
 # docs/benchmarks.md "gbm's column cap").
 MAX_COLUMNS = 256
 # Rows × trees walked at once when predicting (each step gathers a few tensors of this size).
