@@ -185,6 +185,41 @@ def test_the_reserve_is_the_finalists_seconds_per_task_times_the_test_tasks():
     assert engine.scoring_reserve(study, 3, 600) == pytest.approx(600 * (0.5 + 0.1 + 0.2))
 
 
+def test_the_reserve_adds_the_refits_of_the_best_trials_that_refit():
+    study = optuna.create_study(direction="maximize")
+    planted = [  # (value, seconds per validation task, refit seconds or None: a learner that does not refit)
+        (0.9, 0.5, 2.0), (0.8, 0.1, None), (0.7, 0.2, 3.0), (0.6, 0.0, 50.0),
+    ]
+    for a, (value, seconds, refit_s) in enumerate(planted, start=1):
+        attrs = {"scoring_s_per_task": seconds, **({} if refit_s is None else {"refit_s": refit_s})}
+        study.add_trial(optuna.trial.create_trial(
+            params={"a": a}, distributions={"a": optuna.distributions.IntDistribution(1, 4)}, value=value,
+            user_attrs=attrs))
+    # Two finalists scored on 10 test tasks; refits among the 3 best (the ensemble's candidates):
+    # a=1 and a=3 (a=2 does not refit; a=4 is not among them).
+    assert engine.scoring_reserve(study, 2, 10, 3) == pytest.approx(10 * (0.5 + 0.1) + 2.0 + 3.0)
+    assert engine.scoring_reserve(study, 2, 10) == pytest.approx(10 * (0.5 + 0.1))  # --no-refit
+
+
+def test_a_one_step_learner_records_what_its_refit_will_take_and_a_trained_one_does_not(blobs):
+    registry = get_registry()
+    split = make_split(load_dataset(blobs, "y"), "standard")
+    rows = split.row_splits
+    growth = (len(rows["train"]) + len(rows["validation"])) / len(rows["train"])
+    for learner, refits in (("linear", True), ("protonet", False)):
+        include = {"meta_algorithm": [learner], "fusion": ["concat"], "encoder.tabular": ["table"]}
+        choices = search_choices(registry, "standard", ("tabular",), include)
+        spec = SearchSpec(None, "y", None, {}, (28, 28), "standard", 5, 5, 15, 2, 2, 0, choices, 20, 10, 1)
+        study = optuna.create_study(direction="maximize")
+        study.optimize(objective.TrialRunner(split, registry, spec, "cpu"), n_trials=1)
+        (trial,) = study.get_trials()
+        assert trial.state == TrialState.COMPLETE, trial.user_attrs
+        if refits:  # its own fit on the training rows, scaled to the training + validation rows
+            assert 0 < trial.user_attrs["refit_s"] <= growth * trial.user_attrs["wall_time_s"]
+        else:
+            assert "refit_s" not in trial.user_attrs
+
+
 def test_a_trial_stops_early_by_the_time_kept_for_the_finalists(blobs):
     class Reserve:  # none when the trial starts, then (as finished trials report their scoring) 300 s
         reads = 0
@@ -200,7 +235,7 @@ def test_a_trial_stops_early_by_the_time_kept_for_the_finalists(blobs):
     (trial,) = study.get_trials()
     assert trial.state == TrialState.COMPLETE
     assert trial.user_attrs["stopped"] == ("stopped at step 1 of 1000 by the search's --timeout (less 300s kept for "
-                                           "scoring the finalists on the test tasks); scored as trained so far")
+                                           "the finalists' test scoring and refits); scored as trained so far")
     assert trial.user_attrs["scoring_s_per_task"] > 0
 
 
@@ -395,6 +430,33 @@ def test_a_queued_trial_no_worker_claimed_is_reported_as_not_started():
     result = SearchResult(study, None, None, [], [], 0)
     assert result.outcomes() == ("1 waiting: queued, not started: the search ended first "
                                  "(a --timeout shorter than preparing the data?)")
+
+
+def test_the_timeout_counts_from_the_given_start(blobs, tmp_path):
+    # A search whose --timeout began 120 s ago (the command's start) has none of its 60 s left.
+    result = engine.search(blobs, "y", trials=3, timeout=60, started=time.time() - 120, isolate=False,
+                           db=f"sqlite:///{tmp_path}/s.db", include=PROTONET, **FAST)
+    assert not result.leaderboard
+    assert {t.user_attrs.get("prune_reason") for t in result.study.get_trials()} == {
+        "not started: the search's --timeout had passed"}
+
+
+def test_the_command_starts_the_clock_before_it_imports_the_search(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from autometa.cli.main import cli
+
+    seen = {}
+
+    def fake_search(data, label, settings):
+        seen["started"] = settings.started
+        raise SearchError("stop here")
+
+    monkeypatch.setattr(engine, "search", fake_search)
+    before = time.time()
+    result = CliRunner().invoke(cli, ["search", str(tmp_path / "x.csv"), "--label", "y", "--timeout", "60"])
+    assert "stop here" in result.output
+    assert before <= seen["started"] <= time.time()
 
 
 # ------------------------------------------------------------------------------ patience

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import click
@@ -23,8 +24,8 @@ DEFAULTS = SearchSettings()  # every default, written once in SearchSettings
 @click.option("--protocol", type=click.Choice(["auto", "fewshot", "grouped", "standard"]), default=DEFAULTS.protocol, show_default=True)
 @click.option("--trials", type=int, default=None,
               help="The study's total budget of trials [default: 30; with --timeout, as many as it allows, at most 1000].")
-@click.option("--timeout", type=float, default=DEFAULTS.timeout, help="The search's seconds, scoring the finalists on the test tasks included: "
-              "trials stop early enough to leave that time (running ones are scored as trained so far); each "
+@click.option("--timeout", type=float, default=DEFAULTS.timeout, help="The search's seconds from the command's start, the finalists' "
+              "test scoring and refits included: trials stop early enough to leave that time (running ones are scored as trained so far); each "
               "trial gets a quarter of it unless --trial-timeout is given.")
 @click.option("--patience", type=int, default=DEFAULTS.patience, show_default=True, metavar="N",
               help="Stop once the last N completed trials have not beaten the best validation accuracy (running "
@@ -85,11 +86,13 @@ def search(data, label, group, columns, protocol, trials, timeout, patience, see
            encoders, output, fmt, no_progress, no_defaults, no_warm_start, warm_start_k, warm_start_configs,
            warm_start_prior):
     """Search encoders, fusion and meta-algorithm for DATA (CSV, Parquet, JSON Lines or .npz)."""
+    started = time.time()  # --timeout counts importing torch and the rest too: the user waits for them
     from autometa.data.loading import parse_column_overrides
     from autometa.study.engine import search as run_search
 
     settings = DEFAULTS.replace(
-        group=group, columns=parse_column_overrides(columns), protocol=protocol, trials=trials, timeout=timeout, patience=patience, seed=seed,
+        group=group, columns=parse_column_overrides(columns), protocol=protocol, trials=trials, timeout=timeout,
+        started=started, patience=patience, seed=seed,
         db=db, study=study, devices=devices, trials_per_device=trials_per_device, trial_timeout=trial_timeout,
         isolate=not in_process, steps=steps, eval_every=eval_every, ways=ways, shots=shots, queries=queries,
         validation_tasks=validation_tasks, test_tasks=test_tasks, top_k=top_k, ensemble=not no_ensemble, refit=not no_refit,

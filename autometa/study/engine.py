@@ -136,8 +136,9 @@ def search(
     database only), ``warm_start_configs`` in all, alternating with the default trials (see
     :mod:`autometa.study.warmstart`).
     """
-    started = time.time()  # --timeout counts from here: loading and preparing the data are part of it
     settings = (settings or SearchSettings()).replace(**overrides)
+    # --timeout counts from here (or from the command's start): loading and preparing the data are part of it.
+    started = settings.started or time.time()
     say = settings.echo or (lambda msg: print(msg, file=sys.stderr))
     if settings.warm_start and (settings.warm_start_k < 1 or settings.warm_start_configs < 1):
         raise SearchError("--warm-start-k and --warm-start-configs must be at least 1")
@@ -231,8 +232,10 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
     try:
         cache: dict[int, tuple[float, MetaAlgorithm]] = {}
         if remaining > 0:
-            # Time for the finalists' test scoring is kept back from the trials as they finish.
-            reserve = lambda: limits.keep_back(scoring_reserve(optuna_study, settings.top_k, len(split.test)))  # noqa: E731
+            # Time for the finalists' test scoring and the refits is kept back from the trials as they finish.
+            refitted = 0 if not settings.refit else KEPT if settings.ensemble else settings.top_k
+            reserve = lambda: limits.keep_back(  # noqa: E731
+                scoring_reserve(optuna_study, settings.top_k, len(split.test), refitted))
             reserve()
             stop = _Stop(optuna_study, limits, Patience(settings.patience), say)
             if settings.isolate:

@@ -184,12 +184,17 @@ class TrainedModels:
                      eval_every=self.eval_every, registry=self.registry)[0]
 
 
-def scoring_reserve(study: optuna.Study, top_k: int, test_tasks: int) -> float:
-    """Seconds that scoring the current finalists (the ``top_k`` best distinct complete trials)
-    on ``test_tasks`` tasks will take, from each one's seconds per validation task: what a search
-    with a --timeout keeps back from its trials, so that the whole search ends near its budget
-    (few-shot learners that fine-tune on each of 600 support sets take minutes to score)."""
-    return test_tasks * sum(t.user_attrs.get("scoring_s_per_task", 0.0) for t in distinct_best(study, top_k))
+def scoring_reserve(study: optuna.Study, top_k: int, test_tasks: int, refitted: int = 0) -> float:
+    """Seconds the work after the trials will take, as far as the trials tell: scoring the current
+    finalists (the ``top_k`` best distinct complete trials) on ``test_tasks`` tasks, from each
+    one's seconds per validation task, and refitting those of the ``refitted`` best (finalists
+    and the ensemble's candidates) that refit on training + validation rows, from each one's own
+    fit (``refit_s``). A search with a --timeout keeps this back from its trials, so that the
+    whole search ends near its budget (few-shot learners that fine-tune on each of 600 support
+    sets take minutes to score; gbm's refits seconds each)."""
+    best = distinct_best(study, max(top_k, refitted))
+    scoring = test_tasks * sum(t.user_attrs.get("scoring_s_per_task", 0.0) for t in best[:top_k])
+    return scoring + sum(t.user_attrs.get("refit_s", 0.0) for t in best[:refitted])
 
 
 def _leaderboard(study, split, registry, choices, top_k, models: TrainedModels, say,

@@ -31,7 +31,7 @@ from autometa.study.devices import Slot
 from autometa.study.kept import KEPT, KeptModels
 from autometa.study.leaderboard import _keep_best
 from autometa.study.training import (CROSS_VALIDATION_FOLDS, count_parameters, cross_validate, cross_validates,
-                                     train)
+                                     refits, train)
 
 logger = logging.getLogger("autometa.study.objective")
 
@@ -50,8 +50,9 @@ class TrialLimits:
     ``time.time()`` value, the search's --timeout) less ``reserve``, and after ``seconds`` of its own.
 
     ``reserve`` is a shared double (``multiprocessing`` raw value, so worker processes read what
-    the search process writes): the seconds kept back from the deadline for scoring the finalists
-    on the test tasks, which the search estimates as trials finish (see ``scoring_reserve``).
+    the search process writes): the seconds kept back from the deadline for the work after the
+    trials (the finalists' test scoring and refits), which the search estimates as trials finish
+    (see ``scoring_reserve``).
     """
 
     deadline: float | None = None
@@ -72,11 +73,11 @@ class TrialLimits:
         return 0.0 if self.reserve is None else self.reserve.value
 
     def stop_at(self) -> float | None:
-        """When trials stop: the deadline less the time kept for scoring the finalists."""
+        """When trials stop: the deadline less the time kept for the work after the trials."""
         return None if self.deadline is None else self.deadline - self.kept_back()
 
     def keep_back(self, seconds: float) -> None:
-        """Keep ``seconds`` of the search's time for scoring its finalists, at most
+        """Keep ``seconds`` of the search's time for the work after the trials, at most
         ``RESERVE_FRACTION`` of the --timeout (trials always get the rest)."""
         if self.reserve is not None:
             self.reserve.value = min(seconds, RESERVE_FRACTION * self.timeout)
@@ -230,7 +231,7 @@ class TrialRunner:
             if limits.deadline is not None and time.time() + scoring_s >= limits.stop_at():
                 why = "the search's --timeout"
                 if limits.kept_back() > 0:
-                    why += f" (less {limits.kept_back():.0f}s kept for scoring the finalists on the test tasks)"
+                    why += f" (less {limits.kept_back():.0f}s kept for the finalists' test scoring and refits)"
             elif limits.seconds is not None and time.perf_counter() - started + scoring_s >= limits.seconds:
                 why = (f"the trial time limit of {limits.seconds:g}s ({TRIAL_TIMEOUT_FRACTION:g} of --timeout; "
                        "--trial-timeout sets another)")
@@ -260,6 +261,12 @@ class TrialRunner:
             self._emit("end", self.label, trial.number)
         probabilities, scoring_s = validated[-1]
         value = score.mean
+        if refits(config, self.split, self.registry):
+            # What refitting it on the training + validation rows after the search will take
+            # (scoring_reserve), from this fit on the training rows alone.
+            rows = self.split.row_splits
+            growth = (len(rows["train"]) + len(rows["validation"])) / max(1, len(rows["train"]))
+            trial.set_user_attr("refit_s", growth * (time.perf_counter() - started))
         if cross_validates(config, self.split, self.registry):
             value = self._cross_validated(trial, config, trial_seed, probabilities, score.mean, started)
         trial.set_user_attr("wall_time_s", time.perf_counter() - started)

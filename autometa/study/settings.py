@@ -31,6 +31,7 @@ class SearchSettings:
     protocol: str = "auto"
     trials: int | None = None  # the study's total budget of trials (None: see trial_budget)
     timeout: float | None = None  # seconds for the trials: running ones stop then (and each gets 1/4 by default)
+    started: float | None = None  # when --timeout began (a time.time(); None: when search() is called)
     seed: int = 0
     db: str = DEFAULT_DB
     study: str | None = None  # default: named from the data and the settings
