@@ -78,7 +78,7 @@ from autometa.data.builders.suite import BUILDERS, SuiteData, suite_dir
 # search itself runs through the `autometa` command line, which stays as users type it).
 from autometa.data.loading import load_dataset
 from autometa.data.protocols import make_split
-from autometa.data.scoring import t_half_width
+from autometa.data.scoring import t_half_width, wilson
 
 SYSTEMS = ("autometa", "logreg", "hgb", "ncm", "autogluon")
 # The search's episode settings (the CLI's defaults), passed to the search and to the split alike.
@@ -195,17 +195,9 @@ class Result:
         return f"{100 * self.accuracy:.1f} ± {half:.1f}"
 
 
-def wilson(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """The Wilson score interval of a proportion ``hits / n`` (95% by default)."""
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return centre - half, centre + half
-
-
 def row_result(prepared: Prepared, system: str, hits: int, n: int, **extra) -> Result:
-    low, high = wilson(hits, n)
-    return Result(prepared.name, system, hits / n, low, high, n, "rows", **extra)
+    score = wilson(hits, n)  # autometa's own interval for rows, so the columns compare alike
+    return Result(prepared.name, system, score.mean, score.low, score.high, n, "rows", **extra)
 
 
 def episodes_result(prepared: Prepared, system: str, accuracies: list[float], **extra) -> Result:

@@ -15,14 +15,11 @@ def bench():
     yield from benchmark_script("automl.py", "automl_benchmark")
 
 
-def test_wilson_interval(bench):
+def test_a_row_result_carries_the_wilson_interval_of_its_hits(bench):
     # Worked by hand for 8 of 10: centre (0.8 + z²/20) / (1 + z²/10), half-width z/(1 + z²/10) · √(0.016 + z²/400).
-    low, high = bench.wilson(8, 10)
-    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
-    # Its ends are where (p̂ - p)² = z² p (1 - p) / n.
-    for hits, n in ((8, 10), (0, 50), (97, 100), (331, 400)):
-        for p in bench.wilson(hits, n):
-            assert (hits / n - p) ** 2 == pytest.approx(1.959964**2 * p * (1 - p) / n, abs=1e-12)
+    result = bench.row_result(bench.Prepared("x", None, 5, None, None, {}), "logreg", 8, 10)
+    assert (result.accuracy, result.units, result.unit) == (0.8, 10, "rows")
+    assert result.low == pytest.approx(0.4902, abs=1e-4) and result.high == pytest.approx(0.9433, abs=1e-4)
 
 
 def test_episode_interval_is_students_t(bench):
@@ -99,7 +96,8 @@ def test_a_run_scores_every_system_on_autometas_test_rows(bench, tmp_path, capsy
     assert "--steps 20" in found["autometa"]["details"]["command"]
     assert found["ncm"]["accuracy"] is None and found["ncm"]["note"].startswith("n/a")
     hits = round(found["logreg"]["accuracy"] * 102)
-    assert (found["logreg"]["low"], found["logreg"]["high"]) == pytest.approx(bench.wilson(hits, 102))
+    expected = bench.wilson(hits, 102)
+    assert (found["logreg"]["low"], found["logreg"]["high"]) == pytest.approx((expected.low, expected.high))
     assert (tmp_path / "work" / "fastfood.db").exists()  # its own database
     table = capsys.readouterr().out
     assert "| fastfood | 102 rows |" in table and "mean rank" in table
