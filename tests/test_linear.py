@@ -333,9 +333,9 @@ def test_cross_validation_is_skipped_when_its_folds_would_pass_the_trial_time_li
     trial, probabilities = Trial(), [torch.zeros(len(runner.split.validation[0].query), 3)]
     # The fit took 0.5 s of a 1.2 s limit: three more would pass it.
     runner.limits = TrialLimits(seconds=1.2)
-    assert runner._cross_validated(trial, config, 0, probabilities, 0.5, time.perf_counter() - 0.5) == 0.5
+    assert runner._cross_validated(trial, config, 0, probabilities, 0.5, time.perf_counter() - 0.5, 0.5) == 0.5
     assert trial.user_attrs == {"holdout_validation": 0.5,
                                 "cross_validation": "not run: its folds' fits would pass the time limit"}
     runner.limits = TrialLimits(seconds=100.0)
-    assert runner._cross_validated(trial, config, 0, probabilities, 0.5, time.perf_counter() - 0.5) != 0.5
+    assert runner._cross_validated(trial, config, 0, probabilities, 0.5, time.perf_counter() - 0.5, 0.5) != 0.5
     assert trial.user_attrs["cross_validation"].startswith("4 folds over")

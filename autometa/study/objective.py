@@ -241,7 +241,7 @@ class TrialRunner:
             trial.set_user_attr("stopped", f"stopped at step {step} of {spec.steps} by {why}; scored as trained so far")
             return True
 
-        validated: list[tuple[list[torch.Tensor], float]] = []
+        validated: list[tuple[list[torch.Tensor], float, float]] = []
         try:
             algorithm, score = train(
                 config, self.split, seed=trial_seed, steps=spec.steps, eval_every=spec.eval_every,
@@ -259,16 +259,16 @@ class TrialRunner:
             raise
         finally:
             self._emit("end", self.label, trial.number)
-        probabilities, scoring_s = validated[-1]
+        probabilities, scoring_s, fit_s = validated[-1]
         value = score.mean
         if refits(config, self.split, self.registry):
             # What refitting it on the training + validation rows after the search will take
             # (scoring_reserve), from this fit on the training rows alone.
             rows = self.split.row_splits
             growth = (len(rows["train"]) + len(rows["validation"])) / max(1, len(rows["train"]))
-            trial.set_user_attr("refit_s", growth * (time.perf_counter() - started))
+            trial.set_user_attr("refit_s", growth * fit_s)
         if cross_validates(config, self.split, self.registry):
-            value = self._cross_validated(trial, config, trial_seed, probabilities, score.mean, started)
+            value = self._cross_validated(trial, config, trial_seed, probabilities, score.mean, started, fit_s)
         trial.set_user_attr("wall_time_s", time.perf_counter() - started)
         trial.set_user_attr("parameters", count_parameters(algorithm))
         # Seconds per validation task to adapt and predict: what the test tasks will cost (scoring_reserve).
@@ -277,12 +277,13 @@ class TrialRunner:
         return value
 
     def _cross_validated(self, trial: optuna.Trial, config: Config, seed: int, probabilities: list[torch.Tensor],
-                         holdout: float, started: float) -> float:
+                         holdout: float, started: float, fit_s: float) -> float:
         """The trial's cross-validated accuracy (``cross_validate``), or its validation accuracy
-        when the folds' fits (as long as the trial's own, each) would run past its time limits."""
+        when the folds' fits (each as long as the trial's own training step, ``fit_s``) would run
+        past its time limits."""
         trial.set_user_attr("holdout_validation", holdout)
         folds = CROSS_VALIDATION_FOLDS - 1
-        needed = folds * (time.perf_counter() - started)
+        needed = folds * fit_s
         limits = self.limits
         if ((limits.deadline is not None and time.time() + needed >= limits.stop_at())
                 or (limits.seconds is not None and time.perf_counter() - started + needed >= limits.seconds)):

@@ -52,7 +52,7 @@ def train(
     registry: Registry,
     report: Callable[[int, float], None] | None = None,
     check: Callable[[int, float], bool] | None = None,
-    validated: Callable[[list[torch.Tensor], float], None] | None = None,
+    validated: Callable[[list[torch.Tensor], float, float], None] | None = None,
 ) -> tuple[MetaAlgorithm, Score]:
     """Build the model for ``config``, meta-train it and return it with its validation score.
 
@@ -61,9 +61,11 @@ def train(
     scoring every validation task is expected to take (from the latest checkpoint's time per task;
     0 before the first): when it returns True (out of time), training ends there and the model is
     scored on all validation tasks as trained so far.
-    ``validated(probabilities, seconds)`` receives that final scoring's per-task query
-    probabilities (kept for ensembles without predicting the validation tasks again) and how long
-    it took (what scoring the test tasks will cost, per task)."""
+    ``validated(probabilities, seconds, fit_seconds)`` receives that final scoring's per-task query
+    probabilities (kept for ensembles without predicting the validation tasks again), how long
+    it took (what scoring the test tasks will cost, per task) and how long the training steps took
+    (for a one-step learner, what another fit will cost; building the model and deriving its
+    inputs are not counted)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     pool = split.pool
@@ -89,9 +91,11 @@ def train(
     )
     _plugin_call(registry, "meta_algorithm", config.meta_algorithm,
                  lambda: algorithm.setup(backbone, pool, (split.ways, split.shots, split.queries)))
-    score, per_task = None, 0.0
+    score, per_task, fit_s = None, 0.0, 0.0
     for step in range(1, steps + 1):
+        stepping = time.perf_counter()
         loss = _plugin_call(registry, "meta_algorithm", config.meta_algorithm, lambda: algorithm.train_step(pool, rng))
+        fit_s += time.perf_counter() - stepping
         try:
             loss = float(loss)
         except (TypeError, ValueError):
@@ -114,7 +118,7 @@ def train(
             scoring = time.perf_counter() - scoring
             per_task = scoring / max(1, len(tasks))
             if last and validated is not None:
-                validated(probabilities, scoring)
+                validated(probabilities, scoring, fit_s)
             if report is not None and not stopped:
                 report(step, score.mean)
         if last:
