@@ -459,6 +459,24 @@ def test_the_command_starts_the_clock_before_it_imports_the_search(monkeypatch, 
     assert before <= seen["started"] <= time.time()
 
 
+def test_a_new_study_does_not_inherit_the_weights_of_a_deleted_databases_study(blobs, tmp_path):
+    from autometa.study.kept import KeptModels, weights_folder
+
+    db = f"sqlite:///{tmp_path}/w.db"
+    # What a study of the same name left beside a database that was deleted since: trial 0's
+    # weights, which would be loaded as the new study's trial 0 (another configuration).
+    planted = weights_folder(db, "named") / "trial-0-0.99000000.safetensors"
+    planted.parent.mkdir(parents=True)
+    planted.write_bytes(b"not this study's")
+    engine.search(blobs, "y", trials=1, db=db, study="named", isolate=False, include=PROTONET, **FAST)
+    assert not planted.exists()
+    # A resumed study keeps what its workers kept.
+    kept = weights_folder(db, "named") / "trial-0-0.50000000.safetensors"
+    kept.write_bytes(b"kept by this study's worker")
+    engine.search(blobs, "y", trials=2, db=db, study="named", isolate=False, include=PROTONET, **FAST)
+    assert kept.exists() and KeptModels(db, "named")._listed()[0][1] == kept
+
+
 # ------------------------------------------------------------------------------ patience
 def _study_of(outcomes: list[float | None]) -> optuna.Study:
     """A study whose trials are ``outcomes`` in order: a value is a completed trial, None a pruned one."""

@@ -213,6 +213,7 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
         say(f"study {name!r} in {settings.db}: {count} on {where}")
 
     if not optuna_study.get_trials(deepcopy=False):
+        KeptModels(settings.db, name).clear()
         seeds = []
         if settings.warm_start and remaining > 0:
             seeds = warmstart.plan_seeds(

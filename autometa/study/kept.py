@@ -68,6 +68,12 @@ class KeptModels:
             listed[stale][1].unlink(missing_ok=True)  # another worker may have pruned it first
         return target.exists()
 
+    def clear(self) -> None:
+        """Delete every kept model: for a new study, whose name a study of a deleted database may
+        have had (its files, numbered from trial 0 too, would be loaded as the new trials')."""
+        for _, path in self._listed().values():
+            path.unlink(missing_ok=True)
+
     def restore(self, number: int, algorithm: MetaAlgorithm) -> bool:
         """Load trial ``number``'s kept weights into ``algorithm`` (built for its configuration);
         False when they are missing or do not fit."""
