@@ -234,7 +234,7 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
         cache: dict[int, tuple[float, MetaAlgorithm]] = {}
         if remaining > 0:
             # Time for the finalists' test scoring and the refits is kept back from the trials as they finish.
-            refitted = 0 if not settings.refit else KEPT if settings.ensemble else settings.top_k
+            refitted = 0 if not settings.refit else max(settings.top_k, KEPT) if settings.ensemble else settings.top_k
             reserve = lambda: limits.keep_back(  # noqa: E731
                 scoring_reserve(optuna_study, settings.top_k, len(split.test), refitted))
             reserve()

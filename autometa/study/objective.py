@@ -31,7 +31,7 @@ from autometa.study.devices import Slot
 from autometa.study.kept import KEPT, KeptModels
 from autometa.study.leaderboard import _keep_best
 from autometa.study.training import (CROSS_VALIDATION_FOLDS, count_parameters, cross_validate, cross_validates,
-                                     refits, train)
+                                     refit_rows, refits, train)
 
 logger = logging.getLogger("autometa.study.objective")
 
@@ -264,8 +264,7 @@ class TrialRunner:
         if refits(config, self.split, self.registry):
             # What refitting it on the training + validation rows after the search will take
             # (scoring_reserve), from this fit on the training rows alone.
-            rows = self.split.row_splits
-            growth = (len(rows["train"]) + len(rows["validation"])) / max(1, len(rows["train"]))
+            growth = len(refit_rows(self.split)) / max(1, len(self.split.row_splits["train"]))
             trial.set_user_attr("refit_s", growth * fit_s)
         if cross_validates(config, self.split, self.registry):
             value = self._cross_validated(trial, config, trial_seed, probabilities, score.mean, started, fit_s)

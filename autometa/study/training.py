@@ -134,8 +134,12 @@ def refit(config: Config, split: Split, *, seed: int, registry: Registry) -> Met
     and, once it is chosen, train it too (a quarter more rows at 60/20/20). The features stay
     as the search made them (fitted encoders on the training rows only); test rows are not read.
     """
-    rows = np.concatenate([split.row_splits["train"], split.row_splits["validation"]])
-    return _fit_once(config, split, rows, seed=seed, registry=registry)
+    return _fit_once(config, split, refit_rows(split), seed=seed, registry=registry)
+
+
+def refit_rows(split: Split) -> np.ndarray:
+    """The rows ``refit`` fits on: the training and validation rows."""
+    return np.concatenate([split.row_splits["train"], split.row_splits["validation"]])
 
 
 def refits(config: Config, split: Split, registry: Registry) -> bool:
