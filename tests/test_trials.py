@@ -274,6 +274,60 @@ def test_a_trial_claimed_after_the_deadline_does_not_start(blobs, monkeypatch):
     assert trial.user_attrs["prune_reason"] == "not started: the search's --timeout had passed"
 
 
+def slow_fits(monkeypatch, seconds: float) -> list:
+    """Patch the objective's training so that every fit reports taking ``seconds`` (and still trains)."""
+    calls = []
+    real = objective.train
+
+    def train(config, *args, validated=None, **kwargs):
+        calls.append(config)
+        return real(config, *args, validated=lambda p, s, fit_s: validated(p, s, seconds), **kwargs)
+
+    monkeypatch.setattr(objective, "train", train)
+    return calls
+
+
+def test_a_one_step_fit_expected_to_pass_the_timeout_is_not_started(blobs, monkeypatch):
+    """gbm and linear fit in one step, which cannot stop at the --timeout: once their earlier
+    trials say a fit takes longer than is left, the next is not started and the worker stops."""
+    calls = slow_fits(monkeypatch, 30.0)
+    registry = get_registry()
+    split = make_split(load_dataset(blobs, "y"), "standard")
+    include = {"meta_algorithm": ["linear"], "fusion": ["concat"], "encoder.tabular": ["table"]}
+    choices = search_choices(registry, "standard", ("tabular",), include)
+    spec = SearchSpec(None, "y", None, {}, (28, 28), "standard", 5, 5, 15, 2, 2, 0, choices, 20, 10, 1)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    runner = objective.TrialRunner(split, registry, spec, "cpu", limits=TrialLimits(deadline=time.time() + 100))
+    study.optimize(runner, n_trials=2)  # a fit "takes" 30 s and 100 s are left: both run
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2 and not runner.stop_requested
+    assert [t.user_attrs["fit_s"] for t in study.get_trials()] == [30.0, 30.0]
+    late = objective.TrialRunner(split, registry, spec, "cpu", limits=TrialLimits(deadline=time.time() + 20))
+    study.optimize(late, n_trials=1)
+    trial = study.get_trials()[-1]
+    assert trial.state == TrialState.PRUNED and len(calls) == 2 and late.stop_requested
+    assert trial.user_attrs["prune_reason"] == ("not started: a linear fit takes about 30s (its earlier trials), "
+                                                "more than is left before the search's --timeout")
+
+
+def test_learners_that_train_in_steps_are_started_however_late(blobs, monkeypatch):
+    calls = slow_fits(monkeypatch, 1000.0)
+    study = optuna.create_study(direction="maximize")
+    runner = small_runner(blobs, TrialLimits(deadline=time.time() + 600))
+    runner.spec.steps = 1
+    study.optimize(runner, n_trials=2)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2 and len(calls) == 2
+    assert all("fit_s" not in t.user_attrs for t in study.get_trials())
+
+
+def test_a_search_stops_once_a_one_step_fit_would_pass_its_timeout(blobs, tmp_path, monkeypatch):
+    slow_fits(monkeypatch, 10_000.0)
+    include = {"meta_algorithm": ["linear"], "fusion": ["concat"], "encoder.tabular": ["table"]}
+    result = engine.search(blobs, "y", db=f"sqlite:///{tmp_path}/s.db", study="slow", isolate=False, timeout=600,
+                           include=include, defaults=False, patience=0, **FAST)
+    assert [t.state for t in result.study.get_trials()] == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert result.study.get_trials()[1].user_attrs["prune_reason"].startswith("not started: a linear fit takes about 10000s")
+
+
 # ------------------------------------------------------------------------- shared, read-only
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory mappings from /proc")
 def test_shared_inputs_are_read_only_and_identical_in_every_worker(tmp_path):

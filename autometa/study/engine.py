@@ -448,7 +448,8 @@ def _optimize_here(study, runner: TrialRunner, n_trials, registry, choices, prog
         except ValueError:
             pass
         reserve()
-        if stop.check(completed=frozen.state == TrialState.COMPLETE):
+        # runner.stop_requested: a one-step fit would not end before the --timeout (not started)
+        if stop.check(completed=frozen.state == TrialState.COMPLETE) or runner.stop_requested:
             study.stop()
 
     level = optuna.logging.get_verbosity()

@@ -153,9 +153,8 @@ class TrialRunner:
         self.chance = chance_accuracy(split.checkpoint_tasks)  # what the checkpoints score
         self._configs: dict[int, Config] = {}  # finished trials' configurations, by trial number
 
-    def _same_as(self, trial: optuna.Trial, config: Config) -> optuna.trial.FrozenTrial | None:
-        """A finished trial of the study with this configuration: training it again would
-        reproduce its score (the training seed is the configuration's), so it is not repeated."""
+    def _finished(self, trial: optuna.Trial):
+        """The study's other finished trials that ran (not duplicates), with their configurations."""
         for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
             if other.number == trial.number or not other.params or "duplicate_of" in other.user_attrs:
                 continue
@@ -164,9 +163,22 @@ class TrialRunner:
                     self._configs[other.number] = stored_config(other.params, self.registry, self.spec.choices)
                 except Exception:  # parameters of components no longer installed
                     continue
-            if self._configs[other.number] == config:
-                return other
-        return None
+            yield other, self._configs[other.number]
+
+    def _same_as(self, trial: optuna.Trial, config: Config) -> optuna.trial.FrozenTrial | None:
+        """A finished trial of the study with this configuration: training it again would
+        reproduce its score (the training seed is the configuration's), so it is not repeated."""
+        return next((other for other, found in self._finished(trial) if found == config), None)
+
+    def _expected_fit(self, trial: optuna.Trial, config: Config) -> float | None:
+        """Seconds a one-step learner's fit is expected to take (the median training step of the
+        study's earlier trials of that learner), or None: a learner that trains in steps stops at
+        the --timeout between them, and a learner's first fit has nothing to go by."""
+        if not self.registry.get("meta_algorithm", config.meta_algorithm).cls.fits_in_one_step:
+            return None
+        fits = sorted(other.user_attrs["fit_s"] for other, found in self._finished(trial)
+                      if found.meta_algorithm == config.meta_algorithm and "fit_s" in other.user_attrs)
+        return fits[len(fits) // 2] if fits else None
 
     def _emit(self, *event) -> None:
         if self.events is not None:
@@ -198,6 +210,16 @@ class TrialRunner:
                 trial.set_user_attr("prune_reason", reason)
                 raise optuna.TrialPruned(reason)
             return same.value
+        expected = None if self.limits.deadline is None else self._expected_fit(trial, config)
+        if expected is not None and time.time() + expected >= self.limits.stop_at():
+            # Its fit cannot stop at the --timeout: started now, it would hold the search past its
+            # end (or be killed there). This worker starts no more trials: the time left is short.
+            self.stop_requested = True
+            reason = (f"not started: a {config.meta_algorithm} fit takes about {expected:.0f}s (its earlier trials), "
+                      "more than is left before the search's --timeout")
+            trial.set_user_attr("wall_time_s", 0.0)
+            trial.set_user_attr("prune_reason", reason)
+            raise optuna.TrialPruned(reason)
         self._emit("start", self.label, trial.number, config.label())
         if self.bar is not None:
             self.bar.set_description(f"trial {trial.number}: {config.label()}")
@@ -261,6 +283,8 @@ class TrialRunner:
             self._emit("end", self.label, trial.number)
         probabilities, scoring_s, fit_s = validated[-1]
         value = score.mean
+        if algorithm.fits_in_one_step:
+            trial.set_user_attr("fit_s", fit_s)  # what its learner's next fit may take (_expected_fit)
         if refits(config, self.split, self.registry):
             # What refitting it on the training + validation rows after the search will take
             # (scoring_reserve), from this fit on the training rows alone.
