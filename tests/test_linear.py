@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse
 import torch
 from optuna.trial import FixedTrial
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -22,6 +23,7 @@ from autometa.study.training import train
 from autometa_builtins.encoders import TfIdf
 from autometa_builtins.lsa import BITS, KEPT_PER_KIND, _counts
 from autometa_builtins.meta_algorithms._common import embed
+from autometa_builtins.meta_algorithms import linear
 from helpers import predicted_by_the_cli
 
 FAST = dict(steps=4, eval_every=2, progress=False, warm_start=False, isolate=False)
@@ -86,7 +88,12 @@ def test_tfidf_keeps_the_most_frequent_training_columns_and_nothing_held_out():
     assert word_df[big[big < 2**BITS]].min() == threshold and (word_df > threshold).sum() <= KEPT_PER_KIND
 
 
-def test_linear_weights_are_scikit_learns(tmp_path):
+@pytest.mark.parametrize("sparse", [True, False])
+def test_linear_weights_are_scikit_learns(tmp_path, monkeypatch, sparse):
+    """Fitted as a sparse matrix (features mostly zeros, as tfidf's are) or as a dense one."""
+    monkeypatch.setattr(linear, "SPARSE_SHARE", 1.0 if sparse else 0.0)
+    fits = []
+    monkeypatch.setattr(LogisticRegression, "fit", lambda self, x, y, fit=LogisticRegression.fit: fits.append(x) or fit(self, x, y))
     dataset = load_dataset(_planted(tmp_path / "p.csv"), "label")
     split = make_split(dataset, "standard", seed=0)
     registry = get_registry()
@@ -98,7 +105,8 @@ def test_linear_weights_are_scikit_learns(tmp_path):
     rows = torch.as_tensor(pool.rows)
     x = embed(algorithm.backbone, pool.features.take(rows)).double().numpy()
     y = pool._local[pool.labels[rows]].numpy()  # noqa: SLF001 - the pool's own label mapping
-    reference = LogisticRegression(C=3.0, max_iter=300).fit(x, y)
+    assert [scipy.sparse.issparse(f) for f in fits] == [sparse]
+    reference = LogisticRegression(C=3.0, max_iter=300).fit(x, y)  # dense
     np.testing.assert_allclose(algorithm.head.weight.double().numpy(), reference.coef_, atol=1e-4)
     np.testing.assert_allclose(algorithm.head.bias.double().numpy(), reference.intercept_, atol=1e-4)
     task = split.test[0]

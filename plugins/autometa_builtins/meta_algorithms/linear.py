@@ -24,6 +24,9 @@ from autometa_builtins.meta_algorithms._common import embed, embedding_placement
 
 # A class absent from the training rows can never be predicted: its logit is this far below.
 ABSENT = -1e4
+# Features with at most this share of non-zeros (tfidf's n-grams: 2 % on the birds set) are fitted as
+# a sparse matrix: L-BFGS's products then skip the zeros (a fit there 5-7x faster, same optimum).
+SPARSE_SHARE = 0.1
 
 
 class Linear(MetaAlgorithm):
@@ -63,6 +66,7 @@ class Linear(MetaAlgorithm):
     def train_step(self, pool: TrainingPool, rng: np.random.Generator) -> float:
         if self.loss is not None:
             return self.loss
+        from scipy import sparse
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
 
@@ -75,10 +79,13 @@ class Linear(MetaAlgorithm):
             bias[int(classes[0])] = 0.0
         else:
             model = LogisticRegression(C=self.C, max_iter=self.max_iter)
+            fitted = x.detach().cpu().double().numpy()
+            if np.count_nonzero(fitted) <= SPARSE_SHARE * fitted.size:
+                fitted = sparse.csr_matrix(fitted)
             # One thread: these fits are small, and trials run in parallel instead (see gbm).
             with threadpool_limits(1), warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                model.fit(x.detach().cpu().double().numpy(), labels)
+                model.fit(fitted, labels)
             coef = torch.as_tensor(model.coef_, dtype=weight.dtype, device=weight.device)
             intercept = torch.as_tensor(model.intercept_, dtype=bias.dtype, device=bias.device)
             index = torch.as_tensor(classes, device=weight.device)
