@@ -216,9 +216,13 @@ def test_search_shows_saves_and_records_its_ensemble(searched):
     assert saved == ensemble.chosen and (result.model_path / "model.json").is_file() != saved
     line = next(l for l in result.format_leaderboard().splitlines() if l.startswith(" ens"))
     assert f"{100 * ensemble.validation:.1f}%" in line and str(ensemble.test) in line and ensemble.label() in line
+    # Its validation is on the validation rows alone: beside it, the best single trial's on those rows.
+    same_rows = f"validation on the validation rows alone, the best single trial's {100 * ensemble.best_member_validation:.1f}% there"
+    assert same_rows in line
     assert result.as_dict()["ensemble"]["members"] == [{"trial": t, "weight": w} for t, w in ensemble.members]
     row = [r for r in queries.leaderboard(db, result.study.study_name) if (r["configuration"] or "").startswith("ensemble")]
     assert len(row) == 1 and row[0]["test_mean"] == ensemble.test.mean and row[0]["validation"] == ensemble.validation
+    assert same_rows in row[0]["configuration"]
 
 
 def test_saved_ensemble_round_trips_through_predict(searched, tmp_path):

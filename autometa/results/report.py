@@ -366,7 +366,7 @@ class _Report:
         if self.ensemble is not None:
             e = self.ensemble
             members = ", ".join(f"{m['trial']}×{m['weight']:.2f}" for m in e["members"])
-            kept = "saved as the model" if e["chosen"] else "not kept: no better on validation than the best single trial"
+            kept = queries.ensemble_note(e["chosen"], e.get("best_member_validation"))
             rows.append(("", "", f"<em>ensemble of trials {_e(members)}</em> ({_e(kept)})", _e(_pct(e["validation"])),
                          _e(format_score(e["test_mean"], e["test_low"], e["test_high"])), "-"))
         for b in schema.attribute_baselines(self.attrs):

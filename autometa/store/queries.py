@@ -220,6 +220,16 @@ def finalists(db: str, study: str, attrs: Mapping[str, Any]) -> list[dict[str, A
         return [_as_entry(row._mapping) for row in rows]
 
 
+def ensemble_note(chosen: bool, best_single: float | None) -> str:
+    """What a leaderboard says of its ensemble row. The ensemble is chosen and scored on the
+    validation rows alone, while a finalist's validation may be cross-validated (one-step
+    learners), so its figure is set beside the best single trial's on the same rows."""
+    verdict = "saved as the model" if chosen else "not kept: no better on validation than the best single trial"
+    if best_single is None or not math.isfinite(best_single):
+        return verdict
+    return f"validation on the validation rows alone, the best single trial's {100 * best_single:.1f}% there; {verdict}"
+
+
 def stored_ensemble(db: str, study: str) -> dict[str, Any] | None:
     """``study``'s latest ensemble (members, validation, test score, whether it was saved), if any."""
     with _reading(db) as connection:
@@ -353,7 +363,7 @@ def leaderboard(db: str, study: str) -> list[dict[str, Any]]:
         rows.append({"rank": None, "trial": None, "validation": ensemble["validation"],
                      **{k: ensemble[k] for k in ("test_mean", "test_low", "test_high", "test_units", "test_unit")},
                      "parameters": None, "configuration": f"ensemble of trials {members}"
-                     + ("" if ensemble["chosen"] else " (not kept: no better on validation than the best single trial)")})
+                     + f" ({ensemble_note(ensemble['chosen'], ensemble.get('best_member_validation'))})"})
     with _reading(db) as connection:
         stored = schema.stored_baselines(connection, study)
     if not stored:  # before schema version 2: the study's attributes

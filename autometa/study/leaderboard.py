@@ -20,6 +20,7 @@ from autometa.data.scoring import (
     INTERVALS, Baseline, Score, caveats, predict_probabilities, score_probabilities, score_unit,
 )
 from autometa.errors import one_line
+from autometa.store.queries import ensemble_note
 from autometa.study.ensemble import EnsembleEntry, distinct_best
 from autometa.study.kept import KeptModels
 from autometa.study.training import count_parameters, refit, refits, train
@@ -103,7 +104,7 @@ class SearchResult:
             lines.append(f"{e.rank:>4}  {e.trial:>5}  {100 * e.validation:>9.1f}%  {str(e.test):>20}  {e.config.label()}")
         if self.ensemble is not None:
             e = self.ensemble
-            note = "saved as the model" if e.chosen else "not kept: no better on validation than the best single trial"
+            note = ensemble_note(e.chosen, e.best_member_validation)
             lines.append(f"{'ens':>4}  {'':>5}  {100 * e.validation:>9.1f}%  {str(e.test):>20}  {e.label()} ({note})")
         for b in self.baselines:
             lines.append(f"{'':>4}  {'':>5}  {'':>10}  {str(b.score):>20}  baseline: {b.label}")
