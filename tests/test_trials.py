@@ -305,7 +305,7 @@ def test_a_one_step_fit_expected_to_pass_the_timeout_is_not_started(blobs, monke
     study.optimize(late, n_trials=1)
     trial = study.get_trials()[-1]
     assert trial.state == TrialState.PRUNED and len(calls) == 2 and late.stop_requested
-    assert trial.user_attrs["prune_reason"] == ("not started: a linear fit takes about 30s (its earlier trials), "
+    assert trial.user_attrs["prune_reason"] == ("not started: a linear fit takes about 30.0s (its earlier trials), "
                                                 "more than is left before the search's --timeout")
 
 
@@ -325,7 +325,7 @@ def test_a_search_stops_once_a_one_step_fit_would_pass_its_timeout(blobs, tmp_pa
     result = engine.search(blobs, "y", db=f"sqlite:///{tmp_path}/s.db", study="slow", isolate=False, timeout=600,
                            include=include, defaults=False, patience=0, **FAST)
     assert [t.state for t in result.study.get_trials()] == [TrialState.COMPLETE, TrialState.PRUNED]
-    assert result.study.get_trials()[1].user_attrs["prune_reason"].startswith("not started: a linear fit takes about 10000s")
+    assert result.study.get_trials()[1].user_attrs["prune_reason"].startswith("not started: a linear fit takes about 10000.0s")
 
 
 # ------------------------------------------------------------------------- shared, read-only

@@ -215,7 +215,7 @@ class TrialRunner:
             # Its fit cannot stop at the --timeout: started now, it would hold the search past its
             # end (or be killed there). This worker starts no more trials: the time left is short.
             self.stop_requested = True
-            reason = (f"not started: a {config.meta_algorithm} fit takes about {expected:.0f}s (its earlier trials), "
+            reason = (f"not started: a {config.meta_algorithm} fit takes about {expected:.1f}s (its earlier trials), "
                       "more than is left before the search's --timeout")
             trial.set_user_attr("wall_time_s", 0.0)
             trial.set_user_attr("prune_reason", reason)
