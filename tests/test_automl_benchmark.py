@@ -32,6 +32,14 @@ def test_episode_interval_is_students_t(bench):
     assert result.cell() == f"80.0 ± {100 * half:.1f}"
 
 
+def test_trials_not_started_are_not_counted_as_finished(bench):
+    rows = [{"state": "complete", "reason": None}, {"state": "pruned", "reason": "pruned at step 50 (validation 40.0%)"},
+            {"state": "pruned", "reason": "not started: a gbm fit takes about 5.9s (its earlier trials), more than is "
+                                          "left before the search's --timeout"},
+            {"state": "pruned", "reason": "not started: the search's --timeout had passed"}, {"state": "fail", "reason": "x"}]
+    assert bench.count_states(rows) == {"complete": 1, "pruned": 1, "not started": 2, "fail": 1}
+
+
 def test_mean_rank_over_the_datasets_each_system_ran_on(bench):
     def r(dataset, system, accuracy, note=""):
         ends = (None, None) if accuracy is None else (accuracy - 0.05, accuracy + 0.05)
