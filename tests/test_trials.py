@@ -42,14 +42,18 @@ def blobs(tmp_path) -> Path:
     return write_blobs_csv(tmp_path / "blobs.csv", per_class=20)
 
 
-def counting_train(monkeypatch) -> list:
-    """Patch the objective's training function to record its calls (and still train)."""
+def counting_train(monkeypatch, fit_s: float | None = None) -> list:
+    """Patch the objective's training function to record its calls (and still train); with
+    ``fit_s``, every fit reports taking that many seconds."""
     calls = []
     real = objective.train
 
-    def train(config, *args, **kwargs):
+    def train(config, *args, validated=None, **kwargs):
         calls.append(config)
-        return real(config, *args, **kwargs)
+        report = validated
+        if fit_s is not None and report is not None:
+            validated = lambda probabilities, scoring_s, _: report(probabilities, scoring_s, fit_s)  # noqa: E731
+        return real(config, *args, validated=validated, **kwargs)
 
     monkeypatch.setattr(objective, "train", train)
     return calls
@@ -274,23 +278,10 @@ def test_a_trial_claimed_after_the_deadline_does_not_start(blobs, monkeypatch):
     assert trial.user_attrs["prune_reason"] == "not started: the search's --timeout had passed"
 
 
-def slow_fits(monkeypatch, seconds: float) -> list:
-    """Patch the objective's training so that every fit reports taking ``seconds`` (and still trains)."""
-    calls = []
-    real = objective.train
-
-    def train(config, *args, validated=None, **kwargs):
-        calls.append(config)
-        return real(config, *args, validated=lambda p, s, fit_s: validated(p, s, seconds), **kwargs)
-
-    monkeypatch.setattr(objective, "train", train)
-    return calls
-
-
 def test_a_one_step_fit_expected_to_pass_the_timeout_is_not_started(blobs, monkeypatch):
     """gbm and linear fit in one step, which cannot stop at the --timeout: once their earlier
     trials say a fit takes longer than is left, the next is not started and the worker stops."""
-    calls = slow_fits(monkeypatch, 30.0)
+    calls = counting_train(monkeypatch, fit_s=30.0)
     registry = get_registry()
     split = make_split(load_dataset(blobs, "y"), "standard")
     include = {"meta_algorithm": ["linear"], "fusion": ["concat"], "encoder.tabular": ["table"]}
@@ -310,7 +301,7 @@ def test_a_one_step_fit_expected_to_pass_the_timeout_is_not_started(blobs, monke
 
 
 def test_learners_that_train_in_steps_are_started_however_late(blobs, monkeypatch):
-    calls = slow_fits(monkeypatch, 1000.0)
+    calls = counting_train(monkeypatch, fit_s=1000.0)
     study = optuna.create_study(direction="maximize")
     runner = small_runner(blobs, TrialLimits(deadline=time.time() + 600))
     runner.spec.steps = 1
@@ -320,7 +311,7 @@ def test_learners_that_train_in_steps_are_started_however_late(blobs, monkeypatc
 
 
 def test_a_search_stops_once_a_one_step_fit_would_pass_its_timeout(blobs, tmp_path, monkeypatch):
-    slow_fits(monkeypatch, 10_000.0)
+    counting_train(monkeypatch, fit_s=10_000.0)
     include = {"meta_algorithm": ["linear"], "fusion": ["concat"], "encoder.tabular": ["table"]}
     result = engine.search(blobs, "y", db=f"sqlite:///{tmp_path}/s.db", study="slow", isolate=False, timeout=600,
                            include=include, defaults=False, patience=0, **FAST)

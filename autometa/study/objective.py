@@ -14,7 +14,7 @@ import platform
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
 import torch
@@ -198,28 +198,22 @@ class TrialRunner:
             trial.set_user_attr(key, value)
         if self.limits.deadline is not None and time.time() >= self.limits.stop_at():
             # Claimed just before the deadline (a slow worker start, a busy database): not started.
-            trial.set_user_attr("wall_time_s", 0.0)
-            trial.set_user_attr("prune_reason", "not started: the search's --timeout had passed")
-            raise optuna.TrialPruned("not started: the search's --timeout had passed")
+            _prune_untrained(trial, "not started: the search's --timeout had passed")
         same = self._same_as(trial, config)
         if same is not None:
             trial.set_user_attr("duplicate_of", same.number)
-            trial.set_user_attr("wall_time_s", 0.0)
             if same.state == TrialState.PRUNED:
-                reason = f"same configuration as trial {same.number} ({same.user_attrs.get('prune_reason', 'pruned')})"
-                trial.set_user_attr("prune_reason", reason)
-                raise optuna.TrialPruned(reason)
+                _prune_untrained(trial, f"same configuration as trial {same.number} "
+                                        f"({same.user_attrs.get('prune_reason', 'pruned')})")
+            trial.set_user_attr("wall_time_s", 0.0)
             return same.value
         expected = None if self.limits.deadline is None else self._expected_fit(trial, config)
         if expected is not None and time.time() + expected >= self.limits.stop_at():
             # Its fit cannot stop at the --timeout: started now, it would hold the search past its
             # end (or be killed there). This worker starts no more trials: the time left is short.
             self.stop_requested = True
-            reason = (f"not started: a {config.meta_algorithm} fit takes about {expected:.1f}s (its earlier trials), "
-                      "more than is left before the search's --timeout")
-            trial.set_user_attr("wall_time_s", 0.0)
-            trial.set_user_attr("prune_reason", reason)
-            raise optuna.TrialPruned(reason)
+            _prune_untrained(trial, f"not started: a {config.meta_algorithm} fit takes about {expected:.1f}s "
+                                    "(its earlier trials), more than is left before the search's --timeout")
         self._emit("start", self.label, trial.number, config.label())
         if self.bar is not None:
             self.bar.set_description(f"trial {trial.number}: {config.label()}")
@@ -334,6 +328,13 @@ class TrialRunner:
                 KeptModels(self.db, study, self.top_k).keep(trial.number, value, algorithm)
             except OSError as exc:  # a full disk costs a retraining later, not the trial
                 logger.warning("trial %s: trained model not kept (%s); the leaderboard retrains it", trial.number, exc)
+
+
+def _prune_untrained(trial: optuna.Trial, reason: str) -> NoReturn:
+    """End ``trial`` as pruned for ``reason`` before any training (no time spent)."""
+    trial.set_user_attr("wall_time_s", 0.0)
+    trial.set_user_attr("prune_reason", reason)
+    raise optuna.TrialPruned(reason)
 
 
 def enqueue_new(study: optuna.Study, params: dict[str, Any], registry: Registry, choices: dict[str, list[str]],
