@@ -38,7 +38,10 @@ order), the seeds from the task's warm search (trials with a ``warm_start`` attr
 configuration scores the same whichever trial runs it (its training seed follows from it), so
 each order's curve is read off the recorded values without training; validation scores only.
 Only the opening is replayed (what TPE proposes after it depends on the history): a checkpoint
-past a task's opening leaves that task out, and the task counts are printed.
+past a task's opening leaves that task out, and the task counts are printed. Two rows rank the
+opening's configurations by their value on the task itself, known only in hindsight: ceilings for
+any order of the default trials and for any order of the defaults and the seeds; a last row is
+the defaults search as it ran, and each opening after 3 trials is compared with it after 10 (goal 1).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ARMS = ("scratch", "defaults", "warm")
+AS_RUN = "defaults search as run (TPE after its opening)"  # --openings' row of the recorded defaults search
 CHECKPOINTS = (1, 3, 5, 10, 20)
 
 
@@ -241,16 +245,29 @@ def prior_without(kb: str, fingerprint: str, path: Path) -> str:
     return str(path)
 
 
+def in_hindsight(keys: list[str], values: dict[str, float | None]) -> list[str]:
+    """``keys`` best validation value first (ties and trials that did not complete keep their
+    order, the latter last): the order of these configurations that no ranking chosen before
+    training can beat, at any checkpoint."""
+    return sorted(keys, key=lambda key: -values[key] if values.get(key) is not None else math.inf)
+
+
 def openings() -> dict:
-    """The orders ``--openings`` compares: name -> (default trials, seeds) -> the opening."""
+    """The orders ``--openings`` compares: name -> (default trials, seeds, their values) -> the
+    opening. The two "in hindsight" orders know each configuration's value on the task before it
+    runs: ceilings for any ranking of the defaults (by meta-features, by the knowledge base) and
+    for any opening of the same defaults and seeds."""
     from autometa.study.warmstart import opening
 
     return {
-        "seeds first": lambda defaults, seeds: seeds + defaults,
-        "defaults only": lambda defaults, seeds: defaults,
-        "one default first": lambda defaults, seeds: defaults[:1] + seeds + defaults[1:],
-        "two defaults first": lambda defaults, seeds: defaults[:2] + seeds + defaults[2:],
-        "alternating": opening,  # autometa's own
+        "seeds first": lambda defaults, seeds, values: seeds + defaults,
+        "defaults only": lambda defaults, seeds, values: defaults,
+        "one default first": lambda defaults, seeds, values: defaults[:1] + seeds + defaults[1:],
+        "two defaults first": lambda defaults, seeds, values: defaults[:2] + seeds + defaults[2:],
+        "alternating": lambda defaults, seeds, values: opening(defaults, seeds),  # autometa's own
+        "defaults, best first (in hindsight)": lambda defaults, seeds, values: in_hindsight(defaults, values),
+        "defaults and seeds, best first (in hindsight)":
+            lambda defaults, seeds, values: in_hindsight(defaults + seeds, values),
     }
 
 
@@ -275,7 +292,7 @@ def replay_openings(work: Path, seed: int, checkpoints: tuple[int, ...] = (1, 3,
     def value(trial) -> float | None:
         return trial.value if trial.state == TrialState.COMPLETE else None
 
-    scores: dict[str, dict[int, list[float]]] = {name: {n: [] for n in checkpoints} for name in orders}
+    scores: dict[str, dict[int, list[float]]] = {name: {n: [] for n in checkpoints} for name in [*orders, AS_RUN]}
     for warm_db in sorted(work.glob(f"warm-*-seed{seed}.db")):
         task = warm_db.name[len("warm-"):-len(f"-seed{seed}.db")]
         kb_name = next((n for n in kb_studies if n.rsplit("-", 1)[0] == task), None)
@@ -298,19 +315,25 @@ def replay_openings(work: Path, seed: int, checkpoints: tuple[int, ...] = (1, 3,
         defaults = [key(t) for t in defaults_search if "fixed_params" in t.system_attrs]
         seeds = [key(t) for t in warm if "warm_start" in t.user_attrs]
         for name, order in orders.items():
-            opened = opening_values(order(defaults, seeds), values)
+            opened = opening_values(order(defaults, seeds, values), values)
             reached = tuple(n for n in checkpoints if n <= len(opened))
             for n, score in zip(reached, normalised_curve(opened, *bounds, reached)):
                 scores[name][n].append(score)
+        # What goal 1 compares with: the defaults search as it ran, TPE's trials after its opening included.
+        as_run = [value(t) for t in defaults_search]
+        reached = tuple(n for n in checkpoints if n <= len(as_run))
+        for n, score in zip(reached, normalised_curve(as_run, *bounds, reached)):
+            scores[AS_RUN][n].append(score)
     tasks = len(scores["alternating"][checkpoints[0]])
     print(f"{tasks} tasks in {work}, seed {seed}: mean normalised best validation after n trials (tasks whose "
           "opening is that long)")
-    print(f"{'opening':<20}" + "".join(f"{'@' + str(n):>14}" for n in checkpoints))
-    for name in orders:
-        print(f"{name:<20}" + "".join(f"{statistics.fmean(v):>8.3f} ({len(v):>2})" if v else f"{'-':>14}"
+    width = max(map(len, scores)) + 2
+    print(f"{'opening':<{width}}" + "".join(f"{'@' + str(n):>14}" for n in checkpoints))
+    for name in scores:
+        print(f"{name:<{width}}" + "".join(f"{statistics.fmean(v):>8.3f} ({len(v):>2})" if v else f"{'-':>14}"
                                       for v in scores[name].values()))
     print("\nalternating minus each other opening, paired over tasks, 95% Student-t interval:")
-    for other in orders:
+    for other in scores:
         if other != "alternating":
             cells = []
             for n in checkpoints:
@@ -318,7 +341,15 @@ def replay_openings(work: Path, seed: int, checkpoints: tuple[int, ...] = (1, 3,
                 if len(mine) == len(theirs) >= 2:
                     d = mean_interval([a - b for a, b in zip(mine, theirs)])
                     cells.append(f"@{n} {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
-            print(f"  vs {other:<18} " + "; ".join(cells))
+            print(f"  vs {other:<{width}} " + "; ".join(cells))
+    fast, slow = 3, 10  # goal 1's checkpoints
+    if fast in checkpoints and slow in checkpoints:
+        print(f"\neach opening after {fast} trials minus the defaults search as run after {slow} (goal 1), paired over tasks:")
+        for name in orders:
+            mine, theirs = scores[name][fast], scores[AS_RUN][slow]
+            if len(mine) == len(theirs) >= 2:
+                d = mean_interval([a - b for a, b in zip(mine, theirs)])
+                print(f"  {name:<{width}} {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
 
 
 def main() -> None:

@@ -112,8 +112,16 @@ def test_openings_compares_autometas_own_alternating_order(bench):
     from autometa.study.warmstart import opening
 
     orders = bench.openings()
-    assert orders["alternating"] is opening
     defaults, seeds = ["d0", "d1", "d2"], ["s0", "s1"]
-    assert orders["seeds first"](defaults, seeds) == ["s0", "s1", "d0", "d1", "d2"]
-    assert orders["two defaults first"](defaults, seeds) == ["d0", "d1", "s0", "s1", "d2"]
-    assert orders["alternating"](defaults, seeds) == ["d0", "s0", "d1", "s1", "d2"]
+    values = {"d0": 0.6, "d1": None, "d2": 0.8, "s0": 0.7, "s1": 0.9}
+    assert orders["seeds first"](defaults, seeds, values) == ["s0", "s1", "d0", "d1", "d2"]
+    assert orders["two defaults first"](defaults, seeds, values) == ["d0", "d1", "s0", "s1", "d2"]
+    assert orders["alternating"](defaults, seeds, values) == opening(defaults, seeds) == ["d0", "s0", "d1", "s1", "d2"]
+    # The ceilings: the best value first, a trial that did not complete last.
+    assert orders["defaults, best first (in hindsight)"](defaults, seeds, values) == ["d2", "d0", "d1"]
+    assert orders["defaults and seeds, best first (in hindsight)"](defaults, seeds, values) == ["s1", "d2", "s0", "d0", "d1"]
+
+
+def test_in_hindsight_keeps_ties_in_order_and_unknown_configurations_last(bench):
+    values = {"a": 0.5, "b": 0.9, "c": 0.5, "d": None}
+    assert bench.in_hindsight(["d", "a", "e", "b", "c"], values) == ["b", "a", "c", "d", "e"]
