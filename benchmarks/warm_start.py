@@ -40,8 +40,11 @@ each order's curve is read off the recorded values without training; validation 
 Only the opening is replayed (what TPE proposes after it depends on the history): a checkpoint
 past a task's opening leaves that task out, and the task counts are printed. Two rows rank the
 opening's configurations by their value on the task itself, known only in hindsight: ceilings for
-any order of the default trials and for any order of the defaults and the seeds; a last row is
-the defaults search as it ran, and each opening after 3 trials is compared with it after 10 (goal 1).
+any order of the default trials and for any order of the defaults and the seeds. Two rank the
+default trials by what the knowledge base (without the task's data) says of them: each
+meta-algorithm's mean normalised value over the other tasks' defaults searches of the same
+protocol, all of them or the ``--k`` nearest by meta-features. A last row is the defaults search as
+it ran, and each opening after 3 trials is compared with it after 10 (goal 1).
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ from pathlib import Path
 
 ARMS = ("scratch", "defaults", "warm")
 AS_RUN = "defaults search as run (TPE after its opening)"  # --openings' row of the recorded defaults search
+# --openings' orders of the default trials by the other tasks' defaults searches (same protocol):
+KNOWN = ("defaults ranked over the knowledge base", "defaults ranked by the --k nearest tasks")
 CHECKPOINTS = (1, 3, 5, 10, 20)
 
 
@@ -252,6 +257,15 @@ def in_hindsight(keys: list[str], values: dict[str, float | None]) -> list[str]:
     return sorted(keys, key=lambda key: -values[key] if values.get(key) is not None else math.inf)
 
 
+def ranked_by(defaults: dict[str, str], elsewhere: list[dict[str, float | None]]) -> list[str]:
+    """The default trials (key -> meta-algorithm, in autometa's order) by their meta-algorithm's
+    mean normalised value over other tasks' defaults searches (``elsewhere``: meta-algorithm ->
+    value there, None or absent: it did not complete, counts 0); ties keep autometa's order."""
+    def mean(algorithm: str) -> float:
+        return statistics.fmean([(task.get(algorithm) or 0.0) for task in elsewhere]) if elsewhere else 0.0
+    return sorted(defaults, key=lambda key: -mean(defaults[key]))
+
+
 def openings() -> dict:
     """The orders ``--openings`` compares: name -> (default trials, seeds, their values) -> the
     opening. The two "in hindsight" orders know each configuration's value on the task before it
@@ -271,17 +285,14 @@ def openings() -> dict:
     }
 
 
-def replay_openings(work: Path, seed: int, checkpoints: tuple[int, ...] = (1, 3, 5, 10)) -> None:
+def replay_openings(work: Path, seed: int, k: int = 3, checkpoints: tuple[int, ...] = (1, 3, 5, 10)) -> None:
     import optuna
     from optuna.trial import TrialState
 
     from autometa.config import stored_config
+    from autometa.data.metafeatures import feature_scales, meta_feature_distance
     from autometa.plugins import get_registry
-
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    registry, orders = get_registry(), openings()
-    kb = f"sqlite:///{work / f'kb-seed{seed}.db'}"
-    kb_studies = optuna.get_all_study_names(kb)
+    from autometa.store.knowledge import database_experiences
 
     def load(storage: str, name: str | None = None) -> optuna.Study:
         return optuna.load_study(study_name=name or optuna.get_all_study_names(storage)[0], storage=storage)
@@ -292,7 +303,22 @@ def replay_openings(work: Path, seed: int, checkpoints: tuple[int, ...] = (1, 3,
     def value(trial) -> float | None:
         return trial.value if trial.state == TrialState.COMPLETE else None
 
-    scores: dict[str, dict[int, list[float]]] = {name: {n: [] for n in checkpoints} for name in [*orders, AS_RUN]}
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    registry, orders = get_registry(), openings()
+    kb = f"sqlite:///{work / f'kb-seed{seed}.db'}"
+    kb_studies = optuna.get_all_study_names(kb)
+    experiences = {e.study: e for e in database_experiences(kb)}
+    # Each knowledge-base task's default trials: meta-algorithm -> value scaled within its defaults search.
+    default_values = {}
+    for name in kb_studies:
+        trials = in_order(load(kb, name))
+        done = [value(t) for t in trials if value(t) is not None]
+        low, high = (min(done), max(done)) if done else (0.0, 0.0)
+        default_values[name] = {t.params["meta_algorithm"]: None if value(t) is None else
+                                (1.0 if high <= low else (value(t) - low) / (high - low))
+                                for t in trials if "fixed_params" in t.system_attrs}
+
+    scores: dict[str, dict[int, list[float]]] = {name: {n: [] for n in checkpoints} for name in [*orders, *KNOWN, AS_RUN]}
     for warm_db in sorted(work.glob(f"warm-*-seed{seed}.db")):
         task = warm_db.name[len("warm-"):-len(f"-seed{seed}.db")]
         kb_name = next((n for n in kb_studies if n.rsplit("-", 1)[0] == task), None)
@@ -314,7 +340,16 @@ def replay_openings(work: Path, seed: int, checkpoints: tuple[int, ...] = (1, 3,
             values.setdefault(key(t), value(t))
         defaults = [key(t) for t in defaults_search if "fixed_params" in t.system_attrs]
         seeds = [key(t) for t in warm if "warm_start" in t.user_attrs]
-        for name, order in orders.items():
+        # The defaults ranked by what the knowledge base without this task's data says of them.
+        algorithms = {key(t): t.params["meta_algorithm"] for t in defaults_search if "fixed_params" in t.system_attrs}
+        me = experiences.get(kb_name)
+        others = [e for e in experiences.values() if me is not None and e.protocol == me.protocol
+                  and e.fingerprint != me.fingerprint]
+        scales = feature_scales([e.meta_features for e in others]) if others else {}
+        near = sorted(others, key=lambda e: meta_feature_distance(me.meta_features, e.meta_features, scales))[:k]
+        rankings = {KNOWN[0]: ranked_by(algorithms, [default_values[e.study] for e in others]),
+                    KNOWN[1]: ranked_by(algorithms, [default_values[e.study] for e in near])}
+        for name, order in [*orders.items(), *((n, lambda d, s, v, r=r: r) for n, r in rankings.items())]:
             opened = opening_values(order(defaults, seeds, values), values)
             reached = tuple(n for n in checkpoints if n <= len(opened))
             for n, score in zip(reached, normalised_curve(opened, *bounds, reached)):
@@ -345,7 +380,7 @@ def replay_openings(work: Path, seed: int, checkpoints: tuple[int, ...] = (1, 3,
     fast, slow = 3, 10  # goal 1's checkpoints
     if fast in checkpoints and slow in checkpoints:
         print(f"\neach opening after {fast} trials minus the defaults search as run after {slow} (goal 1), paired over tasks:")
-        for name in orders:
+        for name in [*orders, *KNOWN]:
             mine, theirs = scores[name][fast], scores[AS_RUN][slow]
             if len(mine) == len(theirs) >= 2:
                 d = mean_interval([a - b for a, b in zip(mine, theirs)])
@@ -374,7 +409,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None, help="Where the collection's files are written.")
     args = parser.parse_args()
     if args.openings:
-        replay_openings(args.work, args.first_seed)
+        replay_openings(args.work, args.first_seed, args.k)
         return
     if args.report:
         runs = [json.loads(path.read_text()) for path in args.report]

@@ -125,3 +125,16 @@ def test_openings_compares_autometas_own_alternating_order(bench):
 def test_in_hindsight_keeps_ties_in_order_and_unknown_configurations_last(bench):
     values = {"a": 0.5, "b": 0.9, "c": 0.5, "d": None}
     assert bench.in_hindsight(["d", "a", "e", "b", "c"], values) == ["b", "a", "c", "d", "e"]
+
+
+def test_ranked_by_orders_defaults_by_their_mean_elsewhere_and_counts_failures_as_zero(bench):
+    defaults = {"g": "gbm", "l": "linear", "f": "finetune", "m": "mann"}
+    elsewhere = [
+        {"gbm": 0.2, "linear": 1.0, "finetune": None, "mann": 0.5},  # finetune did not complete: 0
+        {"gbm": 0.6, "linear": 0.0, "finetune": 0.9},  # mann not run there: 0
+    ]
+    # means: gbm 0.4, linear 0.5, finetune 0.45, mann 0.25
+    assert bench.ranked_by(defaults, elsewhere) == ["l", "f", "g", "m"]
+    # Ties and an empty knowledge base keep autometa's own order.
+    assert bench.ranked_by(defaults, [{"gbm": 1.0, "linear": 1.0}]) == ["g", "l", "f", "m"]
+    assert bench.ranked_by(defaults, []) == ["g", "l", "f", "m"]
