@@ -162,6 +162,31 @@ def test_standard_baselines_on_planted_rows(tmp_path):
     assert linear.score == wilson(len(test_y), len(test_y))
 
 
+def test_standard_linear_baseline_predicts_as_the_fit_on_every_column(tmp_path):
+    """The baseline fits only the columns with a non-zero in its training rows (a few hundred of
+    thousands of hashed-text buckets); its test predictions are those of scikit-learn's logistic
+    regression on every column of the design matrix."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(3)
+    words = [f"w{i}" for i in range(60)]
+    rows = []
+    for i in range(150):
+        c = int(rng.integers(3))
+        vocabulary = words[20 * c: 20 * c + 20] if rng.random() < 0.6 else words  # noisy: not every row is easy
+        rows.append({"text": " ".join(rng.choice(vocabulary, 4)), "x": c + rng.normal(0, 1.5), "y": f"k{c}"})
+    pd.DataFrame(rows).to_csv(tmp_path / "rows.csv", index=False)
+    split = make_split(load_dataset(tmp_path / "rows.csv", "y", columns={"text": "text"}), "standard")
+    _, linear = baselines(split)
+    x, y, train = split.pool.features.design_matrix(), split.pool.labels.numpy(), split.row_splits["train"]
+    used = np.diff(x[train].tocsc().indptr) > 0
+    assert x.shape[1] > 20 * used.sum()  # mostly empty buckets: what the baseline leaves out
+    query, query_y = split.test[0].query.numpy(), split.test[0].query_y.numpy()
+    hits = LogisticRegression(max_iter=1000).fit(x[train], y[train]).predict(x[query]) == query_y
+    assert 0 < hits.sum() < len(hits)
+    assert linear.score == wilson(int(hits.sum()), len(hits))
+
+
 def test_fewshot_baselines_are_chance_and_nearest_class_mean(tmp_path):
     # 12 classes on a line: the nearest class mean of the support gets every query right.
     rows = [{"x": float(c) + 0.01 * i, "y": f"k{c:02d}"} for c in range(12) for i in range(6)]
