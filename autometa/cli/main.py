@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import sys
@@ -65,4 +66,10 @@ def main() -> None:
     except AutometaError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
-    cli()
+    try:
+        cli()
+    finally:
+        # Everything the command makes is written by now. At exit Python's last garbage collections
+        # would walk every object left (a search: hundreds of thousands, ~1.5 s on 2 cores); frozen,
+        # they are skipped and the operating system frees the memory.
+        gc.freeze()

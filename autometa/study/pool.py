@@ -10,6 +10,7 @@ reason and re-queued when the study is opened again. Other machines join the sam
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import platform
@@ -156,6 +157,9 @@ def worker_main(job: WorkerJob, budget: "Budget", events) -> None:
             _SIGTERM.release()
         if objective.stop_requested:
             break
+    # The search waits for this process to end: skip the exit's garbage collections over every
+    # object the trials left (~1.5 s with torch and scikit-learn loaded), as the command line does.
+    gc.freeze()
 
 
 class _HeldSigterm:
