@@ -224,16 +224,20 @@ def test_a_one_step_learner_records_what_its_refit_will_take_and_a_trained_one_d
             assert "refit_s" not in trial.user_attrs
 
 
+class LateReserve:
+    """The time kept back for the work after the trials: none when a trial starts, then (as
+    finished trials report their scoring) 300 s, so a deadline 299 s away passes at its first step."""
+
+    reads = 0
+
+    @property
+    def value(self):
+        self.reads += 1
+        return 0.0 if self.reads == 1 else 300.0
+
+
 def test_a_trial_stops_early_by_the_time_kept_for_the_finalists(blobs):
-    class Reserve:  # none when the trial starts, then (as finished trials report their scoring) 300 s
-        reads = 0
-
-        @property
-        def value(self):
-            self.reads += 1
-            return 0.0 if self.reads == 1 else 300.0
-
-    limits = TrialLimits(time.time() + 299.0, None, Reserve(), 600)
+    limits = TrialLimits(time.time() + 299.0, None, LateReserve(), 600)
     study = optuna.create_study(direction="maximize")
     study.optimize(small_runner(blobs, limits), n_trials=1)
     (trial,) = study.get_trials()
@@ -241,6 +245,18 @@ def test_a_trial_stops_early_by_the_time_kept_for_the_finalists(blobs):
     assert trial.user_attrs["stopped"] == ("stopped at step 1 of 1000 by the search's --timeout (less 300s kept for "
                                            "the finalists' test scoring and refits); scored as trained so far")
     assert trial.user_attrs["scoring_s_per_task"] > 0
+
+
+def test_a_trial_out_of_time_before_its_first_evaluation_is_not_scored_beside_complete_trials(blobs):
+    """Its scoring time is unknown (birds: mann on ft_transformer scored past the 10 s grace and its
+    worker was killed) and a model trained a few steps does not beat trials already complete."""
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.5))
+    study.optimize(small_runner(blobs, TrialLimits(time.time() + 299.0, None, LateReserve(), 600)), n_trials=1)
+    trial = study.get_trials()[-1]
+    assert trial.state == TrialState.PRUNED and "scoring_s_per_task" not in trial.user_attrs
+    assert trial.user_attrs["prune_reason"] == ("stopped at step 1 of 1000 by the search's --timeout before its first "
+                                                "evaluation; not scored, the study has complete trials")
 
 
 def small_runner(blobs, limits: TrialLimits):

@@ -245,6 +245,12 @@ class TrialRunner:
             when one trained at all; the leaderboard retrains it for as many steps."""
             limits, why = self.limits, None
             if limits.deadline is not None and time.time() + scoring_s >= limits.stop_at():
+                if not last and trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                    # Never evaluated, it has no estimate of its scoring, which ran up to the 10 s
+                    # grace past the --timeout (then the worker was killed), and a model trained
+                    # this little does not beat the study's complete trials.
+                    raise optuna.TrialPruned(f"stopped at step {step} of {spec.steps} by the search's --timeout "
+                                             "before its first evaluation; not scored, the study has complete trials")
                 why = "the search's --timeout"
                 if limits.kept_back() > 0:
                     why += f" (less {limits.kept_back():.0f}s kept for the finalists' test scoring and refits)"
