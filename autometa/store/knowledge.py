@@ -258,10 +258,8 @@ def database_experiences(db: str, *, exclude_study: str | None = None) -> list[E
             continue
         attrs = frozen.user_attrs
         stored = described.get(name)
-        own = attrs.get("meta_features") if isinstance(attrs.get("meta_features"), dict) else {}
-        own = {k: float(v) for k, v in own.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-        features = own or (stored.meta_features if stored else None)
+        own = attrs.get("meta_features")
+        features = (schema.finite_features(own) if isinstance(own, dict) else None) or (stored.meta_features if stored else None)
         fingerprint = stored.fingerprint if stored else attrs.get("fingerprint")
         if not features or not fingerprint:
             continue

@@ -369,6 +369,11 @@ def _float(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
 
+def finite_features(features: Mapping[str, Any]) -> dict[str, float]:
+    """The meta-features that are finite numbers (what the tables store), as floats."""
+    return {k: float(v) for k, v in features.items() if _float(v) is not None}
+
+
 def _json_or_none(value: Any) -> str | None:
     return None if value is None else json.dumps(value)
 
@@ -464,7 +469,7 @@ def record_dataset(connection: Connection, *, fingerprint: str, name: str, sourc
         fingerprint=fingerprint, name=name, source=source, label=label, columns=json.dumps(dict(columns)),
         rows=rows, classes=classes, created_at=now(),
     )).inserted_primary_key[0]
-    finite = {k: float(v) for k, v in features.items() if _float(v) is not None}
+    finite = finite_features(features)
     if finite:
         connection.execute(meta_features.insert(), [{"dataset_id": new_id, "name": k, "value": v} for k, v in finite.items()])
     return new_id
