@@ -75,6 +75,11 @@ def task_range(searches: dict[str, list[float | None]]) -> tuple[float, float] |
     return (min(values), max(values)) if values else None
 
 
+def scaled(value: float, low: float, high: float) -> float:
+    """``value`` with ``low`` at 0 and ``high`` at 1 (1 when every configuration scored alike)."""
+    return 1.0 if high <= low else (value - low) / (high - low)
+
+
 def normalised_curve(values: list[float | None], low: float, high: float,
                      checkpoints: tuple[int, ...] = CHECKPOINTS) -> list[float]:
     """A search's best validation accuracy after each checkpoint's number of trials, scaled so that
@@ -86,7 +91,7 @@ def normalised_curve(values: list[float | None], low: float, high: float,
         if not done:
             curve.append(0.0)
         else:
-            curve.append(1.0 if high <= low else (max(done) - low) / (high - low))
+            curve.append(scaled(max(done), low, high))
     return curve
 
 
@@ -312,10 +317,8 @@ def replay_openings(work: Path, seed: int, k: int = 3, checkpoints: tuple[int, .
     default_values = {}
     for name in kb_studies:
         trials = in_order(load(kb, name))
-        done = [value(t) for t in trials if value(t) is not None]
-        low, high = (min(done), max(done)) if done else (0.0, 0.0)
-        default_values[name] = {t.params["meta_algorithm"]: None if value(t) is None else
-                                (1.0 if high <= low else (value(t) - low) / (high - low))
+        bounds = task_range({"defaults": [value(t) for t in trials]}) or (0.0, 0.0)
+        default_values[name] = {t.params["meta_algorithm"]: None if value(t) is None else scaled(value(t), *bounds)
                                 for t in trials if "fixed_params" in t.system_attrs}
 
     scores: dict[str, dict[int, list[float]]] = {name: {n: [] for n in checkpoints} for name in [*orders, *KNOWN, AS_RUN]}
@@ -349,8 +352,8 @@ def replay_openings(work: Path, seed: int, k: int = 3, checkpoints: tuple[int, .
         near = sorted(others, key=lambda e: meta_feature_distance(me.meta_features, e.meta_features, scales))[:k]
         rankings = {KNOWN[0]: ranked_by(algorithms, [default_values[e.study] for e in others]),
                     KNOWN[1]: ranked_by(algorithms, [default_values[e.study] for e in near])}
-        for name, order in [*orders.items(), *((n, lambda d, s, v, r=r: r) for n, r in rankings.items())]:
-            opened = opening_values(order(defaults, seeds, values), values)
+        for name, order in ({name: order(defaults, seeds, values) for name, order in orders.items()} | rankings).items():
+            opened = opening_values(order, values)
             reached = tuple(n for n in checkpoints if n <= len(opened))
             for n, score in zip(reached, normalised_curve(opened, *bounds, reached)):
                 scores[name][n].append(score)
