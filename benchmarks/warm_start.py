@@ -346,9 +346,10 @@ def replay_openings(work: Path, seed: int, k: int = 3, checkpoints: tuple[int, .
         # The defaults ranked by what the knowledge base without this task's data says of them.
         algorithms = {key(t): t.params["meta_algorithm"] for t in defaults_search if "fixed_params" in t.system_attrs}
         me = experiences.get(kb_name)
-        others = [e for e in experiences.values() if me is not None and e.protocol == me.protocol
-                  and e.fingerprint != me.fingerprint]
-        scales = feature_scales([e.meta_features for e in others]) if others else {}
+        rest = [e for e in experiences.values() if me is not None and e.fingerprint != me.fingerprint]
+        others = [e for e in rest if e.protocol == me.protocol]
+        # Scaled as the warm search's prior is: over every other task of the knowledge base.
+        scales = feature_scales([e.meta_features for e in rest]) if rest else {}
         near = sorted(others, key=lambda e: meta_feature_distance(me.meta_features, e.meta_features, scales))[:k]
         rankings = {KNOWN[0]: ranked_by(algorithms, [default_values[e.study] for e in others]),
                     KNOWN[1]: ranked_by(algorithms, [default_values[e.study] for e in near])}
