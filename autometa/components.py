@@ -271,6 +271,10 @@ class MetaAlgorithm(Component):
     # Fixed feature maps (encoder names) the default trial of a fixed-features learner reads where
     # the search allows them; other modalities get their first-registered fixed map.
     preferred_features: ClassVar[tuple[str, ...]] = ()
+    # Where the learner's default trial goes among the others of its kind (fixed-features learners
+    # first, then the rest; lower ranks first, ties by name): a learner that adds most as an
+    # ensemble member (the built-in forest) ranks after the stronger single models.
+    default_rank: ClassVar[int] = 0
 
     def setup(self, backbone: Backbone, pool: "TrainingPool", shape: tuple[int, int, int]) -> None:  # pragma: no cover
         """Build heads and optimisers for ``backbone``; ``shape`` is the protocol's

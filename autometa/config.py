@@ -218,7 +218,8 @@ def default_encoder(registry: Registry, modality: str, allowed: list[str], proto
 
 def default_trials(registry: Registry, choices: dict[str, list[str]], protocol: str | None = None) -> list[dict[str, Any]]:
     """One trial per meta-algorithm with every component at its default parameters, the
-    fixed-features learners (e.g. gbm) first, each on its ``preferred_features`` where allowed.
+    fixed-features learners (e.g. gbm) first, each on its ``preferred_features`` where allowed;
+    within each kind by ``default_rank``, then by name.
 
     A new study starts with these (as auto-sklearn starts from defaults), so even a tiny
     budget scores each learner once at sensible settings before the sampler explores. The
@@ -242,7 +243,8 @@ def default_trials(registry: Registry, choices: dict[str, list[str]], protocol: 
             fixed_shared[FIXED + key] = default_encoder(registry, key.split(".", 1)[1], names, protocol)
     trials = []
     # Fixed-features learners first: they fit once in seconds, so a short budget has a model early.
-    names = sorted(choices["meta_algorithm"], key=lambda n: not registry.get("meta_algorithm", n).cls.fixed_features)
+    learner = lambda n: registry.get("meta_algorithm", n).cls  # noqa: E731
+    names = sorted(choices["meta_algorithm"], key=lambda n: (not learner(n).fixed_features, learner(n).default_rank, n))
     for name in names:
         cls = registry.get("meta_algorithm", name).cls
         components = shared

@@ -92,14 +92,14 @@ def tabular_csv(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def first_search(standard_csv, tmp_path_factory):
-    """One 3-trial search; its database file is copied by tests that extend the study.
+    """One 4-trial search; its database file is copied by tests that extend the study.
 
     Without warm start its trials are the first default trials, not whatever the shipped prior
     seeds (which changes whenever the prior is rebuilt)."""
     folder = tmp_path_factory.mktemp("first")
     db = f"sqlite:///{folder}/s.db"
     messages: list[str] = []
-    result = search(standard_csv, "y", trials=3, db=db, seed=0, warm_start=False,
+    result = search(standard_csv, "y", trials=4, db=db, seed=0, warm_start=False,
                     **{**FAST, "echo": messages.append})
     trials = result.study.get_trials(deepcopy=True)
     attrs = dict(result.study.user_attrs)
@@ -115,7 +115,7 @@ def test_search_end_to_end_standard(first_search, standard_csv):
     n_test = len(result.split.row_splits["test"])
     assert n_test == 18  # 20% of 30 rows in each of 3 classes
 
-    assert result.new_trials == 3
+    assert result.new_trials == 4
     assert result.leaderboard, first_search["messages"]
     for rank, entry in enumerate(result.leaderboard, start=1):
         assert entry.rank == rank
@@ -127,7 +127,7 @@ def test_search_end_to_end_standard(first_search, standard_csv):
         assert score.mean * n_test == pytest.approx(hits)
         assert (score.low, score.high) == pytest.approx(wilson_by_hand(hits, n_test), rel=1e-9)
         assert score.low < score.mean < score.high
-        # A fixed-features learner (the default trials start with gbm and linear) trains no encoder.
+        # A fixed-features learner (the default trials start with gbm, linear and forest) trains no encoder.
         fixed = search_module.get_registry().get("meta_algorithm", entry.config.meta_algorithm).cls.fixed_features
         assert entry.parameters > 0 or fixed
     validations = [e.validation for e in result.leaderboard]
@@ -141,7 +141,7 @@ def test_search_end_to_end_standard(first_search, standard_csv):
     assert linear.score.n == n_test and linear.score.unit == "rows"
 
     trials = first_search["trials"]
-    assert len(trials) == 3
+    assert len(trials) == 4
     assert all(t.state == TrialState.COMPLETE for t in trials), [t.user_attrs for t in trials]
     for t in trials:
         assert t.user_attrs["seed"] == configuration_seed(0, t.params)
@@ -160,7 +160,7 @@ def test_search_end_to_end_standard(first_search, standard_csv):
     # Every finalist's model came from the worker process that trained it, none was retrained.
     kept = sorted(p.name for p in first_search["db_file"].with_name("s.db-weights").glob("*/*.safetensors"))
     assert kept == sorted(f"trial-{t.number}-{t.value:.8f}.safetensors" for t in trials)
-    # The one-step learners (trials 0 and 1: gbm, linear) are refitted on training + validation rows instead.
+    # The one-step finalists (trials 0 and 1: gbm, linear) are refitted on training + validation rows instead.
     assert "trained models: 1 loaded from the weights their workers kept, 0 retrained" in first_search["messages"]
     assert ("refitted on the training + validation rows for the test tasks and the saved model: trial(s) 0, 1 "
             "(learners that fit in one step; --no-refit keeps their trials' fits)") in first_search["messages"]
@@ -237,15 +237,15 @@ def test_resume_adds_only_the_missing_trials(first_search, standard_csv, tmp_pat
 
     messages: list[str] = []
     second = search(standard_csv, "y", trials=5, db=db, seed=0, **{**FAST, "echo": messages.append})
-    assert second.new_trials == 2
-    assert any("resumed: 3 trial(s) already finished, 2 of the budget of 5 left" in m for m in messages), messages
+    assert second.new_trials == 1
+    assert any("resumed: 4 trial(s) already finished, 1 of the budget of 5 left" in m for m in messages), messages
     trials = load(db, standard_csv).get_trials()
     assert [t.number for t in trials] == [0, 1, 2, 3, 4]
     assert all(t.state.is_finished() for t in trials)
-    # The first three trials are untouched.
-    for old, new in zip(first_search["trials"], trials[:3]):
+    # The first four trials are untouched.
+    for old, new in zip(first_search["trials"], trials[:4]):
         assert (old.number, old.params, old.value, old.state) == (new.number, new.params, new.value, new.state)
-    assert sorted(first_numbers) == [0, 1, 2]
+    assert sorted(first_numbers) == [0, 1, 2, 3]
 
     messages.clear()
     third = search(standard_csv, "y", trials=5, db=db, seed=0, **{**FAST, "echo": messages.append})
@@ -255,7 +255,7 @@ def test_resume_adds_only_the_missing_trials(first_search, standard_csv, tmp_pat
     assert third.leaderboard
     assert "Leaderboard" in third.format_leaderboard()
     # Nothing was cached in the third run's process: every finalist was loaded from the weights
-    # kept by the worker that trained it, or retrained from its seed (trials 0-2: their weights
+    # kept by the worker that trained it, or retrained from its seed (trials 0-3: their weights
     # were not copied with the database), and must score exactly as in the second run.
     assert [(e.trial, e.validation, e.test) for e in third.leaderboard] == [
         (e.trial, e.validation, e.test) for e in second.leaderboard
@@ -264,7 +264,7 @@ def test_resume_adds_only_the_missing_trials(first_search, standard_csv, tmp_pat
     assert [row["trial"] for row in stored] == [e.trial for e in third.leaderboard]
     # Weights exist for the second run's trained trials only (a pruned trial or a duplicate keeps none).
     trained = [t.number for t in load(db, standard_csv).get_trials()
-               if t.number >= 3 and t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs]
+               if t.number >= 4 and t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs]
     assert sorted(int(p.name.split("-")[1]) for p in (tmp_path / "s.db-weights").glob("*/*.safetensors")) == trained
 
 
@@ -282,7 +282,7 @@ def test_a_second_seed_opens_a_second_study(first_search, standard_csv, tmp_path
     assert name.startswith("synthetic-standard-") and len(name.rsplit("-", 1)[1]) == 10
     assert any(f"study {name!r} in" in m for m in messages), messages
     # The seed-0 study is as it was; the seed-1 study holds only trials trained on the seed-1 split.
-    assert len(load(db, standard_csv).get_trials()) == 3
+    assert len(load(db, standard_csv).get_trials()) == 4
     trials = second.study.get_trials()
     assert [t.number for t in trials] == [0, 1]
     assert all(t.user_attrs["seed"] == configuration_seed(1, t.params) for t in trials)
@@ -306,7 +306,7 @@ def test_naming_a_study_with_other_settings_is_refused(first_search, standard_cs
     message = str(raised.value)
     assert "\n" not in message
     assert message.startswith(f"study {name!r} was created with other settings (--seed 0, now 1; --steps 20, now 30)")
-    assert len(load(db, standard_csv).get_trials()) == 3  # nothing was run or changed
+    assert len(load(db, standard_csv).get_trials()) == 4  # nothing was run or changed
 
 
 def test_restricting_a_component_opens_its_own_study(first_search, standard_csv, tmp_path):

@@ -7,12 +7,12 @@ from autometa_builtins.meta_algorithms.gradient import ANIL, FOMAML, MAML, MetaS
 from autometa_builtins.meta_algorithms.linear import Linear
 from autometa_builtins.meta_algorithms.learned import MetaLSTM, MetaTransfer
 from autometa_builtins.meta_algorithms.metric import MatchingNet, ProtoNet, RelationNet, prototype_logits
-from autometa_builtins.meta_algorithms.trees import GradientBoosting
+from autometa_builtins.meta_algorithms.trees import Forest, GradientBoosting
 
 # Registered in this order; the first supporting a protocol is not special.
 META_ALGORITHMS = [ProtoNet, MAML, FOMAML, ANIL, MetaSGD, MetaLSTM, MetaTransfer, Reptile, FineTune, RelationNet, MatchingNet, MANN, SNAIL,
-                   GradientBoosting, Linear]
+                   GradientBoosting, Linear, Forest]
 
 __all__ = [
-    "META_ALGORITHMS", "ANIL", "MANN", "SNAIL", "FOMAML", "FineTune", "GradientBoosting", "Linear", "MAML", "MetaLSTM", "MetaSGD", "MetaTransfer", "Reptile", "MatchingNet", "ProtoNet", "RelationNet", "embed", "prototype_logits",
+    "META_ALGORITHMS", "ANIL", "MANN", "SNAIL", "FOMAML", "FineTune", "Forest", "GradientBoosting", "Linear", "MAML", "MetaLSTM", "MetaSGD", "MetaTransfer", "Reptile", "MatchingNet", "ProtoNet", "RelationNet", "embed", "prototype_logits",
 ]

@@ -1,10 +1,13 @@
-"""Gradient-boosted trees (scikit-learn's HistGradientBoostingClassifier) on fixed features.
+"""Tree ensembles on fixed features: gradient-boosted trees (``gbm``, scikit-learn's
+HistGradientBoostingClassifier) and randomised forests (``forest``, its ExtraTreesClassifier or
+RandomForestClassifier).
 
 On tables whose numeric columns carry most of the signal, a tree ensemble beats an MLP encoder
-(issue 15: AutoGluon's best single model on a text + table set was LightGBM). ``gbm`` reads the
+(issue 15: AutoGluon's best single model on a text + table set was LightGBM). Both read the
 backbone's output without training it (``fixed_features``): the preprocessed table (``table``),
 a text's TF-IDF + SVD (``lsa``) or pretrained embeddings (``minilm``), flattened pixels
-(``pixels``), side by side (``concat``).
+(``pixels``), side by side (``concat``). A forest is the ensemble's other kind of tree model:
+its errors differ from boosting's, as AutoGluon's and auto-sklearn's model lists assume.
 
 Saving: the fitted trees are exported to flat tensors (``TreeEnsemble``), which the model keeps
 in its safetensors file like any weights, and every prediction, during the search and after
@@ -43,15 +46,18 @@ WALK_ELEMENTS = 2**22
 
 
 class TreeEnsemble(nn.Module):
-    """Fitted regression trees as flat tensors, and their raw scores: ``baseline + Σ leaf values``
-    of each class's trees (one per class and iteration; binary: one per iteration, class 1).
+    """Fitted trees as flat tensors, and their sum: ``baseline + Σ leaf values`` over the trees.
 
     Nodes of every tree share one array: ``feature``/``threshold`` of each split (a row goes left
     when its value is at most the threshold, or, when missing, where ``missing_left`` says),
-    ``left``/``right`` children (global indices) and ``value`` (a leaf's, learning rate included).
-    A leaf is its own child on both sides with an infinite threshold, so walking every tree
-    ``depth`` steps needs no test for leaves. ``roots`` and ``tree_class`` give each tree's first
-    node and its class. Shapes depend on the fit, so loading a state dict takes the saved shapes.
+    ``left``/``right`` children (global indices) and ``value``. A leaf is its own child on both
+    sides with an infinite threshold, so walking every tree ``depth`` steps needs no test for
+    leaves. ``roots`` gives each tree's first node. Two kinds of leaf value: boosting's regression
+    trees (``set_trees``) have one score per leaf, learning rate included, added to the class
+    ``tree_class`` names (one tree per class and iteration; binary: per iteration, class 1); a
+    forest's classification trees (``set_forest``) have a row of class fractions per leaf, divided
+    by the number of trees, so the sum is the forest's mean probability. Shapes depend on the fit,
+    so loading a state dict takes the saved shapes.
     """
 
     def __init__(self):
@@ -69,39 +75,68 @@ class TreeEnsemble(nn.Module):
     def set_trees(self, model, columns: np.ndarray | None = None) -> None:
         """Take the trees of a fitted ``HistGradientBoostingClassifier`` (numeric features only),
         fitted on the input ``columns`` (None: all of them), so the trees read the whole input."""
-        nodes, roots, classes = [], [], []
-        offset = 0
+        nodes, classes = [], []
         for iteration in model._predictors:  # noqa: SLF001 - the fitted trees have no public accessor
             for k, predictor in enumerate(iteration):
                 n = predictor.nodes
                 if n["is_categorical"].any():
                     raise ValueError("gbm fits numeric features only; a categorical split cannot be exported")
                 nodes.append(n)
-                roots.append(offset)
                 classes.append(k)
-                offset += len(n)
         every = np.concatenate(nodes)
         leaf = every["is_leaf"].astype(bool)
-        index = np.arange(len(every))
-        # Children as global indices; a leaf points to itself, goes "left" whatever the value.
-        start = np.repeat(np.asarray(roots), [len(n) for n in nodes])
+        self._store(
+            sizes=[len(n) for n in nodes], leaf=leaf, feature=every["feature_idx"], threshold=every["num_threshold"],
+            missing_left=every["missing_go_to_left"].astype(bool), left=every["left"], right=every["right"],
+            value=every["value"], tree_class=np.asarray(classes), depth=int(every["depth"].max()), columns=columns,
+            baseline=np.asarray(model._baseline_prediction, dtype=np.float64).reshape(-1),  # noqa: SLF001
+        )
+
+    def set_forest(self, model, n_classes: int, columns: np.ndarray | None = None) -> None:
+        """Take the trees of a fitted ``RandomForestClassifier`` or ``ExtraTreesClassifier`` whose
+        labels are among ``0 … n_classes - 1`` (``model.classes_``; a class it never saw gets 0),
+        fitted on the input ``columns`` (None: all of them). Its scores are ``predict_proba``'s
+        for inputs rounded to float32, as scikit-learn's trees read them."""
+        trees = [estimator.tree_ for estimator in model.estimators_]
+        every = lambda attribute: np.concatenate([getattr(t, attribute) for t in trees])  # noqa: E731
+        fractions = every("value")[:, 0, :]
+        fractions = fractions / fractions.sum(axis=1, keepdims=True)  # counts before scikit-learn 1.4
+        value = np.zeros((len(fractions), n_classes))
+        value[:, np.asarray(model.classes_, dtype=np.int64)] = fractions / len(trees)
+        left = every("children_left")
+        self._store(
+            sizes=[t.node_count for t in trees], leaf=left == -1, feature=every("feature"), threshold=every("threshold"),
+            missing_left=every("missing_go_to_left").astype(bool), left=left, right=every("children_right"),
+            value=value, tree_class=np.zeros(len(trees), dtype=np.int64), depth=max(t.max_depth for t in trees),
+            columns=columns, baseline=np.zeros(n_classes),
+        )
+
+    def _store(self, *, sizes: list[int], leaf: np.ndarray, feature: np.ndarray, threshold: np.ndarray,
+               missing_left: np.ndarray, left: np.ndarray, right: np.ndarray, value: np.ndarray,
+               tree_class: np.ndarray, depth: int, columns: np.ndarray | None, baseline: np.ndarray) -> None:
+        """The trees' nodes, concatenated (each tree's ``sizes``; children as indices in their own
+        tree), as this module's tensors."""
+        roots = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        index = np.arange(len(leaf))
+        start = np.repeat(roots, sizes)  # each node's tree's first node
+        feature = feature if columns is None else np.asarray(columns)[np.where(leaf, 0, feature)]
         as_tensor = lambda a, dtype: torch.as_tensor(np.ascontiguousarray(a), dtype=dtype)  # noqa: E731
         device = self.baseline.device
+        # A leaf reads column 0, never passes its infinite threshold, and points to itself.
         state = {
-            "feature": as_tensor(np.where(leaf, 0, every["feature_idx"] if columns is None
-                                          else np.asarray(columns)[every["feature_idx"]]), torch.int64),
-            "threshold": as_tensor(np.where(leaf, np.inf, every["num_threshold"]), torch.float64),
-            "missing_left": as_tensor(leaf | every["missing_go_to_left"].astype(bool), torch.bool),
-            "left": as_tensor(np.where(leaf, index, every["left"] + start), torch.int64),
-            "right": as_tensor(np.where(leaf, index, every["right"] + start), torch.int64),
-            "value": as_tensor(every["value"], torch.float64),
-            "roots": as_tensor(np.asarray(roots), torch.int64),
-            "tree_class": as_tensor(np.asarray(classes), torch.int64),
-            "baseline": as_tensor(np.asarray(model._baseline_prediction, dtype=np.float64).reshape(-1), torch.float64),  # noqa: SLF001
-            "depth": torch.tensor(int(every["depth"].max()), dtype=torch.int64),
+            "feature": as_tensor(np.where(leaf, 0, feature), torch.int64),
+            "threshold": as_tensor(np.where(leaf, np.inf, threshold), torch.float64),
+            "missing_left": as_tensor(leaf | missing_left, torch.bool),
+            "left": as_tensor(np.where(leaf, index, left + start), torch.int64),
+            "right": as_tensor(np.where(leaf, index, right + start), torch.int64),
+            "value": as_tensor(value, torch.float64),
+            "roots": as_tensor(roots, torch.int64),
+            "tree_class": as_tensor(tree_class, torch.int64),
+            "baseline": as_tensor(baseline, torch.float64),
+            "depth": torch.tensor(depth, dtype=torch.int64),
         }
-        for name, value in state.items():
-            setattr(self, name, value.to(device))
+        for name, tensor in state.items():
+            setattr(self, name, tensor.to(device))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The saved trees' shapes replace the empty placeholders before the usual checks.
@@ -117,7 +152,8 @@ class TreeEnsemble(nn.Module):
         out = self.baseline.expand(len(x), n_scores).clone()
         if n_trees == 0:
             return out
-        chunk = max(1, WALK_ELEMENTS // n_trees)
+        per_leaf = 1 if self.value.dim() == 1 else n_scores  # a forest's leaves hold a row of fractions
+        chunk = max(1, WALK_ELEMENTS // (n_trees * per_leaf))
         for start in range(0, len(x), chunk):
             rows = x[start: start + chunk]
             missing = bool(torch.isnan(rows).any())
@@ -128,7 +164,10 @@ class TreeEnsemble(nn.Module):
                 if missing:  # NaN compares false: it goes where the split sent missing values
                     left |= torch.isnan(values) & self.missing_left[node]
                 node = torch.where(left, self.left[node], self.right[node])
-            out[start: start + chunk].index_add_(1, self.tree_class, self.value[node])
+            if per_leaf == 1:
+                out[start: start + chunk].index_add_(1, self.tree_class, self.value[node])
+            else:
+                out[start: start + chunk] += self.value[node].sum(dim=1)
         return out
 
 
@@ -150,26 +189,71 @@ def informative_columns(x: np.ndarray, y: np.ndarray, keep: int) -> np.ndarray:
     return np.sort(np.argsort(-score, kind="stable")[:keep])
 
 
-class GradientBoosting(MetaAlgorithm):
-    """Gradient-boosted trees on fixed features (``HistGradientBoostingClassifier``).
+class FittedTrees(MetaAlgorithm):
+    """What ``gbm`` and ``forest`` share: a tree ensemble fitted once, in the first ``train_step``,
+    on every training row's fixed features (later steps change nothing and return the same loss),
+    and kept as a ``TreeEnsemble``.
 
-    It trains no encoder: the search pairs it only with fixed feature maps (``fixed_features``),
-    and it fits once, in its first ``train_step``, on every training row (later steps change
-    nothing and return the same loss). Its hyperparameters are scikit-learn's, with its defaults
-    (``l2_regularization`` 1e-4 stands for its 0, which a log scale cannot hold); ``early_stopping``
-    holds out 10 % of the training rows and stops after 10 iterations without improvement.
+    It trains no encoder: the search pairs it only with fixed feature maps (``fixed_features``).
     Of an input wider than ``MAX_COLUMNS`` it fits on the columns that best separate the classes
     of the training rows (``informative_columns``): each column costs time, and most n-grams say
-    nothing of the label.
-
-    A task of the training classes (standard protocol) gets the trees' scores as logits; a task
-    with its own labels is answered through their class probabilities (``through_training_classes``).
+    nothing of the label. A task of the training classes (standard protocol) gets the ensemble's
+    logits; a task with its own labels is answered through their class probabilities
+    (``through_training_classes``).
     """
 
-    name = "gbm"
     protocols = ("grouped", "standard")
     fixed_features = True
     fits_in_one_step = True
+
+    def setup(self, backbone: Backbone, pool: TrainingPool, shape: tuple[int, int, int]) -> None:
+        self.backbone = backbone
+        self.trees = TreeEnsemble().to(pool.device)
+        self.n_classes = pool.n_classes
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"backbone": self.backbone, "trees": self.trees}
+
+    def train_step(self, pool: TrainingPool, rng: np.random.Generator) -> float:
+        if self.loss is not None:
+            return self.loss
+        x, y = every_training_row(self.backbone, pool, rng)
+        seed = int(rng.integers(2**31))
+        fitted, labels = x.detach().cpu().double().numpy(), y.cpu().numpy()
+        columns = informative_columns(fitted, labels, MAX_COLUMNS) if fitted.shape[1] > MAX_COLUMNS else None
+        fitted = fitted if columns is None else fitted[:, columns]
+        # One thread for small fits: there threads only contend, and on a busy 2-core machine two
+        # had not finished in 120 s a 310-row gbm fit that one did in 25 s (trials run in parallel
+        # instead); large ones get the threads torch may use here (a worker's share of the cores).
+        threads = torch.get_num_threads() if fitted.size >= LARGE_FIT else 1
+        self.fit_trees(fitted, labels, columns, threads=threads, seed=seed)
+        with torch.no_grad():
+            self.loss = float(F.cross_entropy(self._logits(x), y))
+        return self.loss
+
+    def fit_trees(self, x: np.ndarray, y: np.ndarray, columns: np.ndarray | None, *, threads: int, seed: int) -> None:
+        """Fit on ``x`` (the input's ``columns``; None: all) and labels ``y`` and set ``self.trees``."""
+        raise NotImplementedError
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, task: Task) -> torch.Tensor:
+        if not self.trees.fitted:
+            raise RuntimeError(f"{self.name} predicts only after its first train_step has fitted the trees")
+        return through_training_classes(task, lambda inputs: self._logits(embed(self.backbone, inputs)))
+
+
+class GradientBoosting(FittedTrees):
+    """Gradient-boosted trees on fixed features (``HistGradientBoostingClassifier``).
+
+    Its hyperparameters are scikit-learn's, with its defaults (``l2_regularization`` 1e-4 stands
+    for its 0, which a log scale cannot hold); ``early_stopping`` holds out 10 % of the training
+    rows and stops after 10 iterations without improvement. The trees' raw scores are the logits.
+    """
+
+    name = "gbm"
     search_space = {
         "learning_rate": FloatDistribution(0.01, 0.3, log=True),
         "max_iter": IntDistribution(50, 500, log=True),
@@ -196,38 +280,15 @@ class GradientBoosting(MetaAlgorithm):
             "min_samples_leaf": min_samples_leaf, "l2_regularization": l2_regularization,
             "max_features": max_features, "early_stopping": early_stopping,
         }
-        self.loss: float | None = None
+        self.loss = None
 
-    def setup(self, backbone: Backbone, pool: TrainingPool, shape: tuple[int, int, int]) -> None:
-        self.backbone = backbone
-        self.trees = TreeEnsemble().to(pool.device)
-        self.n_classes = pool.n_classes
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"backbone": self.backbone, "trees": self.trees}
-
-    def train_step(self, pool: TrainingPool, rng: np.random.Generator) -> float:
-        if self.loss is not None:
-            return self.loss
+    def fit_trees(self, x: np.ndarray, y: np.ndarray, columns: np.ndarray | None, *, threads: int, seed: int) -> None:
         from sklearn.ensemble import HistGradientBoostingClassifier
 
-        x, y = every_training_row(self.backbone, pool, rng)
-        model = HistGradientBoostingClassifier(
-            **self.params, validation_fraction=0.1, n_iter_no_change=10, random_state=int(rng.integers(2**31)),
-        )
-        # One OpenMP thread for small fits: there its threads only contend, and on a busy 2-core
-        # machine, two had not finished in 120 s a 310-row fit that one did in 25 s (trials run in parallel instead);
-        # large ones get the threads torch may use here (a worker's share of the cores).
-        fitted, labels = x.detach().cpu().double().numpy(), y.cpu().numpy()
-        columns = informative_columns(fitted, labels, MAX_COLUMNS) if fitted.shape[1] > MAX_COLUMNS else None
-        fitted = fitted if columns is None else fitted[:, columns]
-        threads = torch.get_num_threads() if fitted.size >= LARGE_FIT else 1
+        model = HistGradientBoostingClassifier(**self.params, validation_fraction=0.1, n_iter_no_change=10, random_state=seed)
         with threadpool_limits(threads, user_api="openmp"):
-            model.fit(fitted, labels)
+            model.fit(x, y)
         self.trees.set_trees(model, columns)
-        with torch.no_grad():
-            self.loss = float(F.cross_entropy(self._logits(x), y))
-        return self.loss
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         raw = self.trees(x)
@@ -235,8 +296,40 @@ class GradientBoosting(MetaAlgorithm):
             raw = torch.cat([torch.zeros_like(raw), raw], dim=1)
         return raw.to(x.dtype)
 
-    @torch.no_grad()
-    def predict(self, task: Task) -> torch.Tensor:
-        if not self.trees.fitted:
-            raise RuntimeError("gbm predicts only after its first train_step has fitted the trees")
-        return through_training_classes(task, lambda inputs: self._logits(embed(self.backbone, inputs)))
+
+class Forest(FittedTrees):
+    """A randomised forest on fixed features: ``ExtraTreesClassifier`` (``extra``: split
+    thresholds drawn at random) or ``RandomForestClassifier`` (best thresholds, bootstrapped rows).
+
+    Its default trial, extremely randomised trees with half the columns tried at each split and
+    leaves of at least 2 rows, differs from scikit-learn's default (``sqrt`` of the columns), which
+    on text + table inputs draws mostly text components and misses the few informative table
+    columns (docs/components.md "Forests"). Its logits are the log of the trees' mean class
+    fractions (``predict_proba``); a class no tree gives any weight gets the smallest float.
+    """
+
+    name = "forest"
+    default_rank = 1  # its default trial after gbm's and linear's, the stronger models alone
+    search_space = {
+        "extra": CategoricalDistribution([True, False]),
+        "n_estimators": IntDistribution(50, 300, log=True),
+        "max_features": FloatDistribution(0.1, 1.0),
+        "min_samples_leaf": IntDistribution(1, 32, log=True),
+    }
+
+    def __init__(self, *, extra: bool = True, n_estimators: int = 100, max_features: float = 0.5, min_samples_leaf: int = 2):
+        self.extra = bool(extra)
+        self.params = {"n_estimators": n_estimators, "max_features": max_features, "min_samples_leaf": min_samples_leaf}
+        self.loss = None
+
+    def fit_trees(self, x: np.ndarray, y: np.ndarray, columns: np.ndarray | None, *, threads: int, seed: int) -> None:
+        from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
+
+        kind = ExtraTreesClassifier if self.extra else RandomForestClassifier
+        model = kind(**self.params, n_jobs=threads, random_state=seed).fit(x, y)
+        self.trees.set_forest(model, self.n_classes, columns)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        # scikit-learn's trees read float32 inputs (their thresholds are midpoints of float32 values).
+        probabilities = self.trees(x.to(torch.float32))
+        return probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log().to(x.dtype)
