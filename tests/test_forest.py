@@ -1,7 +1,7 @@
 """forest, the randomised-forest meta-algorithm on fixed features: its trees exported to tensors
 give scikit-learn's predict_proba (missing values, classes it never saw), it learns, repeats under
-a seed, adapts to held-out groups, fits a wide input's informative columns, saves and loads
-without pickle, and has a default trial beside gbm's and linear's."""
+a seed, adapts to held-out groups, fits a wide input's informative columns, and has a default
+trial after gbm's and linear's (its round trip through `autometa predict` is tests/test_gbm.py's)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,13 @@ import torch
 from optuna.trial import FixedTrial
 from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
 
-import autometa
 from autometa.config import default_trials, sample_config, search_choices
 from autometa.data.loading import load_dataset
 from autometa.data.protocols import make_split
 from autometa.plugins import get_registry
 from autometa.study.training import train
 from autometa_builtins.meta_algorithms import trees as module
-from helpers import predicted_by_the_cli
-from test_gbm import FAST, _planted
+from test_gbm import _planted, rows_pool
 
 
 @pytest.mark.parametrize("kind", [ExtraTreesClassifier, RandomForestClassifier])
@@ -85,17 +83,10 @@ def test_a_wide_input_is_fitted_on_the_columns_that_separate_its_classes(monkeyp
     x = rng.normal(size=(200, 10))
     y = (x[:, 4] > 0).astype(int) + 2 * (x[:, 6] > 0)
 
-    class Pool:
-        rows = np.arange(200)
-        n_classes = 4
-        device = torch.device("cpu")
-
-        def rows_batch(self, n, rng):
-            return {"v": torch.from_numpy(x)}, torch.from_numpy(y)
-
     algorithm = module.Forest(n_estimators=10)
-    algorithm.setup(lambda inputs: inputs["v"], Pool(), (1, 1, 1))
-    algorithm.train_step(Pool(), np.random.default_rng(0))
+    pool = rows_pool(x, y)
+    algorithm.setup(lambda inputs: inputs["v"], pool, (1, 1, 1))
+    algorithm.train_step(pool, np.random.default_rng(0))
     kept = module.informative_columns(x, y, 4)
     assert {4, 6} <= set(kept.tolist())
     used = set(algorithm.trees.feature[~torch.isinf(algorithm.trees.threshold)].tolist())
@@ -113,14 +104,3 @@ def test_default_trials_run_the_fixed_features_learners_first():
     assert [t["meta_algorithm"] for t in trials[:3]] == ["gbm", "linear", "forest"]  # forest ranks after the others
     assert trials[2]["fixed.encoder.text"] == "lsa" and trials[2]["fixed.encoder.tabular"] == "table"
 
-
-def test_saved_forest_round_trips_through_autometa_predict(tmp_path):
-    path = _planted(tmp_path / "p.csv")
-    result = autometa.search(path, "label", trials=1, db=f"sqlite:///{tmp_path}/s.db", output=tmp_path / "models",
-                             include={"meta_algorithm": ["forest"]}, echo=lambda m: None, **FAST)
-    assert result.best.config.meta_algorithm == "forest" and result.model_path is not None
-    expected, written = predicted_by_the_cli(result, path, "label", tmp_path)
-    np.testing.assert_allclose(written[[f"proba_{c}" for c in "abc"]].to_numpy(), expected, rtol=1e-6, atol=1e-9)
-    assert list(written["prediction"]) == [list("abc")[i] for i in expected.argmax(1)]
-    weights = (result.model_path / "weights.safetensors").read_bytes()
-    assert b"trees.value" in weights and b"pickle" not in weights

@@ -171,11 +171,12 @@ def test_gbm_is_left_out_without_a_fixed_feature_map(capsys):
         search_choices(registry, "standard", ["tabular", "text"], {"encoder.text": ["hashbag"], "meta_algorithm": ["gbm"]})
 
 
-def test_saved_gbm_round_trips_through_autometa_predict(tmp_path):
+@pytest.mark.parametrize("learner", ["gbm", "forest"])
+def test_saved_tree_ensembles_round_trip_through_autometa_predict(tmp_path, learner):
     path = _planted(tmp_path / "p.csv")
     result = autometa.search(path, "label", trials=1, db=f"sqlite:///{tmp_path}/s.db", output=tmp_path / "models",
-                             include={"meta_algorithm": ["gbm"]}, echo=lambda m: None, **FAST)
-    assert result.best.config.meta_algorithm == "gbm" and result.model_path is not None
+                             include={"meta_algorithm": [learner]}, echo=lambda m: None, **FAST)
+    assert result.best.config.meta_algorithm == learner and result.model_path is not None
     expected, written = predicted_by_the_cli(result, path, "label", tmp_path)
     np.testing.assert_allclose(written[[f"proba_{c}" for c in "abc"]].to_numpy(), expected, rtol=1e-6, atol=1e-9)
     assert list(written["prediction"]) == [list("abc")[i] for i in expected.argmax(1)]
@@ -222,18 +223,10 @@ def test_a_wide_input_is_fitted_on_the_columns_that_separate_its_classes(monkeyp
     kept = module.informative_columns(x, y, 4)
     assert kept.tolist() == sorted(kept.tolist()) and {4, 7} <= set(kept.tolist()) and 8 not in kept
 
-    class Pool:
-        rows = np.arange(200)
-        n_classes = 2
-        device = torch.device("cpu")
-
-        def rows_batch(self, n, rng):
-            return {"v": torch.from_numpy(x)}, torch.from_numpy(y)
-
     algorithm = module.GradientBoosting(max_iter=20)
-    algorithm.backbone = lambda inputs: inputs["v"]
-    algorithm.trees = module.TreeEnsemble()
-    algorithm.train_step(Pool(), np.random.default_rng(0))
+    pool = rows_pool(x, y)
+    algorithm.setup(lambda inputs: inputs["v"], pool, (1, 1, 1))
+    algorithm.train_step(pool, np.random.default_rng(0))
     used = sorted(set(algorithm.trees.feature[~torch.isinf(algorithm.trees.threshold)].tolist()))
     assert set(used) <= set(kept.tolist()) and 4 in used
     seed = np.random.default_rng(0).integers(2**31)  # the fit's random_state, drawn as train_step draws it
@@ -241,6 +234,20 @@ def test_a_wide_input_is_fitted_on_the_columns_that_separate_its_classes(monkeyp
                                                random_state=int(seed), l2_regularization=1e-4).fit(x[:, kept], y)
     np.testing.assert_allclose(algorithm.trees(torch.from_numpy(x)).numpy().ravel(),
                                reference._raw_predict(x[:, kept]).ravel())  # noqa: SLF001 - the reference
+
+
+def rows_pool(x: np.ndarray, y: np.ndarray):
+    """A training pool of the rows ``x`` (input ``v``) and labels ``y``, all of them in every batch."""
+
+    class Pool:
+        rows = np.arange(len(x))
+        n_classes = int(y.max()) + 1
+        device = torch.device("cpu")
+
+        def rows_batch(self, n, rng):
+            return {"v": torch.from_numpy(x)}, torch.from_numpy(y)
+
+    return Pool()
 
 
 def test_informative_columns_rank_by_the_f_statistic_with_constant_columns_last():
