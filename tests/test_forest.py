@@ -8,15 +8,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from optuna.trial import FixedTrial
 from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
 
-from autometa.config import default_trials, sample_config, search_choices
+from autometa.config import default_trials, search_choices
 from autometa.data.loading import load_dataset
 from autometa.data.protocols import make_split
 from autometa.plugins import get_registry
 from autometa.study.training import train
 from autometa_builtins.meta_algorithms import trees as module
+from helpers import default_config
 from test_gbm import _planted, rows_pool
 
 
@@ -42,19 +42,12 @@ def test_exported_forest_gives_scikit_learns_probabilities(kind, labels):
     assert torch.equal(loaded(torch.from_numpy(fresh)), trees(torch.from_numpy(fresh)))
 
 
-def _forest_config(choices, **params):
-    registry = get_registry()
-    default = next(t for t in default_trials(registry, choices) if t["meta_algorithm"] == "forest")
-    default.update({f"meta.forest.{k}": v for k, v in params.items()})
-    return sample_config(FixedTrial(default), registry, choices)
-
-
 def test_forest_learns_a_planted_table_and_repeats_under_a_seed(tmp_path):
     dataset = load_dataset(_planted(tmp_path / "p.csv"), "label")
     split = make_split(dataset, "standard", seed=0)
     registry = get_registry()
     choices = search_choices(registry, "standard", dataset.modalities)
-    config = _forest_config(choices)
+    config = default_config(choices, "forest")
     assert config.encoders == {"tabular": "table", "text": "lsa"}
     assert config.meta_params == {"extra": True, "n_estimators": 100, "max_features": 0.5, "min_samples_leaf": 2}
     algorithm, score = train(config, split, seed=3, steps=3, eval_every=3, registry=registry)
@@ -62,7 +55,7 @@ def test_forest_learns_a_planted_table_and_repeats_under_a_seed(tmp_path):
     logits = algorithm.predict(split.test[0])
     again, again_score = train(config, split, seed=3, steps=3, eval_every=3, registry=registry)
     assert again_score.mean == score.mean and torch.equal(again.predict(split.test[0]), logits)
-    bootstrapped = train(_forest_config(choices, extra=False), split, seed=3, steps=1, eval_every=1, registry=registry)[0]
+    bootstrapped = train(default_config(choices, "forest", extra=False), split, seed=3, steps=1, eval_every=1, registry=registry)[0]
     assert not torch.equal(bootstrapped.predict(split.test[0]), logits)
 
 
@@ -70,7 +63,7 @@ def test_forest_adapts_to_held_out_groups(tmp_path):
     dataset = load_dataset(_planted(tmp_path / "g.csv", rows_per_class=60, groups=True), "label", group="site")
     split = make_split(dataset, "grouped", shots=3, seed=0)
     registry = get_registry()
-    _, score = train(_forest_config(search_choices(registry, "grouped", dataset.modalities)), split, seed=0, steps=1,
+    _, score = train(default_config(search_choices(registry, "grouped", dataset.modalities), "forest"), split, seed=0, steps=1,
                      eval_every=1, registry=registry)
     assert score.mean >= 0.9  # chance: 1/3 per held-out group
 

@@ -12,11 +12,10 @@ import optuna
 import pandas as pd
 import pytest
 import torch
-from optuna.trial import FixedTrial
 from sklearn.ensemble import HistGradientBoostingClassifier
 
 import autometa
-from autometa.config import configuration_label, default_trials, sample_config, search_choices, structure
+from autometa.config import configuration_label, sample_config, search_choices, structure
 from autometa.data.loading import load_dataset
 from autometa.data.protocols import make_split, task_size
 from autometa.components import InputSpec
@@ -24,7 +23,7 @@ from autometa.errors import PluginError, SearchError
 from autometa.plugins import get_registry
 from autometa.study.training import train
 from autometa_builtins.meta_algorithms.trees import TreeEnsemble
-from helpers import predicted_by_the_cli
+from helpers import default_config, predicted_by_the_cli
 
 FAST = dict(steps=4, eval_every=2, progress=False, warm_start=False, isolate=False)
 
@@ -84,18 +83,11 @@ def _planted(path, rows_per_class=40, seed=0, groups=False):
     return path
 
 
-def _gbm_config(choices, **params):
-    registry = get_registry()
-    default = next(t for t in default_trials(registry, choices) if t["meta_algorithm"] == "gbm")
-    default.update({f"meta.gbm.{k}": v for k, v in params.items()})
-    return sample_config(FixedTrial(default), registry, choices)
-
-
 def test_a_learner_that_fits_in_one_step_is_trained_once_and_scored_on_every_validation_row(tmp_path, monkeypatch):
     dataset = load_dataset(_planted(tmp_path / "p.csv"), "label")
     split = make_split(dataset, "standard", seed=0)
     registry = get_registry()
-    config = _gbm_config(search_choices(registry, "standard", dataset.modalities), min_samples_leaf=5)
+    config = default_config(search_choices(registry, "standard", dataset.modalities), "gbm", min_samples_leaf=5)
     cls = registry.get("meta_algorithm", "gbm").cls
     calls, reports = [], []
     step = cls.train_step
@@ -111,7 +103,7 @@ def test_gbm_learns_a_planted_table_and_repeats_under_a_seed(tmp_path):
     split = make_split(dataset, "standard", seed=0)
     registry = get_registry()
     choices = search_choices(registry, "standard", dataset.modalities)
-    config = _gbm_config(choices, min_samples_leaf=5)
+    config = default_config(choices, "gbm", min_samples_leaf=5)
     assert config.encoders == {"tabular": "table", "text": "lsa"} and config.encoder_params["text"] == {"projection": "none"}
     algorithm, score = train(config, split, seed=3, steps=3, eval_every=3, registry=registry)
     # Majority is 1/3 (balanced classes); the planted thresholds are exact.
@@ -121,7 +113,7 @@ def test_gbm_learns_a_planted_table_and_repeats_under_a_seed(tmp_path):
     assert again_score.mean == score.mean
     assert torch.equal(again.predict(split.test[0]), logits)
     # A different seed draws another early-stopping holdout: another model.
-    stopped = _gbm_config(choices, early_stopping=True, min_samples_leaf=5)
+    stopped = default_config(choices, "gbm", early_stopping=True, min_samples_leaf=5)
     one = train(stopped, split, seed=1, steps=1, eval_every=1, registry=registry)[0].trees.value
     two = train(stopped, split, seed=2, steps=1, eval_every=1, registry=registry)[0].trees.value
     assert not (one.shape == two.shape and torch.equal(one, two))
@@ -131,7 +123,7 @@ def test_gbm_adapts_to_held_out_groups(tmp_path):
     dataset = load_dataset(_planted(tmp_path / "g.csv", rows_per_class=60, groups=True), "label", group="site")
     split = make_split(dataset, "grouped", shots=3, seed=0)
     registry = get_registry()
-    config = _gbm_config(search_choices(registry, "grouped", dataset.modalities), min_samples_leaf=5)
+    config = default_config(search_choices(registry, "grouped", dataset.modalities), "gbm", min_samples_leaf=5)
     _, score = train(config, split, seed=0, steps=1, eval_every=1, registry=registry)
     assert score.mean >= 0.9  # chance: 1/3 per held-out group
 

@@ -24,7 +24,7 @@ from autometa_builtins.encoders import TfIdf
 from autometa_builtins.lsa import BITS, KEPT_PER_KIND, _counts
 from autometa_builtins.meta_algorithms._common import embed
 from autometa_builtins.meta_algorithms import linear
-from helpers import predicted_by_the_cli
+from helpers import default_config, predicted_by_the_cli
 
 FAST = dict(steps=4, eval_every=2, progress=False, warm_start=False, isolate=False)
 WORDS = {"a": ["crisp", "salad", "leaf"], "b": ["grilled", "burger", "bacon"], "c": ["sweet", "shake", "cream"]}
@@ -40,13 +40,6 @@ def _planted(path, rows_per_class=30, seed=0, classes="abc"):
             rows.append({"item": " ".join(rng.permutation(words)), "x": c + rng.normal(scale=2.0), "label": label})
     pd.DataFrame(rows).sample(frac=1, random_state=seed).to_csv(path, index=False)
     return path
-
-
-def _config(choices, meta="linear", **params):
-    registry = get_registry()
-    default = next(t for t in default_trials(registry, choices) if t["meta_algorithm"] == meta)
-    default.update({f"meta.{meta}.{k}": v for k, v in params.items()})
-    return sample_config(FixedTrial(default), registry, choices)
 
 
 def test_default_trials_give_linear_tfidf_and_gbm_its_first_fixed_map():
@@ -97,7 +90,7 @@ def test_linear_weights_are_scikit_learns(tmp_path, monkeypatch, sparse):
     dataset = load_dataset(_planted(tmp_path / "p.csv"), "label")
     split = make_split(dataset, "standard", seed=0)
     registry = get_registry()
-    config = _config(search_choices(registry, "standard", dataset.modalities), C=3.0)
+    config = default_config(search_choices(registry, "standard", dataset.modalities), "linear", C=3.0)
     assert config.encoders == {"tabular": "table", "text": "tfidf"}
     algorithm, score = train(config, split, seed=0, steps=5, eval_every=5, registry=registry)
     # The reference: the same features of the same training rows, scikit-learn's fit.
@@ -206,14 +199,14 @@ def test_refit_applies_to_one_step_learners_on_the_standard_protocol_only(tmp_pa
     dataset = load_dataset(_planted(tmp_path / "p.csv"), "label")
     split = make_split(dataset, "standard", seed=0)
     choices = search_choices(registry, "standard", dataset.modalities)
-    assert refits(_config(choices), split, registry) and refits(_config(choices, "gbm"), split, registry)
+    assert refits(default_config(choices, "linear"), split, registry) and refits(default_config(choices, "gbm"), split, registry)
     protonet = sample_config(FixedTrial(next(t for t in default_trials(registry, choices)
                                              if t["meta_algorithm"] == "protonet")), registry, choices)
     assert not refits(protonet, split, registry)
     grouped = pd.read_csv(tmp_path / "p.csv").assign(site=lambda f: [f"s{i % 5}" for i in range(len(f))])
     grouped.to_csv(tmp_path / "g.csv", index=False)
     gsplit = make_split(load_dataset(tmp_path / "g.csv", "label", group="site"), "grouped", shots=2, seed=0)
-    assert not refits(_config(search_choices(registry, "grouped", dataset.modalities)), gsplit, registry)
+    assert not refits(default_config(search_choices(registry, "grouped", dataset.modalities), "linear"), gsplit, registry)
 
 
 def test_a_pool_over_other_rows_keeps_its_classes(tmp_path):
@@ -269,7 +262,7 @@ def test_cross_validation_equals_scikit_learns_folds_with_the_validation_rows_as
     dataset = load_dataset(_blurred(tmp_path / "b.csv"), "label")
     split = make_split(dataset, "standard", seed=0)
     registry = get_registry()
-    config = _config(search_choices(registry, "standard", dataset.modalities), C=3.0)
+    config = default_config(search_choices(registry, "standard", dataset.modalities), "linear", C=3.0)
     assert cross_validates(config, split, registry)
     algorithm, score = train(config, split, seed=7, steps=1, eval_every=1, registry=registry)
     train_rows, validation_rows = split.row_splits["train"], split.row_splits["validation"]
@@ -298,7 +291,7 @@ def test_each_fold_is_fitted_without_its_rows_and_with_every_validation_row(tmp_
     dataset = load_dataset(_blurred(tmp_path / "b.csv"), "label")
     split = make_split(dataset, "standard", seed=0)
     registry = get_registry()
-    config = _config(search_choices(registry, "standard", dataset.modalities))
+    config = default_config(search_choices(registry, "standard", dataset.modalities), "linear")
     fitted_on = []
     fit = Linear.train_step
     monkeypatch.setattr(Linear, "train_step", lambda self, pool, rng: (fitted_on.append(np.sort(pool.rows)), fit(self, pool, rng))[1])
@@ -337,7 +330,7 @@ def test_cross_validation_is_skipped_when_its_folds_would_pass_the_trial_time_li
     dataset = load_dataset(_blurred(tmp_path / "b.csv"), "label")
     runner = TrialRunner.__new__(TrialRunner)  # only what _cross_validated reads
     runner.split, runner.registry = make_split(dataset, "standard", seed=0), get_registry()
-    config = _config(search_choices(runner.registry, "standard", dataset.modalities))
+    config = default_config(search_choices(runner.registry, "standard", dataset.modalities), "linear")
     trial, probabilities = Trial(), [torch.zeros(len(runner.split.validation[0].query), 3)]
     # The fit took 0.5 s of a 1.2 s limit: three more would pass it.
     runner.limits = TrialLimits(seconds=1.2)
