@@ -33,7 +33,7 @@ from autometa.components import Backbone, MetaAlgorithm
 from autometa.types import Task, TrainingPool
 from autometa_builtins.meta_algorithms._common import embed, every_training_row, through_training_classes
 
-# Rows × features from which a fit uses several OpenMP threads (see train_step).
+# Rows × features from which a fit uses several threads (see FittedTrees.train_step).
 LARGE_FIT = 2**22
 # Columns a fit reads at most: of wider inputs (table + lsa's 256, tfidf's 8,192), those whose
 # values differ most between the classes (``informative_columns``). A fit's cost grows with the
@@ -205,6 +205,7 @@ class FittedTrees(MetaAlgorithm):
     protocols = ("grouped", "standard")
     fixed_features = True
     fits_in_one_step = True
+    loss: float | None = None  # the training loss, once fitted
 
     def setup(self, backbone: Backbone, pool: TrainingPool, shape: tuple[int, int, int]) -> None:
         self.backbone = backbone
@@ -280,7 +281,6 @@ class GradientBoosting(FittedTrees):
             "min_samples_leaf": min_samples_leaf, "l2_regularization": l2_regularization,
             "max_features": max_features, "early_stopping": early_stopping,
         }
-        self.loss = None
 
     def fit_trees(self, x: np.ndarray, y: np.ndarray, columns: np.ndarray | None, *, threads: int, seed: int) -> None:
         from sklearn.ensemble import HistGradientBoostingClassifier
@@ -320,7 +320,6 @@ class Forest(FittedTrees):
     def __init__(self, *, extra: bool = True, n_estimators: int = 100, max_features: float = 0.5, min_samples_leaf: int = 2):
         self.extra = bool(extra)
         self.params = {"n_estimators": n_estimators, "max_features": max_features, "min_samples_leaf": min_samples_leaf}
-        self.loss = None
 
     def fit_trees(self, x: np.ndarray, y: np.ndarray, columns: np.ndarray | None, *, threads: int, seed: int) -> None:
         from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
