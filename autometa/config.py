@@ -257,6 +257,18 @@ def default_trials(registry: Registry, choices: dict[str, list[str]], protocol: 
     return trials
 
 
+def default_config(registry: Registry, choices: dict[str, list[str]], meta: str, protocol: str | None = None,
+                   **params: Any) -> Config:
+    """Meta-algorithm ``meta``'s default trial in a search of ``choices`` (see
+    :func:`default_trials`), with ``params`` of its own changed: one learner's model as the search
+    would build it, for a benchmark or a test that fits it alone."""
+    trial = next((t for t in default_trials(registry, choices, protocol) if t["meta_algorithm"] == meta), None)
+    if trial is None:
+        raise SearchError(f"meta-algorithm {meta!r} is not among this search's: {', '.join(choices['meta_algorithm'])}")
+    trial.update({f"meta.{meta}.{key}": value for key, value in params.items()})
+    return sample_config(FixedTrial(trial), registry, choices)
+
+
 def configuration_seed(study_seed: int, params: Mapping[str, Any]) -> int:
     """The training seed of a configuration (its sampled parameters) in a study seeded ``study_seed``.
 

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from optuna.trial import FixedTrial
-
-from autometa.config import default_trials, sample_config, search_choices
+from autometa.config import default_config, search_choices
 from autometa.data.builders import suite
 from autometa.data.loading import load_dataset
 from autometa.data.protocols import make_split
@@ -32,12 +30,6 @@ from autometa.study.training import train
 
 MEMBERS = {"gbm": ("gbm", {}), "forest": ("forest", {}), "random forest": ("forest", {"extra": False})}
 ENSEMBLES = {"gbm + forest": ["gbm", "forest"], "gbm + both forests": ["gbm", "forest", "random forest"]}
-
-
-def config_for(registry, choices, learner: str, params: dict):
-    trial = next(t for t in default_trials(registry, choices, "standard") if t["meta_algorithm"] == learner)
-    trial.update({f"meta.{learner}.{k}": v for k, v in params.items()})
-    return sample_config(FixedTrial(trial), registry, choices)
 
 
 def main() -> None:
@@ -57,7 +49,7 @@ def main() -> None:
             targets = {part: [t.query_y.numpy() for t in getattr(split, part)] for part in ("validation", "test")}
             found = {}
             for member, (learner, params) in MEMBERS.items():
-                algorithm, _ = train(config_for(registry, choices, learner, params), split, seed=seed, steps=1,
+                algorithm, _ = train(default_config(registry, choices, learner, "standard", **params), split, seed=seed, steps=1,
                                      eval_every=1, registry=registry)
                 found[member] = {part: [p.numpy() for p in predict_probabilities(algorithm, getattr(split, part))]
                                  for part in targets}

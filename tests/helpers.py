@@ -13,11 +13,12 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from optuna.trial import FixedTrial, TrialState
+from optuna.trial import TrialState
 from torch import nn
 
 from autometa.components import InputSpec
-from autometa.config import Config, default_trials, sample_config
+import autometa.config
+from autometa.config import Config
 from autometa.plugins import get_registry
 from autometa.types import Features, TrainingPool
 
@@ -251,7 +252,4 @@ def benchmark_script(file_name: str, module_name: str):
 def default_config(choices: dict, meta: str, **params) -> Config:
     """The default trial of meta-algorithm ``meta`` in a search of ``choices``, with ``params`` of
     its own changed, as the search would build it."""
-    registry = get_registry()
-    default = next(t for t in default_trials(registry, choices) if t["meta_algorithm"] == meta)
-    default.update({f"meta.{meta}.{k}": v for k, v in params.items()})
-    return sample_config(FixedTrial(default), registry, choices)
+    return autometa.config.default_config(get_registry(), choices, meta, **params)

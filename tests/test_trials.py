@@ -19,7 +19,7 @@ import torch
 from optuna.trial import TrialState
 
 from autometa.components import MetaAlgorithm
-from autometa.config import default_trials, search_choices, stored_config
+from autometa.config import default_config, default_trials, search_choices, stored_config
 from autometa.data.loading import load_dataset
 from autometa.data.protocols import make_split
 from autometa.data.scoring import chance_accuracy, evaluate
@@ -76,6 +76,18 @@ def test_a_configuration_already_in_the_study_is_not_trained_again(blobs, tmp_pa
     assert first.state == second.state == TrialState.COMPLETE
     assert second.value == first.value
     assert second.user_attrs["duplicate_of"] == 0 and second.user_attrs["wall_time_s"] == 0.0
+
+
+def test_default_config_is_one_learners_default_trial_with_its_changes():
+    registry = get_registry()
+    choices = search_choices(registry, "standard", ["tabular", "text"])
+    (default,) = [t for t in default_trials(registry, choices) if t["meta_algorithm"] == "forest"]
+    config = default_config(registry, choices, "forest", extra=False, n_estimators=60)
+    assert config == stored_config({**default, "meta.forest.extra": False, "meta.forest.n_estimators": 60}, registry, choices)
+    assert config.meta_params["max_features"] == 0.5 and config.encoders == {"tabular": "table", "text": "lsa"}
+    only_forest = search_choices(registry, "standard", ["tabular"], {"meta_algorithm": ["forest"]})
+    with pytest.raises(SearchError, match="'protonet' is not among this search's: forest"):
+        default_config(registry, only_forest, "protonet")
 
 
 def test_a_default_already_queued_as_a_seed_is_not_queued_again(blobs):
