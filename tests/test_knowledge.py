@@ -93,6 +93,25 @@ def test_a_rebuilt_knowledge_base_exports_byte_for_byte_the_same_file(kb, tmp_pa
     assert first.read_bytes() == second.read_bytes()
 
 
+def test_kb_build_leaves_the_ensemble_out_and_exports_what_a_base_with_it_exports(tmp_path, monkeypatch):
+    """The prior holds trials' configurations and validation scores, which an ensemble built
+    after them does not change: a base built without one (kb build's way, saving its members'
+    test scoring) exports the same bytes as one built with it."""
+    [entry] = read_list(_listing(tmp_path, f"{write_table(tmp_path / 'one.csv', 120, 4, 3).name},y\n"))
+    options = dict(steps=4, eval_every=2, validation_tasks=1, test_tasks=1, isolate=False, progress=False)
+    with_it: list[str] = []
+    build([entry], db=f"sqlite:///{tmp_path / 'with.db'}", trials=4, echo=with_it.append, ensemble=True, **options)
+    assert any("ensemble of trials" in line for line in with_it)  # built, so the comparison means something
+    engine = sys.modules["autometa.study.engine"]
+    monkeypatch.setattr(engine, "build_ensemble", lambda *a, **k: pytest.fail("kb build built an ensemble"))
+    without: list[str] = []
+    build([entry], db=f"sqlite:///{tmp_path / 'without.db'}", trials=4, echo=without.append, **options)
+    assert not any("ensemble" in line for line in without)
+    export(f"sqlite:///{tmp_path / 'with.db'}", tmp_path / "with.json")
+    export(f"sqlite:///{tmp_path / 'without.db'}", tmp_path / "without.json")
+    assert (tmp_path / "with.json").read_bytes() == (tmp_path / "without.json").read_bytes()
+
+
 def test_export_names_each_datasets_source_and_licence_even_for_a_base_built_before(tmp_path):
     write_table(tmp_path / "one.csv", 80, 3, 2)
     db = f"sqlite:///{tmp_path / 'kb.db'}"
