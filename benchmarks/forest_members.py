@@ -32,6 +32,23 @@ MEMBERS = {"gbm": ("gbm", {}), "forest": ("forest", {}), "random forest": ("fore
 ENSEMBLES = {"gbm + forest": ["gbm", "forest"], "gbm + both forests": ["gbm", "forest", "random forest"]}
 
 
+def split_scores(dataset, registry, choices, seed: int) -> dict[str, dict[str, float]]:
+    """Validation and test accuracy of each member and ensemble on the standard split ``seed``."""
+    split = make_split(dataset, "standard", seed=seed)
+    targets = {part: [t.query_y.numpy() for t in getattr(split, part)] for part in ("validation", "test")}
+    found = {}
+    for member, (learner, params) in MEMBERS.items():
+        algorithm, _ = train(default_config(registry, choices, learner, "standard", **params), split, seed=seed, steps=1,
+                             eval_every=1, registry=registry)
+        found[member] = {part: [p.numpy() for p in predict_probabilities(algorithm, getattr(split, part))]
+                         for part in targets}
+    for ensemble, members in ENSEMBLES.items():  # chosen on the validation rows only
+        counts = select([found[m]["validation"] for m in members], targets["validation"])
+        found[ensemble] = {part: [sum(n * found[m][part][i] for n, m in zip(counts, members)) / counts.sum()
+                                  for i in range(len(targets[part]))] for part in targets}
+    return {k: {part: accuracy(v[part], targets[part]) for part in targets} for k, v in found.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["birds", "tweets"])
@@ -45,19 +62,7 @@ def main() -> None:
         gains: dict[str, list[float]] = {}
         print(f"\n{name}: {len(dataset)} rows; validation / test accuracy")
         for seed in range(args.splits):
-            split = make_split(dataset, "standard", seed=seed)
-            targets = {part: [t.query_y.numpy() for t in getattr(split, part)] for part in ("validation", "test")}
-            found = {}
-            for member, (learner, params) in MEMBERS.items():
-                algorithm, _ = train(default_config(registry, choices, learner, "standard", **params), split, seed=seed, steps=1,
-                                     eval_every=1, registry=registry)
-                found[member] = {part: [p.numpy() for p in predict_probabilities(algorithm, getattr(split, part))]
-                                 for part in targets}
-            for ensemble, members in ENSEMBLES.items():
-                counts = select([found[m]["validation"] for m in members], targets["validation"])
-                found[ensemble] = {part: [sum(n * found[m][part][i] for n, m in zip(counts, members)) / counts.sum()
-                                          for i in range(len(targets[part]))] for part in targets}
-            scores = {k: {part: accuracy(v[part], targets[part]) for part in targets} for k, v in found.items()}
+            scores = split_scores(dataset, registry, choices, seed)
             print(f"  split {seed}: " + "; ".join(f"{k} {s['validation']:.1%} / {s['test']:.1%}" for k, s in scores.items()),
                   flush=True)
             for k, s in scores.items():
