@@ -6,6 +6,7 @@ come from training rows only, default trials read tfidf, and a saved model predi
 from __future__ import annotations
 
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 import scipy.sparse
@@ -314,6 +315,20 @@ def test_a_one_step_trial_is_scored_by_cross_validation_and_says_so(tmp_path, ca
     line = next(m for m in capsys.readouterr().err.splitlines() if m.startswith("trial   0"))
     assert (f"validation {100 * trial.value:.1f}% cross-validated (4 folds over {rows} training + validation rows; "
             f"{100 * holdout:.1f}% on the validation rows alone)") in line
+
+
+def test_a_trial_line_says_how_a_one_step_trial_was_scored_even_when_both_scores_agree():
+    from autometa.study.engine import _trial_line
+
+    def line(**attrs):
+        trial = optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=0.725, user_attrs=attrs)
+        return _trial_line(trial, get_registry(), {})
+
+    agreed = line(holdout_validation=0.725, cross_validation="4 folds over 160 training + validation rows")
+    assert "validation 72.5% cross-validated (4 folds over 160 training + validation rows; 72.5% on the validation rows alone)" in agreed
+    skipped = line(holdout_validation=0.725, cross_validation="not run: its folds' fits would pass the time limit")
+    assert "validation 72.5% (cross-validation not run: its folds' fits would pass the time limit)" in skipped
+    assert "cross" not in line()  # a trial of a learner that is not cross-validated
 
 
 def test_cross_validation_is_skipped_when_its_folds_would_pass_the_trial_time_limit(tmp_path):

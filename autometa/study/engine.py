@@ -389,8 +389,11 @@ def _trial_line(frozen: optuna.trial.FrozenTrial, registry: Registry, choices: d
     took = frozen.user_attrs.get("wall_time_s", 0.0)
     if frozen.state == TrialState.COMPLETE:
         outcome = f"validation {100 * frozen.value:.1f}%"
-        if "holdout_validation" in frozen.user_attrs and frozen.value != frozen.user_attrs["holdout_validation"]:
-            outcome += (f" cross-validated ({frozen.user_attrs['cross_validation']}; "
+        folds = frozen.user_attrs.get("cross_validation")
+        if folds is not None and folds.startswith("not run"):
+            outcome += f" (cross-validation {folds})"
+        elif folds is not None and "holdout_validation" in frozen.user_attrs:  # said even when the two agree
+            outcome += (f" cross-validated ({folds}; "
                         f"{100 * frozen.user_attrs['holdout_validation']:.1f}% on the validation rows alone)")
         if "stopped" in frozen.user_attrs:
             outcome += f" ({frozen.user_attrs['stopped']})"
