@@ -574,3 +574,36 @@ def test_reports_read_old_and_upgraded_databases_without_writing(old_db, upgrade
         page = build_report(study, url(path), tmp_path / path.parent.name).read_text()
         assert study in page and "finetune + concat" in page
         assert sha256(path) == digest
+
+
+def test_a_read_cut_short_by_an_interrupt_does_not_lock_the_writes_that_follow(tmp_path):
+    """Ctrl-C or SIGTERM inside one of Optuna's reads leaves it open (its guard catches
+    Exception only); failing the running trials then must not hit "database is locked"."""
+    import sqlalchemy
+
+    from autometa.store.storage import end_interrupted_read, storage_for
+    from autometa.study.pool import fail_trial
+
+    db = f"sqlite:///{tmp_path / 'cut.db'}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="cut", storage=storage_for(db))
+    running = study.ask()
+    for value in (0.5, 0.6):
+        study.tell(study.ask(), value)
+    frozen = study._storage.get_trial(running._trial_id)
+
+    def cut_read():  # what an interrupt inside get_trials leaves: a read fetched in part
+        rows = study._storage._backend.scoped_session().execute(sqlalchemy.text("SELECT * FROM trials"))
+        rows.fetchone()
+        other = optuna.load_study(study_name="cut", storage=storage_for(db))
+        other.tell(other.ask(), 0.7)  # another process writes meanwhile
+        return rows  # kept: a cursor dropped would close the read
+
+    held = cut_read()
+    with pytest.raises(optuna.exceptions.StorageInternalError):  # the failure this guards against
+        fail_trial(study, frozen, "interrupted")
+    held = cut_read()
+    end_interrupted_read(study)
+    fail_trial(study, frozen, "interrupted")
+    assert study._storage.get_trial(running._trial_id).state == TrialState.FAIL
+    del held

@@ -181,6 +181,19 @@ def _requeue_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
 
 
+def end_interrupted_read(study: optuna.Study) -> None:
+    """Close this thread's database session before writing after an interrupt.
+
+    Ctrl-C or SIGTERM can land inside one of Optuna's reads, which then neither finishes nor
+    rolls back (Optuna's session guard catches ``Exception``, not ``KeyboardInterrupt``); the cut
+    read keeps its snapshot, and on SQLite's WAL a write from the same session fails at once
+    with "database is locked" once another process has written, whatever the busy timeout."""
+    storage = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001 - Optuna's cache wraps it
+    if isinstance(storage, optuna.storages.RDBStorage):
+        storage.scoped_session.remove()
+        storage.engine.dispose()  # the cut read's cursor may still be referenced (the traceback): close its connection
+
+
 def _enable_wal(path: Path, db: str) -> None:
     # Only through SQLite itself: a plain open()/close() of the file would drop this process's
     # POSIX locks on it, and another process could then checkpoint the WAL away under us.

@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 from autometa.errors import SearchError, Terminated
 from autometa.store import schema
 from autometa.store.schema import process_alive
-from autometa.store.storage import GRACE_S, REQUEUED, storage_for
+from autometa.store.storage import GRACE_S, REQUEUED, end_interrupted_read, storage_for
 from autometa.study.budget import Budget, DatabaseBudget, budget_used, parent_alive
 from autometa.study.devices import Slot, threads_per_worker
 
@@ -368,6 +368,7 @@ def run_pool(
                     say(f"worker {label} {_exit_reason(process.exitcode)}; starting a fresh one")
                     start(by_label[label])
     except KeyboardInterrupt as stop:
+        end_interrupted_read(study)
         budget.cancel()
         for process in workers.values():
             process.terminate()
