@@ -438,9 +438,13 @@ def test_worker_processes_stop_at_the_search_timeout(blobs, tmp_path, monkeypatc
     monkeypatch.setattr(engine.tempfile, "mkdtemp", lambda **kwargs: made.append(mkdtemp(**kwargs)) or made[-1])
     db = f"sqlite:///{tmp_path}/w.db"
     started = time.monotonic()
+    said = []
     result = engine.search(blobs, "y", trials=50, db=db, study="pool", devices="cpu", include=PROTONET, timeout=30,
-                           **{**FAST, "steps": 10_000_000, "eval_every": 100})
+                           **{**FAST, "steps": 10_000_000, "eval_every": 100, "echo": said.append})
     assert time.monotonic() - started < 180  # a trial alone would take hours; start-up and leaderboard on top
+    finished = sum(t.state.is_finished() for t in result.study.get_trials())
+    assert f"trials stopped at the --timeout (30 s) with {finished} of the study's 50 finished: run the same command " \
+           "again to go on (--timeout 0: no time limit)" in said
     # Trials a worker claimed after the deadline are not started, and one the deadline stopped before
     # its first evaluation (step 100) is not scored beside complete trials: both pruned, with that reason.
     late = [t for t in result.study.get_trials() if t.state == TrialState.PRUNED]
@@ -535,6 +539,41 @@ def test_the_command_starts_the_clock_before_it_imports_the_search(monkeypatch, 
     result = CliRunner().invoke(cli, ["search", str(tmp_path / "x.csv"), "--label", "y", "--timeout", "60"])
     assert "stop here" in result.output
     assert before <= seen["started"] <= time.time()
+
+
+def test_the_command_runs_its_30_trials_or_300_s_unless_told_otherwise(monkeypatch, tmp_path):
+    """Given neither --trials nor --timeout, the command runs 30 trials or 300 s, whichever ends
+    first; a budget given is kept as it is (--timeout 0: none); a negative one is refused."""
+    from click.testing import CliRunner
+
+    from autometa.cli.main import cli
+
+    seen = []
+
+    def fake_search(data, label, settings):
+        seen.append((settings.trials, settings.timeout))
+        raise SearchError("stop here")
+
+    monkeypatch.setattr(engine, "search", fake_search)
+    command = ["search", str(tmp_path / "x.csv"), "--label", "y"]
+    for options in ([], ["--trials", "50"], ["--timeout", "0"], ["--timeout", "60"], ["--timeout", "0", "--trials", "5"]):
+        assert "stop here" in CliRunner().invoke(cli, command + options).output
+    assert seen == [(30, 300.0), (50, None), (None, None), (None, 60.0), (5, None)]
+    refused = CliRunner().invoke(cli, command + ["--timeout", "-1"])
+    assert refused.exit_code != 0 and len(seen) == 5
+    assert "--timeout must be a number of seconds, or 0 for no time limit; got -1" in refused.output
+
+
+def test_a_search_whose_time_ends_before_its_trials_says_how_to_go_on(blobs, tmp_path):
+    said = []
+    result = engine.search(blobs, "y", trials=50, timeout=6, isolate=False, db=f"sqlite:///{tmp_path}/s.db",
+                           study="short", include=PROTONET, patience=0,
+                           **{**FAST, "steps": 10_000_000, "eval_every": 100, "echo": said.append})
+    finished = sum(t.state.is_finished() for t in result.study.get_trials())
+    assert 0 < finished < 50
+    assert said[2].endswith("50 trial(s) or 6 s, whichever ends first, on cpu")
+    assert (f"trials stopped at the --timeout (6 s) with {finished} of the study's 50 finished: run the same command "
+            "again to go on (--timeout 0: no time limit)") in said
 
 
 def test_a_new_study_does_not_inherit_the_weights_of_a_deleted_databases_study(blobs, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from autometa.errors import DataError, SearchError
-from autometa.study.settings import SearchSettings
+from autometa.study.settings import COMMAND_TIMEOUT, DEFAULT_TRIALS, SearchSettings
 
 DEFAULTS = SearchSettings()  # every default, written once in SearchSettings
 
@@ -23,10 +23,12 @@ DEFAULTS = SearchSettings()  # every default, written once in SearchSettings
               help="Override a column's type: tabular, text, image, vector or ignore. Repeatable.")
 @click.option("--protocol", type=click.Choice(["auto", "fewshot", "grouped", "standard"]), default=DEFAULTS.protocol, show_default=True)
 @click.option("--trials", type=int, default=None,
-              help="The study's total budget of trials [default: 30; with --timeout, as many as it allows, at most 1000].")
-@click.option("--timeout", type=float, default=DEFAULTS.timeout, help="The search's seconds from the command's start, the finalists' "
-              "test scoring and refits included: trials stop early enough to leave that time (running ones are scored as trained so far); each "
-              "trial gets a quarter of it unless --trial-timeout is given.")
+              help="The study's total budget of trials [default: 30; with a --timeout given, as many as it allows, at most 1000].")
+@click.option("--timeout", type=float, default=None, metavar="S",
+              help=f"The search's seconds from the command's start, the finalists' test scoring and refits included: trials "
+                   "stop early enough to leave that time (running ones are scored as trained so far); each trial gets a "
+                   f"quarter of it unless --trial-timeout is given [default: none with --trials; else the 30 trials or "
+                   f"{COMMAND_TIMEOUT:g} s, whichever ends first; 0: no time limit].")
 @click.option("--patience", type=int, default=DEFAULTS.patience, show_default=True, metavar="N",
               help="Stop once the last N completed trials have not beaten the best validation accuracy (running "
                    "trials finish); 0 runs the whole budget.")
@@ -90,6 +92,12 @@ def search(data, label, group, columns, protocol, trials, timeout, patience, see
     from autometa.data.loading import parse_column_overrides
     from autometa.study.engine import search as run_search
 
+    if timeout is None and trials is None:  # the command's default: 30 trials, within a time a user waits for
+        timeout, trials = COMMAND_TIMEOUT, DEFAULT_TRIALS
+    elif timeout == 0:
+        timeout = None
+    elif timeout is not None and timeout < 0:
+        raise SearchError(f"--timeout must be a number of seconds, or 0 for no time limit; got {timeout:g}")
     settings = DEFAULTS.replace(
         group=group, columns=parse_column_overrides(columns), protocol=protocol, trials=trials, timeout=timeout,
         started=started, patience=patience, seed=seed,

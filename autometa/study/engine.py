@@ -208,8 +208,12 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
         say(f"study {name!r} resumed: {existing} trial(s) already finished, {max(0, remaining)} of the budget of "
             f"{budget} left")
     else:
-        count = f"{budget} trial(s)" if settings.trials is not None or settings.timeout is None else \
-            f"as many trials as {settings.timeout:g} s allow (at most {budget})"
+        if settings.timeout is None:
+            count = f"{budget} trial(s)"
+        elif settings.trials is None:
+            count = f"as many trials as {settings.timeout:g} s allow (at most {budget})"
+        else:
+            count = f"{budget} trial(s) or {settings.timeout:g} s, whichever ends first,"
         say(f"study {name!r} in {settings.db}: {count} on {where}")
 
     if not optuna_study.get_trials(deepcopy=False):
@@ -247,6 +251,10 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
                                      db=settings.db, limits=limits)
                 _optimize_here(optuna_study, runner, remaining, registry, choices, settings.progress, say, settings.db,
                                reserve, stop)
+            finished = budget_used(optuna_study, running=False)
+            if stop.reason == stop.TIMEOUT and settings.trials is not None and finished < budget:
+                say(f"trials stopped at the --timeout ({settings.timeout:g} s) with {finished} of the study's {budget} "
+                    "finished: run the same command again to go on (--timeout 0: no time limit)")
 
         models = TrainedModels(split, registry, choices, settings.steps, settings.eval_every, cache,
                                KeptModels(settings.db, name, max(settings.top_k, KEPT)), refit=settings.refit,
