@@ -32,6 +32,8 @@ system is over the datasets it ran on (1 = best; ties share their mean rank).
     python benchmarks/automl.py [--budget 600] [--datasets fastfood digits ...]
         [--systems autometa logreg hgb ncm autogluon] [--output results.json] [--resume]
     python benchmarks/automl.py --seeds-report seed0.json seed1.json seed2.json   # runs with other --seed
+    python benchmarks/automl.py --budget 0 ...   # each system at its own default: autometa search without
+                                                 # --timeout, AutoGluon's fit without time_limit
 
 Budgets are wall-clock: on a shared machine every system slows down, so the 1-minute load
 average before and after each run is printed and saved. Data: see autometa/datasets/suite.py
@@ -79,6 +81,7 @@ from autometa.data.builders.suite import BUILDERS, SuiteData, suite_dir
 from autometa.data.loading import load_dataset
 from autometa.data.protocols import make_split
 from autometa.data.scoring import t_half_width, wilson
+from autometa.study.settings import COMMAND_TIMEOUT
 
 SYSTEMS = ("autometa", "logreg", "hgb", "ncm", "autogluon")
 # The search's episode settings (the CLI's defaults), passed to the search and to the split alike.
@@ -221,22 +224,23 @@ def run_autometa(prepared: Prepared, budget: float, seed: int, work: Path, devic
     db = f"sqlite:///{db_file}"
     command = [
         *autometa_command(), "search", str(data.path), "--label", data.label, "--protocol", data.protocol,
-        "--timeout", f"{budget:g}", "--seed", str(seed), "--shots", str(prepared.shots),
+        *(["--timeout", f"{budget:g}"] if budget else []), "--seed", str(seed), "--shots", str(prepared.shots),
         *(f"--{k.replace('_', '-')}={v}" for k, v in EPISODES.items()),
         "--devices", devices, "--db", db, "--output", str(work / f"{prepared.name}-model"),
         "--format", "json", "--no-progress", *extra,
     ]
     log = work / f"{prepared.name}-autometa.log"
+    limit = 3 * (budget or COMMAND_TIMEOUT) + 900
     started = time.perf_counter()
     with open(log, "w") as err:
         # Its own session, so a run past the hard limit is stopped with its worker processes.
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
         try:
-            out, _ = process.communicate(timeout=3 * budget + 900)
+            out, _ = process.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
-            return Result(prepared.name, "autometa", None, note=f"still running after {3 * budget + 900:g}s; see {log}")
+            return Result(prepared.name, "autometa", None, note=f"still running after {limit:g}s; see {log}")
     wall = time.perf_counter() - started
     if process.returncode != 0:
         last = (log.read_text().strip().splitlines() or ["no output"])[-1]
@@ -419,7 +423,7 @@ def run_autogluon(prepared: Prepared, budget: float, work: Path) -> Result:
     folder = work / f"{prepared.name}-autogluon"
     shutil.rmtree(folder, ignore_errors=True)
     predictor = TabularPredictor(label=LABEL, eval_metric="accuracy", path=str(folder), verbosity=0)
-    predictor.fit(train, time_limit=budget, presets="medium_quality")
+    predictor.fit(train, time_limit=budget or None, presets="medium_quality")
     predicted = np.asarray(predictor.predict(prepared.frame.iloc[prepared.test_rows])).astype(str)
     hits = int((predicted == prepared.labels[prepared.test_rows]).sum())
     board = predictor.leaderboard(silent=True)
@@ -460,7 +464,8 @@ def mean_ranks(results: list[Result], systems: list[str]) -> dict[str, tuple[flo
 def report(results: list[Result], systems: list[str], budget: float) -> str:
     datasets = list(dict.fromkeys(r.dataset for r in results))
     found = {(r.dataset, r.system): r for r in results}
-    lines = [f"Test accuracy (%) ± 95% CI, budget {budget:g} s per system and dataset", "",
+    what = f"budget {budget:g} s per system and dataset" if budget else "each system at its default time"
+    lines = [f"Test accuracy (%) ± 95% CI, {what}", "",
              "| dataset | test units | " + " | ".join(systems) + " |", "|---|---|" + "---|" * len(systems)]
     for d in datasets:
         units = next((f"{r.units} {r.unit}" for r in results if r.dataset == d and r.units), "")
@@ -582,7 +587,9 @@ def versions() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=600.0, help="Seconds of wall clock per system and dataset.")
+    parser.add_argument("--budget", type=float, default=600.0,
+                        help="Seconds of wall clock per system and dataset (0: each system's default: autometa search "
+                             "without --timeout, AutoGluon without time_limit).")
     parser.add_argument("--datasets", nargs="+", choices=list(CASES), default=list(CASES), metavar="NAME",
                         help=f"Some of: {', '.join(CASES)} (default: all).")
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), metavar="NAME",

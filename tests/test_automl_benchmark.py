@@ -56,6 +56,31 @@ def test_mean_rank_over_the_datasets_each_system_ran_on(bench):
     assert "| b |" in table and "| n/a |" in table and "| mean rank (datasets) | | 1.50 (2) | 1.75 (2) | 2.50 (1) |" in table
 
 
+def test_budget_0_runs_each_system_at_its_default_time(bench, tmp_path, monkeypatch):
+    """--budget 0: autometa's command without --timeout (its own default applies), given its
+    default's time and more before the run is stopped; the table says so."""
+    from types import SimpleNamespace
+
+    class Started(Exception):
+        pass
+
+    started = []
+
+    def popen(command, **kwargs):
+        started.append(command)
+        raise Started
+
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
+    data = SimpleNamespace(path=tmp_path / "x.csv", label="y", protocol="standard")
+    prepared = bench.Prepared("x", data, 5, None, None, {})
+    for budget in (0, 60):
+        with pytest.raises(Started):
+            bench.run_autometa(prepared, budget, 0, tmp_path, "cpu", [])
+    assert "--timeout" not in started[0] and started[1][started[1].index("--timeout") + 1] == "60"
+    results = [bench.Result("x", "autometa", 0.5, 0.4, 0.6)]
+    assert bench.report(results, ["autometa"], 0).startswith("Test accuracy (%) ± 95% CI, each system at its default time")
+
+
 def test_seeds_report_gives_means_and_paired_differences_over_the_seeds(bench, tmp_path, capsys):
     planted = {  # seed: (autometa, logreg, hgb, autogluon) on dataset "t"; "u" has autometa and logreg only
         0: (0.90, 0.85, 0.80, 0.88), 1: (0.86, 0.84, 0.86, 0.85), 2: (0.88, 0.86, 0.83, 0.80),
