@@ -16,8 +16,8 @@ from autometa.store import DEFAULT_DB, PRIOR_PATH
 DEFAULT_TRIALS = 30  # a search's budget of trials when it has no --timeout
 TIMED_TRIALS = 1000  # with --timeout and no --trials the time is the budget; this only bounds it
 # `autometa search` given neither --trials nor --timeout: 30 trials or this many seconds, whichever ends first.
-# Measured on the automl benchmark's five sets, searches of 60 s and of 600 s end level
-# (docs/automl-benchmark.md), while 30 trials on 3,000 rows of text + table ran past 10 minutes.
+# On the automl benchmark's five sets 60 s and 600 s searches end level, while 30 trials took up
+# to 7 minutes (digits; docs/automl-benchmark.md, fourteenth pass), and more on larger data.
 # The Python API keeps no limit unless given one (knowledge-base builds count trials, not time).
 COMMAND_TIMEOUT = 300.0
 
