@@ -251,10 +251,11 @@ def _search(settings, say, slots, device, registry, dataset, data_path, spec, sp
                                      db=settings.db, limits=limits)
                 _optimize_here(optuna_study, runner, remaining, registry, choices, settings.progress, say, settings.db,
                                reserve, stop)
-            finished = budget_used(optuna_study, running=False)
-            if stop.reason == stop.TIMEOUT and settings.trials is not None and finished < budget:
-                say(f"trials stopped at the --timeout ({settings.timeout:g} s) with {finished} of the study's {budget} "
-                    "finished: run the same command again to go on (--timeout 0: no time limit)")
+            if stop.reason == stop.TIMEOUT and settings.trials is not None:
+                finished = budget_used(optuna_study, running=False)
+                if finished < budget:
+                    say(f"trials stopped at the --timeout ({settings.timeout:g} s) with {finished} of the study's "
+                        f"{budget} finished: run the same command again to go on (--timeout 0: no time limit)")
 
         models = TrainedModels(split, registry, choices, settings.steps, settings.eval_every, cache,
                                KeptModels(settings.db, name, max(settings.top_k, KEPT)), refit=settings.refit,
